@@ -1,0 +1,42 @@
+"""Shared, expensive state: one tiny OPT model folder and one real vLLM engine per session."""
+import os
+import sys
+
+import pytest
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+# vLLM's CPU engine fails to start unless told how much memory the KV cache may take (GiB).
+os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
+os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+
+from make_model import build_model  # noqa: E402
+
+
+@pytest.fixture(scope="session")
+def tiny_model_dir(tmp_path_factory):
+    path = str(tmp_path_factory.mktemp("models") / "tiny-opt")
+    build_model(path, preset="tiny")
+    return path
+
+
+@pytest.fixture(scope="session")
+def tiny_tokenizer(tiny_model_dir):
+    from transformers import AutoTokenizer
+    return AutoTokenizer.from_pretrained(tiny_model_dir)
+
+
+@pytest.fixture(scope="session")
+def llm(tiny_model_dir):
+    """The real engine: prefix caching on, engine stats on (RequestOutput.metrics)."""
+    from vllm import LLM
+    engine = LLM(model=tiny_model_dir, enable_prefix_caching=True, disable_log_stats=False, seed=0,
+                 max_model_len=2048)
+    yield engine
+    engine.llm_engine.engine_core.shutdown()
+
+
+def run_script(args, timeout=600, **kwargs):
+    """Run a project script as a user would: a new Python process, from the repo root."""
+    import subprocess
+    return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
+                          timeout=timeout, **kwargs)

