@@ -132,6 +132,21 @@ def query_head_words(tokenizer):
     return sorted(set(words))
 
 
+def prefix_cache_counters(llm):
+    """vLLM's own prefix-cache counters (tokens queried / found), summed over engines; None if
+    this vLLM has no LLM.get_metrics(). A second, independent witness for the audit."""
+    try:
+        metrics = llm.get_metrics()
+    except Exception:
+        return None
+    totals = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
+    for m in metrics:
+        key = m.name.removeprefix("vllm:")
+        if key in totals:
+            totals[key] += int(getattr(m, "value", 0))
+    return totals
+
+
 def percentile(values, q):
     """Linear-interpolated percentile, q in [0, 100]."""
     xs = sorted(values)
@@ -299,7 +314,7 @@ def expected_cached_tokens(condition, warmup_prompt_tokens, cache_block_size):
 
 
 def run_config(llm, tokenizer, size_a, size_b, opts, env):
-    """Steps 2-8 of the design for one (A, B) config; returns the result dict."""
+    """Steps 2-6 of the design for one (A, B) config on a loaded engine; returns the result dict."""
     from tqdm import tqdm
 
     rng = random.Random(f"{opts.seed}:{size_a}:{size_b}")
@@ -356,6 +371,7 @@ def run_config(llm, tokenizer, size_a, size_b, opts, env):
         return make
 
     # 3. one-time warmup: populate the cache with [A, B]
+    counters_before = prefix_cache_counters(llm)
     warm = timed_request(llm, warmup_ids, WARMUP_TOKENS)
     warmup_time_ms = round(warm["wall_ms"], 3)
     time.sleep(opts.pause_ms / 1e3)
@@ -376,6 +392,21 @@ def run_config(llm, tokenizer, size_a, size_b, opts, env):
             if got != want:
                 problems.append(f"{condition} trial {r} {req} request: cached_tokens={got}, expected {want}")
         trials[condition].append(trial)
+
+    # The engine's counters must agree with the per-request numbers we audited.
+    counters_after = prefix_cache_counters(llm)
+    engine_counters = None
+    if counters_before is not None and counters_after is not None:
+        requests = [warm] + [r for c in CONDITIONS for t in trials[c] for r in (t, t["throughput_request"])]
+        engine_counters = {
+            "prefix_cache_queries": counters_after["prefix_cache_queries"] - counters_before["prefix_cache_queries"],
+            "prefix_cache_hits": counters_after["prefix_cache_hits"] - counters_before["prefix_cache_hits"],
+            "sum_prompt_tokens": sum(r["prompt_tokens"] for r in requests),
+            "sum_cached_tokens": sum(r["cached_tokens"] for r in requests),
+        }
+        if engine_counters["prefix_cache_hits"] != engine_counters["sum_cached_tokens"]:
+            problems.append(f"engine counter vllm:prefix_cache_hits grew by {engine_counters['prefix_cache_hits']}, "
+                            f"but the requests report {engine_counters['sum_cached_tokens']} cached tokens")
 
     # 6. stats over the measured trials only
     result_conditions = {}
@@ -423,6 +454,7 @@ def run_config(llm, tokenizer, size_a, size_b, opts, env):
             "expected_hit_cached_tokens": expected_hit,
             "requests_checked": 1 + 2 * len(schedule),
             "problems": problems,
+            "engine_counters": engine_counters,
         },
         "warmup_prompt_tokens": warmup_prompt_tokens,
         "environment": {**env, "trial_order": [f"{c}:{r}" for c, r in schedule]},
@@ -455,6 +487,49 @@ def print_summary(result):
               f"these numbers do not measure what they claim:", file=sys.stderr)
         for p in audit["problems"][:10]:
             print(f"!!!   {p}", file=sys.stderr)
+
+
+def run_experiment(opts, engine_args):
+    """The whole experiment: 1. load the model once, then steps 2-8 for each (A, B) config.
+    Returns the exit code (EXIT_AUDIT if any config's cache audit failed)."""
+    import dataclasses
+    from vllm import LLM
+
+    for a, b in opts.configs:
+        path = results_path(opts.results_dir, a, b)
+        if os.path.exists(path):
+            print(f"note: {path} exists; it is replaced only once this config completes")
+
+    # 1. load the model (prefix caching and engine stats on)
+    print(f"starting vLLM engine for {opts.model} ...", flush=True)
+    t0 = time.perf_counter()
+    if hasattr(LLM, "from_engine_args"):
+        llm = LLM.from_engine_args(engine_args)
+    else:                                             # older vLLM
+        llm = LLM(**dataclasses.asdict(engine_args))
+    opts.engine_start_s = round(time.perf_counter() - t0, 1)
+    print(f"engine ready in {opts.engine_start_s:.1f} s", flush=True)
+    try:
+        env = environment_info(llm, engine_args, opts)
+        tokenizer = llm.get_tokenizer()
+        audits_ok = True
+        for a, b in opts.configs:
+            t_config = time.perf_counter()
+            result = run_config(llm, tokenizer, a, b, opts, env)          # steps 2-6
+            result["environment"]["config_wall_s"] = round(time.perf_counter() - t_config, 1)
+            print_summary(result)                                         # 7
+            path = results_path(opts.results_dir, a, b)
+            write_json_atomic(path, result)                               # 8
+            print(f"wrote {path}", flush=True)
+            audits_ok &= result["cache_audit"]["ok"]
+    finally:
+        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
+        if shutdown:
+            shutdown()
+    if not audits_ok:
+        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
+        return EXIT_AUDIT
+    return 0
 
 
 # -----------------------------------------------------------------------------
@@ -591,6 +666,9 @@ def check_vllm():
 def check_model_fits(opts):
     """Read the model's config and tokenizer (no weights) and check every config fits its context."""
     from transformers import AutoConfig, AutoTokenizer
+    looks_like_path = opts.model.startswith(("/", "./", "../", "~"))
+    if looks_like_path and not os.path.isdir(os.path.expanduser(opts.model)):
+        raise SetupError(f"--model {opts.model!r}: no such model folder")
     try:
         config = AutoConfig.from_pretrained(opts.model, trust_remote_code=opts.trust_remote_code)
         tokenizer = AutoTokenizer.from_pretrained(opts.tokenizer or opts.model,
@@ -664,12 +742,10 @@ def main(argv):
         check_vllm()
         check_model_fits(opts)
 
-    import dataclasses
-    from vllm import LLM
     from vllm.engine.arg_utils import EngineArgs
     try:
         from vllm.utils.argparse_utils import FlexibleArgumentParser
-    except ImportError:                               # vLLM < 0.11
+    except ImportError:                               # older vLLM
         from vllm.utils import FlexibleArgumentParser
 
     class Parser(OneLineErrors, FlexibleArgumentParser):
@@ -687,41 +763,10 @@ def main(argv):
         args.seed = opts.seed
     engine_args = EngineArgs.from_cli_args(args)
 
-    for a, b in opts.configs:
-        path = results_path(opts.results_dir, a, b)
-        if os.path.exists(path):
-            print(f"note: {path} exists; it is replaced only once this config completes")
-
-    print(f"starting vLLM engine for {args.model} ...", flush=True)
-    t0 = time.perf_counter()
-    if hasattr(LLM, "from_engine_args"):              # vLLM >= 0.27
-        llm = LLM.from_engine_args(engine_args)
-    else:
-        llm = LLM(**dataclasses.asdict(engine_args))
-    opts.engine_start_s = round(time.perf_counter() - t0, 1)
+    global CONTEXT_SIZE_A, CONTEXT_SIZE_B              # the design: the CLI overrides the globals
+    CONTEXT_SIZE_A, CONTEXT_SIZE_B = opts.configs[0]
     opts.model = args.model
-    print(f"engine ready in {opts.engine_start_s:.1f} s", flush=True)
-    try:
-        env = environment_info(llm, engine_args, opts)
-        tokenizer = llm.get_tokenizer()
-        audits_ok = True
-        for a, b in opts.configs:
-            t_config = time.perf_counter()
-            result = run_config(llm, tokenizer, a, b, opts, env)
-            result["environment"]["config_wall_s"] = round(time.perf_counter() - t_config, 1)
-            print_summary(result)
-            path = results_path(opts.results_dir, a, b)
-            write_json_atomic(path, result)
-            print(f"wrote {path}", flush=True)
-            audits_ok &= result["cache_audit"]["ok"]
-    finally:
-        shutdown = getattr(getattr(llm.llm_engine, "engine_core", None), "shutdown", None)
-        if shutdown:
-            shutdown()
-    if not audits_ok:
-        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
-        return EXIT_AUDIT
-    return 0
+    return run_experiment(opts, engine_args)
 
 
 def _raise_interrupted(signum, frame):

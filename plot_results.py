@@ -146,8 +146,8 @@ def plot_phase(configs, phase_key, phase_label, outfile):
     conds = conditions_present(configs)
     has_warmup = any("warmup_time_mean" in d.get(c, {}).get("stats", {}) for d in configs.values() for c in conds)
     panels = (["warmup"] if has_warmup else []) + ["ttft", "throughput"]
-    width = max(8.0, 2.2 * len(configs)) if len(panels) == 2 else max(12.0, 3.0 * len(configs))
-    fig, axes = plt.subplots(1, len(panels), figsize=(width, 5.2), squeeze=False)
+    panel_width = max(4.5, 1.7 * len(configs))        # room for "A=1024 / B=256" under each group
+    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 5.4), squeeze=False)
     axes = dict(zip(panels, axes[0]))
 
     if has_warmup:

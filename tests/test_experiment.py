@@ -48,8 +48,14 @@ def test_every_request_finds_exactly_what_its_condition_promises(llm, block, siz
     warm = 1 + size_a + size_b
     assert r["warmup_prompt_tokens"] == warm
     expected_hit = warm // block * block
-    assert r["cache_audit"] == {"ok": True, "expected_hit_cached_tokens": expected_hit,
-                                "requests_checked": 1 + 2 * 3 * 4, "problems": []}
+    audit = r["cache_audit"]
+    assert audit["ok"] is True and audit["problems"] == []
+    assert audit["expected_hit_cached_tokens"] == expected_hit
+    assert audit["requests_checked"] == 1 + 2 * 3 * 4
+    # vLLM's own counters agree: 4 hit trials x 2 requests found expected_hit tokens each
+    counters = audit["engine_counters"]
+    assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 8 * expected_hit
+    assert counters["prefix_cache_queries"] == counters["sum_prompt_tokens"]
     for condition, want in (("cache_hit", expected_hit), ("cache_miss", 0), ("cache_cold", 0)):
         for t in r[condition]["trials"] + r[condition]["discarded_trials"]:
             assert t["cached_tokens"] == want, (condition, t)
@@ -140,7 +146,7 @@ def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
     assert "hit saves vs cold" in proc.stdout
 
 
-def _start(args, tmp_env=None):
+def _start(args):
     env = dict(os.environ, PYTHONUNBUFFERED="1")
     return subprocess.Popen([sys.executable, "phase2_experiment.py", *args], cwd=ROOT, env=env,
                             stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
@@ -154,7 +160,7 @@ def _wait_for(proc, needle, timeout=300):
             break
         seen.append(line)
         if needle in line:
-            return
+            return "".join(seen)
     proc.kill()
     pytest.fail(f"never saw {needle!r}; last output:\n{''.join(seen[-30:])}")
 
@@ -168,7 +174,8 @@ def test_interrupt_leaves_finished_configs_and_old_files_intact(tiny_model_dir, 
     proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "12",
                    "--pause-ms", "100", "--max-output-tokens", "5", "--results-dir", str(out)])
     try:
-        _wait_for(proc, "wrote " + str(out / "results_phase2_a200_b100.json"))
+        before = _wait_for(proc, "wrote " + str(out / "results_phase2_a200_b100.json"))
+        assert f"note: {old} exists; it is replaced only once this config completes" in before
         _wait_for(proc, "A=255 B=128")        # the second config's trials are under way
         time.sleep(1.5)
         proc.send_signal(sig)
