@@ -365,8 +365,8 @@ def run_config(llm, tokenizer, size_a, size_b, opts, env):
                 messages = build_hit_messages(context_a, context_b, q)
                 salt = f"{run_id}-cold-{trial}-{count[0]}" if condition == "cache_cold" else None
             ids = prompt_token_ids(messages, tokenizer, prefix_ids)
-            if condition != "cache_miss":
-                assert ids[:warmup_prompt_tokens] == warmup_ids, "hit prompt does not start with [A, B]"
+            if condition != "cache_miss" and ids[:warmup_prompt_tokens] != warmup_ids:
+                raise RuntimeError("the hit prompt's token ids do not start with [A, B]'s")
             return ids, salt
         return make
 
@@ -547,34 +547,27 @@ class QuickParser(OneLineErrors, argparse.ArgumentParser):
     pass
 
 
-def positive_int(text):
+def checked_number(text, cast, ok, what):
+    """argparse type helper: cast text, check it, or say in one line what was expected."""
     try:
-        value = int(text)
+        value = cast(text)
     except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
-    if value <= 0:
-        raise argparse.ArgumentTypeError(f"must be a positive integer, got {text!r}")
+        value = None
+    if value is None or not ok(value):
+        raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
     return value
+
+
+def positive_int(text):
+    return checked_number(text, int, lambda v: v > 0, "a positive integer")
 
 
 def non_negative_int(text):
-    try:
-        value = int(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    if value < 0:
-        raise argparse.ArgumentTypeError(f"must be an integer >= 0, got {text!r}")
-    return value
+    return checked_number(text, int, lambda v: v >= 0, "an integer >= 0")
 
 
 def non_negative_float(text):
-    try:
-        value = float(text)
-    except ValueError:
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    if not value >= 0 or math.isinf(value):
-        raise argparse.ArgumentTypeError(f"must be a number >= 0, got {text!r}")
-    return value
+    return checked_number(text, float, lambda v: 0 <= v < math.inf, "a number >= 0")
 
 
 def size_list(text):
@@ -698,12 +691,14 @@ def check_model_fits(opts):
 
 
 def _parse_len(text):
-    """--max-model-len accepts 2048, 2k, 1K like vLLM; anything else is vLLM's to reject."""
-    t = str(text).strip().lower()
-    mult = {"k": 1000, "m": 1000 ** 2}.get(t[-1:], 1)
+    """--max-model-len as vLLM reads it (2048, 2k, 1K); None where vLLM will reject it itself."""
     try:
-        return int(float(t[:-1] if mult > 1 else t) * mult)
-    except ValueError:
+        from vllm.utils.argparse_utils import human_readable_int
+    except ImportError:
+        human_readable_int = int
+    try:
+        return human_readable_int(str(text))
+    except (ValueError, TypeError):
         return None
 
 

@@ -8,6 +8,12 @@ ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 # vLLM's CPU engine fails to start unless told how much memory the KV cache may take (GiB).
 os.environ.setdefault("VLLM_CPU_KVCACHE_SPACE", "1")
 os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+# On CPU, --gpu-memory-utilization is the share of a NUMA node's *free* memory the engine
+# insists on at start (default 0.92); page cache left by pip or earlier engines can push a
+# node below that and the start fails ("Available memory on node 0 ... is less than desired").
+# The KV cache is set by VLLM_CPU_KVCACHE_SPACE anyway, so ask for less.
+CPU_MEMORY_UTILIZATION = 0.5
+ENGINE_FLAGS = ["--gpu-memory-utilization", str(CPU_MEMORY_UTILIZATION)]
 
 from make_model import build_model  # noqa: E402
 
@@ -30,7 +36,7 @@ def llm(tiny_model_dir):
     """The real engine: prefix caching on, engine stats on (RequestOutput.metrics)."""
     from vllm import LLM
     engine = LLM(model=tiny_model_dir, enable_prefix_caching=True, disable_log_stats=False, seed=0,
-                 max_model_len=2048)
+                 max_model_len=2048, gpu_memory_utilization=CPU_MEMORY_UTILIZATION)
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

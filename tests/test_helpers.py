@@ -110,3 +110,8 @@ def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
         p.write_json_atomic(path, {"a": 2, "b": Boom()})
     assert json.load(open(path)) == {"a": 1}           # old file intact
     assert os.listdir(tmp_path) == ["r.json"]           # no temp file left
+
+
+@pytest.mark.parametrize("text,want", [("2048", 2048), ("2k", 2000), ("1K", 1024), ("lots", None)])
+def test_max_model_len_is_read_as_vllm_reads_it(text, want):
+    assert p._parse_len(text) == want
