@@ -54,7 +54,7 @@ PHASE = "phase2_python_api"
 CONDITIONS = ("cache_hit", "cache_miss", "cache_cold")
 EXIT_SETUP, EXIT_USAGE, EXIT_AUDIT = 1, 2, 3
 EXIT_SIGNAL = {signal.SIGINT: 130, signal.SIGTERM: 143}
-# Plain words that every BPE vocabulary splits the same way, whatever the model.
+# Plain English words for the synthetic contexts (exact token counts come from generate_context).
 WORDS = ("the cache model token prefix block query answer river stone light paper window market garden "
          "engine number signal letter memory system record table orange silver winter summer forest "
          "yellow planet music doctor school bridge travel dinner simple common public future").split()

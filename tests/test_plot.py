@@ -1,5 +1,4 @@
 """plot_results: discovery, the figure itself, bad files."""
-import copy
 import json
 import os
 
