@@ -22,6 +22,7 @@ failed (the JSON is still written), 130/143 interrupted (no partial file).
 """
 import argparse
 import datetime
+import functools
 import json
 import math
 import os
@@ -121,15 +122,17 @@ def prompt_token_ids(messages, tokenizer, prefix_ids):
     return ids
 
 
+@functools.lru_cache(maxsize=4)
 def query_head_words(tokenizer):
-    """Words that are one token at the start of a text: each query opens with a different one."""
+    """Words that are one token at the start of a text: each query opens with a different one.
+    A scan of the vocabulary, so cached: --sizes needs it once, not once per config."""
     words = []
     for token_id in range(min(len(tokenizer), 60000)):
         text = tokenizer.decode([token_id])
         if len(text) >= 3 and text.isascii() and text.isalpha() and \
                 tokenizer.encode(text, add_special_tokens=False) == [token_id]:
             words.append(text)
-    return sorted(set(words))
+    return tuple(sorted(set(words)))
 
 
 def prefix_cache_counters(llm):
@@ -338,7 +341,7 @@ def run_config(llm, tokenizer, size_a, size_b, opts, env):
     # or a hit request could reuse the block an earlier one left behind. Each query
     # starts with a different one-token word, checked against all earlier queries.
     shared_len = block - warmup_prompt_tokens % block
-    head_words = query_head_words(tokenizer)
+    head_words = list(query_head_words(tokenizer))
     rng.shuffle(head_words)
     seen_q_heads = set()
 
@@ -731,7 +734,7 @@ def environment_info(llm, engine_args, opts):
 
 def main(argv):
     argv = normalize_flags(argv)
-    if "-h" not in argv and "--help" not in argv:
+    if "-h" not in argv and "--help" not in argv:    # --help goes straight to the full parser below
         opts = parse_early(argv)                      # exit 2 on bad flags, in well under a second
         check_results_dir(opts.results_dir)
         check_vllm()
@@ -751,8 +754,7 @@ def main(argv):
     add_experiment_args(parser)
     parser = EngineArgs.add_cli_args(parser)
     parser.set_defaults(model=MODEL_NAME, enable_prefix_caching=True, disable_log_stats=False)
-    args = parser.parse_args(argv)
-    opts = parse_early(argv)
+    args = parser.parse_args(argv)                    # --help prints and exits here
     args.enable_prefix_caching, args.disable_log_stats = True, False   # what we measure needs both
     if args.seed is None:
         args.seed = opts.seed
