@@ -1,7 +1,7 @@
 """Chart the results of phase2_experiment.py: cache hit vs miss (vs cold) per (A, B) config.
 
     python plot_results.py                       # results/ -> results/experiment1_all_configs_phase2.png
-    python plot_results.py --results-dir results/h100-vllm0.26
+    python plot_results.py --results-dir results/h200-vllm0.26
 
 Reads every results_phase<N>_a<A>_b<B>.json in --results-dir (not its subfolders),
 draws one PNG per phase (TTFT and throughput panels, plus a warmup panel when the
@@ -16,16 +16,27 @@ import re
 import sys
 import tempfile
 
+import numpy as np
+
 RESULTS_DIR = "results"
 FILE_PATTERN = "results_phase*_a*_b*.json"
 FILE_RE = re.compile(r"^results_(phase\d+)_a(\d+)_b(\d+)\.json$")
-# condition key -> (legend label, colour)
+# condition key -> (short name, legend label, colour)
 CONDITIONS = {
-    "cache_hit": ("hit [A, B, Q], A+B cached", "#2a9d8f"),
-    "cache_miss": ("miss [B, Q], nothing cached", "#e76f51"),
-    "cache_cold": ("cold [A, B, Q], nothing cached", "#8d99ae"),
+    "cache_hit": ("hit", "hit [A, B, Q], A+B cached", "#2a9d8f"),
+    "cache_miss": ("miss", "miss [B, Q], nothing cached", "#e76f51"),
+    "cache_cold": ("cold", "cold [A, B, Q], nothing cached", "#8d99ae"),
+}
+# panel -> (stats prefix, bar label format, y label, title, head room above the tallest bar)
+PANELS = {
+    "warmup": ("warmup_time", "%.1f", "warmup time (ms)", "Warmup", 1.2),
+    "ttft": ("ttft", "%.1f", "time to first token (ms), mean", "TTFT (lower is better)", 1.35),
+    "throughput": ("throughput", "%.0f", "generation throughput (tokens/s), mean", "Throughput (higher is better)", 1.2),
 }
 REQUIRED_STATS = ("ttft_mean", "throughput_mean")
+# Dense bf16/fp16 tensor peak (TFLOP/s, no sparsity), from the vendors' datasheets, for MFU.
+# Matched against the recorded device name, in this order; other devices get no MFU.
+PEAK_TFLOPS = (("H100 PCIe", 756), ("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
 
 
 def load_result(path):
@@ -66,6 +77,14 @@ def discover_results(results_dir=RESULTS_DIR):
     return {phase: dict(sorted(configs.items())) for phase, configs in sorted(phases.items())}, skipped
 
 
+def by_model(configs):
+    """{model: {(A, B): data}}: a fit only makes sense within one model."""
+    groups = {}
+    for key, data in configs.items():
+        groups.setdefault(data.get("model"), {})[key] = data
+    return groups
+
+
 def conditions_present(configs):
     return [c for c in CONDITIONS if any(isinstance(d.get(c), dict) and "stats" in d[c] for d in configs.values())]
 
@@ -82,6 +101,25 @@ def error_bar(stats, prefix):
 
 def audit_ok(data):
     return data.get("cache_audit", {}).get("ok", True) is not False
+
+
+def unstable(data):
+    """The run's two halves disagreed beyond their intervals (files from before that check: no)."""
+    return (data.get("reproducibility") or {}).get("stable") is False
+
+
+def comparison_note(data):
+    """'miss +5% vs hit / hit saves 30% [25, 35]' for the TTFT panel, where the file has them."""
+    notes = []
+    if isinstance(data.get("ttft_degradation_pct"), (int, float)):
+        notes.append(f"miss {data['ttft_degradation_pct']:+.0f}% vs hit")
+    if isinstance(data.get("ttft_saving_pct"), (int, float)):
+        ci = data.get("ttft_saving_ci95")
+        ci_text = f" [{ci[0]:.0f}, {ci[1]:.0f}]" if isinstance(ci, list) and len(ci) == 2 else ""
+        notes.append(f"hit saves {data['ttft_saving_pct']:.0f}%{ci_text}")
+    if unstable(data):
+        notes.append("UNSTABLE: halves disagree")
+    return "\n".join(notes)
 
 
 def describe_source(configs):
@@ -117,7 +155,7 @@ def _bars(ax, configs, conds, stat_prefix, fmt):
             errs[1].append(hi)
             tops[j] = max(tops[j], stats[f"{stat_prefix}_mean"] + hi)
             drawn.append(data)
-        label, colour = CONDITIONS[cond]
+        _, label, colour = CONDITIONS[cond]
         bars = ax.bar(xs, heights, width, yerr=errs, capsize=3, label=label, color=colour)
         for bar, data in zip(bars, drawn):
             if not audit_ok(data):
@@ -149,35 +187,16 @@ def plot_phase(configs, phase_key, phase_label, outfile):
     panel_width = max(4.5, 1.7 * len(configs))        # room for "A=1024 / B=256" under each group
     fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 5.4), squeeze=False)
     axes = dict(zip(panels, axes[0]))
-
-    if has_warmup:
-        ax = axes["warmup"]
-        _bars(ax, configs, conds, "warmup_time", "%.1f")
-        ax.set_ylabel("warmup time (ms)")
-        ax.set_title("Warmup")
-
-    ax = axes["ttft"]
-    tops = _bars(ax, configs, conds, "ttft", "%.1f")
-    ax.set_ylabel("time to first token (ms), mean")
-    ax.set_title("TTFT (lower is better)")
-    for j, data in enumerate(configs.values()):
-        notes = []
-        if isinstance(data.get("ttft_degradation_pct"), (int, float)):
-            notes.append(f"miss {data['ttft_degradation_pct']:+.0f}% vs hit")
-        if isinstance(data.get("ttft_saving_pct"), (int, float)):
-            ci = data.get("ttft_saving_ci95")
-            ci_text = f" [{ci[0]:.0f}, {ci[1]:.0f}]" if isinstance(ci, list) and len(ci) == 2 else ""
-            notes.append(f"hit saves {data['ttft_saving_pct']:.0f}%{ci_text}")
-        if notes:
-            ax.annotate("\n".join(notes), (j, tops[j]), xytext=(0, 14), textcoords="offset points",
-                        ha="center", va="bottom", fontsize=7)
-    ax.set_ylim(0, max(tops) * 1.35 if max(tops) > 0 else 1)
-
-    ax = axes["throughput"]
-    tops = _bars(ax, configs, conds, "throughput", "%.0f")
-    ax.set_ylabel("generation throughput (tokens/s), mean")
-    ax.set_title("Throughput (higher is better)")
-    ax.set_ylim(0, max(tops) * 1.2 if max(tops) > 0 else 1)
+    for name, ax in axes.items():
+        prefix, fmt, ylabel, title, headroom = PANELS[name]
+        tops = _bars(ax, configs, conds, prefix, fmt)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        if name == "ttft":
+            for j, data in enumerate(configs.values()):
+                ax.annotate(comparison_note(data), (j, tops[j]), xytext=(0, 14), textcoords="offset points",
+                            ha="center", va="bottom", fontsize=7, color="red" if unstable(data) else "black")
+        ax.set_ylim(0, max(tops) * headroom if max(tops) > 0 else 1)
 
     handles, labels = axes["ttft"].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(conds), fontsize=8, frameon=False)
@@ -191,7 +210,7 @@ def plot_phase(configs, phase_key, phase_label, outfile):
 def summary_table(configs):
     """Markdown table of every config, for the console and READMEs."""
     conds = conditions_present(configs)
-    head = ["config"] + [f"{c.split('_')[1]} TTFT ms" for c in conds] + ["miss vs hit"]
+    head = ["config"] + [f"{CONDITIONS[c][0]} TTFT ms" for c in conds] + ["miss vs hit"]
     if "cache_cold" in conds:
         head += ["hit saves vs cold (95% CI)"]
     head += ["hit cached / prompt tokens", "audit"]
@@ -205,12 +224,118 @@ def summary_table(configs):
         cells.append(f"{deg:+.1f}%" if isinstance(deg, (int, float)) else "-")
         if "cache_cold" in conds:
             sav, ci = d.get("ttft_saving_pct"), d.get("ttft_saving_ci95")
-            cells.append(f"{sav:.1f}% [{ci[0]:.1f}, {ci[1]:.1f}]" if isinstance(sav, (int, float)) and ci else "-")
+            cells.append((f"{sav:.1f}% [{ci[0]:.1f}, {ci[1]:.1f}]" if isinstance(sav, (int, float)) and ci else "-")
+                         + (" UNSTABLE" if unstable(d) else ""))
         hs = d["cache_hit"]["stats"]
         cells.append(f"{hs.get('cached_tokens', '?')} / {hs.get('prompt_tokens', '?')}")
         cells.append({True: "ok", False: "FAILED"}.get(d.get("cache_audit", {}).get("ok"), "-"))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def prefill_flops(shape, new_tokens, cached_tokens=0):
+    """Forward FLOPs to prefill new_tokens behind cached_tokens already in the KV cache.
+
+    2 per weight per new token (less the embedding, a lookup, and the LM head, which
+    runs for the last token only: 2 x hidden x vocab once), plus attention: each new
+    token's query meets every key before it, 2 x 2 x head_dim FLOPs (QK^T and AV) per
+    key, per head, per layer."""
+    weights = shape["num_parameters"] - shape["num_embedding_parameters"]
+    keys = new_tokens * cached_tokens + new_tokens * (new_tokens + 1) / 2
+    attention = 4 * shape["num_layers"] * shape["num_attention_heads"] * shape["head_dim"] * keys
+    return 2 * weights * new_tokens + attention + 2 * shape["hidden_size"] * shape["vocab_size"]
+
+
+def peak_tflops(device):
+    return next((peak for name, peak in PEAK_TFLOPS if name in (device or "")), None)
+
+
+def prefill_fit(configs):
+    """Fit TTFT = overhead + work over the configs' uncached requests (cold and miss), where
+    work is their uncached tokens (for the prefill rate) or their FLOPs (for TFLOP/s).
+    None when fewer than 3 different prompt lengths are there to fit."""
+    points = []                                           # (uncached tokens, TTFT ms, data)
+    for data in configs.values():
+        for cond in ("cache_cold", "cache_miss"):
+            stats = data.get(cond, {}).get("stats", {})
+            if "ttft_mean" in stats and "prompt_tokens" in stats:
+                points.append((stats["prompt_tokens"], stats["ttft_mean"], data))
+    if len({tokens for tokens, _, _ in points}) < 3:
+        return None
+    tokens, ttft = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
+    ms_per_token, overhead_ms = np.polyfit(tokens, ttft, 1)
+    fit = {"configs": len(configs), "points": len(points), "overhead_ms": overhead_ms, "ms_per_token": ms_per_token,
+           "prefill_tokens_per_s": 1e3 / ms_per_token if ms_per_token > 0 else None,
+           "r2": 1 - np.sum((ttft - (overhead_ms + ms_per_token * tokens)) ** 2) / np.sum((ttft - ttft.mean()) ** 2),
+           "tflops": None, "mfu": None, "peak_tflops": None, "saved_ms_per_1k_cached": None}
+    shapes = [p[2].get("environment", {}).get("model_shape") or {} for p in points]
+    if all(s.get("num_parameters") and s.get("num_embedding_parameters") is not None for s in shapes):
+        flops = np.array([prefill_flops(s, t) for s, t in zip(shapes, tokens)])
+        ms_per_flop, _ = np.polyfit(flops, ttft, 1)
+        fit["tflops"] = 1e3 / ms_per_flop / 1e12 if ms_per_flop > 0 else None
+        fit["peak_tflops"] = peak_tflops(points[0][2].get("environment", {}).get("device"))
+        if fit["tflops"] and fit["peak_tflops"]:
+            fit["mfu"] = fit["tflops"] / fit["peak_tflops"]
+    saved = [(d["cache_hit"]["stats"]["cached_tokens"], d["ttft_saving_ms"]) for d in configs.values()
+             if isinstance(d.get("ttft_saving_ms"), (int, float)) and "cached_tokens" in d["cache_hit"]["stats"]]
+    if len({c for c, _ in saved}) >= 2:
+        fit["saved_ms_per_1k_cached"] = 1e3 * np.polyfit([c for c, _ in saved], [s for _, s in saved], 1)[0]
+    return fit
+
+
+def describe_fit(fit, device):
+    """The fit in words, for the console."""
+    text = (f"prefill fit over {fit['points']} cold/miss means of {fit['configs']} configs (R^2 {fit['r2']:.3f}): "
+            f"fixed overhead {fit['overhead_ms']:.1f} ms, prefill {fit['prefill_tokens_per_s'] or 0:,.0f} tokens/s")
+    if fit["tflops"]:
+        text += f", {fit['tflops']:.0f} TFLOP/s achieved"
+        if fit["mfu"]:
+            text += f" = {100 * fit['mfu']:.0f}% MFU of the {device}'s {fit['peak_tflops']} dense bf16/fp16 TFLOP/s"
+    if fit["saved_ms_per_1k_cached"] is not None:
+        text += f"; each 1k cached tokens saves {fit['saved_ms_per_1k_cached']:.1f} ms of TTFT"
+    return text
+
+
+def plot_context(configs, fit, phase_label, outfile):
+    """TTFT against prompt length for hit, miss and cold, with the fitted prefill line."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(8, 5.4))
+    for cond in conditions_present(configs):
+        xs, ys, errs = [], [], [[], []]
+        for data in configs.values():
+            stats = data.get(cond, {}).get("stats", {})
+            if "prompt_tokens" not in stats:
+                continue
+            lo, hi = error_bar(stats, "ttft")
+            xs.append(stats["prompt_tokens"])
+            ys.append(stats["ttft_mean"])
+            errs[0].append(lo)
+            errs[1].append(hi)
+        _, label, colour = CONDITIONS[cond]
+        ax.errorbar(xs, ys, yerr=errs, fmt="o", color=colour, label=label, capsize=3, markersize=5)
+    if fit:
+        xs = np.geomspace(1, max(x for line in ax.lines for x in line.get_xdata()), 200)
+        ax.plot(xs, fit["overhead_ms"] + fit["ms_per_token"] * xs, "--", color="#555555",
+                label=f"fit: {fit['overhead_ms']:.1f} ms + tokens / {fit['prefill_tokens_per_s'] or 0:,.0f} per s")
+        hit_x = [d["cache_hit"]["stats"]["prompt_tokens"] for d in configs.values()]
+        hit_uncached = [d["cache_hit"]["stats"]["prompt_tokens"] - d["cache_hit"]["stats"].get("cached_tokens", 0)
+                        for d in configs.values()]
+        ax.plot(hit_x, [fit["overhead_ms"] + fit["ms_per_token"] * u for u in hit_uncached], "x",
+                color=CONDITIONS["cache_hit"][2], markersize=9, label="fit at a hit's uncached tokens")
+    ax.set_xscale("log")
+    ax.set_yscale("log")
+    ax.set_xlabel("prompt tokens (A + B + Q; miss: B + Q)")
+    ax.set_ylabel("time to first token (ms), mean, 95% CI")
+    ax.grid(True, which="both", alpha=0.3)
+    ax.legend(fontsize=8)
+    source = describe_source(configs)
+    ax.set_title(f"TTFT vs context: {phase_label}" + (f"\n{source}" if source else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(outfile, dpi=130)
+    return fig
 
 
 def check_out_dir(path):
@@ -251,6 +376,15 @@ def main(argv=None):
         outfile = os.path.join(out_dir, f"experiment1_all_configs_{phase}.png")
         plot_phase(configs, phase, label, outfile)
         print(f"\n## {label} ({len(configs)} configs)\n\n{summary_table(configs)}\n\nwrote {outfile}")
+        for model, group in by_model(configs).items():
+            fit = prefill_fit(group)
+            if fit:
+                device = next(iter(group.values())).get("environment", {}).get("device")
+                print(f"\n{os.path.basename(str(model).rstrip('/'))}: {describe_fit(fit, device)}")
+            if fit and len(by_model(configs)) == 1:
+                context_file = os.path.join(out_dir, f"ttft_vs_context_{phase}.png")
+                plot_context(group, fit, label, context_file)
+                print(f"wrote {context_file}")
     return 0
 
 

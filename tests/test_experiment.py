@@ -22,18 +22,12 @@ SEED_STATS_KEYS = ("ttft_mean", "ttft_median", "ttft_stdev", "total_time_mean", 
                    "throughput_mean", "throughput_stdev", "prompt_tokens")
 
 
-def make_opts(model, **overrides):
-    opts = dict(seed=0, pause_ms=5.0, warmup_trials=1, num_trials=3, interleave=False,
-                max_output_tokens=8, model=model, engine_start_s=0.0)
-    opts.update(overrides)
-    return types.SimpleNamespace(**opts)
-
-
-def run_one(llm, size_a, size_b, **overrides):
-    opts = make_opts("tiny", **overrides)
-    env = p.environment_info(llm, types.SimpleNamespace(model="tiny"), opts)
-    env.update(overrides.pop("env", {}))
-    return p.run_config(llm, llm.get_tokenizer(), size_a, size_b, opts, env)
+def run_one(llm, size_a, size_b, env=None, **overrides):
+    """run_config on the session's engine, with the CLI's defaults but short and quick."""
+    opts = types.SimpleNamespace(**{**dict(seed=0, pause_ms=5.0, warmup_trials=1, num_trials=3, block_order=False,
+                                           max_output_tokens=8, model="tiny"), **overrides})
+    environment = {**p.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0), **(env or {})}
+    return p.run_config(llm, llm.get_tokenizer(), size_a, size_b, opts, environment)
 
 
 @pytest.fixture(scope="module")
@@ -89,19 +83,33 @@ def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
     hit, miss, cold = (r[c]["stats"]["ttft_mean"] for c in ("cache_hit", "cache_miss", "cache_cold"))
     assert r["ttft_degradation_pct"] == pytest.approx((miss - hit) / hit * 100, abs=0.01)
     assert r["ttft_saving_pct"] == pytest.approx((cold - hit) / cold * 100, abs=0.01)
+    # the intervals are paired over rounds: the point value lies inside them
+    for key in ("ttft_saving", "ttft_degradation"):
+        lo, hi = r[f"{key}_ci95"]
+        assert lo <= r[f"{key}_pct"] <= hi
+    repro = r["reproducibility"]
+    assert repro["unit"] == "round" and len(repro["per_round_saving_pct"]) == 4
+    hit_by_round = sorted(r["cache_hit"]["trials"], key=lambda t: t["round"])
+    cold_by_round = sorted(r["cache_cold"]["trials"], key=lambda t: t["round"])
+    assert repro["per_round_saving_pct"][0] == pytest.approx(
+        (cold_by_round[0]["ttft_ms"] - hit_by_round[0]["ttft_ms"]) / cold_by_round[0]["ttft_ms"] * 100)
     env = r["environment"]
     assert env["vllm_version"] and env["torch_version"] and env["device"] and env["block_size"]
-    assert env["trial_order"][0] == "cache_hit:0" and len(env["trial_order"]) == 18
+    assert len(env["trial_order"]) == 18
     json.dumps(r)                                         # serialisable as is
 
 
-def test_interleaved_order_is_used_and_recorded(llm):
-    r = run_one(llm, 200, 100, interleave=True)
-    assert r["config"]["interleave"] is True
-    assert r["environment"]["trial_order"][:4] == ["cache_hit:0", "cache_miss:0", "cache_cold:0", "cache_miss:1"]
+@pytest.mark.parametrize("block_order", [False, True])
+def test_trial_order_is_used_and_recorded(llm, block_order):
+    r = run_one(llm, 200, 100, block_order=block_order)
+    assert r["config"]["interleave"] is not block_order
+    want = ["cache_hit:0", "cache_hit:1"] if block_order else ["cache_hit:0", "cache_miss:0", "cache_cold:0", "cache_miss:1"]
+    assert r["environment"]["trial_order"][:len(want)] == want
     assert r["cache_audit"]["ok"]
-    orders = [t["order"] for c in ("cache_hit", "cache_miss", "cache_cold") for t in r[c]["trials"]]
-    assert sorted(orders) == list(range(3, 12))
+    trials = sorted((t for c in p.CONDITIONS for t in r[c]["trials"] + r[c]["discarded_trials"]), key=lambda t: t["order"])
+    assert [f"{t['condition']}:{t['round']}" for t in trials] == r["environment"]["trial_order"]
+    assert all(t["round"] == 0 for c in p.CONDITIONS for t in r[c]["discarded_trials"])
+    assert r["reproducibility"]["unit"] == ("trial" if block_order else "round")
 
 
 def test_audit_reports_requests_that_break_their_condition(llm, block):
@@ -144,7 +152,7 @@ def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
         assert r["environment"]["engine_args"]["disable_log_stats"] is False
         assert r["environment"]["engine_args"]["gpu_memory_utilization"] == 0.5    # vLLM flags pass through
     assert "A=200 B=100" in proc.stdout and "cache audit: OK" in proc.stdout
-    assert "hit saves vs cold" in proc.stdout
+    assert "hit saves vs cold" in proc.stdout and "rounds" in proc.stdout
 
 
 def _start(args):
@@ -202,3 +210,52 @@ def test_interrupt_leaves_finished_configs_and_old_files_intact(tiny_model_dir, 
     assert sorted(os.listdir(out)) == ["results_phase2_a200_b100.json", "results_phase2_a255_b128.json"]
     assert json.load(open(out / "results_phase2_a200_b100.json"))["cache_audit"]["ok"] is True
     assert old.read_text() == '{"earlier": "run"}\n'
+
+
+def _kill_vllm_process(pid, name="VLLM::Worker", timeout=300):
+    """SIGKILL the first process of ours whose title starts with name, once there is one."""
+    import psutil
+    deadline = time.time() + timeout
+    while time.time() < deadline:
+        for proc in psutil.Process(pid).children(recursive=True):
+            try:
+                if " ".join(proc.cmdline()).startswith(name):
+                    proc.kill()
+                    return time.time()
+            except psutil.Error:
+                pass
+        time.sleep(0.2)
+    pytest.fail(f"no {name} process appeared")
+
+
+@pytest.mark.parametrize("when", ["mid_run", "at_start"])
+def test_dead_engine_ends_the_run_with_one_line(tiny_model_dir, tmp_path, when):
+    out = tmp_path / "results"
+    proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "60",
+                   "--max-output-tokens", "5", "--results-dir", str(out), *ENGINE_FLAGS])
+    try:
+        if when == "mid_run":
+            _wait_for(proc, "wrote " + str(out / "results_phase2_a200_b100.json"))
+            _wait_for(proc, "A=255 B=128")
+            time.sleep(1.0)
+        else:
+            _wait_for(proc, "starting vLLM engine")
+        killed_at = _kill_vllm_process(proc.pid)
+        rest, _ = proc.communicate(timeout=120)
+        ended_after_s = time.time() - killed_at
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 1, rest[-3000:]
+    assert ended_after_s < 30
+    last_lines = [line for line in rest.splitlines() if line.strip()][-5:]
+    errors = [line for line in last_lines if line.startswith("phase2_experiment.py: error: the vLLM engine")]
+    assert len(errors) == 1, last_lines
+    assert f"failed during its {'run' if when == 'mid_run' else 'start'}: " in errors[0]
+    # finished configs keep their files; nothing partial, no temp file
+    files = sorted(os.listdir(out)) if out.exists() else []
+    if when == "mid_run":
+        assert files == ["results_phase2_a200_b100.json"]
+        assert json.load(open(out / "results_phase2_a200_b100.json"))["cache_audit"]["ok"] is True
+    else:
+        assert files == []

@@ -2,7 +2,7 @@
 import argparse
 import json
 import os
-import statistics
+import random
 
 import pytest
 
@@ -25,15 +25,26 @@ def test_generate_context_differs_per_label_and_repeats_per_label(tiny_tokenizer
 
 def test_hit_prompt_ids_start_with_warmup_ids(tiny_tokenizer):
     tok = tiny_tokenizer
-    prefix = p.special_prefix_ids(tok)
-    assert prefix == [2]
+    assert p.special_prefix_ids(tok) == [2]
     a, b, q = (p.generate_context(n, label, tok) for n, label in ((50, "A"), (30, "B"), (16, "Q")))
-    warm = p.prompt_token_ids(p.build_warmup_messages(a, b), tok, prefix)
-    hit = p.prompt_token_ids(p.build_hit_messages(a, b, q), tok, prefix)
-    miss = p.prompt_token_ids(p.build_miss_messages(b, q), tok, prefix)
+    warm = p.build_prompt_from_messages(p.build_warmup_messages(a, b), tok)
+    hit = p.build_prompt_from_messages(p.build_hit_messages(a, b, q), tok)
+    miss = p.build_prompt_from_messages(p.build_miss_messages(b, q), tok)
     assert len(warm) == 1 + 50 + 30 and hit[:len(warm)] == warm and len(hit) == len(warm) + 16
     assert len(miss) == 1 + 30 + 16 and miss[1:31] == warm[51:]
-    assert p.build_prompt_from_messages(p.build_hit_messages(a, b, q)) == f"{a}\n\n{b}\n\n{q}"
+
+
+@pytest.mark.parametrize("shared_len", [1, 5, 16])
+def test_queries_are_exact_length_and_open_differently(tiny_tokenizer, shared_len):
+    queries = p.make_queries(tiny_tokenizer, 60, shared_len, random.Random(0))
+    heads = set()
+    for q in queries:
+        ids = tiny_tokenizer.encode(q, add_special_tokens=False)
+        assert len(ids) == p.QUERY_TOKENS
+        heads.add(tuple(ids[:shared_len]))
+    assert len(heads) == 60
+    with pytest.raises(p.ExperimentError, match="too few one-token words"):
+        p.make_queries(tiny_tokenizer, 100_000, shared_len, random.Random(0))
 
 
 def test_query_head_words_are_single_tokens(tiny_tokenizer):
@@ -50,23 +61,20 @@ def test_expected_cached_tokens(block, warm, want):
     assert p.expected_cached_tokens("cache_cold", warm, block) == 0
 
 
-def test_trial_schedule_block_and_interleaved():
-    assert p.trial_schedule(2, False) == [("cache_hit", 0), ("cache_hit", 1), ("cache_miss", 0),
-                                          ("cache_miss", 1), ("cache_cold", 0), ("cache_cold", 1)]
-    inter = p.trial_schedule(3, True)
-    assert [c for c, _ in inter[:3]] == ["cache_hit", "cache_miss", "cache_cold"]
-    assert [c for c, _ in inter[3:6]] == ["cache_miss", "cache_cold", "cache_hit"]
-    # every condition runs each round once, and is preceded by each other condition in turn
-    assert sorted(inter) == sorted(p.trial_schedule(3, False))
-
-
-def test_percentile_and_bootstrap():
-    xs = [1.0, 2.0, 3.0, 4.0, 5.0]
-    assert p.percentile(xs, 50) == 3.0 and p.percentile(xs, 90) == pytest.approx(4.6)
-    lo, hi = p.bootstrap_ci([xs], statistics.mean, seed=0)
-    assert 1.0 <= lo < 3.0 < hi <= 5.0
-    assert p.bootstrap_ci([[7.0] * 5], statistics.mean, seed=0) == [7.0, 7.0]
-    assert p.bootstrap_ci([xs], statistics.mean, seed=1) == p.bootstrap_ci([xs], statistics.mean, seed=1)
+def test_trial_schedule_rounds_and_block_order():
+    assert p.trial_schedule(2, block_order=True) == [("cache_hit", 0), ("cache_hit", 1), ("cache_miss", 0),
+                                                     ("cache_miss", 1), ("cache_cold", 0), ("cache_cold", 1)]
+    rounds = p.trial_schedule(6)
+    assert rounds[:6] == [("cache_hit", 0), ("cache_miss", 0), ("cache_cold", 0),
+                          ("cache_miss", 1), ("cache_cold", 1), ("cache_hit", 1)]
+    assert sorted(rounds) == sorted(p.trial_schedule(6, block_order=True))
+    # every round holds each condition once; over 6 rounds each condition comes first twice
+    # and, inside a round, follows each other condition exactly twice (a Williams design)
+    orders = [[c for c, r in rounds if r == k] for k in range(6)]
+    assert all(sorted(o) == sorted(p.CONDITIONS) for o in orders)
+    assert sorted(o[0] for o in orders) == sorted(p.CONDITIONS * 2)
+    pairs = [(o[i - 1], o[i]) for o in orders for i in (1, 2)]
+    assert len(set(pairs)) == 6 and all(pairs.count(pair) == 2 for pair in pairs)
 
 
 def _trial(ttft, total, cached=0, engine=None):
@@ -82,6 +90,7 @@ def test_compute_stats_has_design_keys_and_right_values():
                 "throughput_mean", "throughput_stdev", "prompt_tokens"):
         assert key in s
     assert s["ttft_mean"] == 12.0 and s["ttft_median"] == 12.0 and s["ttft_stdev"] == 2.0
+    assert s["ttft_ci95"][0] < 12.0 < s["ttft_ci95"][1]
     assert s["ttft_min"] == 10.0 and s["ttft_max"] == 14.0 and s["ttft_p90"] == pytest.approx(13.6)
     assert s["total_time_mean"] == 100.0 and s["prompt_tokens"] == 40
     assert s["engine_ttft_mean"] == 11.5 and s["prefill_median"] == 11.0
@@ -112,6 +121,6 @@ def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
     assert os.listdir(tmp_path) == ["r.json"]           # no temp file left
 
 
-@pytest.mark.parametrize("text,want", [("2048", 2048), ("2k", 2000), ("1K", 1024), ("lots", None)])
-def test_max_model_len_is_read_as_vllm_reads_it(text, want):
-    assert p._parse_len(text) == want
+def test_rounded_rounds_floats_only_and_everywhere():
+    obj = {"a": 1.23456, "b": [2.00049, {"c": 3}], "d": "x", "e": True, "f": (1.11111,)}
+    assert p.rounded(obj) == {"a": 1.235, "b": [2.0, {"c": 3}], "d": "x", "e": True, "f": [1.111]}
