@@ -1,12 +1,16 @@
 """Chart the results of phase2_experiment.py: cache hit vs miss (vs cold) per (A, B) config.
 
     python plot_results.py                       # results/ -> results/experiment1_all_configs_phase2.png
-    python plot_results.py --results-dir results/h200-vllm0.26
+    python plot_results.py --results-dir results/h200-vllm0.26-llama3.1-8b-shape
+    python plot_results.py --compare run1/ run2/ run3/   # the same command's runs: do they agree?
 
 Reads every results_phase<N>_a<A>_b<B>.json in --results-dir (not its subfolders),
 draws one PNG per phase (TTFT and throughput panels, plus a warmup panel when the
-files carry per-condition warmup stats) and prints a Markdown summary table.
-A file that is not JSON or lacks what a panel needs is skipped with one line.
+files carry per-condition warmup stats) and prints a Markdown summary table. With 3
+or more configs of one model it also fits TTFT = overhead + prefill work / rate,
+prints the overhead, prefill rate, TFLOP/s and MFU, and draws TTFT against context
+length (ttft_vs_context_<phase>.png). A file that is not JSON or lacks what a panel
+needs is skipped with one line.
 """
 import argparse
 import glob
@@ -17,6 +21,8 @@ import sys
 import tempfile
 
 import numpy as np
+
+from phase2_experiment import agree     # the same test as the experiment's (no vLLM import)
 
 RESULTS_DIR = "results"
 FILE_PATTERN = "results_phase*_a*_b*.json"
@@ -185,8 +191,10 @@ def plot_phase(configs, phase_key, phase_label, outfile):
     has_warmup = any("warmup_time_mean" in d.get(c, {}).get("stats", {}) for d in configs.values() for c in conds)
     panels = (["warmup"] if has_warmup else []) + ["ttft", "throughput"]
     panel_width = max(4.5, 1.7 * len(configs))        # room for "A=1024 / B=256" under each group
-    fig, axes = plt.subplots(1, len(panels), figsize=(panel_width * len(panels), 5.4), squeeze=False)
-    axes = dict(zip(panels, axes[0]))
+    # up to 6 configs the panels stand side by side; beyond that, one above the other
+    rows, cols = (len(panels), 1) if len(configs) > 6 else (1, len(panels))
+    fig, axes = plt.subplots(rows, cols, figsize=(panel_width * cols, 5.4 * rows), squeeze=False)
+    axes = dict(zip(panels, axes.flat))
     for name, ax in axes.items():
         prefix, fmt, ylabel, title, headroom = PANELS[name]
         tops = _bars(ax, configs, conds, prefix, fmt)
@@ -196,13 +204,21 @@ def plot_phase(configs, phase_key, phase_label, outfile):
             for j, data in enumerate(configs.values()):
                 ax.annotate(comparison_note(data), (j, tops[j]), xytext=(0, 14), textcoords="offset points",
                             ha="center", va="bottom", fontsize=7, color="red" if unstable(data) else "black")
-        ax.set_ylim(0, max(tops) * headroom if max(tops) > 0 else 1)
+        lows = [d[c]["stats"][f"{prefix}_mean"] for d in configs.values() for c in conds
+                if f"{prefix}_mean" in d.get(c, {}).get("stats", {})]
+        if name == "ttft" and min(lows) > 0 and max(tops) / min(lows) > 20:
+            # 512 to 32k tokens of context: on a linear axis the short configs' bars vanish
+            ax.set_yscale("log")
+            ax.set_ylim(min(lows) / 2, max(tops) * headroom ** 4)
+            ax.set_ylabel(ylabel + " (log scale)")
+        else:
+            ax.set_ylim(0, max(tops) * headroom if max(tops) > 0 else 1)
 
     handles, labels = axes["ttft"].get_legend_handles_labels()
     fig.legend(handles, labels, loc="lower center", ncol=len(conds), fontsize=8, frameon=False)
     source = describe_source(configs)
     fig.suptitle(f"Prefix caching: {phase_label}" + (f"\n{source}" if source else ""), fontsize=11)
-    fig.tight_layout(rect=(0, 0.06, 1, 1))
+    fig.tight_layout(rect=(0, 0.06 / rows, 1, 1))
     fig.savefig(outfile, dpi=130)
     return fig
 
@@ -251,48 +267,59 @@ def peak_tflops(device):
 
 
 def prefill_fit(configs):
-    """Fit TTFT = overhead + work over the configs' uncached requests (cold and miss), where
-    work is their uncached tokens (for the prefill rate) or their FLOPs (for TFLOP/s).
-    None when fewer than 3 different prompt lengths are there to fit."""
-    points = []                                           # (uncached tokens, TTFT ms, data)
+    """Fit TTFT = overhead + work / rate over the configs' uncached requests (cold and miss
+    means). work is the prefill's FLOPs where the files record the model's shape (attention
+    makes long prompts cost more than their token count says), else its token count.
+    None for fewer than 3 configs: too few lengths to tell overhead from rate."""
+    points = []                                           # (prompt tokens, TTFT ms)
     for data in configs.values():
         for cond in ("cache_cold", "cache_miss"):
             stats = data.get(cond, {}).get("stats", {})
             if "ttft_mean" in stats and "prompt_tokens" in stats:
-                points.append((stats["prompt_tokens"], stats["ttft_mean"], data))
-    if len({tokens for tokens, _, _ in points}) < 3:
+                points.append((stats["prompt_tokens"], stats["ttft_mean"]))
+    if len(configs) < 3 or len({tokens for tokens, _ in points}) < 3:
         return None
-    tokens, ttft = np.array([p[0] for p in points], float), np.array([p[1] for p in points], float)
-    ms_per_token, overhead_ms = np.polyfit(tokens, ttft, 1)
-    fit = {"configs": len(configs), "points": len(points), "overhead_ms": overhead_ms, "ms_per_token": ms_per_token,
-           "prefill_tokens_per_s": 1e3 / ms_per_token if ms_per_token > 0 else None,
-           "r2": 1 - np.sum((ttft - (overhead_ms + ms_per_token * tokens)) ** 2) / np.sum((ttft - ttft.mean()) ** 2),
-           "tflops": None, "mfu": None, "peak_tflops": None, "saved_ms_per_1k_cached": None}
-    shapes = [p[2].get("environment", {}).get("model_shape") or {} for p in points]
-    if all(s.get("num_parameters") and s.get("num_embedding_parameters") is not None for s in shapes):
-        flops = np.array([prefill_flops(s, t) for s, t in zip(shapes, tokens)])
-        ms_per_flop, _ = np.polyfit(flops, ttft, 1)
-        fit["tflops"] = 1e3 / ms_per_flop / 1e12 if ms_per_flop > 0 else None
-        fit["peak_tflops"] = peak_tflops(points[0][2].get("environment", {}).get("device"))
-        if fit["tflops"] and fit["peak_tflops"]:
-            fit["mfu"] = fit["tflops"] / fit["peak_tflops"]
-    saved = [(d["cache_hit"]["stats"]["cached_tokens"], d["ttft_saving_ms"]) for d in configs.values()
-             if isinstance(d.get("ttft_saving_ms"), (int, float)) and "cached_tokens" in d["cache_hit"]["stats"]]
-    if len({c for c, _ in saved}) >= 2:
-        fit["saved_ms_per_1k_cached"] = 1e3 * np.polyfit([c for c, _ in saved], [s for _, s in saved], 1)[0]
+    first = next(iter(configs.values())).get("environment", {})
+    shape = first.get("model_shape") or {}
+    if not (shape.get("num_parameters") and shape.get("num_embedding_parameters") is not None):
+        shape = None
+    ttft = np.array([t for _, t in points])
+    work = np.array([prefill_flops(shape, n) if shape else n for n, _ in points], float)
+    ms_per_work, overhead_ms = np.polyfit(work, ttft, 1)
+    fit = {"points": len(points), "configs": len(configs), "shape": shape, "overhead_ms": overhead_ms,
+           "ms_per_work": ms_per_work, "work": "FLOPs" if shape else "tokens",
+           "r2": 1 - np.sum((ttft - overhead_ms - ms_per_work * work) ** 2) / np.sum((ttft - ttft.mean()) ** 2),
+           "tflops": None, "mfu": None, "peak_tflops": peak_tflops(first.get("device"))}
+    if shape:
+        fit["tflops"] = 1e3 / ms_per_work / 1e12
+        fit["mfu"] = fit["tflops"] / fit["peak_tflops"] if fit["peak_tflops"] else None
+        # on short prompts attention is negligible: 2 FLOPs per weight per token
+        fit["prefill_tokens_per_s"] = fit["tflops"] * 1e12 / (2 * (shape["num_parameters"] - shape["num_embedding_parameters"]))
+    else:
+        fit["prefill_tokens_per_s"] = 1e3 / ms_per_work
+    # what each config's hit saves, per 1k cached tokens (it grows with the context: attention)
+    fit["saved_ms_per_1k_cached"] = [(d["cache_hit"]["stats"]["cached_tokens"], 1e3 * d["ttft_saving_ms"] / d["cache_hit"]["stats"]["cached_tokens"])
+                                     for d in configs.values()
+                                     if isinstance(d.get("ttft_saving_ms"), (int, float)) and d["cache_hit"]["stats"].get("cached_tokens")]
     return fit
+
+
+def predicted_ttft_ms(fit, new_tokens, cached_tokens=0):
+    work = prefill_flops(fit["shape"], new_tokens, cached_tokens) if fit["shape"] else new_tokens
+    return fit["overhead_ms"] + fit["ms_per_work"] * work
 
 
 def describe_fit(fit, device):
     """The fit in words, for the console."""
-    text = (f"prefill fit over {fit['points']} cold/miss means of {fit['configs']} configs (R^2 {fit['r2']:.3f}): "
-            f"fixed overhead {fit['overhead_ms']:.1f} ms, prefill {fit['prefill_tokens_per_s'] or 0:,.0f} tokens/s")
+    text = (f"TTFT = {fit['overhead_ms']:.1f} ms + prefill {fit['work']} / rate, fitted to {fit['points']} cold/miss "
+            f"means of {fit['configs']} configs (R^2 {fit['r2']:.3f}): prefill {fit['prefill_tokens_per_s']:,.0f} tokens/s")
     if fit["tflops"]:
-        text += f", {fit['tflops']:.0f} TFLOP/s achieved"
-        if fit["mfu"]:
-            text += f" = {100 * fit['mfu']:.0f}% MFU of the {device}'s {fit['peak_tflops']} dense bf16/fp16 TFLOP/s"
-    if fit["saved_ms_per_1k_cached"] is not None:
-        text += f"; each 1k cached tokens saves {fit['saved_ms_per_1k_cached']:.1f} ms of TTFT"
+        text += (f" on short prompts, {fit['tflops']:.0f} TFLOP/s achieved" +
+                 (f" = {100 * fit['mfu']:.0f}% MFU of the {device}'s {fit['peak_tflops']} dense bf16/fp16 TFLOP/s"
+                  if fit["mfu"] else ""))
+    if fit["saved_ms_per_1k_cached"]:
+        text += "\na hit saves, per 1k cached tokens: " + ", ".join(
+            f"{ms:.1f} ms at {cached:,}" for cached, ms in sorted(fit["saved_ms_per_1k_cached"]))
     return text
 
 
@@ -317,14 +344,16 @@ def plot_context(configs, fit, phase_label, outfile):
         _, label, colour = CONDITIONS[cond]
         ax.errorbar(xs, ys, yerr=errs, fmt="o", color=colour, label=label, capsize=3, markersize=5)
     if fit:
-        xs = np.geomspace(1, max(x for line in ax.lines for x in line.get_xdata()), 200)
-        ax.plot(xs, fit["overhead_ms"] + fit["ms_per_token"] * xs, "--", color="#555555",
-                label=f"fit: {fit['overhead_ms']:.1f} ms + tokens / {fit['prefill_tokens_per_s'] or 0:,.0f} per s")
-        hit_x = [d["cache_hit"]["stats"]["prompt_tokens"] for d in configs.values()]
-        hit_uncached = [d["cache_hit"]["stats"]["prompt_tokens"] - d["cache_hit"]["stats"].get("cached_tokens", 0)
-                        for d in configs.values()]
-        ax.plot(hit_x, [fit["overhead_ms"] + fit["ms_per_token"] * u for u in hit_uncached], "x",
-                color=CONDITIONS["cache_hit"][2], markersize=9, label="fit at a hit's uncached tokens")
+        xs = np.geomspace(min(x for line in ax.lines for x in line.get_xdata()) / 2,
+                          max(x for line in ax.lines for x in line.get_xdata()) * 1.5, 200)
+        rate = (f"{fit['tflops']:.0f} TFLOP/s" if fit["tflops"] else f"{fit['prefill_tokens_per_s']:,.0f} tokens/s")
+        ax.plot(xs, [predicted_ttft_ms(fit, x) for x in xs], "--", color="#555555",
+                label=f"fit, nothing cached: {fit['overhead_ms']:.1f} ms + {fit['work']} at {rate}")
+        hits = [d["cache_hit"]["stats"] for d in configs.values()]
+        ax.plot([h["prompt_tokens"] for h in hits],
+                [predicted_ttft_ms(fit, h["prompt_tokens"] - h.get("cached_tokens", 0), h.get("cached_tokens", 0))
+                 for h in hits], "x", color=CONDITIONS["cache_hit"][2], markersize=9,
+                label="fit, the hit's uncached tokens behind its cached ones")
     ax.set_xscale("log")
     ax.set_yscale("log")
     ax.set_xlabel("prompt tokens (A + B + Q; miss: B + Q)")
@@ -336,6 +365,25 @@ def plot_context(configs, fit, phase_label, outfile):
     fig.tight_layout()
     fig.savefig(outfile, dpi=130)
     return fig
+
+
+def compare_runs(run_dirs):
+    """Markdown table: each config's saving in every run, and whether every pair of runs agrees."""
+    runs = [discover_results(d)[0] for d in run_dirs]
+    keys = sorted({(phase, ab) for r in runs for phase, configs in r.items() for ab in configs})
+    rows = ["| config | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | pairs that agree |",
+            "|---|" + "---|" * (len(runs) + 1)]
+    agreed = total = 0
+    for phase, (a, b) in keys:
+        found = [r.get(phase, {}).get((a, b)) for r in runs]
+        cells = [f"{d['ttft_saving_pct']:.1f}% [{d['ttft_saving_ci95'][0]:.1f}, {d['ttft_saving_ci95'][1]:.1f}]"
+                 + (" UNSTABLE" if unstable(d) else "") if d else "-" for d in found]
+        present = [d for d in found if d]
+        pairs = [agree(x["ttft_saving_pct"], x["ttft_saving_ci95"], y["ttft_saving_pct"], y["ttft_saving_ci95"])
+                 for i, x in enumerate(present) for y in present[i + 1:]]
+        agreed, total = agreed + sum(pairs), total + len(pairs)
+        rows.append(f"| A={a} / B={b} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} |")
+    return "\n".join(rows) + f"\n\n{agreed} of {total} pairs of runs agree within their intervals."
 
 
 def check_out_dir(path):
@@ -353,7 +401,17 @@ def main(argv=None):
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default=RESULTS_DIR)
     parser.add_argument("--out-dir", default=None, help="where the PNGs go (default: the results dir)")
+    parser.add_argument("--compare", nargs="+", metavar="DIR",
+                        help="instead of charts: the hit-vs-cold saving of the same configs in several runs' "
+                             "folders, and whether each pair of runs agrees within their intervals")
     args = parser.parse_args(argv)
+    if args.compare:
+        missing = [d for d in args.compare if not os.path.isdir(d)]
+        if missing:
+            print(f"plot_results.py: error: no such folder: {', '.join(missing)}", file=sys.stderr)
+            return 1
+        print(compare_runs(args.compare))
+        return 0
     out_dir = args.out_dir or args.results_dir
 
     if not os.path.isdir(args.results_dir):

@@ -46,6 +46,9 @@ SHAPES = {
                        use_sliding_window=False, tie_word_embeddings=False, torch_dtype="bfloat16",
                        bos_token_id=2, eos_token_id=2),
     "opt-125m": dict(model_type="opt", architectures=["OPTForCausalLM"], torch_dtype="float16"),
+    # for the CPU tests of the --load-format dummy path (head_dim 64: CPU attention needs >= 64)
+    "llama-tiny": dict(_LLAMA31, vocab_size=2048, hidden_size=128, intermediate_size=256, num_hidden_layers=2,
+                       num_attention_heads=2, num_key_value_heads=1, max_position_embeddings=8192),
 }
 SPECIAL_TOKENS = ["<s>", "<pad>", "</s>", "<unk>"]  # ids 0..3, as in OPT's vocabulary
 
@@ -122,7 +125,7 @@ def build_shape(out_dir, shape, seed=0):
     dims = dict(SHAPES[shape])
     config = AutoConfig.for_model(dims.pop("model_type"), **dims)
     config.save_pretrained(out_dir)
-    build_tokenizer(out_dir, vocab_size=8000, seed=seed, max_length=config.max_position_embeddings)
+    build_tokenizer(out_dir, vocab_size=min(config.vocab_size, 8000), seed=seed, max_length=config.max_position_embeddings)
     with torch.device("meta"):
         n_params = sum(p.numel() for p in AutoModelForCausalLM.from_config(config).parameters())
     with open(os.path.join(out_dir, "MODEL_CARD.json"), "w") as f:

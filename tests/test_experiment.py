@@ -9,8 +9,6 @@ import time
 import types
 
 import pytest
-from vllm import SamplingParams
-from vllm.inputs import TokensPrompt
 
 import phase2_experiment as p
 from conftest import ENGINE_FLAGS, ROOT, run_script
@@ -28,6 +26,13 @@ def run_one(llm, size_a, size_b, env=None, **overrides):
                                            max_output_tokens=8, model="tiny"), **overrides})
     environment = {**p.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0), **(env or {})}
     return p.run_config(llm, llm.get_tokenizer(), size_a, size_b, opts, environment)
+
+
+def llm_parameters_from_config():
+    """The tiny model's parameters, built by transformers from its config (no engine involved)."""
+    from transformers import OPTConfig, OPTForCausalLM
+    from make_model import PRESETS
+    return OPTForCausalLM(OPTConfig(**PRESETS["tiny"])).parameters()
 
 
 @pytest.fixture(scope="module")
@@ -95,6 +100,12 @@ def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
         (cold_by_round[0]["ttft_ms"] - hit_by_round[0]["ttft_ms"]) / cold_by_round[0]["ttft_ms"] * 100)
     env = r["environment"]
     assert env["vllm_version"] and env["torch_version"] and env["device"] and env["block_size"]
+    # the model's shape, as the engine sees it: tests/make_model.py's "tiny" preset
+    shape = env["model_shape"]
+    assert (shape["num_layers"], shape["hidden_size"], shape["num_attention_heads"], shape["head_dim"]) == (2, 128, 2, 64)
+    assert shape["vocab_size"] == 2048 and shape["architecture"] == "OPTForCausalLM"
+    assert shape["num_embedding_parameters"] == 2048 * 128          # OPT ties its LM head to the embedding
+    assert shape["num_parameters"] == sum(p.numel() for p in llm_parameters_from_config())
     assert len(env["trial_order"]) == 18
     json.dumps(r)                                         # serialisable as is
 
@@ -122,16 +133,6 @@ def test_audit_reports_requests_that_break_their_condition(llm, block):
     assert not any("cache_miss" in pr or "cache_cold" in pr for pr in r["cache_audit"]["problems"])
 
 
-def test_the_design_taken_literally_is_not_a_miss(llm, block):
-    """Why misses are salted: an unsalted [B, Q] hits its own blocks the second time."""
-    ids = [2] + [20 + i % 300 for i in range(block + 20)]
-    params = SamplingParams(max_tokens=1, ignore_eos=True)
-    assert llm.reset_prefix_cache()
-    llm.generate(TokensPrompt(prompt_token_ids=ids), params, use_tqdm=False)
-    second = llm.generate(TokensPrompt(prompt_token_ids=ids), params, use_tqdm=False)[0]
-    assert second.num_cached_tokens == block
-
-
 # ----------------------------------------------------------------------------- the CLI
 
 def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
@@ -153,6 +154,22 @@ def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
         assert r["environment"]["engine_args"]["gpu_memory_utilization"] == 0.5    # vLLM flags pass through
     assert "A=200 B=100" in proc.stdout and "cache audit: OK" in proc.stdout
     assert "hit saves vs cold" in proc.stdout and "rounds" in proc.stdout
+
+
+def test_cli_measures_a_model_shape_without_weights(tmp_path):
+    """A config-only folder (tests/make_model.py --shape) runs with vLLM's --load-format dummy."""
+    from make_model import build_shape
+    model, out = str(tmp_path / "llama-tiny"), tmp_path / "results"
+    build_shape(model, "llama-tiny")
+    proc = run_script(["phase2_experiment.py", "--model", model, "--load-format", "dummy", "--size-a", "200",
+                       "--size-b", "100", "--num-trials", "2", "--max-output-tokens", "5",
+                       "--results-dir", str(out), *ENGINE_FLAGS])
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(out / "results_phase2_a200_b100.json"))
+    assert r["cache_audit"]["ok"] is True and r["environment"]["engine_args"]["load_format"] == "dummy"
+    shape = r["environment"]["model_shape"]
+    assert shape["architecture"] == "LlamaForCausalLM" and shape["num_kv_heads"] == 1 and shape["num_layers"] == 2
+    assert shape["num_embedding_parameters"] == 2 * 2048 * 128               # untied LM head: counted twice
 
 
 def _start(args):

@@ -2,10 +2,12 @@
 import json
 import os
 
+import pytest
+
 from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
-from make_model import PRESETS
+from make_model import PRESETS, build_shape
 
 
 def test_model_folder_is_a_normal_checkpoint(tiny_model_dir, tiny_tokenizer):
@@ -28,6 +30,9 @@ def test_opt_125m_preset_has_opt_125m_shape():
 
 
 def test_real_engine_hits_on_repeat_and_misses_when_salted(llm):
+    """What the tool relies on, and why misses are salted: a prompt seen before hits its own
+    full blocks the second time (the design's unsalted [B, Q] "miss" is a hit from its second
+    trial on), and a cache_salt makes it find nothing."""
     block = llm.llm_engine.vllm_config.cache_config.block_size
     ids = [2] + [10 + i % 500 for i in range(block * 2 + 5)]     # two full blocks and a bit
     params = SamplingParams(max_tokens=1, ignore_eos=True)
@@ -39,3 +44,12 @@ def test_real_engine_hits_on_repeat_and_misses_when_salted(llm):
     assert again.num_cached_tokens == 2 * block           # only full blocks are cached
     assert salted.num_cached_tokens == 0
     assert again.metrics.first_token_latency > 0          # engine stats are on
+
+
+@pytest.mark.parametrize("shape,billions", [("llama-3.1-8b", 8.03), ("qwen2.5-7b", 7.62), ("llama-3.1-70b", 70.55)])
+def test_shape_folders_hold_the_published_architecture_and_no_weights(tmp_path, shape, billions):
+    n_params = build_shape(str(tmp_path), shape)
+    assert round(n_params / 1e9, 2) == billions
+    names = set(os.listdir(tmp_path))
+    assert {"config.json", "tokenizer.json"} <= names
+    assert not any(n.endswith((".safetensors", ".bin")) for n in names)     # --load-format dummy makes them up

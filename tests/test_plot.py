@@ -162,3 +162,92 @@ def test_cli_exits_1_with_one_line(tmp_path, case):
     errors = [l for l in proc.stderr.splitlines() if "error:" in l]
     assert len(errors) == 1 and str(tmp_path) in errors[0]
     assert "Traceback" not in proc.stderr
+
+
+def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
+    runs = []
+    for k, (saving, ci) in enumerate([(40.0, [35.0, 45.0]), (33.0, [28.0, 38.0]), (20.0, [18.0, 22.0])]):
+        run = tmp_path / f"run{k + 1}"
+        run.mkdir()
+        r = extended_result(512, 256)
+        r["ttft_saving_pct"], r["ttft_saving_ci95"] = saving, ci
+        write(run, "results_phase2_a512_b256.json", r)
+        runs.append(str(run))
+    table = pr.compare_runs(runs).splitlines()
+    assert table[0] == "| config | run 1 | run 2 | run 3 | pairs that agree |"
+    # 40 vs 33: 7 <= sqrt(5^2 + 5^2); 40 vs 20 and 33 vs 20 are far apart
+    assert table[2] == "| A=512 / B=256 | 40.0% [35.0, 45.0] | 33.0% [28.0, 38.0] | 20.0% [18.0, 22.0] | 1 of 3 |"
+    assert table[-1] == "1 of 3 pairs of runs agree within their intervals."
+    proc = run_script(["plot_results.py", "--compare", *runs])
+    assert proc.returncode == 0 and "1 of 3 pairs" in proc.stdout
+    assert run_script(["plot_results.py", "--compare", str(tmp_path / "nope")]).returncode == 1
+
+
+SHAPE = {"num_parameters": 1_100_000, "num_embedding_parameters": 100_000, "num_layers": 2,
+         "num_attention_heads": 4, "head_dim": 8, "hidden_size": 32, "vocab_size": 1000}
+
+
+def test_prefill_flops_counts_weights_attention_and_one_lm_head():
+    # 2 x 1e6 weights x 10 tokens + 4 x 2 layers x 4 heads x 8 dims x (10 x 0 + 10 x 11 / 2 keys) + 2 x 32 x 1000
+    assert pr.prefill_flops(SHAPE, 10) == 2e7 + 256 * 55 + 64_000
+    # behind 100 cached tokens each new token also meets those 100 keys
+    assert pr.prefill_flops(SHAPE, 10, 100) - pr.prefill_flops(SHAPE, 10) == 256 * 1000
+    # the Llama-3.1-8B shape, 1k tokens: about 2 x 7 G weights x 1k = 14 TFLOP, attention ~0.5
+    llama = {"num_parameters": 8_030_261_248, "num_embedding_parameters": 1_050_673_152, "num_layers": 32,
+             "num_attention_heads": 32, "head_dim": 128, "hidden_size": 4096, "vocab_size": 128256}
+    assert pr.prefill_flops(llama, 1000) / 1e12 == pytest.approx(13.96 + 0.26, abs=0.02)
+
+
+def _fit_configs(overhead_ms, tflops, shape=SHAPE, device="NVIDIA H200"):
+    """Configs whose cold and miss TTFTs lie exactly on overhead + FLOPs / rate."""
+    configs = {}
+    for a in (256, 1024, 4096):
+        r = extended_result(a, 256)
+        r["environment"] = {"device": device, "model_shape": shape}
+        for cond, tokens in (("cache_cold", a + 256 + 17), ("cache_miss", 256 + 17)):
+            r[cond]["stats"]["prompt_tokens"] = tokens
+            work_s = pr.prefill_flops(shape, tokens) / (tflops * 1e12) if shape else tokens / 1e5
+            r[cond]["stats"]["ttft_mean"] = overhead_ms + work_s * 1e3
+        r["cache_hit"]["stats"]["cached_tokens"] = a + 256
+        r["ttft_saving_ms"] = 0.02 * (a + 256)
+        configs[(a, 256)] = r
+    return configs
+
+
+def test_prefill_fit_recovers_overhead_rate_and_mfu():
+    fit = pr.prefill_fit(_fit_configs(overhead_ms=12.0, tflops=0.5))
+    assert fit["work"] == "FLOPs" and fit["r2"] == pytest.approx(1.0)
+    assert fit["overhead_ms"] == pytest.approx(12.0) and fit["tflops"] == pytest.approx(0.5)
+    assert fit["mfu"] == pytest.approx(0.5 / 989) and fit["peak_tflops"] == 989
+    assert fit["prefill_tokens_per_s"] == pytest.approx(0.5e12 / 2e6)        # 2 FLOPs per weight per token
+    assert [ms for _, ms in fit["saved_ms_per_1k_cached"]] == pytest.approx([20.0] * 3)
+    text = pr.describe_fit(fit, "NVIDIA H200")
+    assert "12.0 ms" in text and "MFU" in text and "20.0 ms at 512" in text
+    # no shape recorded: a straight line in tokens; an unknown device: no MFU
+    fit = pr.prefill_fit(_fit_configs(overhead_ms=12.0, tflops=0.5, shape={}, device="Some GPU"))
+    assert fit["work"] == "tokens" and fit["tflops"] is None and fit["mfu"] is None
+    assert fit["overhead_ms"] == pytest.approx(12.0) and fit["prefill_tokens_per_s"] == pytest.approx(1e5)
+    assert pr.prefill_fit({(256, 256): extended_result(256, 256)}) is None       # too few lengths to fit
+
+
+def test_context_chart_and_log_scale_for_long_contexts(tmp_path):
+    configs = _fit_configs(overhead_ms=12.0, tflops=0.05)
+    fit = pr.prefill_fit(configs)
+    fig = pr.plot_context(configs, fit, "x", str(tmp_path / "context.png"))
+    assert fig.axes[0].get_xscale() == "log" and os.path.getsize(tmp_path / "context.png") > 10_000
+    labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
+    assert any(l.startswith("fit, nothing cached: 12.0 ms") for l in labels)
+    fig = pr.plot_phase(configs, "phase2", "x", str(tmp_path / "bars.png"))
+    assert fig.axes[0].get_yscale() == "log"          # cold TTFTs span more than 20x
+    short = {k: extended_result(*k) for k in ((256, 256), (512, 256))}
+    assert pr.plot_phase(short, "phase2", "x", str(tmp_path / "b2.png")).axes[0].get_yscale() == "linear"
+
+
+def test_many_configs_stack_the_panels(tmp_path):
+    configs = {(256 * k, 256): extended_result(256 * k, 256) for k in range(1, 9)}
+    fig = pr.plot_phase(configs, "phase2", "x", str(tmp_path / "eight.png"))
+    ttft, tput = fig.axes[:2]
+    assert ttft.get_position().y0 > tput.get_position().y1          # one above the other
+    assert len(ttft.get_xticklabels()) == 8
+    few = pr.plot_phase({k: configs[k] for k in list(configs)[:3]}, "phase2", "x", str(tmp_path / "three.png"))
+    assert few.axes[0].get_position().x1 < few.axes[1].get_position().x0   # side by side
