@@ -434,12 +434,13 @@ def main(argv=None):
         outfile = os.path.join(out_dir, f"experiment1_all_configs_{phase}.png")
         plot_phase(configs, phase, label, outfile)
         print(f"\n## {label} ({len(configs)} configs)\n\n{summary_table(configs)}\n\nwrote {outfile}")
-        for model, group in by_model(configs).items():
+        models = by_model(configs)
+        for model, group in models.items():
             fit = prefill_fit(group)
             if fit:
                 device = next(iter(group.values())).get("environment", {}).get("device")
                 print(f"\n{os.path.basename(str(model).rstrip('/'))}: {describe_fit(fit, device)}")
-            if fit and len(by_model(configs)) == 1:
+            if fit and len(models) == 1:
                 context_file = os.path.join(out_dir, f"ttft_vs_context_{phase}.png")
                 plot_context(group, fit, label, context_file)
                 print(f"wrote {context_file}")
