@@ -695,9 +695,13 @@ def relay_output():
 
 
 def _relay(read_end, original, first_error):
-    pending = b""
+    pending, passing_on = b"", True
     while chunk := os.read(read_end, 65536):
-        os.write(original, chunk)
+        if passing_on:
+            try:
+                os.write(original, chunk)
+            except OSError:                 # the reader went away (`| head`): keep draining, or vLLM blocks
+                passing_on = False
         pending += chunk
         *lines, pending = pending.split(b"\n")
         for line in lines:
@@ -810,6 +814,7 @@ def environment_info(llm, engine_args, engine_start_s):
         "model_shape": model_shape(llm.llm_engine.model_config),
         "max_model_len": llm.llm_engine.model_config.max_model_len,
         "engine_args": json.loads(json.dumps(engine, default=str)),
+        "env_vars": engine_environment(os.environ),
         "engine_start_s": engine_start_s,
     }
 
@@ -954,10 +959,43 @@ def check_model_fits(opts, engine_args):
     return model_config
 
 
+# Hosts that share NVLink switches may forbid NVLink multicast; these variables turn it off in
+# NCCL, PyTorch and NVSHMEM. vLLM (0.26 at least) does not look at them: under tensor
+# parallelism on Hopper/Blackwell it fuses all-reduce + RMSNorm with FlashInfer, whose default
+# "mnnvl" workspace creates a multicast object (cuMulticastCreate) wherever the GPU supports one.
+MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+FLASHINFER_ALLREDUCE_BACKEND = "VLLM_FLASHINFER_ALLREDUCE_BACKEND"
+
+
+def keep_multicast_off(environ, tensor_parallel_size):
+    """Where the environment turns NVLink multicast off, turn it off in FlashInfer's all-reduce
+    too (its IPC-based "trtllm" workspace), unless the user chose a backend. Returns the note
+    to print, or None."""
+    off = sorted(k for k, v in MULTICAST_OFF.items() if environ.get(k) == v)
+    if tensor_parallel_size < 2 or not off or FLASHINFER_ALLREDUCE_BACKEND in environ:
+        return None
+    environ[FLASHINFER_ALLREDUCE_BACKEND] = "trtllm"
+    return (f"note: NVLink multicast is off here ({', '.join(off)}); {FLASHINFER_ALLREDUCE_BACKEND}=trtllm "
+            f"keeps vLLM's fused all-reduce off it too (set the variable yourself to choose)")
+
+
+ENV_PREFIXES = ("VLLM_", "NCCL_", "NVSHMEM_", "TORCH_SYMM_MEM_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+def engine_environment(environ):
+    """The environment variables that change what vLLM and its libraries do, for the JSON
+    (not keys or tokens)."""
+    return {k: v for k, v in sorted(environ.items())
+            if k.startswith(ENV_PREFIXES) and not re.search("KEY|TOKEN|SECRET|PASSWORD", k)}
+
+
 def main(argv):
     opts, engine_args = parse_args(argv)        # exit 2 on a bad flag, before the engine starts
     check_results_dir(opts.results_dir)
     check_model_fits(opts, engine_args)         # exit 1/2 in seconds, not after the engine's minutes
+    note = keep_multicast_off(os.environ, engine_args.tensor_parallel_size)
+    if note:
+        print(note, flush=True)
     return run_experiment(opts, engine_args)
 
 

@@ -3,6 +3,7 @@ import argparse
 import json
 import os
 import random
+import threading
 
 import pytest
 
@@ -124,3 +125,55 @@ def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
 def test_rounded_rounds_floats_only_and_everywhere():
     obj = {"a": 1.23456, "b": [2.00049, {"c": 3}], "d": "x", "e": True, "f": (1.11111,)}
     assert p.rounded(obj) == {"a": 1.235, "b": [2.0, {"c": 3}], "d": "x", "e": True, "f": [1.111]}
+
+
+MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
+
+
+def test_multicast_off_host_keeps_flashinfer_allreduce_off_multicast():
+    environ = dict(MULTICAST_OFF_ENV)
+    note = p.keep_multicast_off(environ, tensor_parallel_size=2)
+    assert environ["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] == "trtllm"
+    assert "NCCL_NVLS_ENABLE" in note and "trtllm" in note
+
+
+@pytest.mark.parametrize("environ, tp", [
+    (dict(MULTICAST_OFF_ENV), 1),                                                    # no TP: no fused all-reduce
+    ({"NCCL_NVLS_ENABLE": "1"}, 2),                                                  # multicast allowed
+    ({}, 2),
+    ({**MULTICAST_OFF_ENV, "VLLM_FLASHINFER_ALLREDUCE_BACKEND": "mnnvl"}, 2),       # the user's choice stands
+])
+def test_multicast_guard_leaves_other_setups_alone(environ, tp):
+    before = dict(environ)
+    assert p.keep_multicast_off(environ, tp) is None
+    assert environ == before
+
+
+def test_engine_environment_keeps_engine_switches_not_secrets():
+    environ = {"VLLM_USE_V1": "1", "NCCL_NVLS_ENABLE": "0", "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root",
+               "VLLM_API_KEY": "s3cret", "HF_TOKEN": "hf_x", "PATH": "/usr/bin"}
+    assert p.engine_environment(environ) == {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
+
+
+def test_relay_keeps_draining_when_the_reader_is_gone():
+    """`phase2_experiment.py | head`: once head exits, writes fail; the relay must keep reading
+    (a full pipe would block every vLLM process writing to it) and still catch the first error."""
+    gone_read, gone_write = os.pipe()
+    os.close(gone_read)                                 # writes to gone_write now fail with EPIPE
+    read_end, write_end = os.pipe()
+    first_error = []
+
+    def vllm_process():                                 # far more than a pipe buffer (64 KiB), then an error
+        for i in range(2000):
+            os.write(write_end, f"INFO line {i:04d} {'x' * 60}\n".encode())
+        os.write(write_end, b"ERROR worker died\n")
+        os.close(write_end)
+
+    threads = [threading.Thread(target=p._relay, args=(read_end, gone_write, first_error), daemon=True),
+               threading.Thread(target=vllm_process, daemon=True)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join(timeout=10)
+    assert not any(t.is_alive() for t in threads), "the writer blocked: the relay stopped reading"
+    assert first_error == ["ERROR worker died"]
