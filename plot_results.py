@@ -128,11 +128,21 @@ def comparison_note(data):
     return "\n".join(notes)
 
 
+def devices_label(environment):
+    """'NVIDIA H200', or '2 x NVIDIA H200 (TP=2)' for an engine spread over several GPUs."""
+    device = environment.get("device")
+    engine = environment.get("engine_args") or {}
+    sizes = [(name, engine.get(key) or 1) for name, key in (("TP", "tensor_parallel_size"), ("PP", "pipeline_parallel_size"))]
+    if device is None or gpus_used(environment) == 1:
+        return device
+    return f"{gpus_used(environment)} x {device} ({', '.join(f'{name}={n}' for name, n in sizes if n > 1)})"
+
+
 def describe_source(configs):
     """'model · device · vLLM x' from the files, where they say it (and all agree)."""
     parts = []
     for getter in (lambda d: d.get("model"),
-                   lambda d: d.get("environment", {}).get("device"),
+                   lambda d: devices_label(d.get("environment", {})),
                    lambda d: d.get("environment", {}).get("vllm_version")):
         values = {getter(d) for d in configs.values()} - {None}
         if len(values) == 1:
@@ -266,6 +276,12 @@ def peak_tflops(device):
     return next((peak for name, peak in PEAK_TFLOPS if name in (device or "")), None)
 
 
+def gpus_used(environment):
+    """GPUs one engine runs on: tensor x pipeline parallel size, from the recorded engine flags."""
+    engine = environment.get("engine_args") or {}
+    return (engine.get("tensor_parallel_size") or 1) * (engine.get("pipeline_parallel_size") or 1)
+
+
 def prefill_fit(configs):
     """Fit TTFT = overhead + work / rate over the configs' uncached requests (cold and miss
     means). work is the prefill's FLOPs where the files record the model's shape (attention
@@ -289,7 +305,9 @@ def prefill_fit(configs):
     fit = {"points": len(points), "configs": len(configs), "shape": shape, "overhead_ms": overhead_ms,
            "ms_per_work": ms_per_work, "work": "FLOPs" if shape else "tokens",
            "r2": 1 - np.sum((ttft - overhead_ms - ms_per_work * work) ** 2) / np.sum((ttft - ttft.mean()) ** 2),
-           "tflops": None, "mfu": None, "peak_tflops": peak_tflops(first.get("device"))}
+           "tflops": None, "mfu": None, "gpus": gpus_used(first), "peak_tflops": peak_tflops(first.get("device"))}
+    if fit["peak_tflops"]:
+        fit["peak_tflops"] *= fit["gpus"]                 # tensor/pipeline parallel: the peak of all GPUs used
     if shape:
         fit["tflops"] = 1e3 / ms_per_work / 1e12
         fit["mfu"] = fit["tflops"] / fit["peak_tflops"] if fit["peak_tflops"] else None
@@ -314,8 +332,10 @@ def describe_fit(fit, device):
     text = (f"TTFT = {fit['overhead_ms']:.1f} ms + prefill {fit['work']} / rate, fitted to {fit['points']} cold/miss "
             f"means of {fit['configs']} configs (R^2 {fit['r2']:.3f}): prefill {fit['prefill_tokens_per_s']:,.0f} tokens/s")
     if fit["tflops"]:
+        gpus = fit.get("gpus", 1)
+        devices = f"the {device}'s" if gpus == 1 else f"{gpus} x {device}: together"
         text += (f" on short prompts, {fit['tflops']:.0f} TFLOP/s achieved" +
-                 (f" = {100 * fit['mfu']:.0f}% MFU of the {device}'s {fit['peak_tflops']} dense bf16/fp16 TFLOP/s"
+                 (f" = {100 * fit['mfu']:.0f}% MFU of {devices} {fit['peak_tflops']} dense bf16/fp16 TFLOP/s"
                   if fit["mfu"] else ""))
     if fit["saved_ms_per_1k_cached"]:
         text += "\na hit saves, per 1k cached tokens: " + ", ".join(

@@ -55,6 +55,9 @@ def test_every_request_finds_exactly_what_its_condition_promises(llm, block, siz
     counters = audit["engine_counters"]
     assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 8 * expected_hit
     assert counters["prefix_cache_queries"] == counters["sum_prompt_tokens"]
+    # counted from the engine's stats messages; this vLLM's get_metrics() (0.32) drops none of them
+    assert counters["source"] == "scheduler stats messages"
+    assert counters["vllm_metrics"] == {k: counters[k] for k in ("prefix_cache_queries", "prefix_cache_hits")}
     for condition, want in (("cache_hit", expected_hit), ("cache_miss", 0), ("cache_cold", 0)):
         for t in r[condition]["trials"] + r[condition]["discarded_trials"]:
             assert t["cached_tokens"] == want, (condition, t)

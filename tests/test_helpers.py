@@ -4,6 +4,7 @@ import json
 import os
 import random
 import threading
+import types
 
 import pytest
 
@@ -177,3 +178,73 @@ def test_relay_keeps_draining_when_the_reader_is_gone():
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads), "the writer blocked: the relay stopped reading"
     assert first_error == ["ERROR worker died"]
+
+
+# ----------------------------------------------------------------------------- the engine-counter witness
+
+def stats_message(hits, queries, with_output=True):
+    """One message from the engine core, as LLMEngine.step() receives it."""
+    stats = types.SimpleNamespace(prefix_cache_stats=types.SimpleNamespace(queries=queries, hits=hits))
+    return types.SimpleNamespace(outputs=["a request output"] if with_output else [], scheduler_stats=stats)
+
+
+class Vllm026LikeLLM:
+    """LLM with vLLM 0.26's offline step(): it records a message's stats in get_metrics() only if
+    the message carries a request output (vllm-project/vllm#48668 removed that condition)."""
+
+    def __init__(self, messages):
+        queue = iter(messages)
+        self.llm_engine = types.SimpleNamespace(engine_core=types.SimpleNamespace(get_output=lambda: next(queue)))
+        self.recorded = {"prefix_cache_queries": 0, "prefix_cache_hits": 0}
+
+    def step(self):
+        out = self.llm_engine.engine_core.get_output()
+        if out.outputs:
+            self.recorded["prefix_cache_queries"] += out.scheduler_stats.prefix_cache_stats.queries
+            self.recorded["prefix_cache_hits"] += out.scheduler_stats.prefix_cache_stats.hits
+
+    def get_metrics(self):
+        return [types.SimpleNamespace(name=f"vllm:{k}", value=v) for k, v in self.recorded.items()]
+
+
+def request(cached, prompt=300):
+    return {"cached_tokens": cached, "prompt_tokens": prompt}
+
+
+def test_counters_count_stats_that_vllm_026_drops_and_the_audit_passes():
+    # warmup (0 hits), one hit whose stats ride on a message without output, one hit as usual, flush
+    messages = [stats_message(0, 301), stats_message(288, 317, with_output=False), stats_message(0, 0),
+                stats_message(288, 317), stats_message(0, 301)]
+    llm = Vllm026LikeLLM(messages)
+    before = p.prefix_cache_counters(llm)
+    for _ in messages:
+        llm.step()
+    growth = p.counter_growth(before, p.prefix_cache_counters(llm))
+    assert growth["source"] == "scheduler stats messages"
+    assert (growth["prefix_cache_hits"], growth["prefix_cache_queries"]) == (576, 1236)
+    assert growth["vllm_metrics"] == {"prefix_cache_queries": 919, "prefix_cache_hits": 288}    # 0.26 lost one hit
+    assert growth["hits_in_messages_without_outputs"] == 288
+
+    trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
+    warm, flush = request(0, 301), request(0, 301)
+    ok = p.audit(warm, trials, flush, list(range(301)), 16, before, p.prefix_cache_counters(llm))
+    assert ok["ok"] is True and ok["engine_counters"]["prefix_cache_hits"] == ok["engine_counters"]["sum_cached_tokens"]
+
+
+def test_audit_fails_when_the_engine_counter_disagrees_with_the_requests():
+    llm = Vllm026LikeLLM([stats_message(288, 317)])         # the engine saw one hit of 288 tokens ...
+    before = p.prefix_cache_counters(llm)
+    llm.step()
+    trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
+    result = p.audit(request(0), trials, request(0), list(range(301)), 16, before, p.prefix_cache_counters(llm))
+    assert result["ok"] is False                             # ... the requests claim two
+    assert result["problems"] == ["the engine's prefix-cache hit counter (scheduler stats messages) grew by 288, "
+                                  "but the requests report 576 cached tokens"]
+
+
+def test_counters_fall_back_to_vllm_metrics_without_a_message_stream():
+    llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(),
+                                get_metrics=lambda: [types.SimpleNamespace(name="vllm:prefix_cache_hits", value=5)])
+    assert p.prefix_cache_counters(llm) == {"prefix_cache_queries": 0, "prefix_cache_hits": 5,
+                                            "source": "LLM.get_metrics()",
+                                            "vllm_metrics": {"prefix_cache_queries": 0, "prefix_cache_hits": 5}}

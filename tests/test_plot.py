@@ -230,6 +230,15 @@ def test_prefill_fit_recovers_overhead_rate_and_mfu():
     assert pr.prefill_fit({(256, 256): extended_result(256, 256)}) is None       # too few lengths to fit
 
 
+def test_prefill_fit_counts_every_gpu_of_a_parallel_engine():
+    configs = _fit_configs(overhead_ms=12.0, tflops=0.5)
+    for r in configs.values():
+        r["environment"]["engine_args"] = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1}
+    fit = pr.prefill_fit(configs)
+    assert fit["gpus"] == 2 and fit["peak_tflops"] == 2 * 989 and fit["mfu"] == pytest.approx(0.5 / (2 * 989))
+    assert "MFU of 2 x NVIDIA H200: together 1978 dense" in pr.describe_fit(fit, "NVIDIA H200")
+
+
 def test_context_chart_and_log_scale_for_long_contexts(tmp_path):
     configs = _fit_configs(overhead_ms=12.0, tflops=0.05)
     fit = pr.prefill_fit(configs)
@@ -251,3 +260,15 @@ def test_many_configs_stack_the_panels(tmp_path):
     assert len(ttft.get_xticklabels()) == 8
     few = pr.plot_phase({k: configs[k] for k in list(configs)[:3]}, "phase2", "x", str(tmp_path / "three.png"))
     assert few.axes[0].get_position().x1 < few.axes[1].get_position().x0   # side by side
+
+
+@pytest.mark.parametrize("engine_args, label", [
+    ({}, "NVIDIA H200"),
+    ({"tensor_parallel_size": 1, "pipeline_parallel_size": 1}, "NVIDIA H200"),
+    ({"tensor_parallel_size": 2, "pipeline_parallel_size": 1}, "2 x NVIDIA H200 (TP=2)"),
+    ({"tensor_parallel_size": 2, "pipeline_parallel_size": 2}, "4 x NVIDIA H200 (TP=2, PP=2)"),
+])
+def test_chart_titles_name_every_gpu_of_the_engine(engine_args, label):
+    r = extended_result(512, 256)
+    r["environment"] = {"device": "NVIDIA H200", "vllm_version": "0.26.0", "engine_args": engine_args}
+    assert pr.describe_source({(512, 256): r}) == f"{os.path.basename(r['model'])} · {label} · vLLM 0.26.0"
