@@ -202,6 +202,7 @@ def scheduler_stats_tap(llm):
     offline LLMEngine.step() before vllm-project/vllm#48668 (0.26 included) records a step's
     stats only if the step also carried a request output, so with async scheduling a hit's
     stats can be dropped (seen on two H200s: 2 hit requests' 4,608 tokens missing in 128).
+    It runs inside the timed generate call: 0.4 us per engine step (measured on a CPU), noise.
     Returns the running totals (a dict updated in place), or None if this vLLM's engine has
     no such message stream."""
     core = getattr(llm.llm_engine, "engine_core", None)

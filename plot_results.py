@@ -15,6 +15,7 @@ needs is skipped with one line.
 import argparse
 import glob
 import json
+import math
 import os
 import re
 import sys
@@ -131,11 +132,10 @@ def comparison_note(data):
 def devices_label(environment):
     """'NVIDIA H200', or '2 x NVIDIA H200 (TP=2)' for an engine spread over several GPUs."""
     device = environment.get("device")
-    engine = environment.get("engine_args") or {}
-    sizes = [(name, engine.get(key) or 1) for name, key in (("TP", "tensor_parallel_size"), ("PP", "pipeline_parallel_size"))]
+    sizes = parallel_sizes(environment)
     if device is None or gpus_used(environment) == 1:
         return device
-    return f"{gpus_used(environment)} x {device} ({', '.join(f'{name}={n}' for name, n in sizes if n > 1)})"
+    return f"{gpus_used(environment)} x {device} ({', '.join(f'{name}={n}' for name, n in sizes.items() if n > 1)})"
 
 
 def describe_source(configs):
@@ -276,10 +276,15 @@ def peak_tflops(device):
     return next((peak for name, peak in PEAK_TFLOPS if name in (device or "")), None)
 
 
-def gpus_used(environment):
-    """GPUs one engine runs on: tensor x pipeline parallel size, from the recorded engine flags."""
+def parallel_sizes(environment):
+    """{'TP': n, 'PP': m} from the recorded engine flags (1 where a file does not say)."""
     engine = environment.get("engine_args") or {}
-    return (engine.get("tensor_parallel_size") or 1) * (engine.get("pipeline_parallel_size") or 1)
+    return {"TP": engine.get("tensor_parallel_size") or 1, "PP": engine.get("pipeline_parallel_size") or 1}
+
+
+def gpus_used(environment):
+    """GPUs one engine runs on: tensor x pipeline parallel size."""
+    return math.prod(parallel_sizes(environment).values())
 
 
 def prefill_fit(configs):
@@ -305,9 +310,9 @@ def prefill_fit(configs):
     fit = {"points": len(points), "configs": len(configs), "shape": shape, "overhead_ms": overhead_ms,
            "ms_per_work": ms_per_work, "work": "FLOPs" if shape else "tokens",
            "r2": 1 - np.sum((ttft - overhead_ms - ms_per_work * work) ** 2) / np.sum((ttft - ttft.mean()) ** 2),
-           "tflops": None, "mfu": None, "gpus": gpus_used(first), "peak_tflops": peak_tflops(first.get("device"))}
-    if fit["peak_tflops"]:
-        fit["peak_tflops"] *= fit["gpus"]                 # tensor/pipeline parallel: the peak of all GPUs used
+           "tflops": None, "mfu": None, "gpus": gpus_used(first), "peak_tflops": None}
+    if peak_tflops(first.get("device")):                  # tensor/pipeline parallel: the peak of all GPUs used
+        fit["peak_tflops"] = peak_tflops(first.get("device")) * fit["gpus"]
     if shape:
         fit["tflops"] = 1e3 / ms_per_work / 1e12
         fit["mfu"] = fit["tflops"] / fit["peak_tflops"] if fit["peak_tflops"] else None
