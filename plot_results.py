@@ -1,7 +1,7 @@
 """Chart the results of phase2_experiment.py: cache hit vs miss (vs cold) per (A, B) config.
 
     python plot_results.py                       # results/ -> results/experiment1_all_configs_phase2.png
-    python plot_results.py --results-dir results/h200-vllm0.26-llama3.1-8b-shape
+    python plot_results.py --results-dir results/h200-llama3.1-8b-shape-sweep --write-readme
     python plot_results.py --compare run1/ run2/ run3/   # the same command's runs: do they agree?
 
 Reads every results_phase<N>_a<A>_b<B>.json in --results-dir (not its subfolders),
@@ -10,20 +10,24 @@ files carry per-condition warmup stats) and prints a Markdown summary table. Wit
 or more configs of one model it also fits TTFT = overhead + prefill work / rate,
 prints the overhead, prefill rate, TFLOP/s and MFU, and draws TTFT against context
 length (ttft_vs_context_<phase>.png). A file that is not JSON or lacks what a panel
-needs is skipped with one line.
+needs is skipped with one line. --compare prints, besides the table, each run's command,
+machine and code (the commit whose phase2_experiment.py has the hash the file records);
+--write-readme writes the same facts into a README.md beside the files.
 """
 import argparse
 import glob
+import hashlib
 import json
 import math
 import os
 import re
+import subprocess
 import sys
 import tempfile
 
 import numpy as np
 
-from phase2_experiment import agree     # the same test as the experiment's (no vLLM import)
+from phase2_experiment import agree, mean_ci95     # the experiment's own (no vLLM import)
 
 RESULTS_DIR = "results"
 FILE_PATTERN = "results_phase*_a*_b*.json"
@@ -393,11 +397,13 @@ def plot_context(configs, fit, phase_label, outfile):
 
 
 def compare_runs(run_dirs):
-    """Markdown table: each config's saving in every run, and whether every pair of runs agrees."""
+    """Markdown table: each config's saving in every run, and whether every pair of runs agrees;
+    then where each run came from, so that a reader can see the runs are comparable."""
     runs = [discover_results(d)[0] for d in run_dirs]
     keys = sorted({(phase, ab) for r in runs for phase, configs in r.items() for ab in configs})
-    rows = ["| config | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) + " | pairs that agree |",
-            "|---|" + "---|" * (len(runs) + 1)]
+    rows = ["| config | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) +
+            " | pairs that agree | across runs (95% CI over runs) |",
+            "|---|" + "---|" * (len(runs) + 2)]
     agreed = total = 0
     for phase, (a, b) in keys:
         found = [r.get(phase, {}).get((a, b)) for r in runs]
@@ -407,8 +413,100 @@ def compare_runs(run_dirs):
         pairs = [agree(x["ttft_saving_pct"], x["ttft_saving_ci95"], y["ttft_saving_pct"], y["ttft_saving_ci95"])
                  for i, x in enumerate(present) for y in present[i + 1:]]
         agreed, total = agreed + sum(pairs), total + len(pairs)
-        rows.append(f"| A={a} / B={b} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} |")
-    return "\n".join(rows) + f"\n\n{agreed} of {total} pairs of runs agree within their intervals."
+        rows.append(f"| A={a} / B={b} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} | "
+                    f"{across_runs([d['ttft_saving_pct'] for d in present])} |")
+    lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.", ""]
+    commands = set()
+    for i, (run_dir, r) in enumerate(zip(run_dirs, runs)):
+        first = next((d for configs in r.values() for d in configs.values()), {})
+        origin = provenance(first)
+        lines.append(f"run {i + 1}: {run_dir}: {origin['when']}, {origin['machine']}, {origin['tool']}")
+        lines.append(f"    {origin['command']}")
+        commands.add(re.sub(r" --results-dir \S+", "", origin["command"]))
+    if len(commands) > 1:
+        lines.append("note: the runs' commands differ (beyond --results-dir): compare with care")
+    return "\n".join(lines)
+
+
+def across_runs(savings):
+    """The runs' mean saving with a Student's t interval over runs: each process one value, as
+    pyperf takes it. It holds what differs between processes, which one run cannot see."""
+    if len(savings) < 2:
+        return "-"
+    low, high = mean_ci95(savings)
+    return f"{np.mean(savings):.1f}% [{low:.1f}, {high:.1f}] (n={len(savings)})"
+
+
+def script_commits(sha256, path="phase2_experiment.py"):
+    """The commits of this repository whose phase2_experiment.py has this sha256 (newest first):
+    a result's script hash names the code that made it, also where its git_commit could not."""
+    here = os.path.dirname(os.path.abspath(__file__))
+    git = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True, timeout=30)
+    try:
+        log = git("log", "--format=%h", "--", path)
+        found = []
+        for commit in log.stdout.decode().split():
+            blob = git("show", f"{commit}:{path}")
+            if blob.returncode == 0 and hashlib.sha256(blob.stdout).hexdigest() == sha256:
+                found.append(commit)
+        return found
+    except (OSError, subprocess.SubprocessError):
+        return []
+
+
+def provenance(data):
+    """Where one result came from, as short text: the command, the tool's version, machine, time."""
+    env = data.get("environment", {})
+    version = env.get("tool_version") or {}
+    sha = version.get("script_sha256")
+    if sha:
+        commits = script_commits(sha)
+        tool = (f"phase2_experiment.py as of commit {commits[-1]}" if commits else
+                f"phase2_experiment.py sha256 {sha[:12]} (no commit here has it)")
+    else:
+        tool = "tool version not recorded (file made before provenance was recorded)"
+    machine = devices_label(env) or "device not recorded"
+    return {"command": env.get("command") or "command not recorded",
+            "tool": tool,
+            "machine": f"{machine}, vLLM {env.get('vllm_version', '?')}, torch {env.get('torch_version', '?')}",
+            "when": data.get("timestamp") or "time not recorded"}
+
+
+def interval_note(configs):
+    """One line on what the intervals of these files are taken over."""
+    methods = {json.dumps(d.get("interval", {}).get("unit")): d.get("interval") for d in configs.values()}
+    if len(methods) != 1 or not next(iter(methods.values())):
+        return "95% intervals: paired over rounds (files made before intervals were taken over time blocks)."
+    m = next(iter(methods.values()))
+    if m["unit"] == "block":
+        return (f"95% intervals: {m['statistic']}; {m['num_blocks']} blocks of {m['rounds_per_block']:g} rounds "
+                f"over about {m['span_s']:.0f} s, configs {', '.join(m['interleaved_configs'])} interleaved.")
+    return f"95% intervals: {m['statistic']}."
+
+
+def folder_readme(title, configs_or_dirs, compare=False, folder="."):
+    """README.md text for a results folder, made from its JSONs (and the charts found beside them)."""
+    lines = [f"# {title}", "", "Generated by `plot_results.py --write-readme` from the JSON files here; "
+             "do not edit by hand.", ""]
+    if compare:
+        lines += ["Runs of the same command, compared (`plot_results.py --compare`):", "", "```",
+                  compare_runs(configs_or_dirs), "```"]
+        return "\n".join(lines) + "\n"
+    for phase, configs in configs_or_dirs.items():
+        commands = sorted({provenance(d)["command"] for d in configs.values()})
+        first = next(iter(configs.values()))
+        origin = provenance(first)
+        lines += [f"- command: `{'`, `'.join(commands)}`", f"- code: {origin['tool']}",
+                  f"- machine: {origin['machine']}", f"- finished: {origin['when']}", "",
+                  summary_table(configs), "", interval_note(configs), ""]
+        for model, group in by_model(configs).items():
+            fit = prefill_fit(group)
+            if fit:
+                device = next(iter(group.values())).get("environment", {}).get("device")
+                lines += ["```", f"{os.path.basename(str(model).rstrip('/'))}: {describe_fit(fit, device)}", "```", ""]
+        charts = (f"experiment1_all_configs_{phase}.png", f"ttft_vs_context_{phase}.png")
+        lines += [f"![{c}]({c})" for c in charts if os.path.exists(os.path.join(folder, c))]
+    return "\n".join(lines) + "\n"
 
 
 def check_out_dir(path):
@@ -422,20 +520,32 @@ def check_out_dir(path):
         raise OSError(f"--out-dir {path!r} cannot be written: {e.strerror or e}")
 
 
-def main(argv=None):
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("--results-dir", default=RESULTS_DIR)
     parser.add_argument("--out-dir", default=None, help="where the PNGs go (default: the results dir)")
     parser.add_argument("--compare", nargs="+", metavar="DIR",
                         help="instead of charts: the hit-vs-cold saving of the same configs in several runs' "
-                             "folders, and whether each pair of runs agrees within their intervals")
-    args = parser.parse_args(argv)
+                             "folders, whether each pair of runs agrees within their intervals, and where "
+                             "each run came from")
+    parser.add_argument("--write-readme", action="store_true",
+                        help="also write README.md (command, machine, versions, table) into the results dir, "
+                             "or with --compare into the folders' common parent")
+    return parser
+
+
+def main(argv=None):
+    args = build_parser().parse_args(argv)
     if args.compare:
         missing = [d for d in args.compare if not os.path.isdir(d)]
         if missing:
             print(f"plot_results.py: error: no such folder: {', '.join(missing)}", file=sys.stderr)
             return 1
         print(compare_runs(args.compare))
+        if args.write_readme:
+            parent = os.path.commonpath([os.path.abspath(d) for d in args.compare])
+            write_readme(os.path.join(parent, "README.md"),
+                         folder_readme(f"Reruns: {os.path.basename(parent)}", args.compare, compare=True))
         return 0
     out_dir = args.out_dir or args.results_dir
 
@@ -469,7 +579,17 @@ def main(argv=None):
                 context_file = os.path.join(out_dir, f"ttft_vs_context_{phase}.png")
                 plot_context(group, fit, label, context_file)
                 print(f"wrote {context_file}")
+    if args.write_readme:
+        write_readme(os.path.join(args.results_dir, "README.md"),
+                     folder_readme(f"Results: {os.path.basename(os.path.abspath(args.results_dir))}", phases,
+                                   folder=args.results_dir))
     return 0
+
+
+def write_readme(path, text):
+    with open(path, "w") as f:
+        f.write(text)
+    print(f"wrote {path}")
 
 
 if __name__ == "__main__":

@@ -134,14 +134,18 @@ def build_shape(out_dir, shape, seed=0):
     return n_params
 
 
-if __name__ == "__main__":
+def build_parser():
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     parser.add_argument("out_dir")
     parser.add_argument("--preset", choices=sorted(PRESETS), default="tiny")
     parser.add_argument("--shape", choices=sorted(SHAPES), help="a real architecture, config + tokenizer only")
     parser.add_argument("--dtype", default=None, help="default: float32 for tiny, float16 for opt-125m")
     parser.add_argument("--seed", type=int, default=0)
-    args = parser.parse_args()
+    return parser
+
+
+if __name__ == "__main__":
+    args = build_parser().parse_args()
     if args.shape:
         n = build_shape(args.out_dir, args.shape, args.seed)
         print(f"wrote the {args.shape} shape ({n / 1e9:.2f} B parameters, no weights) to {args.out_dir}")

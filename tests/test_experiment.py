@@ -1,6 +1,9 @@
 """phase2_experiment on the real CPU engine: cache states, statistics, the CLI, interruptions."""
 import json
+import math
 import os
+import re
+import shlex
 import signal
 import statistics
 import subprocess
@@ -20,12 +23,23 @@ SEED_STATS_KEYS = ("ttft_mean", "ttft_median", "ttft_stdev", "total_time_mean", 
                    "throughput_mean", "throughput_stdev", "prompt_tokens")
 
 
-def run_one(llm, size_a, size_b, env=None, **overrides):
-    """run_config on the session's engine, with the CLI's defaults but short and quick."""
-    opts = types.SimpleNamespace(**{**dict(seed=0, pause_ms=5.0, warmup_trials=1, num_trials=3, block_order=False,
+def run_many(llm, configs, env=None, **overrides):
+    """run_configs on the session's engine, with the CLI's defaults but short and quick."""
+    opts = types.SimpleNamespace(**{**dict(configs=configs, seed=0, pause_ms=5.0, warmup_trials=1, num_trials=4,
+                                           num_blocks=4, min_block_seconds=0.0, block_order=False,
                                            max_output_tokens=8, model="tiny"), **overrides})
-    environment = {**p.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0), **(env or {})}
-    return p.run_config(llm, llm.get_tokenizer(), size_a, size_b, opts, environment)
+    environment = {**p.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
+                   **p.provenance(["--test"]), **(env or {})}
+    return p.run_configs(llm, llm.get_tokenizer(), opts, environment)
+
+
+def run_one(llm, size_a, size_b, env=None, **overrides):
+    return run_many(llm, [(size_a, size_b)], env, **overrides)[0]
+
+
+def git_head():
+    proc = subprocess.run(["git", "-C", ROOT, "rev-parse", "HEAD"], capture_output=True, text=True)
+    return proc.stdout.strip() if proc.returncode == 0 else None
 
 
 def llm_parameters_from_config():
@@ -50,10 +64,10 @@ def test_every_request_finds_exactly_what_its_condition_promises(llm, block, siz
     audit = r["cache_audit"]
     assert audit["ok"] is True and audit["problems"] == []
     assert audit["expected_hit_cached_tokens"] == expected_hit
-    assert audit["requests_checked"] == 2 + 2 * 3 * 4          # warmup, stats flush, 3 conditions x 4 rounds x 2
-    # vLLM's own counters agree: 4 hit trials x 2 requests found expected_hit tokens each
+    assert audit["requests_checked"] == 2 + 2 * 3 * 5          # warmup, stats flush, 3 conditions x 5 rounds x 2
+    # vLLM's own counters agree: 5 hit trials x 2 requests found expected_hit tokens each
     counters = audit["engine_counters"]
-    assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 8 * expected_hit
+    assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 10 * expected_hit
     assert counters["prefix_cache_queries"] == counters["sum_prompt_tokens"]
     # counted from the engine's stats messages; this vLLM's get_metrics() (0.32) drops none of them
     assert counters["source"] == "scheduler stats messages"
@@ -96,7 +110,17 @@ def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
         lo, hi = r[f"{key}_ci95"]
         assert lo <= r[f"{key}_pct"] <= hi
     repro = r["reproducibility"]
-    assert repro["unit"] == "round" and len(repro["per_round_saving_pct"]) == 4
+    assert repro["unit"] == "block" and len(repro["per_round_saving_pct"]) == 4
+    assert len(repro["per_block_saving_pct"]) == 4
+    # the interval is over the 4 time blocks (one round each here), and the file says so
+    method = r["interval"]
+    assert method["unit"] == "block" and method["num_blocks"] == 4 and method["rounds_per_block"] == 1
+    assert method["interleaved_configs"] == ["200x100"] and method["processes"] == 1
+    assert len(method["block_span_s"]) == 4 and method["span_s"] > 0
+    blocks = [t["block"] for t in sorted(r["cache_hit"]["trials"], key=lambda t: t["order"])]
+    assert blocks == [0, 1, 2, 3]
+    starts = [t["start_s"] for c in p.CONDITIONS for t in sorted(r[c]["trials"], key=lambda t: t["order"])]
+    assert all(s >= 0 for s in starts)
     hit_by_round = sorted(r["cache_hit"]["trials"], key=lambda t: t["round"])
     cold_by_round = sorted(r["cache_cold"]["trials"], key=lambda t: t["round"])
     assert repro["per_round_saving_pct"][0] == pytest.approx(
@@ -110,6 +134,10 @@ def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
     assert shape["num_embedding_parameters"] == 2048 * 128          # OPT ties its LM head to the embedding
     assert shape["num_parameters"] == sum(p.numel() for p in llm_parameters_from_config())
     assert len(env["trial_order"]) == 18
+    # provenance: the command as typed, the tool's commit and the script's hash, a UTC time
+    assert env["command"].endswith("phase2_experiment.py --test")
+    assert len(env["tool_version"]["script_sha256"]) == 64
+    assert r["timestamp"].endswith("+00:00")
     json.dumps(r)                                         # serialisable as is
 
 
@@ -117,13 +145,33 @@ def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
 def test_trial_order_is_used_and_recorded(llm, block_order):
     r = run_one(llm, 200, 100, block_order=block_order)
     assert r["config"]["interleave"] is not block_order
-    want = ["cache_hit:0", "cache_hit:1"] if block_order else ["cache_hit:0", "cache_miss:0", "cache_cold:0", "cache_miss:1"]
+    # block order: the discarded round first, then all measured hits, misses and cold trials
+    want = (["cache_hit:0", "cache_miss:0", "cache_cold:0", "cache_hit:1", "cache_hit:2"] if block_order else
+            ["cache_hit:0", "cache_miss:0", "cache_cold:0", "cache_miss:1"])
     assert r["environment"]["trial_order"][:len(want)] == want
     assert r["cache_audit"]["ok"]
     trials = sorted((t for c in p.CONDITIONS for t in r[c]["trials"] + r[c]["discarded_trials"]), key=lambda t: t["order"])
     assert [f"{t['condition']}:{t['round']}" for t in trials] == r["environment"]["trial_order"]
     assert all(t["round"] == 0 for c in p.CONDITIONS for t in r[c]["discarded_trials"])
-    assert r["reproducibility"]["unit"] == ("trial" if block_order else "round")
+    assert r["reproducibility"]["unit"] == ("trial" if block_order else "block")
+
+
+def test_configs_are_interleaved_and_audited_together(llm, block):
+    """Two configs in one run: every round runs both, so both span the whole run; the engine's
+    counter covers the requests of both; each file audits its own requests."""
+    first, second = run_many(llm, [(200, 100), (255, 128)])
+    for r, warm in ((first, 301), (second, 384)):
+        assert r["cache_audit"]["ok"] is True, r["cache_audit"]["problems"]
+        assert r["cache_audit"]["expected_hit_cached_tokens"] == warm // block * block
+        assert r["interval"]["interleaved_configs"] == ["200x100", "255x128"]
+    counters = first["cache_audit"]["engine_counters"]
+    assert counters == second["cache_audit"]["engine_counters"] and counters["scope"].startswith("every request")
+    assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 10 * (256 + 384)
+    orders = lambda r: sorted(t["order"] for c in p.CONDITIONS for t in r[c]["trials"] + r[c]["discarded_trials"])
+    a, b = orders(first), orders(second)
+    assert not set(a) & set(b) and sorted(a + b) == list(range(30))
+    # round by round, three trials of one config then three of the other, the first config rotating
+    assert a[:3] == [0, 1, 2] and b[:3] == [3, 4, 5] and b[3:6] == [6, 7, 8] and a[3:6] == [9, 10, 11]
 
 
 def test_audit_reports_requests_that_break_their_condition(llm, block):
@@ -140,10 +188,16 @@ def test_audit_reports_requests_that_break_their_condition(llm, block):
 
 def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
     out = tmp_path / "results"
-    proc = run_script(["phase2_experiment.py", "--model", tiny_model_dir, "--sizes", "200x100,255x128",
-                       "--num-trials", "2", "--pause-ms", "5", "--max-output-tokens", "5",
-                       "--results-dir", str(out), "--seed", "7", *ENGINE_FLAGS])
+    args = ["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-blocks", "3", "--min-block-seconds",
+            "0.2", "--pause-ms", "5", "--max-output-tokens", "5", "--results-dir", str(out), "--seed", "7",
+            *ENGINE_FLAGS]
+    proc = run_script(["phase2_experiment.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
+    # the measured rounds are sized from the discarded round's time: 3 blocks of >= 0.2 s, >= 2 rounds each
+    sized = re.search(r"a round of 2 config\(s\) took ([0-9.]+) s: (\d+) measured rounds in 3 time block", proc.stdout)
+    assert sized, proc.stdout[-2000:]
+    round_s, rounds = float(sized.group(1)), int(sized.group(2))
+    assert rounds == 3 * max(2, math.ceil(0.2 / round_s)) or abs(round_s - 0.2 / (rounds // 3)) < 0.01
     assert sorted(os.listdir(out)) == ["results_phase2_a200_b100.json", "results_phase2_a255_b128.json"]
     for name, a, b in (("results_phase2_a200_b100.json", 200, 100), ("results_phase2_a255_b128.json", 255, 128)):
         r = json.load(open(out / name))
@@ -155,6 +209,10 @@ def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
         assert r["environment"]["engine_args"]["enable_prefix_caching"] is True
         assert r["environment"]["engine_args"]["disable_log_stats"] is False
         assert r["environment"]["engine_args"]["gpu_memory_utilization"] == 0.5    # vLLM flags pass through
+        assert r["config"]["num_trials"] == rounds and r["interval"]["num_blocks"] == 3
+        assert r["environment"]["command"] == shlex.join([os.path.basename(sys.executable), "phase2_experiment.py",
+                                                          *args])
+        assert r["environment"]["tool_version"]["git_commit"] in (None, git_head())
     assert "A=200 B=100" in proc.stdout and "cache audit: OK" in proc.stdout
     assert "hit saves vs cold" in proc.stdout and "rounds" in proc.stdout
 
@@ -200,17 +258,16 @@ def _wait_for(proc, needle, timeout=300):
     (signal.SIGTERM, 143, False),    # kill <pid>, a batch scheduler's stop
     (signal.SIGINT, 130, True),      # Ctrl-C in a terminal: vLLM's engine processes get it too
 ], ids=["sigint", "sigterm", "ctrl-c-group"])
-def test_interrupt_leaves_finished_configs_and_old_files_intact(tiny_model_dir, tmp_path, sig, code, whole_group):
+def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tmp_path, sig, code, whole_group):
     out = tmp_path / "results"
     out.mkdir()
     old = out / "results_phase2_a255_b128.json"
     old.write_text('{"earlier": "run"}\n')
-    proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "12",
-                   "--pause-ms", "100", "--max-output-tokens", "5", "--results-dir", str(out), *ENGINE_FLAGS])
+    proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "400",
+                   "--pause-ms", "5", "--max-output-tokens", "5", "--results-dir", str(out), *ENGINE_FLAGS])
     try:
-        before = _wait_for(proc, "wrote " + str(out / "results_phase2_a200_b100.json"))
-        assert f"note: {old} exists; it is replaced only once this config completes" in before
-        _wait_for(proc, "A=255 B=128")        # the second config's trials are under way
+        before = _wait_for(proc, "measured rounds in")        # the measured rounds are under way
+        assert f"note: {old} exists; it is replaced only once the run completes" in before
         time.sleep(1.5)
         if whole_group:
             os.killpg(proc.pid, sig)
@@ -227,23 +284,26 @@ def test_interrupt_leaves_finished_configs_and_old_files_intact(tiny_model_dir, 
     assert 'phase2_experiment.py", line' not in rest
     if not whole_group:
         assert "Traceback" not in rest
-    assert sorted(os.listdir(out)) == ["results_phase2_a200_b100.json", "results_phase2_a255_b128.json"]
-    assert json.load(open(out / "results_phase2_a200_b100.json"))["cache_audit"]["ok"] is True
+    assert sorted(os.listdir(out)) == ["results_phase2_a255_b128.json"]
     assert old.read_text() == '{"earlier": "run"}\n'
 
 
 def _kill_vllm_process(pid, name="VLLM::Worker", timeout=300):
-    """SIGKILL the first process of ours whose title starts with name, once there is one."""
+    """SIGKILL every process of ours whose title starts with name, once there is one."""
     import psutil
     deadline = time.time() + timeout
     while time.time() < deadline:
+        killed = []
         for proc in psutil.Process(pid).children(recursive=True):
             try:
                 if " ".join(proc.cmdline()).startswith(name):
                     proc.kill()
-                    return time.time()
+                    killed.append(proc)
             except psutil.Error:
                 pass
+        if killed:
+            psutil.wait_procs(killed, timeout=10)
+            return time.time()
         time.sleep(0.2)
     pytest.fail(f"no {name} process appeared")
 
@@ -251,12 +311,11 @@ def _kill_vllm_process(pid, name="VLLM::Worker", timeout=300):
 @pytest.mark.parametrize("when", ["mid_run", "at_start"])
 def test_dead_engine_ends_the_run_with_one_line(tiny_model_dir, tmp_path, when):
     out = tmp_path / "results"
-    proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "60",
+    proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "400",
                    "--max-output-tokens", "5", "--results-dir", str(out), *ENGINE_FLAGS])
     try:
         if when == "mid_run":
-            _wait_for(proc, "wrote " + str(out / "results_phase2_a200_b100.json"))
-            _wait_for(proc, "A=255 B=128")
+            _wait_for(proc, "measured rounds in")
             time.sleep(1.0)
         else:
             _wait_for(proc, "starting vLLM engine")
@@ -272,10 +331,5 @@ def test_dead_engine_ends_the_run_with_one_line(tiny_model_dir, tmp_path, when):
     errors = [line for line in last_lines if line.startswith("phase2_experiment.py: error: the vLLM engine")]
     assert len(errors) == 1, last_lines
     assert f"failed during its {'run' if when == 'mid_run' else 'start'}: " in errors[0]
-    # finished configs keep their files; nothing partial, no temp file
-    files = sorted(os.listdir(out)) if out.exists() else []
-    if when == "mid_run":
-        assert files == ["results_phase2_a200_b100.json"]
-        assert json.load(open(out / "results_phase2_a200_b100.json"))["cache_audit"]["ok"] is True
-    else:
-        assert files == []
+    # nothing partial, no temp file: the configs of a run finish together
+    assert (sorted(os.listdir(out)) if out.exists() else []) == []

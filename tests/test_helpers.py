@@ -45,8 +45,35 @@ def test_queries_are_exact_length_and_open_differently(tiny_tokenizer, shared_le
         assert len(ids) == p.QUERY_TOKENS
         heads.add(tuple(ids[:shared_len]))
     assert len(heads) == 60
+
+
+def test_queries_outnumber_the_words_where_the_shared_part_allows(tiny_tokenizer):
+    words = len(p.query_head_words(tiny_tokenizer))
+    # a one-token shared part: one query per word, then the stream ends with a clear error
     with pytest.raises(p.ExperimentError, match="too few one-token words"):
-        p.make_queries(tiny_tokenizer, 100_000, shared_len, random.Random(0))
+        p.make_queries(tiny_tokenizer, words + 1, 1, random.Random(0))
+    # five tokens shared: word and number open differently, past the number of words
+    queries = p.make_queries(tiny_tokenizer, words + 50, 5, random.Random(0))
+    heads = {tuple(tiny_tokenizer.encode(q, add_special_tokens=False)[:5]) for q in queries}
+    assert len(heads) == words + 50
+
+
+def test_config_prompts_are_the_design_prompts_with_fresh_queries(tiny_tokenizer):
+    tok = tiny_tokenizer
+    c = p.ConfigPrompts(tok, 200, 100, 128, 0, "run")
+    assert len(c.warmup_ids) == 301 and len(c.miss_ids) == 101 and c.miss_ids[1:] == c.warmup_ids[201:]
+    (hit_ttft, hit_salt), (hit_tput, _) = c.trial_prompts("cache_hit", 3)
+    (cold_ids, cold_salt), _ = c.trial_prompts("cache_cold", 3)
+    (miss_ids, miss_salt), _ = c.trial_prompts("cache_miss", 3)
+    assert hit_salt is None and cold_salt == "run-200x100-cache_cold-3-ttft" and miss_salt != cold_salt
+    assert hit_ttft[:301] == c.warmup_ids == cold_ids[:301] and len(hit_ttft) == 301 + p.QUERY_TOKENS
+    assert miss_ids[:101] == c.miss_ids and len(miss_ids) == 101 + p.QUERY_TOKENS
+    # every request its own query, opening differently in the block shared with [A, B]
+    tails = {tuple(ids[301:301 + 128 - 301 % 128]) for ids in (hit_ttft, hit_tput, cold_ids)}
+    assert len(tails) == 3
+    # the configs of one run share the cache: one config's A is no prefix of another's
+    other = p.ConfigPrompts(tok, 400, 100, 128, 0, "run")
+    assert other.warmup_ids[:150] != c.warmup_ids[:150]
 
 
 def test_query_head_words_are_single_tokens(tiny_tokenizer):
@@ -63,20 +90,48 @@ def test_expected_cached_tokens(block, warm, want):
     assert p.expected_cached_tokens("cache_cold", warm, block) == 0
 
 
-def test_trial_schedule_rounds_and_block_order():
-    assert p.trial_schedule(2, block_order=True) == [("cache_hit", 0), ("cache_hit", 1), ("cache_miss", 0),
-                                                     ("cache_miss", 1), ("cache_cold", 0), ("cache_cold", 1)]
-    rounds = p.trial_schedule(6)
-    assert rounds[:6] == [("cache_hit", 0), ("cache_miss", 0), ("cache_cold", 0),
-                          ("cache_miss", 1), ("cache_cold", 1), ("cache_hit", 1)]
-    assert sorted(rounds) == sorted(p.trial_schedule(6, block_order=True))
-    # every round holds each condition once; over 6 rounds each condition comes first twice
-    # and, inside a round, follows each other condition exactly twice (a Williams design)
-    orders = [[c for c, r in rounds if r == k] for k in range(6)]
-    assert all(sorted(o) == sorted(p.CONDITIONS) for o in orders)
+def test_run_schedule_spreads_every_config_and_condition_over_the_run():
+    assert p.run_schedule(2, range(2), block_order=True) == [
+        (0, "cache_hit", 0), (0, "cache_hit", 1), (0, "cache_miss", 0), (0, "cache_miss", 1),
+        (0, "cache_cold", 0), (0, "cache_cold", 1),
+        (1, "cache_hit", 0), (1, "cache_hit", 1), (1, "cache_miss", 0), (1, "cache_miss", 1),
+        (1, "cache_cold", 0), (1, "cache_cold", 1)]
+    rounds = p.run_schedule(3, range(6))
+    assert sorted(rounds) == sorted(p.run_schedule(3, range(6), block_order=True))
+    # every round holds each condition of each config once, the configs' order rotated
+    for r in range(6):
+        this_round = [(k, c) for k, c, rr in rounds if rr == r]
+        assert sorted(this_round) == sorted((k, c) for k in range(3) for c in p.CONDITIONS)
+        assert this_round[0][0] == r % 3
+    # inside each config's part of a round: over 6 rounds each condition comes first twice and
+    # follows each other condition exactly twice (a Williams design)
+    orders = [[c for k, c, rr in rounds if rr == r and k == 0] for r in range(6)]
     assert sorted(o[0] for o in orders) == sorted(p.CONDITIONS * 2)
     pairs = [(o[i - 1], o[i]) for o in orders for i in (1, 2)]
     assert len(set(pairs)) == 6 and all(pairs.count(pair) == 2 for pair in pairs)
+
+
+@pytest.mark.parametrize("round_s,min_block_s,want", [(3.2, 15, 5), (9.6, 15, 2), (0.1, 15, 150), (1.0, 0, 2)])
+def test_rounds_per_block_is_sized_by_time(round_s, min_block_s, want):
+    assert p.rounds_per_block(round_s, min_block_s) == want
+
+
+def test_blocks_are_even_contiguous_slices_of_the_rounds():
+    assert [p.block_of(m, 40, 8) for m in range(40)] == [b for b in range(8) for _ in range(5)]
+    assert [p.block_of(m, 10, 4) for m in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+
+
+def _engine_with_cache(num_blocks, block_size=16):
+    cache = types.SimpleNamespace(num_gpu_blocks=num_blocks, block_size=block_size)
+    return types.SimpleNamespace(llm_engine=types.SimpleNamespace(vllm_config=types.SimpleNamespace(cache_config=cache)))
+
+
+def test_interleaved_configs_must_fit_the_kv_cache_together():
+    configs = [types.SimpleNamespace(warmup_ids=[0] * 8449, miss_ids=[0] * 257),
+               types.SimpleNamespace(warmup_ids=[0] * 2305, miss_ids=[0] * 257)]
+    p.check_cache_holds(_engine_with_cache(10_000), configs, 50)          # 160k tokens: plenty
+    with pytest.raises(p.ExperimentError, match="need about .* tokens of KV cache at once .* the engine has 16000"):
+        p.check_cache_holds(_engine_with_cache(1000), configs, 50)
 
 
 def _trial(ttft, total, cached=0, engine=None):

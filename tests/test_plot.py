@@ -5,7 +5,7 @@ import os
 import pytest
 
 import plot_results as pr
-from conftest import run_script
+from conftest import ROOT, run_script
 
 
 def stats(ttft, tput, **extra):
@@ -171,16 +171,67 @@ def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
         run.mkdir()
         r = extended_result(512, 256)
         r["ttft_saving_pct"], r["ttft_saving_ci95"] = saving, ci
+        r["environment"]["command"] = f"python phase2_experiment.py --size-a 512 --results-dir run{k + 1}"
         write(run, "results_phase2_a512_b256.json", r)
         runs.append(str(run))
     table = pr.compare_runs(runs).splitlines()
-    assert table[0] == "| config | run 1 | run 2 | run 3 | pairs that agree |"
-    # 40 vs 33: 7 <= sqrt(5^2 + 5^2); 40 vs 20 and 33 vs 20 are far apart
-    assert table[2] == "| A=512 / B=256 | 40.0% [35.0, 45.0] | 33.0% [28.0, 38.0] | 20.0% [18.0, 22.0] | 1 of 3 |"
-    assert table[-1] == "1 of 3 pairs of runs agree within their intervals."
+    assert table[0] == "| config | run 1 | run 2 | run 3 | pairs that agree | across runs (95% CI over runs) |"
+    # 40 vs 33: 7 <= sqrt(5^2 + 5^2); 40 vs 20 and 33 vs 20 are far apart. Across runs: mean 31.0,
+    # sd 10.149, t(0.975, 2) = 4.303: 31.0 +- 25.2
+    assert table[2] == ("| A=512 / B=256 | 40.0% [35.0, 45.0] | 33.0% [28.0, 38.0] | 20.0% [18.0, 22.0] | 1 of 3 | "
+                        "31.0% [5.8, 56.2] (n=3) |")
+    assert table[3] == "1 of 3 pairs of runs agree within their intervals."
+    # where each run came from; the commands differ only in --results-dir, so no warning
+    assert table[5].startswith(f"run 1: {runs[0]}: 2026-11-27T00:00:00, NVIDIA H200, vLLM 0.26.0")
+    assert table[6] == "    python phase2_experiment.py --size-a 512 --results-dir run1"
+    assert not any("differ" in line for line in table)
     proc = run_script(["plot_results.py", "--compare", *runs])
     assert proc.returncode == 0 and "1 of 3 pairs" in proc.stdout
     assert run_script(["plot_results.py", "--compare", str(tmp_path / "nope")]).returncode == 1
+
+
+def test_compare_warns_when_the_runs_ran_different_commands(tmp_path):
+    runs = []
+    for k, sizes in enumerate(["512x256", "512x256,1024x256"]):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        r = extended_result(512, 256)
+        r["environment"]["command"] = f"python phase2_experiment.py --sizes {sizes}"
+        write(run, "results_phase2_a512_b256.json", r)
+        runs.append(str(run))
+    assert "note: the runs' commands differ" in pr.compare_runs(runs)
+
+
+def git(*args):
+    import subprocess
+    return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, check=True).stdout
+
+
+def test_a_script_hash_names_the_commit_that_made_the_file():
+    import hashlib
+    last = git("log", "-1", "--format=%h", "--", "phase2_experiment.py").decode().strip()
+    sha = hashlib.sha256(git("show", f"{last}:phase2_experiment.py")).hexdigest()
+    assert last in pr.script_commits(sha)
+    r = extended_result(512, 256)
+    r["environment"]["tool_version"] = {"git_commit": None, "git_dirty": None, "script_sha256": sha}
+    assert pr.provenance(r)["tool"] == f"phase2_experiment.py as of commit {pr.script_commits(sha)[-1]}"
+    r["environment"]["tool_version"]["script_sha256"] = "0" * 64
+    assert pr.provenance(r)["tool"] == "phase2_experiment.py sha256 000000000000 (no commit here has it)"
+    assert pr.script_commits("0" * 64) == []
+
+
+def test_write_readme_describes_the_folder_from_its_files(tmp_path):
+    r = extended_result(512, 256)
+    r["environment"]["command"] = "python phase2_experiment.py --size-a 512 --size-b 256"
+    write(tmp_path, "results_phase2_a512_b256.json", r)
+    proc = run_script(["plot_results.py", "--results-dir", str(tmp_path), "--write-readme"])
+    assert proc.returncode == 0, proc.stderr
+    text = (tmp_path / "README.md").read_text()
+    assert text.startswith(f"# Results: {tmp_path.name}\n")
+    assert "- command: `python phase2_experiment.py --size-a 512 --size-b 256`" in text
+    assert "- machine: NVIDIA H200, vLLM 0.26.0" in text
+    assert pr.summary_table(pr.discover_results(str(tmp_path))[0]["phase2"]) in text
+    assert "![experiment1_all_configs_phase2.png](experiment1_all_configs_phase2.png)" in text
 
 
 SHAPE = {"num_parameters": 1_100_000, "num_embedding_parameters": 100_000, "num_layers": 2,
