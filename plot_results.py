@@ -15,6 +15,7 @@ machine and code (the commit whose phase2_experiment.py has the hash the file re
 --write-readme writes the same facts into a README.md beside the files.
 """
 import argparse
+import functools
 import glob
 import hashlib
 import json
@@ -437,9 +438,11 @@ def across_runs(savings):
     return f"{np.mean(savings):.1f}% [{low:.1f}, {high:.1f}] (n={len(savings)})"
 
 
+@functools.lru_cache(maxsize=None)
 def script_commits(sha256, path="phase2_experiment.py"):
-    """The commits of this repository whose phase2_experiment.py has this sha256 (newest first):
-    a result's script hash names the code that made it, also where its git_commit could not."""
+    """The commits of this repository whose phase2_experiment.py has this sha256, newest first
+    (the last is the commit that made the file so): a result's script hash names the code that
+    made it, also where its git_commit could not."""
     here = os.path.dirname(os.path.abspath(__file__))
     git = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True, timeout=30)
     try:
@@ -449,9 +452,9 @@ def script_commits(sha256, path="phase2_experiment.py"):
             blob = git("show", f"{commit}:{path}")
             if blob.returncode == 0 and hashlib.sha256(blob.stdout).hexdigest() == sha256:
                 found.append(commit)
-        return found
+        return tuple(found)
     except (OSError, subprocess.SubprocessError):
-        return []
+        return ()
 
 
 def provenance(data):
@@ -474,13 +477,13 @@ def provenance(data):
 
 def interval_note(configs):
     """One line on what the intervals of these files are taken over."""
-    methods = {json.dumps(d.get("interval", {}).get("unit")): d.get("interval") for d in configs.values()}
-    if len(methods) != 1 or not next(iter(methods.values())):
+    intervals = [d.get("interval") for d in configs.values()]
+    if not all(intervals) or len({m["unit"] for m in intervals}) != 1:
         return "95% intervals: paired over rounds (files made before intervals were taken over time blocks)."
-    m = next(iter(methods.values()))
+    m = intervals[0]
     if m["unit"] == "block":
         return (f"95% intervals: {m['statistic']}; {m['num_blocks']} blocks of {m['rounds_per_block']:g} rounds "
-                f"over about {m['span_s']:.0f} s, configs {', '.join(m['interleaved_configs'])} interleaved.")
+                f"over about {max(i['span_s'] for i in intervals):.0f} s, configs {', '.join(m['interleaved_configs'])} interleaved.")
     return f"95% intervals: {m['statistic']}."
 
 

@@ -62,7 +62,10 @@ def links(path):
     return [target for target in re.findall(r"\]\(([^)\s]+)\)", text) if not re.match(r"[a-z]+://", target)]
 
 
-@pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
+RESULT_READMES = sorted(glob.glob(os.path.join(ROOT, "results", "**", "README.md"), recursive=True))
+
+
+@pytest.mark.parametrize("path", DOCS + RESULT_READMES, ids=lambda path: os.path.relpath(path, ROOT))
 def test_every_link_and_image_exists(path):
     for target in links(path):
         assert os.path.exists(os.path.join(os.path.dirname(path), target.split("#")[0])), target

@@ -217,7 +217,7 @@ def test_a_script_hash_names_the_commit_that_made_the_file():
     assert pr.provenance(r)["tool"] == f"phase2_experiment.py as of commit {pr.script_commits(sha)[-1]}"
     r["environment"]["tool_version"]["script_sha256"] = "0" * 64
     assert pr.provenance(r)["tool"] == "phase2_experiment.py sha256 000000000000 (no commit here has it)"
-    assert pr.script_commits("0" * 64) == []
+    assert pr.script_commits("0" * 64) == ()
 
 
 def test_write_readme_describes_the_folder_from_its_files(tmp_path):
