@@ -89,7 +89,7 @@ def test_readme_is_short():
 
 
 def test_every_shipped_results_folder_has_a_generated_readme():
-    folders = {os.path.dirname(f) for f in glob.glob(os.path.join(ROOT, "results", "**", "results_phase*.json"),
+    folders = {os.path.dirname(f) for f in glob.glob(os.path.join(ROOT, "results", "**", "results_phase*.json*"),
                                                       recursive=True)}
     for folder in folders:
         readme = os.path.join(folder, "README.md")

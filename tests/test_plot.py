@@ -190,6 +190,20 @@ def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
     assert run_script(["plot_results.py", "--compare", str(tmp_path / "nope")]).returncode == 1
 
 
+def test_gzipped_results_are_read_like_plain_ones(tmp_path):
+    import gzip
+    r = extended_result(1024, 256)
+    with gzip.open(tmp_path / "results_phase2_a1024_b256.json.gz", "wt") as f:
+        json.dump(r, f)
+    write(tmp_path, "results_phase2_a512_b256.json", extended_result(512, 256))
+    (tmp_path / "results_phase2_a2048_b256.json.gz").write_bytes(b"not gzip")
+    phases, skipped = pr.discover_results(str(tmp_path))
+    assert list(phases["phase2"]) == [(512, 256), (1024, 256)]
+    assert phases["phase2"][(1024, 256)] == r
+    assert [os.path.basename(path) for path, _ in skipped] == ["results_phase2_a2048_b256.json.gz"]
+    assert skipped[0][1].startswith("cannot be read")
+
+
 def test_compare_warns_when_the_runs_ran_different_commands(tmp_path):
     runs = []
     for k, sizes in enumerate(["512x256", "512x256,1024x256"]):
