@@ -13,8 +13,8 @@ checked against what its condition promises (the "cache audit"). Prompts are sen
 as token ids, so [A, B, Q] begins with exactly [A, B]'s ids.
 
 Trials run in rounds: a round holds one trial of each condition of every config, in a
-rotated order, back to back. The measured rounds are cut into time blocks (8, each at
-least 15 s long), and the 95% intervals of the saving and the degradation come from the
+rotated order, back to back. The measured rounds are cut into time blocks (12, each at
+least 20 s long), and the 95% intervals of the saving and the degradation come from the
 spread between the blocks' means (paired Fieller ratio, t with blocks - 1 df). So a drift
 of the host that lasts longer than a round, but not than the run, is inside the interval,
 and it moves every config and condition alike (--block-order gives the design's literal
@@ -63,8 +63,10 @@ QUERY_TOKENS = 16           # length of the query Q; a fresh Q for every request
 # The interval comes from the spread between time blocks of the run, not between rounds: on a
 # GPU the short requests (hit, miss) drift with the host over tens of seconds, longer than a
 # round, so rounds next to each other share a level that a rerun does not (docs/reproducibility.md).
-NUM_BLOCKS = 8              # time blocks per run; every config and condition runs in every block
-MIN_BLOCK_SECONDS = 15.0    # a block lasts at least this long: the measured rounds are sized from it
+# 12 blocks of 20 s: chosen by replaying the 8B shape's recorded H200 traces (docs/reproducibility.md);
+# 8 blocks of 15 s gave intervals up to +-6.5 points at 512/256.
+NUM_BLOCKS = 12             # time blocks per run; every config and condition runs in every block
+MIN_BLOCK_SECONDS = 20.0    # a block lasts at least this long: the measured rounds are sized from it
 MIN_ROUNDS_PER_BLOCK = 2
 # Idle gap after every request. The design slept 500 ms "to let the GPU settle"; measured,
 # an idle gap instead adds a wake-up cost of its own to the next request that varies from
@@ -309,6 +311,8 @@ def compute_stats(trials):
     col = lambda key: np.array([t[key] for t in trials], dtype=float)
     ttft, total, tput = col("ttft_ms"), col("total_time_ms"), col("throughput_tok_s")
     sd = lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    # engine-side timings exist offline only: a server reports none per request
+    engine = lambda key, f: None if any(t[key] is None for t in trials) else float(f(col(key)))
     cached = [t["cached_tokens"] for t in trials] + [t["throughput_request"]["cached_tokens"] for t in trials]
     return {
         "ttft_mean": float(np.mean(ttft)),
@@ -323,12 +327,13 @@ def compute_stats(trials):
         "ttft_min": float(np.min(ttft)),
         "ttft_max": float(np.max(ttft)),
         "ttft_ci95": mean_ci95(ttft),
-        "engine_ttft_mean": float(np.mean(col("engine_ttft_ms"))),
-        "engine_ttft_median": float(np.median(col("engine_ttft_ms"))),
-        "prefill_mean": float(np.mean(col("prefill_ms"))),
-        "prefill_median": float(np.median(col("prefill_ms"))),
-        "cached_tokens": min(cached),      # min == max whenever the cache audit passed
-        "cached_tokens_max": max(cached),
+        "engine_ttft_mean": engine("engine_ttft_ms", np.mean),
+        "engine_ttft_median": engine("engine_ttft_ms", np.median),
+        "prefill_mean": engine("prefill_ms", np.mean),
+        "prefill_median": engine("prefill_ms", np.median),
+        # min == max whenever the cache audit passed; None where the engine did not report them (unaudited)
+        "cached_tokens": None if None in cached else min(cached),
+        "cached_tokens_max": None if None in cached else max(cached),
         "num_trials": len(trials),
     }
 
@@ -359,8 +364,8 @@ def write_json_atomic(path, obj):
             os.unlink(tmp)
 
 
-def results_path(results_dir, size_a, size_b):
-    return os.path.join(results_dir, f"results_phase2_a{size_a}_b{size_b}.json")
+def results_path(results_dir, size_a, size_b, phase=2):
+    return os.path.join(results_dir, f"results_phase{phase}_a{size_a}_b{size_b}.json")
 
 
 # -----------------------------------------------------------------------------
@@ -408,25 +413,50 @@ def timed_request(llm, prompt_ids, max_tokens, cache_salt=None):
     }
 
 
-def run_trial(llm, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, max_output_tokens=MAX_OUTPUT_TOKENS):
+class OfflineEngine:
+    """The offline LLM as run_configs drives it. Phase 1 drives a server through the same
+    four calls (phase1_experiment.ServerEngine)."""
+    phase = PHASE
+    shared = False                  # nothing but this run sends it requests
+
+    def __init__(self, llm):
+        self.llm = llm
+
+    def request(self, prompt_ids, max_tokens, cache_salt=None):
+        return timed_request(self.llm, prompt_ids, max_tokens, cache_salt)
+
+    def reset_prefix_cache(self):
+        return self.llm.reset_prefix_cache()
+
+    def counters(self):
+        return prefix_cache_counters(self.llm)
+
+    def kv_capacity(self):
+        """(KV blocks, tokens a block), or None if the engine does not say."""
+        cc = self.llm.llm_engine.vllm_config.cache_config
+        return (cc.num_gpu_blocks, cc.block_size) if cc.num_gpu_blocks else None
+
+
+def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, max_output_tokens=MAX_OUTPUT_TOKENS):
     """Pure measurement: TTFT (1-token request), pause, throughput (max_output_tokens request), pause.
 
-    Each prompt is (token ids, cache_salt), each with its own fresh query. The pause after
-    each request gives every timed request the same idle gap before it."""
-    first = timed_request(llm, ttft_prompt[0], 1, ttft_prompt[1])
+    request(prompt_ids, max_tokens, cache_salt) sends one request and returns its wall_ms and
+    counts; a streamed request also returns ttft_ms, otherwise the 1-token request's wall time
+    is the TTFT. Each prompt is (token ids, cache_salt), each with its own fresh query. The
+    pause after each request gives every timed request the same idle gap before it."""
+    first = request(ttft_prompt[0], 1, ttft_prompt[1])
     time.sleep(pause_s)
-    full = timed_request(llm, throughput_prompt[0], max_output_tokens, throughput_prompt[1])
+    full = request(throughput_prompt[0], max_output_tokens, throughput_prompt[1])
     time.sleep(pause_s)
     return {
-        "ttft_ms": first["wall_ms"],
+        "ttft_ms": first.get("ttft_ms", first["wall_ms"]),
         "total_time_ms": full["wall_ms"],
         "throughput_tok_s": full["output_tokens"] / (full["wall_ms"] / 1e3),
         "prompt_tokens": first["prompt_tokens"],
         "cached_tokens": first["cached_tokens"],
         "engine_ttft_ms": first["engine_ttft_ms"],
         "prefill_ms": first["prefill_ms"],
-        "throughput_request": {k: full[k] for k in ("prompt_tokens", "cached_tokens", "output_tokens",
-                                                    "engine_ttft_ms", "prefill_ms", "decode_ms")},
+        "throughput_request": {k: v for k, v in full.items() if k != "wall_ms"},
     }
 
 
@@ -470,8 +500,10 @@ class ConfigPrompts:
     """Step 2 for one (A, B) config: contexts A and B, the warmup prompt [A, B], and a prompt
     with a fresh query for every request, as (token ids, cache_salt)."""
 
-    def __init__(self, tokenizer, size_a, size_b, block, seed, run_id):
-        self.size_a, self.size_b, self.run_id = size_a, size_b, run_id
+    def __init__(self, tokenizer, size_a, size_b, block, seed, run_id, hit_salt=None):
+        # hit_salt: the cache namespace of the warmup and the hits. None offline (the run starts
+        # from an emptied cache); a server keeps other runs' blocks, so phase 1 gives each run its own.
+        self.size_a, self.size_b, self.run_id, self.hit_salt = size_a, size_b, run_id, hit_salt
         # The labels name the config: the configs of one run share the engine's cache, and the
         # A of one must not be a prefix of another's.
         context_a = generate_context(size_a, f"Document A {size_a}x{size_b}", tokenizer)
@@ -495,7 +527,7 @@ class ConfigPrompts:
         encoded once instead of per request. A salt puts a request in a cache namespace of its
         own: it can reuse nothing."""
         ids = self.ids(condition, next(self.queries))
-        salt = None if condition == "cache_hit" else f"{self.run_id}-{self.size_a}x{self.size_b}-{name}"
+        salt = self.hit_salt if condition == "cache_hit" else f"{self.run_id}-{self.size_a}x{self.size_b}-{name}"
         return ids, salt
 
     def ids(self, condition, query):
@@ -506,14 +538,14 @@ class ConfigPrompts:
         return self.prompt(condition, f"{condition}-{r}-ttft"), self.prompt(condition, f"{condition}-{r}-throughput")
 
 
-def warm_cache(llm, warmup_ids, pause_s):
+def warm_cache(request, warmup_ids, pause_s, cache_salt=None):
     """Step 3: the one-time [A, B] generation that fills the prefix cache; returns its request."""
-    warm = timed_request(llm, warmup_ids, WARMUP_TOKENS)
+    warm = request(warmup_ids, WARMUP_TOKENS, cache_salt)
     time.sleep(pause_s)
     return warm
 
 
-def run_trials(llm, schedule, configs, opts, clock, desc):
+def run_trials(request, schedule, configs, opts, clock, desc):
     """Steps 4-5: every scheduled (config, condition, round) in order, all prompts built first
     (nothing but the requests runs between requests). Each trial records its place in the run and its start
     in seconds since the run began (clock)."""
@@ -525,17 +557,17 @@ def run_trials(llm, schedule, configs, opts, clock, desc):
                mininterval=1.0)
     for (k, condition, r), (ttft_prompt, throughput_prompt) in bar:
         start_s = time.perf_counter() - clock
-        trial = run_trial(llm, ttft_prompt, throughput_prompt, opts.pause_ms / 1e3, opts.max_output_tokens)
+        trial = run_trial(request, ttft_prompt, throughput_prompt, opts.pause_ms / 1e3, opts.max_output_tokens)
         trials.append({"config": k, "condition": condition, "round": r, "start_s": start_s, **trial})
     return trials
 
 
-def flush_engine_stats(llm, prompt_ids):
+def flush_engine_stats(request, prompt_ids):
     """A salted 2-token request, untimed. vLLM's counters for a request travel with the
     engine's next outputs (on a GPU with async scheduling, a step late): without a request
     after the last trial, vllm:prefix_cache_hits was seen one hit short. This one must find
     nothing cached, so it adds nothing to that counter (audit checks it)."""
-    return timed_request(llm, prompt_ids, 2, cache_salt=f"flush-{uuid.uuid4().hex}")
+    return request(prompt_ids, 2, f"flush-{uuid.uuid4().hex}")
 
 
 def audit_requests(warm, trials, warmup_ids, block):
@@ -553,10 +585,12 @@ def audit_requests(warm, trials, warmup_ids, block):
     return problems
 
 
-def audit_counters(requests, flush, counters_before, counters_after):
+def audit_counters(requests, flush, counters_before, counters_after, shared=False):
     """The engine's own prefix-cache hit counter (prefix_cache_counters) must have grown by the
     sum of the requests' num_cached_tokens. Counters are engine-wide, so this covers every
-    request of the run (all configs). Returns (engine_counters or None, problems)."""
+    request of the run (all configs). shared: other clients may send the engine requests too
+    (a server): growth beyond this run's own is then recorded as theirs (other_clients), not
+    a problem; growth short of it still is. Returns (engine_counters or None, problems)."""
     problems = []
     if flush["cached_tokens"] != 0:
         problems.append(f"stats flush: cached_tokens={flush['cached_tokens']}, expected 0")
@@ -567,7 +601,11 @@ def audit_counters(requests, flush, counters_before, counters_after):
     engine_counters["scope"] = "every request of the run, all configs"
     engine_counters["sum_prompt_tokens"] = sum(r["prompt_tokens"] for r in requests)
     engine_counters["sum_cached_tokens"] = sum(r["cached_tokens"] for r in requests)
-    if engine_counters["prefix_cache_hits"] != engine_counters["sum_cached_tokens"]:
+    if shared:
+        engine_counters["other_clients"] = (engine_counters["prefix_cache_hits"] > engine_counters["sum_cached_tokens"]
+                                            or engine_counters["prefix_cache_queries"] > engine_counters["sum_prompt_tokens"])
+    short = engine_counters["prefix_cache_hits"] < engine_counters["sum_cached_tokens"]
+    if short or (engine_counters["prefix_cache_hits"] != engine_counters["sum_cached_tokens"] and not shared):
         problems.append(f"the engine's prefix-cache hit counter ({engine_counters['source']}) grew by "
                         f"{engine_counters['prefix_cache_hits']}, "
                         f"but the requests report {engine_counters['sum_cached_tokens']} cached tokens")
@@ -707,15 +745,16 @@ def summarize(trials, opts, plan):
             interval_method(measured, unit, plan))
 
 
-def check_cache_holds(llm, configs, max_output_tokens):
-    """The configs of one run share the engine's KV cache: every warmed [A, B] must stay
-    cached while a whole round of every config's requests comes and goes (LRU evicts the
-    blocks used longest ago). Raises if the cache is too small to promise that."""
-    cc = llm.llm_engine.vllm_config.cache_config
-    if not cc.num_gpu_blocks:
+def check_cache_holds(kv_capacity, configs, max_output_tokens):
+    """The configs of one run share the engine's KV cache, kv_capacity = (blocks, block size)
+    or None: every warmed [A, B] must stay cached while a whole round of every config's
+    requests comes and goes (LRU evicts the blocks used longest ago). Raises if the cache is
+    too small to promise that."""
+    if not kv_capacity:
         return
-    capacity = cc.num_gpu_blocks * cc.block_size
-    blocks = lambda tokens: -(-tokens // cc.block_size) * cc.block_size
+    num_blocks, block_size = kv_capacity
+    capacity = num_blocks * block_size
+    blocks = lambda tokens: -(-tokens // block_size) * block_size
     warm = sum(blocks(len(c.warmup_ids) + WARMUP_TOKENS) for c in configs)
     one_round = sum(2 * (blocks(len(c.warmup_ids) + QUERY_TOKENS + max_output_tokens) * 2 +
                          blocks(len(c.miss_ids) + QUERY_TOKENS + max_output_tokens)) for c in configs)
@@ -726,29 +765,31 @@ def check_cache_holds(llm, configs, max_output_tokens):
             f"run fewer configs per invocation, or give the cache more memory (--gpu-memory-utilization)")
 
 
-def run_configs(llm, tokenizer, opts, env):
-    """Steps 2-6 for every (A, B) config on a loaded engine, all configs interleaved in one run.
-    Returns the result dicts, in the order of opts.configs."""
+def run_configs(engine, tokenizer, opts, env):
+    """Steps 2-6 for every (A, B) config on a loaded engine (OfflineEngine, or phase 1's
+    server), all configs interleaved in one run. Returns the result dicts, in the order of
+    opts.configs."""
     block = env["cache_block_size"]
     run_id = uuid.uuid4().hex[:12]
-    configs = [ConfigPrompts(tokenizer, a, b, block, opts.seed, run_id) for a, b in opts.configs]     # 2
+    hit_salt = f"run-{run_id}" if engine.shared else None
+    configs = [ConfigPrompts(tokenizer, a, b, block, opts.seed, run_id, hit_salt) for a, b in opts.configs]  # 2
     for c in configs:
         if len(c.warmup_ids) < block:
             print(f"WARNING: [A, B] of A={c.size_a} B={c.size_b} is {len(c.warmup_ids)} tokens, shorter than one "
                   f"KV block ({block} tokens): nothing can be cached, every 'hit' is a miss.", file=sys.stderr)
     if not opts.block_order:
-        check_cache_holds(llm, configs, opts.max_output_tokens)
-    # The run starts from an empty cache: nothing from before can hit.
-    if not llm.reset_prefix_cache():
-        raise ExperimentError("LLM.reset_prefix_cache() returned False: the cache could not be emptied")
-    counters_before = prefix_cache_counters(llm)
+        check_cache_holds(engine.kv_capacity(), configs, opts.max_output_tokens)
+    # The run starts from an empty cache (or, on a server, a namespace of its own): nothing from before can hit.
+    if not engine.reset_prefix_cache():
+        raise ExperimentError("resetting the prefix cache failed: the cache could not be emptied")
+    counters_before = engine.counters()
     clock = time.perf_counter()
-    warms = [warm_cache(llm, c.warmup_ids, opts.pause_ms / 1e3) for c in configs]                  # 3
+    warms = [warm_cache(engine.request, c.warmup_ids, opts.pause_ms / 1e3, hit_salt) for c in configs]   # 3
     n = len(configs)
     trials = []
     if opts.warmup_trials:
         t0 = time.perf_counter()
-        trials += run_trials(llm, run_schedule(n, range(opts.warmup_trials), opts.block_order), configs, opts,
+        trials += run_trials(engine.request, run_schedule(n, range(opts.warmup_trials), opts.block_order), configs, opts,
                              clock, "discarded rounds")
         round_s = (time.perf_counter() - t0) / opts.warmup_trials
     if opts.num_trials is not None:
@@ -763,18 +804,18 @@ def run_configs(llm, tokenizer, opts, env):
         print(f"a round of {n} config(s) took {round_s:.2f} s: {num_rounds} measured rounds in {num_blocks} "
               f"time block(s), about {num_rounds * round_s / 60:.1f} min", flush=True)
     rounds = range(opts.warmup_trials, opts.warmup_trials + num_rounds)
-    trials += run_trials(llm, run_schedule(n, rounds, opts.block_order), configs, opts, clock,
+    trials += run_trials(engine.request, run_schedule(n, rounds, opts.block_order), configs, opts, clock,
                          f"{num_rounds} rounds x {n} config(s)")                                   # 4-5
     run_wall_s = time.perf_counter() - clock
     for order, t in enumerate(trials):
         t["order"] = order
         if t["round"] >= opts.warmup_trials:
             t["block"] = block_of(t["round"] - opts.warmup_trials, num_rounds, num_blocks)
-    flush = flush_engine_stats(llm, configs[0].warmup_ids)
+    flush = flush_engine_stats(engine.request, configs[0].warmup_ids)
     per_config = [[t for t in trials if t["config"] == k] for k in range(n)]
     engine_counters, run_problems = audit_counters(
         [req for warm, own in zip(warms, per_config) for req in requests_of(warm, own)],
-        flush, counters_before, prefix_cache_counters(llm))
+        flush, counters_before, engine.counters(), engine.shared)
 
     results = []
     for c, warm, own in zip(configs, warms, per_config):
@@ -783,9 +824,10 @@ def run_configs(llm, tokenizer, opts, env):
         cache_audit = audit_report(audit_requests(warm, own, c.warmup_ids, block) + run_problems, len(own),
                                    c.warmup_ids, block, engine_counters)
         conditions, comparison, stability, method = summarize(own, opts, plan)                    # 6
-        overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for cond in CONDITIONS for t in conditions[cond]["trials"]]
+        overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for cond in CONDITIONS for t in conditions[cond]["trials"]
+                     if t["engine_ttft_ms"] is not None]
         results.append({
-            "phase": PHASE,
+            "phase": engine.phase,
             "model": opts.model,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {
@@ -814,7 +856,7 @@ def run_configs(llm, tokenizer, opts, env):
             "ttft_saving_ms_ci95": comparison["ttft_saving_ms_ci95"],
             "interval": method,
             "reproducibility": stability,
-            "harness_overhead_ms": float(np.median(overheads)),
+            "harness_overhead_ms": float(np.median(overheads)) if overheads else None,
             "cache_audit": cache_audit,
             "warmup_prompt_tokens": len(c.warmup_ids),
             "environment": {**env,
@@ -833,11 +875,12 @@ def print_summary(result):
           f"hit expects {audit_['expected_hit_cached_tokens']} cached) ===")
     print(f"{'condition':<11} {'prompt':>6} {'cached':>6} {'TTFT ms mean +- sd':>20} {'engine TTFT':>11} "
           f"{'prefill':>8} {'tok/s':>8}")
+    ms = lambda value, width: f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
     for c in CONDITIONS:
         s = result[c]["stats"]
-        print(f"{c:<11} {s['prompt_tokens']:>6} {s['cached_tokens']:>6} "
-              f"{s['ttft_mean']:>11.2f} +- {s['ttft_stdev']:<6.2f} {s['engine_ttft_mean']:>11.2f} "
-              f"{s['prefill_mean']:>8.2f} {s['throughput_mean']:>8.1f}")
+        print(f"{c:<11} {s['prompt_tokens']:>6} {s['cached_tokens'] if s['cached_tokens'] is not None else '-':>6} "
+              f"{s['ttft_mean']:>11.2f} +- {s['ttft_stdev']:<6.2f} {ms(s['engine_ttft_mean'], 11)} "
+              f"{ms(s['prefill_mean'], 8)} {s['throughput_mean']:>8.1f}")
     lo, hi = result["ttft_degradation_ci95"]
     print(f"miss vs hit TTFT: {result['ttft_degradation_pct']:+.1f}% (95% CI {lo:+.1f} .. {hi:+.1f})")
     saving, (lo, hi) = result["ttft_saving_pct"], result["ttft_saving_ci95"]
@@ -855,8 +898,11 @@ def print_summary(result):
               f"[{h1['ttft_saving_ci95'][0]:.1f}, {h1['ttft_saving_ci95'][1]:.1f}], the second "
               f"{h2['ttft_saving_pct']:.1f}% [{h2['ttft_saving_ci95'][0]:.1f}, {h2['ttft_saving_ci95'][1]:.1f}]: "
               f"the level moved during the run; a rerun may not land inside the interval", file=sys.stderr)
-    print(f"harness overhead (wall - engine TTFT, median): {result['harness_overhead_ms']:.2f} ms")
-    if audit_["ok"]:
+    if result["harness_overhead_ms"] is not None:
+        print(f"harness overhead (wall - engine TTFT, median): {result['harness_overhead_ms']:.2f} ms")
+    if audit_.get("unaudited"):
+        print(f"!!! UNAUDITED: {audit_['unaudited']}", file=sys.stderr)
+    elif audit_["ok"]:
         print(f"cache audit: OK, all {audit_['requests_checked']} requests as expected")
     else:
         print(f"\n!!! CACHE AUDIT FAILED: {len(audit_['problems'])} request(s) broke their condition; "
@@ -887,7 +933,7 @@ def run_experiment(opts, engine_args):
         print(f"engine ready in {engine_start_s:.1f} s", flush=True)
         env = {**environment_info(llm, engine_args, engine_start_s), **opts.provenance}
         phase = "run"
-        results = run_configs(llm, llm.get_tokenizer(), opts, env)                   # steps 2-6
+        results = run_configs(OfflineEngine(llm), llm.get_tokenizer(), opts, env)    # steps 2-6
     except ExperimentError:
         raise
     except Exception as e:                  # the engine or one of its processes failed
@@ -1236,10 +1282,10 @@ def engine_environment(environ):
             if k.startswith(ENV_PREFIXES) and not re.search("KEY|TOKEN|SECRET|PASSWORD", k)}
 
 
-def provenance(argv):
+def provenance(argv, prog=PROG, script=__file__):
     """Where a result came from: the command as typed, and the tool's version (git commit, whether
     the tree differed from it, and the script's own hash, which holds without git too)."""
-    here = os.path.dirname(os.path.abspath(__file__))
+    here = os.path.dirname(os.path.abspath(script))
     git = lambda *args: subprocess.run(["git", "-C", here, *args], capture_output=True, text=True, timeout=10)
     try:
         commit = git("rev-parse", "HEAD")
@@ -1247,9 +1293,9 @@ def provenance(argv):
         commit, dirty = (commit.stdout.strip(), bool(dirty.stdout.strip())) if commit.returncode == 0 else (None, None)
     except (OSError, subprocess.SubprocessError):           # no git here
         commit, dirty = None, None
-    with open(os.path.abspath(__file__), "rb") as f:
+    with open(os.path.abspath(script), "rb") as f:
         script_sha256 = hashlib.sha256(f.read()).hexdigest()
-    return {"command": shlex.join([os.path.basename(sys.executable), PROG, *argv]),
+    return {"command": shlex.join([os.path.basename(sys.executable), prog, *argv]),
             "tool_version": {"git_commit": commit, "git_dirty": dirty, "script_sha256": script_sha256}}
 
 

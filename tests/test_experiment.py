@@ -30,7 +30,7 @@ def run_many(llm, configs, env=None, **overrides):
                                            max_output_tokens=8, model="tiny"), **overrides})
     environment = {**p.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
                    **p.provenance(["--test"]), **(env or {})}
-    return p.run_configs(llm, llm.get_tokenizer(), opts, environment)
+    return p.run_configs(p.OfflineEngine(llm), llm.get_tokenizer(), opts, environment)
 
 
 def run_one(llm, size_a, size_b, env=None, **overrides):

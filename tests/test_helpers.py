@@ -121,17 +121,12 @@ def test_blocks_are_even_contiguous_slices_of_the_rounds():
     assert [p.block_of(m, 10, 4) for m in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
 
 
-def _engine_with_cache(num_blocks, block_size=16):
-    cache = types.SimpleNamespace(num_gpu_blocks=num_blocks, block_size=block_size)
-    return types.SimpleNamespace(llm_engine=types.SimpleNamespace(vllm_config=types.SimpleNamespace(cache_config=cache)))
-
-
 def test_interleaved_configs_must_fit_the_kv_cache_together():
     configs = [types.SimpleNamespace(warmup_ids=[0] * 8449, miss_ids=[0] * 257),
                types.SimpleNamespace(warmup_ids=[0] * 2305, miss_ids=[0] * 257)]
-    p.check_cache_holds(_engine_with_cache(10_000), configs, 50)          # 160k tokens: plenty
+    p.check_cache_holds((10_000, 16), configs, 50)          # 160k tokens: plenty
     with pytest.raises(p.ExperimentError, match="need about .* tokens of KV cache at once .* the engine has 16000"):
-        p.check_cache_holds(_engine_with_cache(1000), configs, 50)
+        p.check_cache_holds((1000, 16), configs, 50)
 
 
 def _trial(ttft, total, cached=0, engine=None):
@@ -303,3 +298,40 @@ def test_counters_fall_back_to_vllm_metrics_without_a_message_stream():
     assert p.prefix_cache_counters(llm) == {"prefix_cache_queries": 0, "prefix_cache_hits": 5,
                                             "source": "LLM.get_metrics()",
                                             "vllm_metrics": {"prefix_cache_queries": 0, "prefix_cache_hits": 5}}
+
+
+def counters(hits, queries):
+    return {"prefix_cache_hits": hits, "prefix_cache_queries": queries, "source": "/metrics"}
+
+
+@pytest.mark.parametrize("hits,queries,other_clients,problem", [
+    (288, 919, False, False),       # exactly this run's requests
+    (576, 919, True, False),        # someone else's hit: theirs, not a failure
+    (288, 2000, True, False),       # someone else's cold request
+    (100, 2000, True, True),        # fewer hits than the requests claim: a failure, shared or not
+])
+def test_a_shared_engine_records_other_clients_and_fails_only_on_missing_hits(hits, queries, other_clients, problem):
+    requests = [request(0, 301), request(288, 317)]
+    engine_counters, problems = p.audit_counters(requests, request(0, 301), counters(0, 0),
+                                                 counters(hits, queries), shared=True)
+    assert engine_counters["other_clients"] is other_clients
+    assert (engine_counters["sum_cached_tokens"], engine_counters["sum_prompt_tokens"]) == (288, 919)
+    assert bool(problems) is problem
+
+
+def test_an_unshared_engine_fails_on_any_counter_mismatch():
+    _, problems = p.audit_counters([request(288, 317)], request(0, 301), counters(0, 0), counters(576, 618))
+    assert problems and "grew by 576" in problems[0]
+
+
+def test_compute_stats_leaves_engine_timings_empty_where_the_engine_gives_none():
+    trials = [{**_trial(10.0 + i, 100.0), "engine_ttft_ms": None, "prefill_ms": None} for i in range(3)]
+    s = p.compute_stats(trials)
+    assert (s["engine_ttft_mean"], s["prefill_median"]) == (None, None)
+    assert s["ttft_mean"] == 11.0
+
+
+def test_compute_stats_leaves_cached_tokens_empty_where_the_engine_reports_none():
+    trials = [{**_trial(10.0, 100.0), "cached_tokens": None, "throughput_request": {"cached_tokens": None}}]
+    s = p.compute_stats(trials)
+    assert (s["cached_tokens"], s["cached_tokens_max"]) == (None, None)
