@@ -1,4 +1,5 @@
-"""Chart the results of phase2_experiment.py: cache hit vs miss (vs cold) per (A, B) config.
+"""Chart the results of phase1_experiment.py (server) and phase2_experiment.py (offline):
+cache hit vs miss (vs cold) per (A, B) config.
 
     python plot_results.py                       # results/ -> results/experiment1_all_configs_phase2.png
     python plot_results.py --results-dir results/h200-llama3.1-8b-shape-sweep --write-readme
@@ -6,12 +7,14 @@
 
 Reads every results_phase<N>_a<A>_b<B>.json (or .json.gz) in --results-dir (not its subfolders),
 draws one PNG per phase (TTFT and throughput panels, plus a warmup panel when the
-files carry per-condition warmup stats) and prints a Markdown summary table. With 3
+files carry per-condition warmup stats, as phase 1's do) and prints a Markdown summary
+table. Where phase 1 and phase 2 measured the same model and configs, it prints and draws
+what the server path adds to each condition's TTFT (phase1_vs_phase2.png). With 3
 or more configs of one model it also fits TTFT = overhead + prefill work / rate,
 prints the overhead, prefill rate, TFLOP/s and MFU, and draws TTFT against context
 length (ttft_vs_context_<phase>.png). A file that is not JSON or lacks what a panel
 needs is skipped with one line. --compare prints, besides the table, each run's command,
-machine and code (the commit whose phase2_experiment.py has the hash the file records);
+machine and code (the commit whose script has the hash the file records);
 --write-readme writes the same facts into a README.md beside the files.
 """
 import argparse
@@ -29,7 +32,7 @@ import tempfile
 
 import numpy as np
 
-from phase2_experiment import agree, mean_ci95     # the experiment's own (no vLLM import)
+from phase2_experiment import agree, mean_ci95, unit_means     # the experiment's own (no vLLM import)
 
 RESULTS_DIR = "results"
 FILE_PATTERN = "results_phase*_a*_b*.json"
@@ -48,6 +51,7 @@ PANELS = {
     "throughput": ("throughput", "%.0f", "generation throughput (tokens/s), mean", "Throughput (higher is better)", 1.2),
 }
 REQUIRED_STATS = ("ttft_mean", "throughput_mean")
+SCRIPTS = {"phase1_server_api": "phase1_experiment.py", "phase2_python_api": "phase2_experiment.py"}
 # Dense bf16/fp16 tensor peak (TFLOP/s, no sparsity), from the vendors' datasheets, for MFU.
 # Matched against the recorded device name, in this order; other devices get no MFU.
 PEAK_TFLOPS = (("H100 PCIe", 756), ("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
@@ -108,7 +112,7 @@ def error_bar(stats, prefix):
     """(below, above) the mean: the 95% CI where the file has one, else one stdev."""
     mean = stats[f"{prefix}_mean"]
     ci = stats.get(f"{prefix}_ci95")
-    if isinstance(ci, list) and len(ci) == 2:
+    if isinstance(ci, list) and len(ci) == 2 and None not in ci:
         return max(mean - ci[0], 0.0), max(ci[1] - mean, 0.0)
     sd = stats.get(f"{prefix}_stdev") or 0.0
     return sd, sd
@@ -116,6 +120,24 @@ def error_bar(stats, prefix):
 
 def audit_ok(data):
     return data.get("cache_audit", {}).get("ok", True) is not False
+
+
+def unaudited(data):
+    """A run whose cache state nobody checked (a server without --enable-prompt-tokens-details)."""
+    return bool(data.get("cache_audit", {}).get("unaudited"))
+
+
+def audit_word(data):
+    if unaudited(data):
+        return "UNAUDITED"
+    return {True: "ok", False: "FAILED"}.get(data.get("cache_audit", {}).get("ok"), "-")
+
+
+def ci_text(ci, digits=1):
+    """'[25.0, 35.0]'; an unbounded side (stored as null) as -inf / inf."""
+    low, high = ci
+    return (f"[{'-inf' if low is None else format(low, f'.{digits}f')}, "
+            f"{'inf' if high is None else format(high, f'.{digits}f')}]")
 
 
 def unstable(data):
@@ -130,8 +152,8 @@ def comparison_note(data):
         notes.append(f"miss {data['ttft_degradation_pct']:+.0f}% vs hit")
     if isinstance(data.get("ttft_saving_pct"), (int, float)):
         ci = data.get("ttft_saving_ci95")
-        ci_text = f" [{ci[0]:.0f}, {ci[1]:.0f}]" if isinstance(ci, list) and len(ci) == 2 else ""
-        notes.append(f"hit saves {data['ttft_saving_pct']:.0f}%{ci_text}")
+        bounds = f" {ci_text(ci, 0)}" if isinstance(ci, list) and len(ci) == 2 else ""
+        notes.append(f"hit saves {data['ttft_saving_pct']:.0f}%{bounds}")
     if unstable(data):
         notes.append("UNSTABLE: halves disagree")
     return "\n".join(notes)
@@ -169,7 +191,7 @@ def _bars(ax, configs, conds, stat_prefix, fmt):
         xs, heights, errs, drawn = [], [], [[], []], []
         for j, data in enumerate(configs.values()):
             stats = data.get(cond, {}).get("stats")
-            if not stats or f"{stat_prefix}_mean" not in stats:
+            if not stats or stats.get(f"{stat_prefix}_mean") is None:
                 continue
             lo, hi = error_bar(stats, stat_prefix)
             used_ci |= isinstance(stats.get(f"{stat_prefix}_ci95"), list)
@@ -182,15 +204,15 @@ def _bars(ax, configs, conds, stat_prefix, fmt):
         _, label, colour = CONDITIONS[cond]
         bars = ax.bar(xs, heights, width, yerr=errs, capsize=3, label=label, color=colour)
         for bar, data in zip(bars, drawn):
-            if not audit_ok(data):
+            if not audit_ok(data) or unaudited(data):
                 bar.set_hatch("//")
-                bar.set_edgecolor("red")
+                bar.set_edgecolor("red" if not audit_ok(data) else "black")
         ax.bar_label(bars, fmt=fmt, label_type="center", fontsize=7, color="white", fontweight="bold")
     ax.set_xticks(range(len(configs)))
-    ax.set_xticklabels([f"A={a} / B={b}" + ("" if audit_ok(d) else "\nAUDIT FAILED")
+    ax.set_xticklabels([f"A={a} / B={b}" + ("\nAUDIT FAILED" if not audit_ok(d) else "\nUNAUDITED" if unaudited(d) else "")
                         for (a, b), d in configs.items()], fontsize=8)
     for label, data in zip(ax.get_xticklabels(), configs.values()):
-        if not audit_ok(data):
+        if not audit_ok(data) or unaudited(data):
             label.set_color("red")
     ax.grid(axis="y", alpha=0.3)
     ax.set_axisbelow(True)
@@ -206,7 +228,8 @@ def plot_phase(configs, phase_key, phase_label, outfile):
     import matplotlib.pyplot as plt
 
     conds = conditions_present(configs)
-    has_warmup = any("warmup_time_mean" in d.get(c, {}).get("stats", {}) for d in configs.values() for c in conds)
+    has_warmup = any(d.get(c, {}).get("stats", {}).get("warmup_time_mean") is not None
+                     for d in configs.values() for c in conds)
     panels = (["warmup"] if has_warmup else []) + ["ttft", "throughput"]
     panel_width = max(4.5, 1.7 * len(configs))        # room for "A=1024 / B=256" under each group
     # up to 6 configs the panels stand side by side; beyond that, one above the other
@@ -223,7 +246,7 @@ def plot_phase(configs, phase_key, phase_label, outfile):
                 ax.annotate(comparison_note(data), (j, tops[j]), xytext=(0, 14), textcoords="offset points",
                             ha="center", va="bottom", fontsize=7, color="red" if unstable(data) else "black")
         lows = [d[c]["stats"][f"{prefix}_mean"] for d in configs.values() for c in conds
-                if f"{prefix}_mean" in d.get(c, {}).get("stats", {})]
+                if d.get(c, {}).get("stats", {}).get(f"{prefix}_mean") is not None]
         if name == "ttft" and min(lows) > 0 and max(tops) / min(lows) > 20:
             # 512 to 32k tokens of context: on a linear axis the short configs' bars vanish
             ax.set_yscale("log")
@@ -258,13 +281,88 @@ def summary_table(configs):
         cells.append(f"{deg:+.1f}%" if isinstance(deg, (int, float)) else "-")
         if "cache_cold" in conds:
             sav, ci = d.get("ttft_saving_pct"), d.get("ttft_saving_ci95")
-            cells.append((f"{sav:.1f}% [{ci[0]:.1f}, {ci[1]:.1f}]" if isinstance(sav, (int, float)) and ci else "-")
+            cells.append((f"{sav:.1f}% {ci_text(ci)}" if isinstance(sav, (int, float)) and ci else "-")
                          + (" UNSTABLE" if unstable(d) else ""))
         hs = d["cache_hit"]["stats"]
         cells.append(f"{hs.get('cached_tokens', '?')} / {hs.get('prompt_tokens', '?')}")
-        cells.append({True: "ok", False: "FAILED"}.get(d.get("cache_audit", {}).get("ok"), "-"))
+        cells.append(audit_word(d))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
+
+
+def block_means(data, condition):
+    """One condition's TTFT per time block of its run (per trial for files without blocks)."""
+    trials = data[condition]["trials"]
+    unit = "block" if all("block" in t for t in trials) else "trial"
+    return unit_means(trials, condition, unit)
+
+
+def server_path_cost(phases):
+    """{(A, B): {condition: (phase 1 ms, phase 2 ms, added ms, [95% CI])}} for every config
+    that phase 1 (the server) and phase 2 (the offline engine) measured on the same model:
+    what the HTTP and streaming path adds to TTFT. Welch's interval over the two runs' time
+    block means, so each run's own drift is in it."""
+    from scipy import stats
+    server, offline = phases.get("phase1", {}), phases.get("phase2", {})
+    name = lambda d: os.path.basename(str(d.get("model")).rstrip("/"))
+    costs = {}
+    for ab in sorted(set(server) & set(offline)):
+        d1, d2 = server[ab], offline[ab]
+        if name(d1) != name(d2):
+            continue
+        costs[ab] = {}
+        for c in CONDITIONS:
+            if c in d1 and c in d2:
+                x, y = block_means(d1, c), block_means(d2, c)
+                ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval()
+                costs[ab][c] = (float(x.mean()), float(y.mean()), float(x.mean() - y.mean()), [float(ci.low), float(ci.high)])
+    return costs
+
+
+def server_path_table(costs):
+    """Markdown: per config and condition, phase 2's TTFT, phase 1's, and what the server path adds."""
+    conds = [c for c in CONDITIONS if any(c in row for row in costs.values())]
+    rows = ["| config | " + " | ".join(f"{CONDITIONS[c][0]}: offline → server ms (added, 95% CI)" for c in conds) + " |",
+            "|---|" + "---|" * len(conds)]
+    for (a, b), row in costs.items():
+        cells = [f"{row[c][1]:.2f} → {row[c][0]:.2f} ({row[c][2]:+.2f} {ci_text(row[c][3], 2)})" if c in row else "-"
+                 for c in conds]
+        rows.append(f"| A={a} / B={b} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def plot_server_path(costs, title, outfile):
+    """Grouped bars: the ms the server path adds to each condition's TTFT, per config, with 95% CIs."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    conds = [c for c in CONDITIONS if any(c in row for row in costs.values())]
+    fig, ax = plt.subplots(figsize=(max(5.0, 1.7 * len(costs)), 4.6))
+    width = 0.8 / len(conds)
+    for i, c in enumerate(conds):
+        xs = [j + (i - (len(conds) - 1) / 2) * width for j, row in enumerate(costs.values()) if c in row]
+        added = [row[c][2] for row in costs.values() if c in row]
+        errs = [[max(row[c][2] - row[c][3][0], 0) for row in costs.values() if c in row],
+                [max(row[c][3][1] - row[c][2], 0) for row in costs.values() if c in row]]
+        bars = ax.bar(xs, added, width, yerr=errs, capsize=3, label=CONDITIONS[c][1], color=CONDITIONS[c][2])
+        ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)
+    ax.axhline(0, color="black", linewidth=0.8)
+    ax.set_xticks(range(len(costs)))
+    ax.set_xticklabels([f"A={a} / B={b}" for a, b in costs], fontsize=8)
+    ax.set_ylabel("TTFT added by the server path (ms)")
+    ax.set_title(title, fontsize=10)
+    ax.grid(axis="y", alpha=0.3)
+    ax.set_axisbelow(True)
+    ax.legend(fontsize=7, frameon=False)
+    ax.text(0.99, 0.01, "server (phase 1) minus offline (phase 2); error bars: 95% CI over time blocks",
+            transform=ax.transAxes, ha="right", va="bottom", fontsize=7, color="#555555")
+    fig.tight_layout()
+    fig.savefig(outfile, dpi=130)
+    return fig
+
+
+SERVER_PATH_CHART = "phase1_vs_phase2.png"
 
 
 def prefill_flops(shape, new_tokens, cached_tokens=0):
@@ -411,7 +509,7 @@ def compare_runs(run_dirs):
     agreed = total = 0
     for phase, (a, b) in keys:
         found = [r.get(phase, {}).get((a, b)) for r in runs]
-        cells = [f"{d['ttft_saving_pct']:.1f}% [{d['ttft_saving_ci95'][0]:.1f}, {d['ttft_saving_ci95'][1]:.1f}]"
+        cells = [f"{d['ttft_saving_pct']:.1f}% {ci_text(d['ttft_saving_ci95'])}"
                  + (" UNSTABLE" if unstable(d) else "") if d else "-" for d in found]
         present = [d for d in found if d]
         pairs = [agree(x["ttft_saving_pct"], x["ttft_saving_ci95"], y["ttft_saving_pct"], y["ttft_saving_ci95"])
@@ -443,7 +541,7 @@ def across_runs(savings):
 
 @functools.lru_cache(maxsize=None)
 def script_commits(sha256, path="phase2_experiment.py"):
-    """The commits of this repository whose phase2_experiment.py has this sha256, newest first
+    """The commits of this repository whose script at path has this sha256, newest first
     (the last is the commit that made the file so): a result's script hash names the code that
     made it, also where its git_commit could not."""
     here = os.path.dirname(os.path.abspath(__file__))
@@ -465,10 +563,11 @@ def provenance(data):
     env = data.get("environment", {})
     version = env.get("tool_version") or {}
     sha = version.get("script_sha256")
+    script = SCRIPTS.get(data.get("phase"), "phase2_experiment.py")
     if sha:
-        commits = script_commits(sha)
-        tool = (f"phase2_experiment.py as of commit {commits[-1]}" if commits else
-                f"phase2_experiment.py sha256 {sha[:12]} (no commit here has it)")
+        commits = script_commits(sha, script)
+        tool = (f"{script} as of commit {commits[-1]}" if commits else
+                f"{script} sha256 {sha[:12]} (no commit here has it)")
     else:
         tool = "tool version not recorded (file made before provenance was recorded)"
     machine = devices_label(env) or "device not recorded"
@@ -508,8 +607,15 @@ def results_readme(title, phases, folder="."):
                 device = next(iter(group.values())).get("environment", {}).get("device")
                 lines += ["```", f"{os.path.basename(str(model).rstrip('/'))}: {describe_fit(fit, device)}", "```", ""]
         charts = (f"experiment1_all_configs_{phase}.png", f"ttft_vs_context_{phase}.png")
-        lines += [f"![{c}]({c})" for c in charts if os.path.exists(os.path.join(folder, c))]
-    return "\n".join(lines) + "\n"
+        lines += [f"![{c}]({c})" for c in charts if os.path.exists(os.path.join(folder, c))] + [""]
+    costs = server_path_cost(phases)
+    if costs:
+        lines += ["## What the server path adds", "",
+                  "Phase 1 (streamed through `vllm serve`, timed in the client) against phase 2 (the offline engine), "
+                  "same model and configs:", "", server_path_table(costs), ""]
+        if os.path.exists(os.path.join(folder, SERVER_PATH_CHART)):
+            lines += [f"![{SERVER_PATH_CHART}]({SERVER_PATH_CHART})", ""]
+    return "\n".join(lines).rstrip("\n") + "\n"
 
 
 def reruns_readme(title, comparison):
@@ -590,6 +696,12 @@ def main(argv=None):
                 context_file = os.path.join(out_dir, f"ttft_vs_context_{phase}.png")
                 plot_context(group, fit, label, context_file)
                 print(f"wrote {context_file}")
+    costs = server_path_cost(phases)
+    if costs:
+        chart = os.path.join(out_dir, SERVER_PATH_CHART)
+        plot_server_path(costs, "What the server path adds to TTFT", chart)
+        print(f"\n## phase 1 (server) against phase 2 (offline): what the HTTP and streaming path adds\n\n"
+              f"{server_path_table(costs)}\n\nwrote {chart}")
     if args.write_readme:
         write_readme(os.path.join(args.results_dir, "README.md"),
                      results_readme(f"Results: {os.path.basename(os.path.abspath(args.results_dir))}", phases,

@@ -46,3 +46,31 @@ def run_script(args, timeout=600, **kwargs):
     import subprocess
     return subprocess.run([sys.executable, *args], cwd=ROOT, capture_output=True, text=True,
                           timeout=timeout, **kwargs)
+
+
+@pytest.fixture(scope="session")
+def vllm_server(tiny_model_dir):
+    """A real `vllm serve` of the tiny model, started and stopped the way phase 1 does it
+    (phase1_experiment.EmbeddedServer): its base URL."""
+    import phase1_experiment as p1
+    server = p1.EmbeddedServer(tiny_model_dir, "127.0.0.1", p1.free_port("127.0.0.1"),
+                               ENGINE_FLAGS + ["--max-model-len", "2048"])
+    try:
+        server.start(timeout_s=600)
+        yield server
+    finally:
+        server.stop()
+        assert not session_processes(server.proc.pid), "the server left processes behind"
+
+
+def session_processes(session_id):
+    """The live processes of a session (a server started with start_new_session: its pid)."""
+    import psutil
+    found = []
+    for proc in psutil.process_iter():
+        try:
+            if os.getsid(proc.pid) == session_id and proc.status() != psutil.STATUS_ZOMBIE:
+                found.append(proc)
+        except (OSError, psutil.Error):
+            pass
+    return found

@@ -8,12 +8,13 @@ import shlex
 import pytest
 
 import make_model
+import phase1_experiment as p1
 import phase2_experiment as p
 import plot_results
 from conftest import ROOT
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
-SCRIPTS = ("phase2_experiment.py", "plot_results.py", "tests/make_model.py", "tests/run_tests.sh")
+SCRIPTS = ("phase1_experiment.py", "phase2_experiment.py", "plot_results.py", "tests/make_model.py", "tests/run_tests.sh")
 
 
 def commands(path):
@@ -36,6 +37,8 @@ def test_the_docs_hold_the_commands_a_user_needs():
     readme = [words for path, words in ALL_COMMANDS if path == "README.md"]
     assert ["tests/run_tests.sh"] in readme
     assert any(w[0] == "phase2_experiment.py" for w in readme) and any(w[0] == "plot_results.py" for w in readme)
+    assert any(w[0] == "phase1_experiment.py" and "--base-url" in w for w in readme)
+    assert any(w[0] == "phase1_experiment.py" and "--base-url" not in w for w in readme)
 
 
 @pytest.mark.parametrize("path,words", ALL_COMMANDS, ids=[f"{p}:{' '.join(w)[:60]}" for p, w in ALL_COMMANDS])
@@ -49,6 +52,9 @@ def test_every_documented_command_is_accepted_by_the_real_parser(path, words, ti
             args += ["--model", tiny_model_dir]
         opts, engine_args = p.parse_args(args)
         assert opts.configs and engine_args.enable_prefix_caching
+    elif script == "phase1_experiment.py":
+        opts, vllm_flags = p1.parse_args(args)
+        assert opts.configs and not (opts.base_url and vllm_flags)
     elif script == "plot_results.py":
         plot_results.build_parser().parse_args(args)
     elif script == "tests/make_model.py":

@@ -1,9 +1,14 @@
-"""Bad input fails early (before any engine starts), in one line, with the right exit code."""
+"""Bad input fails early (before any engine starts), in one line, with the right exit code.
+
+What the command line prints is checked in a new process (check_one_line_error); checks that
+need vLLM's own parser run main() in this process, where vLLM is imported once, and check the
+error it ends with (the same one the command line prints)."""
 import json
 import os
 
 import pytest
 
+import phase2_experiment as p
 from conftest import run_script
 
 
@@ -15,6 +20,15 @@ def check_one_line_error(proc, code, *needles):
     for needle in needles:
         assert needle in lines[0], lines[0]
     assert "starting vLLM engine" not in proc.stdout
+
+
+def main_error(argv):
+    """The error main(argv) ends with, before any engine starts: (exit code, its one line)."""
+    with pytest.raises(p.ExperimentError) as error:
+        p.main(argv)
+    message = str(error.value)
+    assert "\n" not in message
+    return error.value.exit_code, message
 
 
 @pytest.mark.parametrize("args,flag", [
@@ -50,22 +64,21 @@ def test_bad_flags_exit_2_in_one_line_before_any_import_of_vllm(tmp_path, args, 
     (["--tensor-parallel-size", "two"], "--tensor-parallel-size"),
 ])
 def test_bad_engine_flags_exit_2_in_one_line(tmp_path, args, needle):
-    proc = run_script(["phase2_experiment.py", *args, "--results-dir", str(tmp_path / "r")], timeout=120)
-    check_one_line_error(proc, 2, needle)
+    code, message = main_error([*args, "--results-dir", str(tmp_path / "r")])
+    assert code == 2 and needle in message
 
 
 def test_config_larger_than_the_model_context_exits_2_naming_the_limit(tiny_model_dir, tmp_path):
-    proc = run_script(["phase2_experiment.py", "--model", tiny_model_dir, "--sizes", "256x256,1900x100",
-                       "--results-dir", str(tmp_path)], timeout=120)
+    code, message = main_error(["--model", tiny_model_dir, "--sizes", "256x256,1900x100", "--results-dir", str(tmp_path)])
     # 1 BOS + 1900 + 100 + 16 query + 50 output = 2067 > 2048
-    check_one_line_error(proc, 2, "A=1900 B=100", "2067", "2048", "at most 1981")
+    assert code == 2 and all(s in message for s in ("A=1900 B=100", "2067", "2048", "at most 1981"))
     assert os.listdir(tmp_path) == []
 
 
 def test_max_model_len_flag_lowers_the_limit(tiny_model_dir, tmp_path):
-    proc = run_script(["phase2_experiment.py", "--model", tiny_model_dir, "--size-a", "256", "--size-b", "256",
-                       "--max-model-len", "512", "--results-dir", str(tmp_path)], timeout=120)
-    check_one_line_error(proc, 2, "512 (--max-model-len)")
+    code, message = main_error(["--model", tiny_model_dir, "--size-a", "256", "--size-b", "256",
+                                "--max-model-len", "512", "--results-dir", str(tmp_path)])
+    assert code == 2 and "512 (--max-model-len)" in message
 
 
 @pytest.mark.parametrize("kind", ["folder", "hub_id"])
@@ -86,9 +99,8 @@ def test_remote_code_is_never_run_without_trust_remote_code(tmp_path):
     (model / "configuration_custom.py").write_text(
         f"open({str(marker)!r}, 'w').write('ran')\n"
         "from transformers import PretrainedConfig\nclass CustomConfig(PretrainedConfig):\n    model_type = 'my_custom_opt'\n")
-    proc = run_script(["phase2_experiment.py", "--model", str(model), "--results-dir", str(tmp_path / "r")],
-                      timeout=120)
-    check_one_line_error(proc, 1, "cannot be loaded")
+    code, message = main_error(["--model", str(model), "--results-dir", str(tmp_path / "r")])
+    assert code == 1 and "cannot be loaded" in message
     assert not marker.exists()
 
 

