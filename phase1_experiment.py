@@ -44,6 +44,10 @@ SERVER_HOST = "127.0.0.1"
 SERVER_START_TIMEOUT_S = 1200.0     # a first start on a GPU compiles: minutes
 REQUEST_TIMEOUT_S = 600.0           # one request, from send to its last chunk
 SERVER_STOP_GRACE_S = 30.0          # SIGTERM, then SIGKILL for whatever is left
+# One server is one engine process: the interval is over its time blocks (12 of at least 20 s),
+# not over several processes as phase 2's is.
+NUM_BLOCKS = 12
+MIN_BLOCK_SECONDS = 20.0
 # vLLM closes a keep-alive connection after VLLM_HTTP_TIMEOUT_KEEP_ALIVE (5 s) idle. Building a
 # run's prompts takes longer than that, so after an idle gap of IDLE_RECONNECT_S an untimed
 # GET /health makes sure the next timed request finds its connection open. The embedded server
@@ -132,6 +136,12 @@ class HttpClient:
         self.connections_opened += 1
 
     def close(self):
+        """Close the connection and the loop; a request a signal broke off is cancelled first."""
+        pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
         if not self.session.closed:
             self.loop.run_until_complete(self.session.close())
         self.loop.close()
@@ -147,6 +157,8 @@ class HttpClient:
             raise ExperimentError(f"cannot reach {self.base_url} ({what}): {e.strerror or e}")
         except (aiohttp.ClientError, ConnectionError) as e:
             raise ExperimentError(f"{self.base_url} broke off {what}: {type(e).__name__}: {p2.first_line(e)}")
+        except ValueError as e:                 # a body or a chunk that is not the JSON it should be
+            raise ExperimentError(f"{self.base_url} answered {what} with something that is not JSON: {p2.first_line(e)}")
 
     async def _check(self, response, what):
         if response.status >= 400:
@@ -160,13 +172,14 @@ class HttpClient:
                                   f"{p2.first_line(message or response.reason)}")
 
     def ensure_connection(self):
-        """An untimed GET /health on the kept connection; if the server had closed it meanwhile,
-        once more on a fresh one."""
-        import aiohttp
+        """An untimed GET /health on the kept connection; if that fails (the server closed the
+        connection meanwhile), once more on a fresh one, whose failure is the run's one line."""
         try:
             self.loop.run_until_complete(self._health())
-        except (aiohttp.ServerDisconnectedError, aiohttp.ClientOSError):
-            self.run("GET /health", self._health())
+            return
+        except Exception:
+            pass
+        self.run("GET /health", self._health())
 
     async def _health(self):
         async with self.session.get(self.base_url + "/health") as response:
@@ -190,16 +203,22 @@ class HttpClient:
         """POST /v1/completions with stream on. Returns the arrival times (perf_counter s) of
         the chunks that carry a token, the last chunk's usage, the send time and the end time.
         Nothing but the request and reading its chunks is inside the timed region."""
+        data = json.dumps(body).encode()        # serialised before the clock starts: the client's cost, not the server's
         async def stream():
             token_times, usage = [], None
             sent = time.perf_counter()
-            async with self.session.post(self.base_url + "/v1/completions", json=body) as response:
+            async with self.session.post(self.base_url + "/v1/completions", data=data,
+                                         headers={"Content-Type": "application/json"}) as response:
                 await self._check(response, "POST /v1/completions")
                 async for line in response.content:
                     arrived = time.perf_counter()
                     if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
                         continue
                     chunk = json.loads(line[6:])
+                    if chunk.get("error"):          # vLLM reports a failure mid-stream with HTTP 200
+                        error = chunk["error"]
+                        raise ExperimentError(f"{self.base_url} failed a completion request mid-stream: "
+                                              f"{p2.first_line(error.get('message', error) if isinstance(error, dict) else error)}")
                     if chunk.get("choices"):
                         token_times.append(arrived)
                     if chunk.get("usage"):
@@ -329,7 +348,9 @@ class EmbeddedServer:
                 raise ExperimentError(f"the vLLM server exited with code {self.proc.returncode} during its start: "
                                       f"{first_error_line(self.log_path)} (log: {self.log_path})")
             try:
-                with urllib.request.urlopen(self.base_url + "/health", timeout=2) as response:
+                # straight to the server: a proxy from the environment must not sit in between
+                with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
+                        self.base_url + "/health", timeout=2) as response:
                     if response.status == 200:
                         self.start_s = time.perf_counter() - t0
                         print(f"server ready in {self.start_s:.1f} s", flush=True)
@@ -486,7 +507,7 @@ def server_environment(client, card, server, vllm_flags, opts):
         version = None
     return {
         "vllm_version": version,
-        "device": local_device() if server else "unknown (a server reached by --base-url)",
+        "device": p2.device_name() if server else "unknown (a server reached by --base-url)",
         "block_size": block,
         # prefix-cache hits land on multiples of this (vLLM >= 0.30 can set it below block_size)
         "cache_block_size": label_int(labels, "prefix_match_unit") or block,
@@ -504,17 +525,6 @@ def server_environment(client, card, server, vllm_flags, opts):
     }
 
 
-def local_device():
-    """The accelerator the embedded server runs on, as torch names it."""
-    try:
-        import torch
-        if torch.cuda.is_available():
-            return torch.cuda.get_device_name(0)
-    except ImportError:
-        pass
-    return f"{os.uname().machine} CPU"
-
-
 # -----------------------------------------------------------------------------
 # command line
 
@@ -522,6 +532,7 @@ def build_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[p2.experiment_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
     parser.error = p2.usage_error
+    parser.set_defaults(processes=1, num_blocks=NUM_BLOCKS, min_block_seconds=MIN_BLOCK_SECONDS)
     g = parser.add_argument_group("server (any other flag goes to the embedded `vllm serve`)")
     g.add_argument("--model", help=f"model folder or hub id to serve (default {p2.MODEL_NAME}); with --base-url, "
                                    f"the served model's name (default: its only one)")
@@ -544,6 +555,8 @@ def parse_args(argv):
     if opts.sizes and (opts.size_a or opts.size_b):
         p2.usage_error("--sizes cannot be combined with --size-a/--size-b")
     opts.configs = opts.sizes or [(opts.size_a or p2.CONTEXT_SIZE_A, opts.size_b or p2.CONTEXT_SIZE_B)]
+    if opts.processes != 1 or opts.worker_output:
+        p2.usage_error("--processes: phase 1 measures one server; its interval is over the server's time blocks")
     if opts.num_trials is None and opts.warmup_trials == 0:
         p2.usage_error("--warmup-trials 0 needs --num-trials: the discarded round is what times the run")
     if opts.base_url:

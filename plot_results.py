@@ -133,6 +133,11 @@ def audit_word(data):
     return {True: "ok", False: "FAILED"}.get(data.get("cache_audit", {}).get("ok"), "-")
 
 
+def bounded(ci):
+    """An interval as numbers: a side stored as null (unbounded) as -inf / inf."""
+    return [-np.inf if ci[0] is None else ci[0], np.inf if ci[1] is None else ci[1]]
+
+
 def ci_text(ci, digits=1):
     """'[25.0, 35.0]'; an unbounded side (stored as null) as -inf / inf."""
     low, high = ci
@@ -284,36 +289,41 @@ def summary_table(configs):
             cells.append((f"{sav:.1f}% {ci_text(ci)}" if isinstance(sav, (int, float)) and ci else "-")
                          + (" UNSTABLE" if unstable(d) else ""))
         hs = d["cache_hit"]["stats"]
-        cells.append(f"{hs.get('cached_tokens', '?')} / {hs.get('prompt_tokens', '?')}")
+        cached = hs.get("cached_tokens", "?")
+        cells.append(f"{'-' if cached is None else cached} / {hs.get('prompt_tokens', '?')}")
         cells.append(audit_word(d))
         rows.append("| " + " | ".join(cells) + " |")
     return "\n".join(rows)
 
 
-def block_means(data, condition):
-    """One condition's TTFT per time block of its run (per trial for files without blocks)."""
+def independent_means(data, condition):
+    """One condition's TTFT per unit its run's interval treats as independent: engine processes
+    where there are several, else time blocks; per trial where there are fewer than 2 of either."""
     trials = data[condition]["trials"]
-    unit = "block" if all("block" in t for t in trials) else "trial"
-    return unit_means(trials, condition, unit)
+    for unit in ("process", "block"):
+        if all(unit in t for t in trials) and len({t[unit] for t in trials}) >= 2:
+            return unit_means(trials, condition, unit)
+    return unit_means(trials, condition, "trial")
 
 
 def server_path_cost(phases):
     """{(A, B): {condition: (phase 1 ms, phase 2 ms, added ms, [95% CI])}} for every config
     that phase 1 (the server) and phase 2 (the offline engine) measured on the same model:
-    what the HTTP and streaming path adds to TTFT. Welch's interval over the two runs' time
-    block means, so each run's own drift is in it."""
+    what the HTTP and streaming path adds to TTFT. Welch's interval over the units each run's
+    own interval treats as independent (processes, else time blocks), so each run's drift is in it."""
     from scipy import stats
     server, offline = phases.get("phase1", {}), phases.get("phase2", {})
     name = lambda d: os.path.basename(str(d.get("model")).rstrip("/"))
     costs = {}
     for ab in sorted(set(server) & set(offline)):
         d1, d2 = server[ab], offline[ab]
-        if name(d1) != name(d2):
+        devices = {d.get("environment", {}).get("device") for d in (d1, d2)} - {None, REMOTE_DEVICE}
+        if name(d1) != name(d2) or len(devices) > 1:      # another model, or another machine
             continue
         costs[ab] = {}
         for c in CONDITIONS:
             if c in d1 and c in d2:
-                x, y = block_means(d1, c), block_means(d2, c)
+                x, y = independent_means(d1, c), independent_means(d2, c)
                 ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval()
                 costs[ab][c] = (float(x.mean()), float(y.mean()), float(x.mean() - y.mean()), [float(ci.low), float(ci.high)])
     return costs
@@ -363,6 +373,7 @@ def plot_server_path(costs, title, outfile):
 
 
 SERVER_PATH_CHART = "phase1_vs_phase2.png"
+REMOTE_DEVICE = "unknown (a server reached by --base-url)"       # phase1_experiment's word for it
 
 
 def prefill_flops(shape, new_tokens, cached_tokens=0):
@@ -482,7 +493,7 @@ def plot_context(configs, fit, phase_label, outfile):
                 label=f"fit, nothing cached: {fit['overhead_ms']:.1f} ms + {fit['work']} at {rate}")
         hits = [d["cache_hit"]["stats"] for d in configs.values()]
         ax.plot([h["prompt_tokens"] for h in hits],
-                [predicted_ttft_ms(fit, h["prompt_tokens"] - h.get("cached_tokens", 0), h.get("cached_tokens", 0))
+                [predicted_ttft_ms(fit, h["prompt_tokens"] - (h.get("cached_tokens") or 0), h.get("cached_tokens") or 0)
                  for h in hits], "x", color=CONDITIONS["cache_hit"][2], markersize=9,
                 label="fit, the hit's uncached tokens behind its cached ones")
     ax.set_xscale("log")
@@ -512,7 +523,7 @@ def compare_runs(run_dirs):
         cells = [f"{d['ttft_saving_pct']:.1f}% {ci_text(d['ttft_saving_ci95'])}"
                  + (" UNSTABLE" if unstable(d) else "") if d else "-" for d in found]
         present = [d for d in found if d]
-        pairs = [agree(x["ttft_saving_pct"], x["ttft_saving_ci95"], y["ttft_saving_pct"], y["ttft_saving_ci95"])
+        pairs = [agree(x["ttft_saving_pct"], bounded(x["ttft_saving_ci95"]), y["ttft_saving_pct"], bounded(y["ttft_saving_ci95"]))
                  for i, x in enumerate(present) for y in present[i + 1:]]
         agreed, total = agreed + sum(pairs), total + len(pairs)
         rows.append(f"| A={a} / B={b} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} | "
@@ -580,9 +591,14 @@ def provenance(data):
 def interval_note(configs):
     """One line on what the intervals of these files are taken over."""
     intervals = [d.get("interval") for d in configs.values()]
-    if not all(intervals) or len({m["unit"] for m in intervals}) != 1:
+    if not all(intervals):
         return "95% intervals: paired over rounds (files made before intervals were taken over time blocks)."
+    if len({m["unit"] for m in intervals}) != 1:
+        return "95% intervals: taken over different units in different files (see each file's interval.unit)."
     m = intervals[0]
+    if m["unit"] == "process":
+        return (f"95% intervals: {m['statistic']}; {m['processes']} processes of {m['num_blocks'] // m['processes']} "
+                f"time blocks, configs {', '.join(m['interleaved_configs'])} interleaved.")
     if m["unit"] == "block":
         return (f"95% intervals: {m['statistic']}; {m['num_blocks']} blocks of {m['rounds_per_block']:g} rounds "
                 f"over about {max(i['span_s'] for i in intervals):.0f} s, configs {', '.join(m['interleaved_configs'])} interleaved.")

@@ -10,7 +10,8 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 class FakeServer:
     """mode: "ok" (cached tokens reported), "no-details" (no prompt_tokens_details),
-    "http-500" (completions fail), "drop-after-N" (the connection drops on the N-th completion)."""
+    "http-500" (completions fail), "error-chunk" (an error inside a 200 stream),
+    "drop-after-N" (the connection drops on the N-th completion)."""
 
     def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048, idle_timeout_s=None):
         self.mode, self.completions = mode, 0
@@ -52,6 +53,9 @@ class FakeServer:
                 fake.completions += 1
                 if fake.mode == "http-500":
                     return self.reply(500, {"error": {"message": "the engine is sad"}})
+                if fake.mode == "error-chunk":          # vLLM's way to fail a request mid-stream
+                    return self.reply(200, b'data: {"error": {"message": "engine overloaded", "code": 500}}\n\n',
+                                      "text/event-stream")
                 if fake.mode.startswith("drop-after-") and fake.completions >= int(fake.mode.split("-")[-1]):
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)      # no reply at all: the peer sees the socket close

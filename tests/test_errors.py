@@ -42,6 +42,7 @@ def main_error(argv):
     (["--sizes", "512x256", "--size-a", "5"], "--sizes"),
     (["--num-trials", "0"], "--num-trials"),
     (["--pause-ms", "-1"], "--pause-ms"),
+    (["--block-order", "--processes", "2"], "--block-order"),
 ])
 def test_bad_flags_exit_2_in_one_line_before_any_import_of_vllm(tmp_path, args, flag):
     # A stand-in vllm package that leaves a mark if anything imports it: the experiment's own

@@ -11,10 +11,11 @@ import sys
 import time
 import types
 
+import numpy as np
 import pytest
 
 import phase2_experiment as p
-from conftest import ENGINE_FLAGS, ROOT, run_script
+from conftest import ENGINE_FLAGS, ROOT, run_script, session_processes
 
 SEED_TOP_KEYS = ("phase", "model", "timestamp", "config", "warmup_time_ms", "cache_hit", "cache_miss",
                  "ttft_degradation_pct")
@@ -186,18 +187,20 @@ def test_audit_reports_requests_that_break_their_condition(llm, block):
 
 # ----------------------------------------------------------------------------- the CLI
 
-def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
+def test_cli_writes_one_audited_json_per_config_over_several_processes(tiny_model_dir, tmp_path):
     out = tmp_path / "results"
-    args = ["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-blocks", "3", "--min-block-seconds",
-            "0.2", "--pause-ms", "5", "--max-output-tokens", "5", "--results-dir", str(out), "--seed", "7",
-            *ENGINE_FLAGS]
+    args = ["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--processes", "2", "--num-blocks", "3",
+            "--min-block-seconds", "0.2", "--pause-ms", "5", "--max-output-tokens", "5", "--results-dir", str(out),
+            "--seed", "7", *ENGINE_FLAGS]
     proc = run_script(["phase2_experiment.py", *args])
     assert proc.returncode == 0, proc.stderr[-3000:]
-    # the measured rounds are sized from the discarded round's time: 3 blocks of >= 0.2 s, >= 2 rounds each
-    sized = re.search(r"a round of 2 config\(s\) took ([0-9.]+) s: (\d+) measured rounds in 3 time block", proc.stdout)
-    assert sized, proc.stdout[-2000:]
-    round_s, rounds = float(sized.group(1)), int(sized.group(2))
-    assert rounds == 3 * max(2, math.ceil(0.2 / round_s)) or abs(round_s - 0.2 / (rounds // 3)) < 0.01
+    assert "=== engine process 2 of 2 ===" in proc.stdout and "engine process 1 of 2 done after" in proc.stdout
+    # each process sizes its measured rounds from its discarded round's time: 3 blocks of >= 0.2 s, >= 2 rounds each
+    sized = re.findall(r"a round of 2 config\(s\) took ([0-9.]+) s: (\d+) measured rounds in 3 time block", proc.stdout)
+    assert len(sized) == 2, proc.stdout[-2000:]
+    for round_s, rounds in ((float(s), int(r)) for s, r in sized):
+        assert rounds == 3 * max(2, math.ceil(0.2 / round_s)) or abs(round_s - 0.2 / (rounds // 3)) < 0.01
+    rounds = sum(int(r) for _, r in sized)
     assert sorted(os.listdir(out)) == ["results_phase2_a200_b100.json", "results_phase2_a255_b128.json"]
     for name, a, b in (("results_phase2_a200_b100.json", 200, 100), ("results_phase2_a255_b128.json", 255, 128)):
         r = json.load(open(out / name))
@@ -209,7 +212,14 @@ def test_cli_writes_one_audited_json_per_config(tiny_model_dir, tmp_path):
         assert r["environment"]["engine_args"]["enable_prefix_caching"] is True
         assert r["environment"]["engine_args"]["disable_log_stats"] is False
         assert r["environment"]["engine_args"]["gpu_memory_utilization"] == 0.5    # vLLM flags pass through
-        assert r["config"]["num_trials"] == rounds and r["interval"]["num_blocks"] == 3
+        assert r["config"]["num_trials"] == rounds and r["interval"]["num_blocks"] == 6
+        # one interval over the two processes' means; every trial says which process ran it
+        assert r["interval"]["unit"] == "process" and r["interval"]["processes"] == 2
+        assert {t["process"] for t in r["cache_hit"]["trials"]} == {0, 1}
+        assert len(r["reproducibility"]["per_process_saving_pct"]) == 2
+        assert len(r["environment"]["engine_start_s_per_process"]) == 2
+        counters = r["cache_audit"]["engine_counters"]
+        assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] and "2 processes" in counters["scope"]
         assert r["environment"]["command"] == shlex.join([os.path.basename(sys.executable), "phase2_experiment.py",
                                                           *args])
         assert r["environment"]["tool_version"]["git_commit"] in (None, git_head())
@@ -223,7 +233,7 @@ def test_cli_measures_a_model_shape_without_weights(tmp_path):
     model, out = str(tmp_path / "llama-tiny"), tmp_path / "results"
     build_shape(model, "llama-tiny")
     proc = run_script(["phase2_experiment.py", "--model", model, "--load-format", "dummy", "--size-a", "200",
-                       "--size-b", "100", "--num-trials", "2", "--max-output-tokens", "5",
+                       "--size-b", "100", "--processes", "1", "--num-trials", "2", "--max-output-tokens", "5",
                        "--results-dir", str(out), *ENGINE_FLAGS])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.load(open(out / "results_phase2_a200_b100.json"))
@@ -286,6 +296,9 @@ def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tm
         assert "Traceback" not in rest
     assert sorted(os.listdir(out)) == ["results_phase2_a255_b128.json"]
     assert old.read_text() == '{"earlier": "run"}\n'
+    # the run is several engine processes by default: the signal reached the running one, and
+    # nothing of the run is left
+    assert not session_processes(proc.pid)
 
 
 def _kill_vllm_process(pid, name="VLLM::Worker", timeout=300):
@@ -333,3 +346,41 @@ def test_dead_engine_ends_the_run_with_one_line(tiny_model_dir, tmp_path, when):
     assert f"failed during its {'run' if when == 'mid_run' else 'start'}: " in errors[0]
     # nothing partial, no temp file: the configs of a run finish together
     assert (sorted(os.listdir(out)) if out.exists() else []) == []
+
+
+def test_processes_merge_into_one_result_with_the_interval_over_their_means(llm):
+    """Two runs on the session's engine stand in for two engine processes: the merged result
+    keeps every trial, tagged and numbered across the run, and its interval is Fieller's over
+    the two processes' means."""
+    per_process = [run_one(llm, 200, 100, num_blocks=2), run_one(llm, 200, 100, num_blocks=2)]
+    opts = types.SimpleNamespace(min_block_seconds=0.0, block_order=False, provenance={"command": "python x"})
+    first_trials = sum(len(per_process[0][c][k]) for c in p.CONDITIONS for k in ("trials", "discarded_trials"))
+    merged = p.merge_processes(per_process, [0, first_trials], opts, 20.0)
+    for c in p.CONDITIONS:
+        assert len(merged[c]["trials"]) == sum(len(r[c]["trials"]) for r in per_process)
+        assert len(merged[c]["discarded_trials"]) == 2
+    hit = [np.mean([t["ttft_ms"] for t in r["cache_hit"]["trials"]]) for r in per_process]
+    cold = [np.mean([t["ttft_ms"] for t in r["cache_cold"]["trials"]]) for r in per_process]
+    ratio, ci = p.ratio_ci95(np.array(hit), np.array(cold), paired=True)
+    assert merged["ttft_saving_pct"] == pytest.approx(p.saving_pct(ratio))
+    assert merged["ttft_saving_ci95"] == pytest.approx(sorted(p.saving_pct(r) for r in ci))
+    assert merged["interval"]["unit"] == "process" and merged["interval"]["processes"] == 2
+    assert merged["config"]["num_trials"] == 8 and merged["config"]["num_blocks"] == 4
+    trials = sorted((t for c in p.CONDITIONS for t in merged[c]["trials"]), key=lambda t: t["order"])
+    assert [t["process"] for t in trials] == [0] * 12 + [1] * 12
+    assert [t["order"] for t in trials] == [o for o in range(30) if o % 15 >= 3]     # discarded: 0-2, 15-17
+    assert sorted({t["round"] for t in trials}) == [1, 2, 3, 4, 6, 7, 8, 9]      # each process: 1 discarded + 4
+    assert sorted({t["block"] for t in trials}) == [0, 1, 2, 3]
+    assert all(a["start_s"] <= b["start_s"] for a, b in zip(trials, trials[1:]))     # one clock for the run
+    audit = merged["cache_audit"]
+    assert audit["ok"] is True and audit["requests_checked"] == 2 * per_process[0]["cache_audit"]["requests_checked"]
+    assert merged["environment"]["command"] == "python x" and merged["environment"]["run_wall_s"] == 20.0
+    assert len(merged["environment"]["trial_order"]) == 30 and len(merged["warmup_time_ms_per_process"]) == 2
+
+
+def test_engine_counters_of_processes_add_up():
+    a = {"prefix_cache_hits": 5, "source": "x", "vllm_metrics": {"prefix_cache_hits": 4}, "other_clients": False}
+    b = {"prefix_cache_hits": 7, "source": "x", "vllm_metrics": {"prefix_cache_hits": 6}, "other_clients": False}
+    assert p.sum_counters([a, b]) == {"prefix_cache_hits": 12, "source": "x", "vllm_metrics": {"prefix_cache_hits": 10},
+                                      "other_clients": False}
+    assert p.sum_counters([a, None]) is None

@@ -66,6 +66,7 @@ def test_a_server_without_prefix_cache_metrics_has_no_counters():
     (["--size-a", "0"], "must be a positive integer"),
     (["--sizes", "512x256", "--size-a", "5"], "cannot be combined"),
     (["--request-timeout", "0"], "must be a number > 0"),
+    (["--processes", "2"], "phase 1 measures one server"),
 ])
 def test_bad_arguments_exit_2_in_one_line_before_anything_starts(args, message, tmp_path):
     proc = phase1(*args, "--results-dir", str(tmp_path), timeout=60)
@@ -190,6 +191,7 @@ def fake_server(request, tiny_model_dir):
 @pytest.mark.parametrize("fake_server,message", [
     ("http-500", "answered POST /v1/completions with HTTP 500: the engine is sad"),
     ("drop-after-6", "broke off a completion request"),
+    ("error-chunk", "failed a completion request mid-stream: engine overloaded"),
     ("no-details", "it runs without --enable-prompt-tokens-details; restart it with that flag, or pass --allow-unaudited"),
 ], indirect=["fake_server"])
 def test_http_errors_dropped_connections_and_unauditable_servers_end_in_one_line(fake_server, message, tmp_path):
@@ -288,31 +290,22 @@ def test_a_connection_closed_while_idle_is_reopened_outside_the_timed_request(ti
 
 
 def test_another_client_on_the_server_is_recorded_and_said_not_failed(vllm_server, tmp_path):
-    """While the run goes on, a second client sends its own requests: the server's counters
-    grow by more than the run's, which the JSON and the console say, and the audit holds."""
-    import threading
+    """Once the run measures, a second client sends three requests of its own: the server's
+    counters grow by more than the run's, which the JSON and the console say, and the audit holds."""
     import urllib.request
 
-    stop = threading.Event()
-
-    def other_client():
-        n = 0
-        while not stop.is_set():
-            body = json.dumps({"model": json.load(urllib.request.urlopen(vllm_server.base_url + "/v1/models"))["data"][0]["id"],
-                               "prompt": [2] + [100 + n % 50] * 40, "max_tokens": 1, "cache_salt": f"other-{n}"})
-            request = urllib.request.Request(vllm_server.base_url + "/v1/completions", body.encode(),
-                                             {"Content-Type": "application/json"})
-            urllib.request.urlopen(request).read()
-            n += 1
-
-    thread = threading.Thread(target=other_client, daemon=True)
-    thread.start()
-    try:
-        proc = phase1("--base-url", vllm_server.base_url, "--size-a", "200", "--size-b", "100", *QUICK,
-                      "--results-dir", str(tmp_path))
-    finally:
-        stop.set()
-        thread.join(timeout=30)
+    model = json.load(urllib.request.urlopen(vllm_server.base_url + "/v1/models"))["data"][0]["id"]
+    proc = subprocess.Popen([sys.executable, "phase1_experiment.py", "--base-url", vllm_server.base_url,
+                             "--size-a", "200", "--size-b", "100", "--num-trials", "100", "--num-blocks", "2",
+                             "--max-output-tokens", "8", "--results-dir", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    wait_for(proc, "a round of 1 config(s) took")
+    for n in range(3):
+        body = json.dumps({"model": model, "prompt": [2] + [100 + n] * 40, "max_tokens": 1, "cache_salt": f"other-{n}"})
+        urllib.request.urlopen(urllib.request.Request(vllm_server.base_url + "/v1/completions", body.encode(),
+                                                      {"Content-Type": "application/json"})).read()
+    out, err = proc.communicate(timeout=300)
+    proc = subprocess.CompletedProcess(proc.args, proc.returncode, out, err)
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.load(open(tmp_path / "results_phase1_a200_b100.json"))
     counters = r["cache_audit"]["engine_counters"]

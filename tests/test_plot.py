@@ -2,8 +2,10 @@
 import json
 import os
 
+import numpy as np
 import pytest
 
+import phase2_experiment as p
 import plot_results as pr
 from conftest import ROOT, run_script
 
@@ -337,3 +339,9 @@ def test_chart_titles_name_every_gpu_of_the_engine(engine_args, label):
     r = extended_result(512, 256)
     r["environment"] = {"device": "NVIDIA H200", "vllm_version": "0.26.0", "engine_args": engine_args}
     assert pr.describe_source({(512, 256): r}) == f"{os.path.basename(r['model'])} · {label} · vLLM 0.26.0"
+
+
+def test_unbounded_intervals_are_shown_and_compared_as_infinite():
+    assert pr.ci_text([None, 5.0]) == "[-inf, 5.0]" and pr.ci_text([1.0, None], 0) == "[1, inf]"
+    assert pr.bounded([None, None]) == [-np.inf, np.inf]
+    assert p.agree(50.0, pr.bounded([None, None]), 10.0, [9.0, 11.0])

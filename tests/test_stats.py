@@ -253,21 +253,61 @@ def test_replayed_h200_traces_are_held_by_block_intervals(size_a, block_coverage
     assert covered >= round_covered
 
 
-DEFAULT_ROUNDS = p.NUM_BLOCKS * p.rounds_per_block(3.15, p.MIN_BLOCK_SECONDS)    # a 3-config round took 3.15 s
+THREE_CONFIG_RUNS = ("h200-llama3.1-8b-shape-one-process", "h200-llama3.1-8b-shape-repro")
 
 
-@pytest.mark.parametrize("size_a,max_half_width", [(512, 4.0), (2048, 3.0), (8192, 1.5)])
-def test_the_default_blocks_keep_replayed_h200_intervals_narrow_and_honest(size_a, max_half_width):
-    """The defaults (NUM_BLOCKS blocks of at least MIN_BLOCK_SECONDS) on replays of the shipped
-    H200 traces: 9 intervals in 10 are at most max_half_width points wide each side (the
-    limits a user can plan with), and they still hold the truth about 9 times in 10."""
-    runs = recorded_rounds(size_a)
-    every_round = [row for run in runs for row in run]
-    truth = p.saving_pct(np.mean([r["cache_hit"] for r in every_round]) / np.mean([r["cache_cold"] for r in every_round]))
-    rng = np.random.default_rng(size_a + 1)
-    replays = [replayed_run(rng, runs, rounds=DEFAULT_ROUNDS, num_blocks=p.NUM_BLOCKS) for _ in range(200)]
-    half_widths = [np.ptp(p.compare(r, "block")["ttft_saving_ci95"]) / 2 for r in replays]
-    covered, agreeing = coverage_and_agreement(replays, "block", truth)
-    assert DEFAULT_ROUNDS == 84
-    assert np.percentile(half_widths, 90) <= max_half_width
-    assert covered >= 0.85 and agreeing >= 0.85
+def recorded_processes(size_a):
+    """Per-round TTFTs of every shipped single-process H200 run of the 3-config command, one
+    list per engine process: seven processes on four machine leases."""
+    runs = []
+    for folder in THREE_CONFIG_RUNS:
+        for path in sorted(glob.glob(os.path.join(RESULTS, folder, "*", f"results_phase2_a{size_a}_b256.json"))):
+            rows = {}
+            data = json.load(open(path))
+            for c in p.CONDITIONS:
+                for t in data[c]["trials"]:
+                    rows.setdefault(t["round"], {})[c] = t["ttft_ms"]
+            runs.append([rows[r] for r in sorted(rows)])
+    return runs
+
+
+def replayed_invocation(rng, runs, processes, rounds):
+    """One invocation of processes engine processes: each a different recorded process, a
+    stretch of rounds real rounds of it from a random place."""
+    trials = []
+    for k, j in enumerate(rng.choice(len(runs), size=processes, replace=False)):
+        run, start = runs[j], rng.integers(len(runs[j]))
+        for r in range(rounds):
+            row = run[(start + r) % len(run)]
+            trials += [{"condition": c, "round": k * rounds + r, "process": k, "block": k * 100 + r * 3 // rounds,
+                        "ttft_ms": row[c]} for c in p.CONDITIONS]
+    return trials
+
+
+DEFAULT_ROUNDS = p.NUM_BLOCKS * p.rounds_per_block(3.1, p.MIN_BLOCK_SECONDS)     # a 3-config round took 3.1 s
+
+
+@pytest.mark.parametrize("size_a,max_median_half_width", [(512, 3.0), (2048, 3.5), (8192, 1.2)])
+def test_intervals_over_engine_processes_hold_what_other_processes_measured(size_a, max_median_half_width):
+    """The recorded H200 processes differ in level (8192/256: 88.8-90.2% in four processes on
+    two leases, each interval +-0.4-0.8): one process's blocks cannot see that. Replayed, an
+    invocation of the default PROCESSES processes of DEFAULT_ROUNDS rounds holds the truth
+    (all recorded rounds) 9 times in 10 and more, where one process's 84 rounds in 12 blocks
+    held it at most 3 times in 4 at 2048 and 8192."""
+    runs = recorded_processes(size_a)
+    assert len(runs) == 7, "the shipped H200 runs of the 3-config command are missing"
+    per_run = [(np.mean([r["cache_hit"] for r in run]), np.mean([r["cache_cold"] for r in run])) for run in runs]
+    truth = p.saving_pct(np.mean([h for h, _ in per_run]) / np.mean([c for _, c in per_run]))
+    rng = np.random.default_rng(size_a)
+    invocations = [replayed_invocation(rng, runs, p.PROCESSES, DEFAULT_ROUNDS) for _ in range(300)]
+    covered, agreeing = coverage_and_agreement(invocations, "process", truth)
+    half_widths = [np.ptp(p.compare(t, "process")["ttft_saving_ci95"]) / 2 for t in invocations]
+    assert (p.PROCESSES, DEFAULT_ROUNDS) == (5, 15)
+    assert covered >= 0.9 and agreeing >= 0.9
+    assert np.median(half_widths) <= max_median_half_width
+    one_process = [replayed_invocation(rng, runs, 1, 84) for _ in range(300)]
+    for t in (t for run in one_process for t in run):
+        t["block"] = t["round"] * 12 // 84
+    one_covered, _ = coverage_and_agreement(one_process, "block", truth)
+    if size_a != 512:
+        assert one_covered < 0.75
