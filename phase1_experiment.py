@@ -552,13 +552,9 @@ def build_parser():
 def parse_args(argv):
     """Returns (opts, vllm_flags): our flags, and the rest for the embedded `vllm serve`."""
     opts, vllm_flags = build_parser().parse_known_args(argv)
-    if opts.sizes and (opts.size_a or opts.size_b):
-        p2.usage_error("--sizes cannot be combined with --size-a/--size-b")
-    opts.configs = opts.sizes or [(opts.size_a or p2.CONTEXT_SIZE_A, opts.size_b or p2.CONTEXT_SIZE_B)]
+    p2.check_run_flags(opts)
     if opts.processes != 1 or opts.worker_output:
         p2.usage_error("--processes: phase 1 measures one server; its interval is over the server's time blocks")
-    if opts.num_trials is None and opts.warmup_trials == 0:
-        p2.usage_error("--warmup-trials 0 needs --num-trials: the discarded round is what times the run")
     if opts.base_url:
         if not re.match(r"^https?://[^/\s]+", opts.base_url):
             p2.usage_error(f"--base-url must look like http://host:port, got {opts.base_url!r}")

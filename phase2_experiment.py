@@ -1378,16 +1378,21 @@ def resolve_run_shape(opts):
         opts.min_block_seconds = ONE_PROCESS_MIN_BLOCK_SECONDS if one else MIN_BLOCK_SECONDS
 
 
-def parse_args(argv):
-    """Our flags first (checked before vLLM is imported), then the rest through vLLM's own
-    parser into EngineArgs. Returns (opts, engine_args)."""
-    ours = experiment_parser()
-    opts, engine_argv = ours.parse_known_args(argv)
+def check_run_flags(opts):
+    """The checks on the experiment's own flags that phase 1 shares; sets opts.configs."""
     if opts.sizes and (opts.size_a or opts.size_b):
         usage_error("--sizes cannot be combined with --size-a/--size-b")
     opts.configs = opts.sizes or [(opts.size_a or CONTEXT_SIZE_A, opts.size_b or CONTEXT_SIZE_B)]
     if opts.num_trials is None and opts.warmup_trials == 0:
         usage_error("--warmup-trials 0 needs --num-trials: the discarded round is what times the run")
+
+
+def parse_args(argv):
+    """Our flags first (checked before vLLM is imported), then the rest through vLLM's own
+    parser into EngineArgs. Returns (opts, engine_args)."""
+    ours = experiment_parser()
+    opts, engine_argv = ours.parse_known_args(argv)
+    check_run_flags(opts)
     if opts.block_order and (opts.processes or 1) > 1:
         usage_error("--block-order runs in one process: drop --processes")
     resolve_run_shape(opts)
