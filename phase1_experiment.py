@@ -16,14 +16,30 @@ condition (the cache audit), and the server's /metrics counters must agree.
 
 Each run uses a cache namespace of its own (a cache_salt on its warmup and hits), so blocks
 that other runs or clients left on the server cannot hit. Writes
-results/results_phase1_a{A}_b{B}.json per config once the run ends. Exit codes: 0 ok,
-1 set-up or server problem, 2 bad arguments, 3 a cache audit failed (the JSON is still
-written), 130/143 interrupted (no file written).
+results/results_phase1_a{A}_b{B}.json per config once the run ends.
+
+Under load, P documents of A tokens shared by many clients, cached against cold (every
+request salted) at the same load; a list of loads or of P is a sweep:
+
+    python phase1_experiment.py --base-url URL --size-a 8192 --num-prefixes 8 --concurrency 1,4,16,64
+    python phase1_experiment.py --base-url URL --size-a 8192 --request-rate 1,2,4
+    python phase1_experiment.py --base-url URL --size-a 8192 --num-prefixes 1,2,4,8,16 --concurrency 4
+
+Each request's cached tokens are recorded against its document; a hit is no longer promised
+(documents may outgrow the KV cache), but a request that found more than it can have is an
+audit failure. Writes results_load_a{A}_p{P}_{concurrency|rate}.json, or for a sweep of P
+results_workingset_a{A}.json. Requests that fail end the sweep; the levels measured are kept.
+
+Exit codes: 0 ok, 1 set-up or server problem (or, under load, failed requests), 2 bad
+arguments, 3 a cache audit failed (the JSON is still written), 130/143 interrupted (no file
+written).
 """
 import argparse
 import asyncio
+import datetime
 import json
 import os
+import random
 import re
 import shlex
 import signal
@@ -32,6 +48,7 @@ import subprocess
 import sys
 import tempfile
 import time
+import uuid
 
 import numpy as np
 
@@ -54,6 +71,13 @@ MIN_BLOCK_SECONDS = 20.0
 # also keeps idle connections longer.
 IDLE_RECONNECT_S = 2.0
 EMBEDDED_KEEP_ALIVE_S = 600
+# Under load (--concurrency, --request-rate, a list of --num-prefixes):
+LOAD_NUM_REQUESTS = 200     # requests per load level and condition
+LOAD_NUM_PREFIXES = 8       # documents the requests share
+# The intervals of a mean and of the throughput come from this many consecutive batches of a
+# level's requests: requests sent close together share the server's state, batches nearly not.
+LOAD_BATCHES = 10
+METRICS_POLL_S = 0.5        # KV-cache usage and queue lengths are sampled from /metrics this often
 # -----------------------------------------------------------------------------
 
 PROG = "phase1_experiment.py"
@@ -122,6 +146,7 @@ class HttpClient:
         self.base_url = base_url.rstrip("/")
         self.loop = asyncio.new_event_loop()
         self.connections_opened = 0
+        self.load_connections = 0
         trace = aiohttp.TraceConfig()
         trace.on_connection_create_end.append(self._count_connection)
 
@@ -134,6 +159,19 @@ class HttpClient:
 
     async def _count_connection(self, session, context, params):
         self.connections_opened += 1
+
+    async def _count_load_connection(self, session, context, params):
+        self.load_connections += 1
+
+    def load_session(self):
+        """A session of as many connections as a load level opens (counted in load_connections).
+        Made inside the loop, as aiohttp wants."""
+        import aiohttp
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._count_load_connection)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=300),
+                                     timeout=aiohttp.ClientTimeout(total=self.request_timeout_s), trace_configs=[trace])
 
     def close(self):
         """Close the connection and the loop; a request a signal broke off is cancelled first."""
@@ -185,6 +223,12 @@ class HttpClient:
         async with self.session.get(self.base_url + "/health") as response:
             await response.read()
 
+    async def get_async(self, path, session=None):
+        """GET path's text, on the kept connection or on session's."""
+        async with (session or self.session).get(self.base_url + path) as response:
+            await self._check(response, f"GET {path}")
+            return await response.text()
+
     def get(self, path, as_json=True):
         async def get():
             async with self.session.get(self.base_url + path) as response:
@@ -204,27 +248,29 @@ class HttpClient:
         the chunks that carry a token, the last chunk's usage, the send time and the end time.
         Nothing but the request and reading its chunks is inside the timed region."""
         data = json.dumps(body).encode()        # serialised before the clock starts: the client's cost, not the server's
-        async def stream():
-            token_times, usage = [], None
-            sent = time.perf_counter()
-            async with self.session.post(self.base_url + "/v1/completions", data=data,
-                                         headers={"Content-Type": "application/json"}) as response:
-                await self._check(response, "POST /v1/completions")
-                async for line in response.content:
-                    arrived = time.perf_counter()
-                    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                        continue
-                    chunk = json.loads(line[6:])
-                    if chunk.get("error"):          # vLLM reports a failure mid-stream with HTTP 200
-                        error = chunk["error"]
-                        raise ExperimentError(f"{self.base_url} failed a completion request mid-stream: "
-                                              f"{p2.first_line(error.get('message', error) if isinstance(error, dict) else error)}")
-                    if chunk.get("choices"):
-                        token_times.append(arrived)
-                    if chunk.get("usage"):
-                        usage = chunk["usage"]
-            return sent, token_times, usage, time.perf_counter()
-        return self.run("a completion request", stream())
+        return self.run("a completion request", self.stream_on(self.session, data))
+
+    async def stream_on(self, session, data):
+        """stream() of a serialised body on session's connections; raises what stream() turns into one line."""
+        token_times, usage = [], None
+        sent = time.perf_counter()
+        async with session.post(self.base_url + "/v1/completions", data=data,
+                                headers={"Content-Type": "application/json"}) as response:
+            await self._check(response, "POST /v1/completions")
+            async for line in response.content:
+                arrived = time.perf_counter()
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("error"):          # vLLM reports a failure mid-stream with HTTP 200
+                    error = chunk["error"]
+                    raise ExperimentError(f"{self.base_url} failed a completion request mid-stream: "
+                                          f"{p2.first_line(error.get('message', error) if isinstance(error, dict) else error)}")
+                if chunk.get("choices"):
+                    token_times.append(arrived)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        return sent, token_times, usage, time.perf_counter()
 
 
 class ServerEngine:
@@ -526,7 +572,483 @@ def server_environment(client, card, server, vllm_flags, opts):
 
 
 # -----------------------------------------------------------------------------
+# under load (--concurrency, --request-rate, a list of --num-prefixes)
+
+def zipf_weights(num_prefixes, skew):
+    """How often each document is drawn: uniform at skew 0, else proportional to 1/rank**skew."""
+    weights = 1.0 / np.arange(1, num_prefixes + 1) ** skew
+    return weights / weights.sum()
+
+
+def quantile_ci95(values, q):
+    """Distribution-free 95% interval of the q-quantile: the order statistics whose ranks a
+    binomial(n, q) count falls between with at least 95% probability. A bound the sample is too
+    small for is None (the 99th percentile of 50 requests has no upper bound)."""
+    from scipy import stats
+    x = np.sort(np.asarray(values, dtype=float))
+    n = len(x)
+    if n == 0:
+        return [None, None]
+    low_rank = int(stats.binom.ppf(0.025, n, q))           # 1-based ranks of the bounds
+    high_rank = int(stats.binom.ppf(0.975, n, q)) + 1
+    return [float(x[low_rank - 1]) if low_rank >= 1 else None,
+            float(x[high_rank - 1]) if high_rank <= n else None]
+
+
+def batch_means_ci95(values, num_batches=LOAD_BATCHES):
+    """95% t-interval of a mean from the means of consecutive batches: requests sent close in
+    time share the server's state, so single requests are not independent, batches nearly are."""
+    values = np.asarray(values, dtype=float)
+    k = min(num_batches, len(values) // 2)
+    if k < 2:
+        return [None, None]
+    return p2.mean_ci95([batch.mean() for batch in np.array_split(values, k)])
+
+
+def throughput_ci95(end_times_s, num_batches=LOAD_BATCHES):
+    """95% t-interval of completions per second, from equal slices of the time the completions span."""
+    ends = np.sort(np.asarray(end_times_s, dtype=float))
+    k = min(num_batches, len(ends) // 2)
+    if k < 2 or ends[-1] <= ends[0]:
+        return [None, None]
+    edges = np.linspace(ends[0], ends[-1], k + 1)
+    counts = np.histogram(ends, bins=edges)[0]
+    return p2.mean_ci95(counts / np.diff(edges))
+
+
+def cache_state(cached_tokens, full_tokens):
+    """What a request found: all of its document's full blocks, some, or none."""
+    if not cached_tokens:
+        return "miss"
+    return "hit" if cached_tokens >= full_tokens else "partial"
+
+
+def load_problems(requests, block):
+    """Requests that found cached tokens they cannot have: a salted cold one any, a cached one
+    more than its document's full blocks, or a count that is not whole blocks."""
+    problems = []
+    for r in requests:
+        if r["error"] is not None or r["cached_tokens"] is None:
+            continue
+        allowed = 0 if r["condition"] == "cold" else r["document_cached_tokens"]
+        if r["cached_tokens"] > allowed or r["cached_tokens"] % block:
+            problems.append(f"{r['condition']} request {r['index']} (document {r['document']}): "
+                            f"cached_tokens={r['cached_tokens']}, at most {allowed} in whole blocks of {block}")
+    return problems
+
+
+def condition_stats(requests, slo_ttft_ms):
+    """Figures of one condition at one load level, each with its interval or spread."""
+    done = [r for r in requests if r["error"] is None]
+    ttft = [r["ttft_ms"] for r in sorted(done, key=lambda r: r["start_s"])]
+    tpot = [r["tpot_ms"] for r in done if r["tpot_ms"] is not None]
+    span_s = (max(r["end_s"] for r in done) - min(r["start_s"] for r in done)) if done else 0.0
+    stats = {"requests": len(requests), "failed": len(requests) - len(done), "duration_s": span_s}
+    if not done:
+        return stats
+    for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot)):
+        if values:
+            stats[name] = {"mean": float(np.mean(values)), "mean_ci95": batch_means_ci95(values),
+                           **{f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)},
+                           **{f"p{q}_ci95": quantile_ci95(values, q / 100) for q in (50, 90, 99)}}
+    output_tokens = sum(r["output_tokens"] for r in done)
+    stats.update({
+        "request_throughput": len(done) / span_s if span_s else None,
+        "request_throughput_ci95": throughput_ci95([r["end_s"] for r in done]),
+        "output_throughput_tok_s": output_tokens / span_s if span_s else None,
+        "goodput_req_s": (sum(t <= slo_ttft_ms for t in ttft) / span_s if span_s else None) if slo_ttft_ms else None,
+    })
+    audited = [r for r in done if r["cached_tokens"] is not None]
+    if audited:
+        full = sum(r["document_cached_tokens"] for r in audited)
+        stats["hit_rate"] = {
+            "requests": sum(r["cache_state"] == "hit" for r in audited) / len(audited),
+            "tokens": sum(r["cached_tokens"] for r in audited) / full if full else None}
+        stats["by_cache_state"] = {}
+        for state in ("hit", "partial", "miss"):
+            found = [r["ttft_ms"] for r in audited if r["cache_state"] == state]
+            if found:
+                stats["by_cache_state"][state] = {
+                    "requests": len(found), "ttft_ms_mean": float(np.mean(found)),
+                    "ttft_ms_p50": float(np.percentile(found, 50)), "ttft_ms_p99": float(np.percentile(found, 99))}
+    return stats
+
+
+class LoadWorkload:
+    """P documents of A tokens. A request is [document, Q] with a fresh Q, its document drawn
+    uniformly (or by Zipf, skew > 0); cached requests share their level's cache namespace, a
+    cold request has a salt of its own."""
+
+    def __init__(self, tokenizer, size_a, num_prefixes, skew, block, seed, run_id):
+        self.tokenizer, self.block, self.run_id, self.skew = tokenizer, block, run_id, skew
+        special = p2.special_prefix_ids(tokenizer)
+        self.documents = [special + tokenizer.encode(p2.generate_context(size_a, f"Document {k} of {size_a}", tokenizer),
+                                                     add_special_tokens=False) for k in range(num_prefixes)]
+        self.full_tokens = len(self.documents[0]) // block * block      # what a hit finds: the document's full blocks
+        shared_len = block - len(self.documents[0]) % block
+        self.queries = p2.query_stream(tokenizer, shared_len, random.Random(f"load:{seed}:{size_a}"))
+        self.rng = np.random.default_rng(seed)
+
+    def draws(self, num_prefixes, count):
+        return self.rng.choice(num_prefixes, size=count, p=zipf_weights(num_prefixes, self.skew)).tolist()
+
+    def requests(self, documents, condition, namespace):
+        """(token ids, cache salt, document) of every request, built before the clock starts."""
+        made = []
+        for k, doc in enumerate(documents):
+            q = self.tokenizer.encode(next(self.queries), add_special_tokens=False)
+            salt = namespace if condition == "cached" else f"{namespace}-cold-{k}"
+            made.append((self.documents[doc] + q, salt, doc))
+        return made
+
+
+def level_name(level):
+    if level["concurrency"] is not None:
+        return f"concurrency {level['concurrency']}"
+    return f"{level['request_rate']:g} req/s"
+
+
+async def send_all(client, session, model, prompts, level, max_tokens, seed):
+    """Every prompt of one condition at one load level: a closed loop of `concurrency` clients
+    sending back to back, or Poisson arrivals at `request_rate`. A failed request is recorded
+    with its error, not raised. Returns (request records, start of the level in perf_counter s)."""
+    records = [None] * len(prompts)
+
+    async def one(k):
+        ids, salt, doc = prompts[k]
+        body = json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+                           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                           "cache_salt": salt}).encode()
+        started = time.perf_counter()
+        try:
+            sent, token_times, usage, ended = await client.stream_on(session, body)
+            records[k] = (sent, token_times, usage, ended, None)
+        except Exception as e:          # one request's failure is a fact of the level, not the end of the run
+            records[k] = (started, [], None, time.perf_counter(), f"{type(e).__name__}: {p2.first_line(e)}")
+
+    t0 = time.perf_counter()
+    if level["concurrency"] is not None:
+        queue = iter(range(len(prompts)))
+
+        async def client_loop():
+            for k in queue:
+                await one(k)
+        await asyncio.gather(*[client_loop() for _ in range(level["concurrency"])])
+    else:
+        arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / level["request_rate"], len(prompts)))
+        tasks = []
+        for k, at in enumerate(arrivals):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            tasks.append(asyncio.create_task(one(k)))
+        await asyncio.gather(*tasks)
+    return records, t0
+
+
+def request_record(k, prompt, record, t0, condition, full_tokens, audited):
+    ids, salt, doc = prompt
+    sent, token_times, usage, ended, error = record
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if audited and error is None else None
+    output_tokens = usage.get("completion_tokens", len(token_times))
+    first = token_times[0] if token_times else None
+    if error is None and first is None:
+        error = "the stream ended without a token"
+    if error is None and not usage:
+        error = "no usage in the last chunk (stream_options.include_usage)"
+    return {
+        "index": k, "condition": condition, "document": doc, "start_s": sent - t0, "end_s": ended - t0,
+        "ttft_ms": (first - sent) * 1e3 if first is not None else None,
+        "e2e_ms": (ended - sent) * 1e3,
+        "tpot_ms": (token_times[-1] - first) * 1e3 / (output_tokens - 1) if first is not None and output_tokens > 1 else None,
+        "prompt_tokens": usage.get("prompt_tokens", len(ids)), "output_tokens": output_tokens if error is None else 0,
+        "cached_tokens": cached, "document_cached_tokens": full_tokens,
+        "cache_state": cache_state(cached, full_tokens) if cached is not None else None,
+        "error": error,
+    }
+
+
+LOAD_METRICS = {"kv_cache_usage": "vllm:kv_cache_usage_perc", "running": "vllm:num_requests_running",
+                "waiting": "vllm:num_requests_waiting"}
+LOAD_COUNTERS = {"prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
+                 "prefix_cache_queries": "vllm:prefix_cache_queries_total",
+                 "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total"}
+
+
+def load_counters(metrics):
+    return {key: metric_total(metrics, name) for key, name in LOAD_COUNTERS.items()}
+
+
+async def sample_gauges(client, samples, stop):
+    """KV-cache usage and queue lengths from /metrics, every METRICS_POLL_S until stop is set."""
+    while not stop.is_set():
+        try:
+            metrics = parse_metrics(await client.get_async("/metrics"))
+            samples.append({key: metric_total(metrics, name) for key, name in LOAD_METRICS.items()})
+        except Exception:           # a missed sample is no reason to stop the level
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), METRICS_POLL_S)
+        except asyncio.TimeoutError:
+            pass
+
+
+def gauge_summary(samples):
+    summary = {"samples": len(samples)}
+    for key in LOAD_METRICS:
+        values = [s[key] for s in samples if s[key] is not None]
+        summary[f"{key}_max"] = max(values) if values else None
+        summary[f"{key}_mean"] = float(np.mean(values)) if values else None
+    return summary
+
+
+def run_condition(engine, workload, documents, condition, namespace, level, opts, seed):
+    """One condition at one load level: the cached one warms its documents first (untimed, one
+    at a time). Returns the condition's result with every request's record."""
+    client = engine.client
+    prompts = workload.requests(documents, condition, namespace)
+    warms = []
+    if condition == "cached":
+        for doc in sorted(set(documents)):
+            warms.append(engine.request(workload.documents[doc], p2.WARMUP_TOKENS, namespace))
+    before = load_counters(parse_metrics(client.get("/metrics", as_json=False)))
+    samples, records = [], None
+
+    async def measure():
+        session = client.load_session()
+        try:
+            # the level's connections are opened before its first timed request
+            await asyncio.gather(*[client.get_async("/health", session) for _ in range(level["concurrency"] or 1)])
+            opened = client.load_connections
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(sample_gauges(client, samples, stop))
+            try:
+                result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed)
+            finally:
+                stop.set()
+                await sampler
+            return result, client.load_connections - opened
+        finally:
+            await session.close()
+    (records, t0), connections_during = client.run("a load level", measure())
+    requests = [request_record(k, prompt, record, t0, condition, workload.full_tokens, engine.audited)
+                for k, (prompt, record) in enumerate(zip(prompts, records))]
+    problems = load_problems(requests, workload.block) if engine.audited else []
+    problems += [f"warmup of document {doc}: cached_tokens={w['cached_tokens']}, expected 0"
+                 for doc, w in zip(sorted(set(documents)), warms) if engine.audited and w["cached_tokens"] != 0]
+    # the counters' cross-check, once every request has ended well (a failed one may or may not have been counted)
+    counters, server_error = None, None
+    if not any(r["error"] for r in requests):
+        try:
+            flush = p2.flush_engine_stats(engine.request, workload.documents[0])
+            sent = requests + warms + [flush]
+            counters = counter_growth_or_none(before, wait_for_counters(client, before,
+                                                                        sum(r["prompt_tokens"] for r in sent)))
+        except ExperimentError as e:        # the requests are measured; the server went away after them
+            server_error = str(e)
+        else:
+            problems += counter_problems(counters, sent) if engine.audited else []
+    return {"server_error": server_error,**condition_stats(requests, opts.slo_ttft_ms),
+            "server": {**(counters or {}), **gauge_summary(samples),
+                       "prefill_tokens_computed": (counters["prompt_tokens"] - counters["prefix_cache_hits"])
+                       if counters and counters["prompt_tokens"] is not None and counters["prefix_cache_hits"] is not None else None},
+            "connections_opened_while_timed": connections_during,
+            "problems": problems, "requests": requests}
+
+
+def counter_problems(counters, sent):
+    """/metrics' prefix-cache hits must have grown by the cached tokens the requests report (and
+    by more only where another client's queries show in the counters too). Fills in the sums."""
+    if counters["prefix_cache_hits"] is None:
+        return []
+    own = sum(r["cached_tokens"] or 0 for r in sent)
+    counters["sum_cached_tokens"], counters["sum_prompt_tokens"] = own, sum(r["prompt_tokens"] for r in sent)
+    counters["other_clients"] = (counters["prefix_cache_queries"] or 0) > counters["sum_prompt_tokens"]
+    if counters["prefix_cache_hits"] < own or (counters["prefix_cache_hits"] != own and not counters["other_clients"]):
+        return [f"/metrics vllm:prefix_cache_hits_total grew by {counters['prefix_cache_hits']:.0f}, but the "
+                f"requests report {own} cached tokens"]
+    return []
+
+
+def wait_for_counters(client, before, prompt_tokens, timeout_s=5.0):
+    """/metrics once it counts every prompt token of the level (it may lag the responses a little)."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        after = load_counters(parse_metrics(client.get("/metrics", as_json=False)))
+        if before["prompt_tokens"] is None or after["prompt_tokens"] - before["prompt_tokens"] >= prompt_tokens \
+                or time.monotonic() > deadline:
+            return after
+        time.sleep(0.05)
+
+
+def counter_growth_or_none(before, after):
+    return {key: (after[key] - before[key]) if after[key] is not None and before[key] is not None else None
+            for key in after}
+
+
+def load_levels(opts):
+    """The sweep's levels: one per concurrency or rate at P documents, or (a working-set sweep)
+    one per P at one load."""
+    if opts.concurrency:
+        loads = [{"concurrency": c, "request_rate": None} for c in opts.concurrency]
+    elif opts.request_rate:
+        loads = [{"concurrency": None, "request_rate": r} for r in opts.request_rate]
+    else:
+        loads = [{"concurrency": 1, "request_rate": None}]
+    if len(opts.num_prefixes) > 1:
+        return [{**loads[0], "num_prefixes": p} for p in opts.num_prefixes]
+    return [{**load, "num_prefixes": opts.num_prefixes[0]} for load in loads]
+
+
+def run_load(engine, tokenizer, opts, env, unaudited):
+    """Every level of the sweep, cached against cold at the same load (a working-set sweep
+    measures cold once, at its first level: nothing is cached there, so P does not matter).
+    Ends early, keeping what was measured, when requests fail. Returns the result dict."""
+    block = env["cache_block_size"]
+    capacity = engine.kv_capacity()
+    capacity_tokens = capacity[0] * capacity[1] if capacity else None
+    run_id = uuid.uuid4().hex[:12]
+    working_set = len(opts.num_prefixes) > 1
+    workload = LoadWorkload(tokenizer, opts.size_a, max(opts.num_prefixes), opts.prefix_skew, block, opts.seed, run_id)
+    levels, failure = [], None
+    for i, level in enumerate(load_levels(opts)):
+        documents = workload.draws(level["num_prefixes"], opts.num_requests)
+        # cached and cold alternate in which goes first, so a drift over the sweep favours neither
+        order = ["cached"] if working_set and i else (["cached", "cold"] if i % 2 == 0 else ["cold", "cached"])
+        entry = {**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens, "order": order}
+        print(f"\n--- {level_name(level)}: {level['num_prefixes']} document(s) of {opts.size_a} tokens, "
+              f"{opts.num_requests} requests per condition ---", flush=True)
+        for condition in order:
+            try:
+                entry[condition] = run_condition(engine, workload, documents, condition, f"load-{run_id}-{i}",
+                                                 level, opts, opts.seed + i)
+            except ExperimentError as e:       # the server stopped answering between requests
+                failure = f"{level_name(level)}, {condition}: {e}"
+                break
+            failed = [r for r in entry[condition]["requests"] if r["error"]]
+            if entry[condition]["server_error"]:
+                failure = f"{level_name(level)}, {condition}, after its requests: {entry[condition]['server_error']}"
+                break
+            if failed:
+                failure = (f"{len(failed)} of {len(entry[condition]['requests'])} {condition} requests "
+                           f"failed at {level_name(level)} (first: {failed[0]['error']})")
+                break
+        entry["order"] = [c for c in order if c in entry]
+        if entry["order"]:
+            levels.append(entry)
+            print_level(entry, capacity_tokens)
+        if failure:
+            break
+    problems = [p for entry in levels for c in entry["order"] for p in entry[c]["problems"]]
+    return {
+        "phase": PHASE,
+        "experiment": "working_set" if working_set else "load",
+        "model": opts.model,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"document_tokens": opts.size_a, "document_prompt_tokens": len(workload.documents[0]),
+                   "document_cached_tokens": workload.full_tokens, "query_tokens": p2.QUERY_TOKENS,
+                   "max_output_tokens": opts.max_output_tokens, "num_requests": opts.num_requests,
+                   "num_prefixes": opts.num_prefixes, "prefix_skew": opts.prefix_skew,
+                   "load": "request_rate" if opts.request_rate else "concurrency",
+                   "slo_ttft_ms": opts.slo_ttft_ms, "seed": opts.seed},
+        "kv_capacity_tokens": capacity_tokens,
+        "levels": levels,
+        "complete": failure is None,
+        "failure": failure,
+        "cache_audit": {"ok": None if unaudited else not problems, "problems": problems,
+                        "requests_checked": sum(len(entry[c]["requests"]) for entry in levels for c in entry["order"]),
+                        **({"unaudited": unaudited} if unaudited else {})},
+        "environment": env,
+    }
+
+
+def ci_span(ci):
+    return "[" + ", ".join("-" if v is None else f"{v:.1f}" for v in ci) + "]"
+
+
+def print_level(entry, capacity_tokens):
+    """Console table of one load level."""
+    fits = "" if capacity_tokens is None else \
+        f" ({'fits in' if entry['working_set_tokens'] <= capacity_tokens else 'exceeds'} the KV cache of {capacity_tokens})"
+    print(f"working set {entry['working_set_tokens']} tokens{fits}")
+    print(f"{'condition':<9} {'TTFT p50 ms [95% CI]':>24} {'p90':>8} {'p99':>8} {'mean':>8} {'TPOT ms':>8} "
+          f"{'req/s':>7} {'tok/s':>8} {'hit rate':>8} {'failed':>6}")
+    for c in entry["order"]:
+        s = entry[c]
+        t = s.get("ttft_ms")
+        if not t:
+            print(f"{c:<9} every request failed")
+            continue
+        hit = s.get("hit_rate", {}).get("requests")
+        print(f"{c:<9} {t['p50']:>9.1f} {ci_span(t['p50_ci95']):>14} {t['p90']:>8.1f} {t['p99']:>8.1f} {t['mean']:>8.1f} "
+              f"{s['tpot_ms']['mean'] if s.get('tpot_ms') else float('nan'):>8.2f} {s['request_throughput'] or 0:>7.2f} "
+              f"{s['output_throughput_tok_s'] or 0:>8.1f} {'-' if hit is None else f'{hit:.0%}':>8} {s['failed']:>6}")
+
+
+# -----------------------------------------------------------------------------
 # command line
+
+def number_list(cast, what):
+    """An argparse type for '1,2,4': each item cast and positive, none twice."""
+    def convert(text):
+        try:
+            values = [cast(part) for part in text.split(",")]
+        except ValueError:
+            values = None
+        if not values or any(not 0 < v < float("inf") for v in values):
+            raise argparse.ArgumentTypeError(f"must be {what}, comma-separated, got {text!r}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}")
+        return values
+    return convert
+
+
+def add_load_flags(parser):
+    g = parser.add_argument_group("under load (any of these measures load instead of one request at a time)")
+    g.add_argument("--concurrency", "--max-concurrency", dest="concurrency",
+                   type=number_list(int, "positive integers"),
+                   help="closed loop: N clients, each sending its next request when the last one ends; "
+                        "a list (1,4,16) is a sweep")
+    g.add_argument("--request-rate", type=number_list(float, "numbers > 0"),
+                   help="open loop: Poisson arrivals at R requests/s; a list is a sweep")
+    g.add_argument("--num-prefixes", type=number_list(int, "positive integers"),
+                   help=f"documents of --size-a tokens that the requests share (default {LOAD_NUM_PREFIXES}); a "
+                        f"list (1,4,16,64) is a working-set sweep at one load")
+    g.add_argument("--prefix-skew", type=p2.checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                   default=0.0, help="how requests pick documents: 0 uniformly (default), s > 0 by Zipf, "
+                                     "rank k with weight 1/k**s")
+    g.add_argument("--num-requests", type=p2.positive_int, default=LOAD_NUM_REQUESTS,
+                   help="requests per load level and condition (default %(default)s)")
+    g.add_argument("--slo-ttft-ms", type=p2.checked(float, lambda v: 0 < v < float("inf"), "a number > 0"),
+                   help="goodput: completed requests per second whose TTFT is at most this")
+
+
+def check_load_flags(opts):
+    """Sets opts.load (a load run or not) and the default number of documents."""
+    opts.load = bool(opts.concurrency or opts.request_rate or opts.num_prefixes)
+    if not opts.load:
+        return
+    if opts.concurrency and opts.request_rate:
+        p2.usage_error("either --concurrency or --request-rate: one kind of load per run")
+    if opts.sizes or opts.size_b:
+        p2.usage_error("under load a request is [document, Q]: --size-a sets the document's tokens; drop "
+                       "--size-b/--sizes")
+    opts.num_prefixes = opts.num_prefixes or [LOAD_NUM_PREFIXES]
+    if len(opts.num_prefixes) > 1 and len(opts.concurrency or opts.request_rate or [1]) > 1:
+        p2.usage_error("a working-set sweep (several --num-prefixes) runs at one load level: give one "
+                       "--concurrency or --request-rate")
+    opts.size_a = opts.size_a or p2.CONTEXT_SIZE_A
+
+
+def load_results_path(results_dir, result):
+    cfg = result["config"]
+    if result["experiment"] == "working_set":
+        return os.path.join(results_dir, f"results_workingset_a{cfg['document_tokens']}.json")
+    return os.path.join(results_dir, f"results_load_a{cfg['document_tokens']}_p{cfg['num_prefixes'][0]}_{cfg['load'].replace('request_', '')}.json")
+
+
 
 def build_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[p2.experiment_parser()],
@@ -546,6 +1068,7 @@ def build_parser():
     g.add_argument("--allow-unaudited", action="store_true",
                    help=f"measure a server without {DETAILS_FLAG}: no request's cache state is checked, and the "
                         f"JSON, table and chart say so")
+    add_load_flags(parser)
     return parser
 
 
@@ -553,6 +1076,7 @@ def parse_args(argv):
     """Returns (opts, vllm_flags): our flags, and the rest for the embedded `vllm serve`."""
     opts, vllm_flags = build_parser().parse_known_args(argv)
     p2.check_run_flags(opts)
+    check_load_flags(opts)
     if opts.processes != 1 or opts.worker_output:
         p2.usage_error("--processes: phase 1 measures one server; its interval is over the server's time blocks")
     if opts.base_url:
@@ -588,18 +1112,25 @@ def run(opts, vllm_flags, argv):
             opts.model = card["id"]
             tokenizer = load_tokenizer(opts.tokenizer or (server.model if server else card.get("root") or card["id"]),
                                        client, opts.model)
-            check_fits(opts.configs, card.get("max_model_len"), len(p2.special_prefix_ids(tokenizer)),
-                       opts.max_output_tokens)
+            check_fits([(opts.size_a, 0)] if opts.load else opts.configs, card.get("max_model_len"),
+                       len(p2.special_prefix_ids(tokenizer)), opts.max_output_tokens)
             engine = ServerEngine(client, opts.model)
             unaudited = check_audit_possible(engine, tokenizer, opts.allow_unaudited)
             env = {**server_environment(client, card, server, vllm_flags, opts), **p2.provenance(argv, PROG, __file__)}
-            results = p2.run_configs(engine, tokenizer, opts, env)
+            if opts.load:
+                result = run_load(engine, tokenizer, opts, env, unaudited)
+                death = server.death() if server and result["failure"] else None
+                if death:
+                    result["failure"] = f"{result['failure']}; {death}"
+            else:
+                results = p2.run_configs(engine, tokenizer, opts, env)
         except ExperimentError as e:
             death = server.death() if server else None
             raise ExperimentError(death) if death else e
-        for result in results:
-            add_phase1_stats(result, unaudited)
-            result["environment"]["connections_opened"] = client.connections_opened - engine.connections_before
+        if not opts.load:
+            for result in results:
+                add_phase1_stats(result, unaudited)
+                result["environment"]["connections_opened"] = client.connections_opened - engine.connections_before
     finally:
         try:
             if client:
@@ -607,6 +1138,8 @@ def run(opts, vllm_flags, argv):
         finally:
             if server:
                 server.stop()
+    if opts.load:
+        return finish_load(result, opts)
     for result in results:
         p2.print_summary(result)
         path = p2.results_path(opts.results_dir, result["config"]["context_size_a"], result["config"]["context_size_b"], 1)
@@ -621,6 +1154,25 @@ def run(opts, vllm_flags, argv):
     if any(result["cache_audit"]["ok"] is False for result in results):
         print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
         return EXIT_AUDIT
+    return 0
+
+
+def finish_load(result, opts):
+    """Write a load run's JSON (also a sweep that requests' failures ended early: what was
+    measured is kept) and say how it ended. Returns the exit code."""
+    path = load_results_path(opts.results_dir, result)
+    p2.write_json_atomic(path, p2.rounded(result))
+    print(f"wrote {path}", flush=True)
+    if result["failure"]:
+        print(f"{PROG}: error: {result['failure']}; the levels measured before are in {path}", file=sys.stderr)
+        return p2.EXIT_SETUP
+    if result["cache_audit"]["ok"] is False:
+        for problem in result["cache_audit"]["problems"]:
+            print(f"!!!   {problem}", file=sys.stderr)
+        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
+        return EXIT_AUDIT
+    if result["cache_audit"].get("unaudited"):
+        print(f"!!! UNAUDITED: {result['cache_audit']['unaudited']}", file=sys.stderr)
     return 0
 
 

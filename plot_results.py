@@ -16,6 +16,12 @@ length (ttft_vs_context_<phase>.png). A file that is not JSON or lacks what a pa
 needs is skipped with one line. --compare prints, besides the table, each run's command,
 machine and code (the commit whose script has the hash the file records);
 --write-readme writes the same facts into a README.md beside the files.
+
+Phase 1's load runs (results_load_*.json) get a chart of TTFT p50/p99 and throughput against
+load, cached against cold (load_<...>.png), and its working-set sweeps
+(results_workingset_*.json) a chart of hit rate and TTFT against the working set with the KV
+capacity marked (workingset_<...>.png), each with a Markdown table. --compare also lines up
+the load files that several runs share, figure by figure.
 """
 import argparse
 import functools
@@ -59,6 +65,19 @@ PEAK_TFLOPS = (("H100 PCIe", 756), ("H200", 989), ("H100", 989), ("A100", 312), 
 
 def load_result(path):
     """The parsed file, or raise ValueError saying what is wrong with it."""
+    data = read_json(path)
+    for cond in ("cache_hit", "cache_miss"):
+        stats = data.get(cond, {}).get("stats") if isinstance(data.get(cond), dict) else None
+        if not isinstance(stats, dict):
+            raise ValueError(f"no {cond}.stats")
+        missing = [k for k in REQUIRED_STATS if not isinstance(stats.get(k), (int, float))]
+        if missing:
+            raise ValueError(f"{cond}.stats lacks {', '.join(missing)}")
+    return data
+
+
+def read_json(path):
+    """A JSON object from a file (or a .gz of one), or raise ValueError saying what is wrong."""
     try:
         with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
             data = json.load(f)
@@ -68,13 +87,6 @@ def load_result(path):
         raise ValueError(f"cannot be read ({getattr(e, 'strerror', None) or e})")
     if not isinstance(data, dict):
         raise ValueError("not a JSON object")
-    for cond in ("cache_hit", "cache_miss"):
-        stats = data.get(cond, {}).get("stats") if isinstance(data.get(cond), dict) else None
-        if not isinstance(stats, dict):
-            raise ValueError(f"no {cond}.stats")
-        missing = [k for k in REQUIRED_STATS if not isinstance(stats.get(k), (int, float))]
-        if missing:
-            raise ValueError(f"{cond}.stats lacks {', '.join(missing)}")
     return data
 
 
@@ -541,6 +553,49 @@ def compare_runs(run_dirs):
     return "\n".join(lines)
 
 
+LOAD_FIGURES = (("TTFT p50 ms", "ttft_ms", "p50"), ("TTFT p99 ms", "ttft_ms", "p99"),
+                ("TTFT mean ms", "ttft_ms", "mean"), ("requests/s", None, "request_throughput"))
+
+
+def load_figure(stats, group, key):
+    """(value, 95% interval) of one figure of a condition's stats, or None."""
+    holder = stats.get(group) if group else stats
+    if not holder or holder.get(key) is None:
+        return None
+    return holder[key], holder.get(f"{key}_ci95") or [None, None]
+
+
+def compare_load_runs(run_dirs):
+    """Markdown table: the load files that several runs share, each figure per level and
+    condition in every run, and whether every pair of runs agrees within its intervals."""
+    runs = [{os.path.basename(p): d for p, d in discover_load_results(d)[0]} for d in run_dirs]
+    names = sorted({name for r in runs for name in r})
+    if not names:
+        return None
+    rows = ["| file | load | condition | figure | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) +
+            " | pairs that agree |", "|---|---|---|---|" + "---|" * (len(runs) + 1)]
+    agreed = total = 0
+    for name in names:
+        found = [r.get(name) for r in runs]
+        first = next(d for d in found if d)
+        for k, level in enumerate(first["levels"]):
+            value, _ = load_value(level)
+            for c in ("cached", "cold"):
+                for label, group, key in LOAD_FIGURES:
+                    figures = [load_figure(d["levels"][k][c], group, key)
+                               if d and k < len(d["levels"]) and d["levels"][k].get(c) else None for d in found]
+                    if not any(figures):
+                        continue
+                    present = [f for f in figures if f]
+                    pairs = [agree(x[0], bounded(x[1]), y[0], bounded(y[1]))
+                             for i, x in enumerate(present) for y in present[i + 1:]]
+                    agreed, total = agreed + sum(pairs), total + len(pairs)
+                    cells = [with_ci(f[0], f[1], 2 if key == "request_throughput" else 1) if f else "-" for f in figures]
+                    rows.append(f"| {name} | {value:g} | {c} | {label} | " + " | ".join(cells) +
+                                f" | {sum(pairs)} of {len(pairs)} |")
+    return "\n".join(rows) + f"\n{agreed} of {total} pairs of runs agree within their intervals."
+
+
 def across_runs(savings):
     """The runs' mean saving with a Student's t interval over runs: each process one value, as
     pyperf takes it. It holds what differs between processes, which one run cannot see."""
@@ -608,9 +663,20 @@ def interval_note(configs):
 README_HEAD = "Generated by `plot_results.py --write-readme` from the JSON files here; do not edit by hand."
 
 
-def results_readme(title, phases, folder="."):
+def results_readme(title, phases, folder=".", loads=()):
     """README.md text for a results folder, made from its JSONs (and the charts found beside them)."""
     lines = [f"# {title}", "", README_HEAD, ""]
+    for path, data in loads:
+        stem = os.path.basename(path).rsplit(".json", 1)[0].replace("results_", "")
+        origin = provenance(data)
+        table = working_set_table(data) if data["experiment"] == "working_set" else load_table(data)
+        lines += [f"## {stem}", "", load_title(data), "", f"- command: `{origin['command']}`",
+                  f"- code: {origin['tool']}", f"- machine: {origin['machine']}", f"- finished: {origin['when']}", "",
+                  table, ""]
+        if not data.get("complete", True):
+            lines += [f"**Incomplete:** {data.get('failure')}", ""]
+        if os.path.exists(os.path.join(folder, f"{stem}.png")):
+            lines += [f"![{stem}.png]({stem}.png)", ""]
     for phase, configs in phases.items():
         commands = sorted({provenance(d)["command"] for d in configs.values()})
         origin = provenance(next(iter(configs.values())))
@@ -639,6 +705,199 @@ def reruns_readme(title, comparison):
     return "\n".join([f"# {title}", "", README_HEAD, "",
                       "Runs of the same command, compared (`plot_results.py --compare`):", "", "```",
                       comparison, "```"]) + "\n"
+
+
+# -----------------------------------------------------------------------------
+# under load: phase 1's --concurrency / --request-rate sweeps and working-set sweeps
+
+LOAD_PATTERNS = ("results_load_*.json", "results_workingset_*.json")
+LOAD_COLOURS = {"cached": "#2a9d8f", "cold": "#8d99ae"}
+
+
+def discover_load_results(results_dir=RESULTS_DIR):
+    """[(path, data)] of the load and working-set files, and [(path, why)] for skipped ones."""
+    found, skipped = [], []
+    for path in sorted(p for pattern in LOAD_PATTERNS for p in glob.glob(os.path.join(results_dir, pattern))):
+        try:
+            data = read_json(path)
+        except ValueError as e:
+            skipped.append((path, str(e)))
+            continue
+        if data.get("experiment") not in ("load", "working_set") or not data.get("levels"):
+            skipped.append((path, "no load levels in it"))
+            continue
+        found.append((path, data))
+    return found, skipped
+
+
+def load_value(level):
+    """The level's load and its axis label."""
+    if level.get("concurrency") is not None:
+        return level["concurrency"], "concurrency (clients sending back to back)"
+    return level["request_rate"], "request rate (requests/s, Poisson)"
+
+
+def number(value, digits=1):
+    return "-" if value is None else f"{value:.{digits}f}"
+
+
+def with_ci(value, ci, digits=1):
+    if value is None:
+        return "-"
+    return f"{value:.{digits}f} {ci_text(ci, digits)}" if ci and ci != [None, None] else f"{value:.{digits}f}"
+
+
+def hit_rate_text(stats):
+    rate = stats.get("hit_rate")
+    if not rate:
+        return "-"
+    return f"{rate['requests']:.0%} / {rate['tokens']:.0%}" if rate.get("tokens") is not None else f"{rate['requests']:.0%}"
+
+
+def load_table(data):
+    """Markdown: per load level and condition, TTFT percentiles and mean with their 95%
+    intervals, throughput, and the hit rate the requests found."""
+    rows = ["| load | condition | TTFT p50 ms | TTFT p99 ms | TTFT mean ms | requests/s | output tokens/s | "
+            "hit rate (requests / tokens) | failed |", "|---|---|---|---|---|---|---|---|---|"]
+    for level in data["levels"]:
+        value, _ = load_value(level)
+        for c in ("cached", "cold"):
+            s = level.get(c)
+            if not s:
+                continue
+            t = s.get("ttft_ms") or {}
+            rows.append(f"| {value:g} | {c} | {with_ci(t.get('p50'), t.get('p50_ci95'))} | "
+                        f"{with_ci(t.get('p99'), t.get('p99_ci95'))} | {with_ci(t.get('mean'), t.get('mean_ci95'))} | "
+                        f"{with_ci(s.get('request_throughput'), s.get('request_throughput_ci95'), 2)} | "
+                        f"{number(s.get('output_throughput_tok_s'), 0)} | {hit_rate_text(s)} | {s.get('failed', 0)} |")
+    return "\n".join(rows)
+
+
+def working_set_table(data):
+    """Markdown: per number of documents, the working set against the KV cache, the hit rate
+    found and the cached requests' TTFT."""
+    capacity = data.get("kv_capacity_tokens")
+    rows = ["| documents | working set (tokens) | of the KV cache | hit rate (requests / tokens) | TTFT p50 ms | "
+            "TTFT p99 ms | TTFT mean ms |", "|---|---|---|---|---|---|---|"]
+    for level in data["levels"]:
+        s = level["cached"]
+        t = s.get("ttft_ms") or {}
+        share = f"{level['working_set_tokens'] / capacity:.0%}" if capacity else "-"
+        rows.append(f"| {level['num_prefixes']} | {level['working_set_tokens']} | {share} | {hit_rate_text(s)} | "
+                    f"{with_ci(t.get('p50'), t.get('p50_ci95'))} | {with_ci(t.get('p99'), t.get('p99_ci95'))} | "
+                    f"{with_ci(t.get('mean'), t.get('mean_ci95'))} |")
+    cold = data["levels"][0].get("cold")
+    if cold and cold.get("ttft_ms"):
+        rows.append(f"\nCold (every request salted, nothing cached): TTFT p50 "
+                    f"{with_ci(cold['ttft_ms']['p50'], cold['ttft_ms']['p50_ci95'])} ms, "
+                    f"p99 {with_ci(cold['ttft_ms']['p99'], cold['ttft_ms']['p99_ci95'])} ms.")
+    return "\n".join(rows)
+
+
+def _errors(values, cis):
+    """Error bar lengths below and above; a side without a bound gets none."""
+    below = [0 if v is None or ci is None or ci[0] is None else max(v - ci[0], 0) for v, ci in zip(values, cis)]
+    above = [0 if v is None or ci is None or ci[1] is None else max(ci[1] - v, 0) for v, ci in zip(values, cis)]
+    return [below, above]
+
+
+def load_title(data):
+    cfg = data["config"]
+    model = os.path.basename(str(data.get("model")).rstrip("/"))
+    device = data.get("environment", {}).get("device") or "unknown device"
+    return (f"{model} on {device}: {cfg['num_prefixes'] if data['experiment'] == 'load' else 'P'} document(s) of "
+            f"{cfg['document_tokens']} tokens, fresh {cfg['query_tokens']}-token query, {cfg['max_output_tokens']} "
+            f"output tokens{'' if audit_ok(data) else '  (CACHE AUDIT FAILED)'}")
+
+
+def plot_load(data, outfile):
+    """TTFT p50 and p99 against load, cached against cold; and the request throughput."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, (ax_ttft, ax_tput) = plt.subplots(1, 2, figsize=(13, 5))
+    for c in ("cached", "cold"):
+        levels = [lv for lv in data["levels"] if lv.get(c) and lv[c].get("ttft_ms")]
+        if not levels:
+            continue
+        x = [load_value(lv)[0] for lv in levels]
+        for q, style in (("p50", "-o"), ("p99", "--s")):
+            values = [lv[c]["ttft_ms"][q] for lv in levels]
+            ax_ttft.errorbar(x, values, yerr=_errors(values, [lv[c]["ttft_ms"][f"{q}_ci95"] for lv in levels]),
+                             fmt=style, color=LOAD_COLOURS[c], capsize=3, label=f"{c}, {q}")
+        values = [lv[c]["request_throughput"] for lv in levels]
+        ax_tput.errorbar(x, values, yerr=_errors(values, [lv[c]["request_throughput_ci95"] for lv in levels]),
+                         fmt="-o", color=LOAD_COLOURS[c], capsize=3, label=c)
+    label = load_value(data["levels"][0])[1]
+    for ax, ylabel, title in ((ax_ttft, "time to first token (ms)", "TTFT percentiles (lower is better)"),
+                              (ax_tput, "completed requests/s", "Throughput (higher is better)")):
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(label)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_ttft.set_yscale("log")
+    fig.suptitle(load_title(data) + "\nerror bars: 95% intervals (percentiles: order statistics; "
+                 "throughput: over time slices)", fontsize=10)
+    fig.tight_layout()
+    fig.savefig(outfile, dpi=120)
+    plt.close(fig)
+
+
+def plot_working_set(data, outfile):
+    """Hit rate and TTFT against the working set (documents x their tokens), with the KV capacity."""
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    levels = [lv for lv in data["levels"] if lv.get("cached") and lv["cached"].get("ttft_ms")]
+    x = [lv["working_set_tokens"] for lv in levels]
+    capacity = data.get("kv_capacity_tokens")
+    fig, (ax_hit, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))
+    for key, style, label in (("requests", "-o", "requests that found their whole document"),
+                              ("tokens", "--s", "document tokens found cached")):
+        ax_hit.plot(x, [lv["cached"]["hit_rate"][key] * 100 for lv in levels], style, color=LOAD_COLOURS["cached"],
+                    label=label)
+    for q, style in (("p50", "-o"), ("p99", "--s")):
+        values = [lv["cached"]["ttft_ms"][q] for lv in levels]
+        ax_ttft.errorbar(x, values, yerr=_errors(values, [lv["cached"]["ttft_ms"][f"{q}_ci95"] for lv in levels]),
+                         fmt=style, color=LOAD_COLOURS["cached"], capsize=3, label=f"cached, {q}")
+    cold = data["levels"][0].get("cold")
+    if cold and cold.get("ttft_ms"):
+        ax_ttft.axhline(cold["ttft_ms"]["p50"], color=LOAD_COLOURS["cold"], linestyle=":", label="cold, p50")
+    for ax in (ax_hit, ax_ttft):
+        if capacity:
+            ax.axvline(capacity, color="#e76f51", linestyle="-.", label=f"KV cache: {capacity} tokens")
+        ax.set_xlabel("working set: documents x their cached tokens")
+        ax.grid(alpha=0.3)
+        ax.legend()
+    ax_hit.set_ylabel("hit rate (%)")
+    ax_hit.set_ylim(0, 105)
+    ax_hit.set_title("Hit rate (higher is better)")
+    ax_ttft.set_ylabel("time to first token (ms)")
+    ax_ttft.set_title("TTFT of the cached condition (lower is better)")
+    load, label = load_value(data["levels"][0])
+    fig.suptitle(load_title(data) + f"\n{label.split(' (')[0]} {load:g}; error bars: 95% intervals of the percentiles",
+                 fontsize=10)
+    fig.tight_layout()
+    fig.savefig(outfile, dpi=120)
+    plt.close(fig)
+
+
+def load_outputs(path, data, out_dir):
+    """Chart and table of one load or working-set file: (chart path, Markdown heading and table)."""
+    stem = os.path.basename(path).rsplit(".json", 1)[0].replace("results_", "")
+    chart = os.path.join(out_dir, f"{stem}.png")
+    if data["experiment"] == "working_set":
+        plot_working_set(data, chart)
+        table = working_set_table(data)
+    else:
+        plot_load(data, chart)
+        table = load_table(data)
+    note = "" if data.get("complete", True) else f"\n\n**Incomplete:** {data.get('failure')}"
+    return chart, f"## {stem}: {load_title(data)}\n\n{table}{note}"
 
 
 def check_out_dir(path):
@@ -673,7 +932,11 @@ def main(argv=None):
         if missing:
             print(f"plot_results.py: error: no such folder: {', '.join(missing)}", file=sys.stderr)
             return 1
-        comparison = compare_runs(args.compare)
+        comparison = "\n\n".join(part for part in (compare_runs(args.compare) if any(
+            discover_results(d)[0] for d in args.compare) else None, compare_load_runs(args.compare)) if part)
+        if not comparison:
+            print(f"plot_results.py: error: no results to compare in {', '.join(args.compare)}", file=sys.stderr)
+            return 1
         print(comparison)
         if args.write_readme:
             parent = os.path.commonpath([os.path.abspath(d) for d in args.compare])
@@ -686,10 +949,12 @@ def main(argv=None):
         print(f"plot_results.py: error: results dir {args.results_dir!r} does not exist", file=sys.stderr)
         return 1
     phases, skipped = discover_results(args.results_dir)
-    for path, why in skipped:
+    loads, skipped_loads = discover_load_results(args.results_dir)
+    for path, why in skipped + skipped_loads:
         print(f"skipped {path}: {why}", file=sys.stderr)
-    if not phases:
-        print(f"plot_results.py: error: no usable {FILE_PATTERN} in {args.results_dir!r}", file=sys.stderr)
+    if not phases and not loads:
+        print(f"plot_results.py: error: no usable {FILE_PATTERN} (or {', '.join(LOAD_PATTERNS)}) in "
+              f"{args.results_dir!r}", file=sys.stderr)
         return 1
     try:
         check_out_dir(out_dir)
@@ -712,6 +977,9 @@ def main(argv=None):
                 context_file = os.path.join(out_dir, f"ttft_vs_context_{phase}.png")
                 plot_context(group, fit, label, context_file)
                 print(f"wrote {context_file}")
+    for path, data in loads:
+        chart, text = load_outputs(path, data, out_dir)
+        print(f"\n{text}\n\nwrote {chart}")
     costs = server_path_cost(phases)
     if costs:
         chart = os.path.join(out_dir, SERVER_PATH_CHART)
@@ -721,7 +989,7 @@ def main(argv=None):
     if args.write_readme:
         write_readme(os.path.join(args.results_dir, "README.md"),
                      results_readme(f"Results: {os.path.basename(os.path.abspath(args.results_dir))}", phases,
-                                    folder=args.results_dir))
+                                    folder=args.results_dir, loads=loads))
     return 0
 
 

@@ -48,13 +48,19 @@ def run_script(args, timeout=600, **kwargs):
                           timeout=timeout, **kwargs)
 
 
+# The session's server has a small KV cache (blocks of 128 tokens on CPU), so that a working-set
+# sweep outgrows it within seconds.
+SERVER_KV_BLOCKS = 40
+
+
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir):
     """A real `vllm serve` of the tiny model, started and stopped the way phase 1 does it
     (phase1_experiment.EmbeddedServer): its base URL."""
     import phase1_experiment as p1
     server = p1.EmbeddedServer(tiny_model_dir, "127.0.0.1", p1.free_port("127.0.0.1"),
-                               ENGINE_FLAGS + ["--max-model-len", "2048"])
+                               ENGINE_FLAGS + ["--max-model-len", "2048",
+                                               "--num-gpu-blocks-override", str(SERVER_KV_BLOCKS)])
     try:
         server.start(timeout_s=600)
         yield server
@@ -74,3 +80,12 @@ def session_processes(session_id):
         except (OSError, psutil.Error):
             pass
     return found
+
+
+@pytest.fixture
+def fake_server(request, tiny_model_dir):
+    """A stand-in server (tests/fake_server.py) in the mode the test's parameter names."""
+    from fake_server import FakeServer
+    server = FakeServer(tiny_model_dir, mode=request.param)
+    yield server
+    server.close()

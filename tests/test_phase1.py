@@ -181,13 +181,6 @@ def test_a_port_in_use_is_refused_before_a_server_starts(vllm_server, tiny_model
     assert "starting vLLM server" not in proc.stdout
 
 
-@pytest.fixture
-def fake_server(request, tiny_model_dir):
-    server = FakeServer(tiny_model_dir, mode=request.param)
-    yield server
-    server.close()
-
-
 @pytest.mark.parametrize("fake_server,message", [
     ("http-500", "answered POST /v1/completions with HTTP 500: the engine is sad"),
     ("drop-after-6", "broke off a completion request"),

@@ -1,0 +1,220 @@
+"""phase1_experiment under load (--concurrency, --request-rate, a working-set sweep of
+--num-prefixes) against the session's real `vllm serve`: every request's cache state, the
+figures with their intervals, the cliff where the documents outgrow the KV cache, the charts,
+and faults. The statistics' helpers on data with known answers."""
+import json
+import os
+
+import numpy as np
+import pytest
+
+import phase1_experiment as p1
+import plot_results as pr
+from conftest import SERVER_KV_BLOCKS, run_script
+
+# 355 tokens and the special prefix are 2 KV blocks of 128 and 100 tokens: with its query and
+# output a request stays inside the third block, which is never full, so a request leaves no
+# block of its own in the cache to compete with the documents.
+LOAD_QUICK = ["--size-a", "355", "--max-output-tokens", "4"]
+
+
+def phase1(*args, timeout=600):
+    return run_script(["phase1_experiment.py", *args], timeout=timeout)
+
+
+# -----------------------------------------------------------------------------
+# statistics on data with known answers
+
+def test_the_median_interval_of_100_values_is_their_40th_to_61st():
+    values = np.random.default_rng(0).permutation(np.arange(1, 101))
+    assert p1.quantile_ci95(values, 0.5) == [40.0, 61.0]
+
+
+def test_a_percentile_the_sample_cannot_bound_has_no_upper_bound():
+    low, high = p1.quantile_ci95(np.arange(50), 0.99)
+    assert high is None and low is not None
+
+
+def test_quantile_intervals_hold_the_true_quantile_95_percent_of_the_time():
+    rng = np.random.default_rng(1)
+    true_p90 = -np.log(0.1)                 # of an exponential with mean 1
+    held = [low <= true_p90 <= high for low, high in
+            (p1.quantile_ci95(rng.exponential(1.0, 300), 0.9) for _ in range(2000))]
+    assert 0.94 <= np.mean(held) <= 0.985
+
+
+def test_batch_means_of_a_drifting_series_are_wider_than_its_naive_interval():
+    rng = np.random.default_rng(2)
+    drift = np.repeat(rng.normal(0, 5, 10), 30) + rng.normal(100, 1, 300)  # ten level shifts
+    low, high = p1.batch_means_ci95(drift)
+    naive = 1.96 * drift.std(ddof=1) / np.sqrt(len(drift))
+    assert (high - low) / 2 > 2 * naive
+    assert p1.batch_means_ci95(np.full(40, 7.0)) == [7.0, 7.0]
+
+
+def test_throughput_of_evenly_spaced_completions_is_their_rate():
+    low, high = p1.throughput_ci95(np.arange(0, 10, 0.1))         # 10 per second
+    assert low == pytest.approx(10, rel=0.02) and high == pytest.approx(10, rel=0.02)
+
+
+def test_zipf_weights():
+    assert np.allclose(p1.zipf_weights(4, 0), 0.25)
+    assert np.allclose(p1.zipf_weights(3, 1), np.array([1, 1 / 2, 1 / 3]) / (11 / 6))
+
+
+def record(condition, cached, full=256, ttft=10.0, start=0.0, end=1.0, error=None, output=4):
+    return {"index": 0, "condition": condition, "document": 0, "start_s": start, "end_s": end, "ttft_ms": ttft,
+            "tpot_ms": 1.0, "output_tokens": output, "prompt_tokens": 300, "cached_tokens": cached,
+            "document_cached_tokens": full,
+            "cache_state": p1.cache_state(cached, full), "error": error}
+
+
+@pytest.mark.parametrize("req,problem", [
+    (record("cold", 128), "cold request 0 (document 0): cached_tokens=128, at most 0"),
+    (record("cached", 384), "cached request 0 (document 0): cached_tokens=384, at most 256"),
+    (record("cached", 100), "cached_tokens=100, at most 256 in whole blocks of 128"),
+])
+def test_a_request_that_found_what_it_cannot_have_is_a_problem(req, problem):
+    assert problem in p1.load_problems([req], 128)[0]
+
+
+def test_a_partial_hit_or_a_miss_under_cache_pressure_is_recorded_not_failed():
+    assert p1.load_problems([record("cached", 128), record("cached", 0), record("cold", 0)], 128) == []
+
+
+def test_condition_stats_split_by_cache_state_and_count_goodput():
+    reqs = [record("cached", 256, ttft=5.0, start=k, end=k + 1) for k in range(6)] + \
+           [record("cached", 128, ttft=20.0, start=6, end=7), record("cached", 0, ttft=40.0, start=7, end=8)]
+    s = p1.condition_stats(reqs, slo_ttft_ms=10.0)
+    assert s["hit_rate"] == {"requests": 6 / 8, "tokens": (6 * 256 + 128) / (8 * 256)}
+    assert s["by_cache_state"]["hit"]["requests"] == 6 and s["by_cache_state"]["miss"]["ttft_ms_mean"] == 40.0
+    assert s["goodput_req_s"] == pytest.approx(6 / 8) and s["request_throughput"] == pytest.approx(1.0)
+    assert s["ttft_ms"]["p50"] == 5.0 and s["output_throughput_tok_s"] == pytest.approx(4.0)
+
+
+# -----------------------------------------------------------------------------
+# bad input
+
+@pytest.mark.parametrize("args,message", [
+    (["--concurrency", "1,4", "--request-rate", "2"], "either --concurrency or --request-rate"),
+    (["--concurrency", "0"], "must be positive integers"),
+    (["--request-rate", "1,,2"], "must be numbers > 0"),
+    (["--num-prefixes", "1,4", "--concurrency", "1,2"], "one load level"),
+    (["--concurrency", "2", "--size-b", "100"], "a request is [document, Q]"),
+    (["--concurrency", "2", "--prefix-skew", "-1"], "a number >= 0"),
+])
+def test_bad_load_arguments_exit_2_in_one_line(args, message, tmp_path):
+    proc = phase1("--base-url", "http://127.0.0.1:9", *args, "--results-dir", str(tmp_path), timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1000:]
+
+
+# -----------------------------------------------------------------------------
+# a real server
+
+@pytest.fixture(scope="module")
+def load_run(vllm_server, tmp_path_factory):
+    """A concurrency sweep (1, 4) over 4 documents against the session's server."""
+    out = tmp_path_factory.mktemp("load")
+    proc = phase1("--base-url", vllm_server.base_url, "--concurrency", "1,4", "--num-prefixes", "4",
+                  "--num-requests", "16", "--slo-ttft-ms", "1000", *LOAD_QUICK, "--results-dir", str(out))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    return out, json.load(open(out / "results_load_a355_p4_concurrency.json")), proc
+
+
+def test_under_load_every_request_found_what_its_condition_allows(load_run):
+    _, r, _ = load_run
+    assert r["cache_audit"]["ok"] is True and r["complete"] is True
+    assert [lv["concurrency"] for lv in r["levels"]] == [1, 4]
+    assert [lv["order"] for lv in r["levels"]] == [["cached", "cold"], ["cold", "cached"]]
+    for level in r["levels"]:
+        cached, cold = level["cached"], level["cold"]
+        full = r["config"]["document_cached_tokens"]
+        assert full == 256 and len(cached["requests"]) == len(cold["requests"]) == 16
+        # 4 documents of 2 blocks fit the cache many times over: every cached request hits
+        assert all(q["cached_tokens"] == full for q in cached["requests"])
+        assert all(q["cached_tokens"] == 0 for q in cold["requests"])
+        assert cached["hit_rate"] == {"requests": 1.0, "tokens": 1.0} and cold["hit_rate"]["tokens"] == 0
+        # the server's own counters saw exactly what the responses said
+        assert cached["server"]["prefix_cache_hits"] == 16 * full and cold["server"]["prefix_cache_hits"] == 0
+        assert cold["server"]["prefill_tokens_computed"] >= 16 * (356 + 16)
+        # the same documents, drawn once for both conditions
+        assert [q["document"] for q in cached["requests"]] == [q["document"] for q in cold["requests"]]
+
+
+def test_load_figures_carry_intervals(load_run):
+    _, r, _ = load_run
+    for level in r["levels"]:
+        for c in ("cached", "cold"):
+            s = level[c]
+            for key in ("p50", "mean"):
+                low, high = s["ttft_ms"][f"{key}_ci95"]
+                assert low <= s["ttft_ms"][key] <= high
+            assert s["request_throughput"] > 0 and s["output_throughput_tok_s"] == pytest.approx(
+                4 * s["request_throughput"], rel=1e-3)
+            assert s["goodput_req_s"] <= s["request_throughput"] and s["server"]["kv_cache_usage_max"] is not None
+    # what the cache saved the server, by its own counters (the tiny model's TTFT barely shows it)
+    one = r["levels"][0]
+    assert one["cached"]["server"]["prefill_tokens_computed"] < one["cold"]["server"]["prefill_tokens_computed"] / 2
+
+
+def test_a_working_set_larger_than_the_kv_cache_loses_its_hits_where_the_capacity_says(vllm_server, tmp_path):
+    proc = phase1("--base-url", vllm_server.base_url, "--num-prefixes", "2,8,64", "--num-requests", "32",
+                  *LOAD_QUICK, "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(tmp_path / "results_workingset_a355.json"))
+    capacity = r["kv_capacity_tokens"]
+    assert capacity == SERVER_KV_BLOCKS * 128 and r["cache_audit"]["ok"] is True
+    rates = {lv["num_prefixes"]: lv["cached"]["hit_rate"]["requests"] for lv in r["levels"]}
+    sets = {lv["num_prefixes"]: lv["working_set_tokens"] for lv in r["levels"]}
+    assert sets[8] <= capacity / 2 < 3 * capacity < sets[64]
+    assert rates[2] == rates[8] == 1.0          # fits: every request hits
+    assert rates[64] < 0.6                      # outgrows the cache: LRU evicts documents before they return
+    assert "cold" in r["levels"][0] and "cold" not in r["levels"][1]
+    # the charts and the tables
+    assert pr.main(["--results-dir", str(tmp_path)]) == 0
+    assert os.path.exists(tmp_path / "workingset_a355.png")
+
+
+def test_load_charts_and_tables(load_run, tmp_path, capsys):
+    out, r, _ = load_run
+    assert pr.main(["--results-dir", str(out), "--out-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert os.path.exists(tmp_path / "load_a355_p4_concurrency.png")
+    assert "| 4 | cached |" in printed and "| 1 | cold |" in printed
+    rows = pr.load_table(r).splitlines()
+    assert len(rows) == 2 + 4
+
+
+def test_a_rate_sweep_sends_poisson_arrivals(vllm_server, tmp_path):
+    proc = phase1("--base-url", vllm_server.base_url, "--request-rate", "40", "--num-prefixes", "2",
+                  "--num-requests", "12", *LOAD_QUICK, "--results-dir", str(tmp_path))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(tmp_path / "results_load_a355_p2_rate.json"))
+    level = r["levels"][0]
+    assert level["request_rate"] == 40 and level["concurrency"] is None
+    starts = [q["start_s"] for q in level["cached"]["requests"]]
+    assert starts == sorted(starts) and r["cache_audit"]["ok"] is True
+
+
+# the probe, 2 warmups, 8 cached requests and the counters' flush go through; every cold one fails
+@pytest.mark.parametrize("fake_server", ["drop-after-13"], indirect=True)
+def test_requests_that_fail_under_load_end_the_sweep_in_one_line_and_keep_what_was_measured(fake_server, tmp_path):
+    proc = phase1("--base-url", fake_server.base_url, "--concurrency", "2,4", "--num-prefixes", "2",
+                  "--num-requests", "8", *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("phase1_experiment.py: error: ") and "requests failed" in last
+    r = json.load(open(tmp_path / "results_load_a355_p2_concurrency.json"))
+    assert r["complete"] is False and r["failure"].startswith("8 of 8 cold requests failed at concurrency 2")
+    assert len(r["levels"]) == 1 and len(r["levels"][0]["cached"]["requests"]) == 8
+    assert r["levels"][0]["order"] == ["cached", "cold"]
+
+
+@pytest.mark.parametrize("fake_server", ["no-details"], indirect=True)
+def test_an_unaudited_load_run_says_so_and_reports_no_hit_rate(fake_server, tmp_path):
+    proc = phase1("--base-url", fake_server.base_url, "--allow-unaudited", "--concurrency", "2", "--num-prefixes", "2",
+                  "--num-requests", "6", *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    assert "!!! UNAUDITED" in proc.stderr
+    r = json.load(open(tmp_path / "results_load_a355_p2_concurrency.json"))
+    assert r["cache_audit"]["ok"] is None and "--enable-prompt-tokens-details" in r["cache_audit"]["unaudited"]
+    assert "hit_rate" not in r["levels"][0]["cached"] and pr.hit_rate_text(r["levels"][0]["cached"]) == "-"
