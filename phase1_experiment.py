@@ -72,7 +72,12 @@ MIN_BLOCK_SECONDS = 20.0
 IDLE_RECONNECT_S = 2.0
 EMBEDDED_KEEP_ALIVE_S = 600
 # Under load (--concurrency, --request-rate, a list of --num-prefixes):
-LOAD_NUM_REQUESTS = 200     # requests per load level and condition
+LOAD_NUM_REQUESTS = 100     # requests per load level, condition and pass
+# Passes over the whole sweep. One pass's intervals hold its own requests' spread, but a closed
+# loop settles into a state of its own each time (on the 2-core CPU, concurrency 4: a cached
+# TTFT p50 of 81.8 ms in one pass, 25.6 ms in the next, each interval a few ms wide): the
+# interval is taken over passes.
+LOAD_REPEATS = 3
 LOAD_NUM_PREFIXES = 8       # documents the requests share
 # The intervals of a mean and of the throughput come from this many consecutive batches of a
 # level's requests: requests sent close together share the server's state, batches nearly not.
@@ -643,7 +648,7 @@ def condition_stats(requests, slo_ttft_ms):
     ttft = [r["ttft_ms"] for r in sorted(done, key=lambda r: r["start_s"])]
     tpot = [r["tpot_ms"] for r in done if r["tpot_ms"] is not None]
     span_s = (max(r["end_s"] for r in done) - min(r["start_s"] for r in done)) if done else 0.0
-    stats = {"requests": len(requests), "failed": len(requests) - len(done), "duration_s": span_s}
+    stats = {"num_requests": len(requests), "failed": len(requests) - len(done), "duration_s": span_s}
     if not done:
         return stats
     for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot)):
@@ -902,9 +907,72 @@ def load_levels(opts):
     return [{**load, "num_prefixes": opts.num_prefixes[0]} for load in loads]
 
 
+def sweep_schedule(num_levels, repeats):
+    """(repeat, level index) in the order they run: every level once per pass, the passes
+    alternating up and down, so that a drift over the sweep lands on every level alike."""
+    return [(rep, i) for rep in range(repeats)
+            for i in (range(num_levels) if rep % 2 == 0 else reversed(range(num_levels)))]
+
+
+def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set):
+    """Both conditions (a working-set sweep's later levels: cached alone) at one level, once.
+    Returns (the pass's record, the one line that ends the sweep or None)."""
+    documents = workload.draws(level["num_prefixes"], opts.num_requests)
+    # cached and cold alternate in which goes first, so that neither always follows the other
+    order = ["cached"] if working_set and i else (["cached", "cold"] if (i + rep) % 2 == 0 else ["cold", "cached"])
+    run = {"repeat": rep, "order": order}
+    for condition in order:
+        try:
+            run[condition] = run_condition(engine, workload, documents, condition, namespace, level, opts,
+                                           opts.seed + 1000 * rep + i)
+        except ExperimentError as e:       # the server stopped answering between requests
+            return run, f"{level_name(level)}, {condition}: {e}"
+        failed = [r for r in run[condition]["requests"] if r["error"]]
+        if run[condition]["server_error"]:
+            return run, f"{level_name(level)}, {condition}, after its requests: {run[condition]['server_error']}"
+        if failed:
+            return run, (f"{len(failed)} of {len(run[condition]['requests'])} {condition} requests failed at "
+                         f"{level_name(level)} (first: {failed[0]['error']})")
+    return run, None
+
+
+SUMMARY_FIGURES = (("ttft_ms", "mean"), ("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"),
+                   ("tpot_ms", "mean"), ("tpot_ms", "p50"), ("tpot_ms", "p90"), ("tpot_ms", "p99"),
+                   (None, "request_throughput"), (None, "output_throughput_tok_s"), (None, "goodput_req_s"),
+                   ("hit_rate", "requests"), ("hit_rate", "tokens"))
+
+
+def summarize_runs(runs):
+    """One condition's figures over its passes. With two or more, each figure is the mean of
+    the passes' values and its interval a t-interval over them (each pass one value, as
+    pyperf takes processes): it holds what differs from one pass to the next, such as the
+    state a closed loop settles into, which one pass's intervals cannot see. With one pass,
+    that pass's own intervals (order statistics, batch means)."""
+    if len(runs) == 1:
+        one = {key: value for key, value in runs[0].items() if key not in ("requests", "problems", "server_error")}
+        return {**one, "interval": "one pass: percentiles by order statistics, means and throughput by batch means"}
+    summary = {"num_requests": sum(r["num_requests"] for r in runs), "failed": sum(r["failed"] for r in runs),
+               "passes": len(runs),
+               "interval": f"over {len(runs)} passes: the passes' mean and a t-interval over their values"}
+    for group, key in SUMMARY_FIGURES:
+        values = [(r.get(group) or {}).get(key) if group else r.get(key) for r in runs]
+        if any(v is None for v in values):
+            continue
+        holder = summary.setdefault(group, {}) if group else summary
+        holder.update({key: float(np.mean(values)), f"{key}_ci95": p2.mean_ci95(values), f"{key}_per_pass": values})
+    servers = [r.get("server") or {} for r in runs]
+    summary["server"] = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
+                         for key in ("prefix_cache_hits", "prefix_cache_queries", "prompt_tokens", "prefill_tokens_computed",
+                                     "preemptions")}
+    summary["server"]["kv_cache_usage_max"] = max((s.get("kv_cache_usage_max") for s in servers
+                                                   if s.get("kv_cache_usage_max") is not None), default=None)
+    return summary
+
+
 def run_load(engine, tokenizer, opts, env, unaudited):
-    """Every level of the sweep, cached against cold at the same load (a working-set sweep
-    measures cold once, at its first level: nothing is cached there, so P does not matter).
+    """Every level of the sweep, --repeats times, cached against cold at the same load (a
+    working-set sweep measures cold at its first level only: nothing is cached there, so P
+    does not matter). Each pass of a level warms its documents in a cache namespace of its own.
     Ends early, keeping what was measured, when requests fail. Returns the result dict."""
     block = env["cache_block_size"]
     capacity = engine.kv_capacity()
@@ -912,36 +980,32 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     run_id = uuid.uuid4().hex[:12]
     working_set = len(opts.num_prefixes) > 1
     workload = LoadWorkload(tokenizer, opts.size_a, max(opts.num_prefixes), opts.prefix_skew, block, opts.seed, run_id)
-    levels, failure = [], None
-    for i, level in enumerate(load_levels(opts)):
-        documents = workload.draws(level["num_prefixes"], opts.num_requests)
-        # cached and cold alternate in which goes first, so a drift over the sweep favours neither
-        order = ["cached"] if working_set and i else (["cached", "cold"] if i % 2 == 0 else ["cold", "cached"])
-        entry = {**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens, "order": order}
-        print(f"\n--- {level_name(level)}: {level['num_prefixes']} document(s) of {opts.size_a} tokens, "
-              f"{opts.num_requests} requests per condition ---", flush=True)
-        for condition in order:
-            try:
-                entry[condition] = run_condition(engine, workload, documents, condition, f"load-{run_id}-{i}",
-                                                 level, opts, opts.seed + i)
-            except ExperimentError as e:       # the server stopped answering between requests
-                failure = f"{level_name(level)}, {condition}: {e}"
-                break
-            failed = [r for r in entry[condition]["requests"] if r["error"]]
-            if entry[condition]["server_error"]:
-                failure = f"{level_name(level)}, {condition}, after its requests: {entry[condition]['server_error']}"
-                break
-            if failed:
-                failure = (f"{len(failed)} of {len(entry[condition]['requests'])} {condition} requests "
-                           f"failed at {level_name(level)} (first: {failed[0]['error']})")
-                break
-        entry["order"] = [c for c in order if c in entry]
-        if entry["order"]:
-            levels.append(entry)
-            print_level(entry, capacity_tokens)
+    levels = [{**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens, "runs": []}
+              for level in load_levels(opts)]
+    failure = None
+    schedule = sweep_schedule(len(levels), opts.repeats)
+    for step, (rep, i) in enumerate(schedule):
+        level = levels[i]
+        print(f"\n--- {step + 1} of {len(schedule)}: {level_name(level)}, pass {rep + 1} of {opts.repeats}: "
+              f"{level['num_prefixes']} document(s) of {opts.size_a} tokens, {opts.num_requests} requests per "
+              f"condition ---", flush=True)
+        run, failure = run_level_once(engine, workload, level, i, rep, opts, f"load-{run_id}-{i}-{rep}", working_set)
+        if any(c in run for c in ("cached", "cold")):
+            level["runs"].append(run)
+            print_level(level, run, capacity_tokens)
         if failure:
             break
-    problems = [p for entry in levels for c in entry["order"] for p in entry[c]["problems"]]
+    levels = [level for level in levels if level["runs"]]
+    for level in levels:
+        for condition in ("cached", "cold"):
+            # a pass a failure cut short is kept in runs but left out of the summary
+            done = [run[condition] for run in level["runs"] if condition in run and not run[condition]["failed"]]
+            if done:
+                level[condition] = summarize_runs(done)
+    requests = [r for level in levels for run in level["runs"] for c in ("cached", "cold") if c in run
+                for r in run[c]["requests"]]
+    problems = [p for level in levels for run in level["runs"] for c in ("cached", "cold") if c in run
+                for p in run[c]["problems"]]
     return {
         "phase": PHASE,
         "experiment": "working_set" if working_set else "load",
@@ -950,7 +1014,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
         "config": {"document_tokens": opts.size_a, "document_prompt_tokens": len(workload.documents[0]),
                    "document_cached_tokens": workload.full_tokens, "query_tokens": p2.QUERY_TOKENS,
                    "max_output_tokens": opts.max_output_tokens, "num_requests": opts.num_requests,
-                   "num_prefixes": opts.num_prefixes, "prefix_skew": opts.prefix_skew,
+                   "repeats": opts.repeats, "num_prefixes": opts.num_prefixes, "prefix_skew": opts.prefix_skew,
                    "load": "request_rate" if opts.request_rate else "concurrency",
                    "slo_ttft_ms": opts.slo_ttft_ms, "seed": opts.seed},
         "kv_capacity_tokens": capacity_tokens,
@@ -958,8 +1022,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
         "complete": failure is None,
         "failure": failure,
         "cache_audit": {"ok": None if unaudited else not problems, "problems": problems,
-                        "requests_checked": sum(len(entry[c]["requests"]) for entry in levels for c in entry["order"]),
-                        **({"unaudited": unaudited} if unaudited else {})},
+                        "requests_checked": len(requests), **({"unaudited": unaudited} if unaudited else {})},
         "environment": env,
     }
 
@@ -968,15 +1031,17 @@ def ci_span(ci):
     return "[" + ", ".join("-" if v is None else f"{v:.1f}" for v in ci) + "]"
 
 
-def print_level(entry, capacity_tokens):
-    """Console table of one load level."""
+def print_level(level, run, capacity_tokens):
+    """Console table of one pass of one load level."""
     fits = "" if capacity_tokens is None else \
-        f" ({'fits in' if entry['working_set_tokens'] <= capacity_tokens else 'exceeds'} the KV cache of {capacity_tokens})"
-    print(f"working set {entry['working_set_tokens']} tokens{fits}")
+        f" ({'fits in' if level['working_set_tokens'] <= capacity_tokens else 'exceeds'} the KV cache of {capacity_tokens})"
+    print(f"working set {level['working_set_tokens']} tokens{fits}")
     print(f"{'condition':<9} {'TTFT p50 ms [95% CI]':>24} {'p90':>8} {'p99':>8} {'mean':>8} {'TPOT ms':>8} "
           f"{'req/s':>7} {'tok/s':>8} {'hit rate':>8} {'failed':>6}")
-    for c in entry["order"]:
-        s = entry[c]
+    for c in ("cached", "cold"):
+        s = run.get(c)
+        if s is None:
+            continue
         t = s.get("ttft_ms")
         if not t:
             print(f"{c:<9} every request failed")
@@ -1020,7 +1085,10 @@ def add_load_flags(parser):
                    default=0.0, help="how requests pick documents: 0 uniformly (default), s > 0 by Zipf, "
                                      "rank k with weight 1/k**s")
     g.add_argument("--num-requests", type=p2.positive_int, default=LOAD_NUM_REQUESTS,
-                   help="requests per load level and condition (default %(default)s)")
+                   help="requests per load level, condition and pass (default %(default)s)")
+    g.add_argument("--repeats", type=p2.positive_int, default=LOAD_REPEATS,
+                   help="passes over the sweep; each figure's interval is taken over the passes (default "
+                        "%(default)s; 1: one pass's own intervals)")
     g.add_argument("--slo-ttft-ms", type=p2.checked(float, lambda v: 0 < v < float("inf"), "a number > 0"),
                    help="goodput: completed requests per second whose TTFT is at most this")
 

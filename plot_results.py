@@ -770,7 +770,13 @@ def load_table(data):
                         f"{with_ci(t.get('p99'), t.get('p99_ci95'))} | {with_ci(t.get('mean'), t.get('mean_ci95'))} | "
                         f"{with_ci(s.get('request_throughput'), s.get('request_throughput_ci95'), 2)} | "
                         f"{number(s.get('output_throughput_tok_s'), 0)} | {hit_rate_text(s)} | {s.get('failed', 0)} |")
-    return "\n".join(rows)
+    return "\n".join(rows) + interval_line(data)
+
+
+def interval_line(data):
+    """What the intervals in a load table are, from the files' own words."""
+    kinds = sorted({lv[c]["interval"] for lv in data["levels"] for c in ("cached", "cold") if lv.get(c, {}).get("interval")})
+    return f"\n\n95% intervals: {'; '.join(kinds)}." if kinds else ""
 
 
 def working_set_table(data):
@@ -786,6 +792,7 @@ def working_set_table(data):
         rows.append(f"| {level['num_prefixes']} | {level['working_set_tokens']} | {share} | {hit_rate_text(s)} | "
                     f"{with_ci(t.get('p50'), t.get('p50_ci95'))} | {with_ci(t.get('p99'), t.get('p99_ci95'))} | "
                     f"{with_ci(t.get('mean'), t.get('mean_ci95'))} |")
+    rows[-1] += interval_line(data)
     cold = data["levels"][0].get("cold")
     if cold and cold.get("ttft_ms"):
         rows.append(f"\nCold (every request salted, nothing cached): TTFT p50 "
@@ -805,7 +812,7 @@ def load_title(data):
     cfg = data["config"]
     model = os.path.basename(str(data.get("model")).rstrip("/"))
     device = data.get("environment", {}).get("device") or "unknown device"
-    return (f"{model} on {device}: {cfg['num_prefixes'] if data['experiment'] == 'load' else 'P'} document(s) of "
+    return (f"{model} on {device}: {cfg['num_prefixes'][0] if data['experiment'] == 'load' else 'P'} document(s) of "
             f"{cfg['document_tokens']} tokens, fresh {cfg['query_tokens']}-token query, {cfg['max_output_tokens']} "
             f"output tokens{'' if audit_ok(data) else '  (CACHE AUDIT FAILED)'}")
 

@@ -113,52 +113,72 @@ def test_bad_load_arguments_exit_2_in_one_line(args, message, tmp_path):
 
 @pytest.fixture(scope="module")
 def load_run(vllm_server, tmp_path_factory):
-    """A concurrency sweep (1, 4) over 4 documents against the session's server."""
+    """A concurrency sweep (1, 4) over 4 documents, two passes, against the session's server."""
     out = tmp_path_factory.mktemp("load")
     proc = phase1("--base-url", vllm_server.base_url, "--concurrency", "1,4", "--num-prefixes", "4",
-                  "--num-requests", "16", "--slo-ttft-ms", "1000", *LOAD_QUICK, "--results-dir", str(out))
+                  "--num-requests", "16", "--repeats", "2", "--slo-ttft-ms", "1000", *LOAD_QUICK,
+                  "--results-dir", str(out))
     assert proc.returncode == 0, proc.stderr[-3000:]
     return out, json.load(open(out / "results_load_a355_p4_concurrency.json")), proc
 
 
 def test_under_load_every_request_found_what_its_condition_allows(load_run):
     _, r, _ = load_run
-    assert r["cache_audit"]["ok"] is True and r["complete"] is True
+    full = r["config"]["document_cached_tokens"]
+    assert r["cache_audit"]["ok"] is True and r["complete"] is True and full == 256
+    assert r["cache_audit"]["requests_checked"] == 2 * 2 * 2 * 16
     assert [lv["concurrency"] for lv in r["levels"]] == [1, 4]
-    assert [lv["order"] for lv in r["levels"]] == [["cached", "cold"], ["cold", "cached"]]
     for level in r["levels"]:
-        cached, cold = level["cached"], level["cold"]
-        full = r["config"]["document_cached_tokens"]
-        assert full == 256 and len(cached["requests"]) == len(cold["requests"]) == 16
-        # 4 documents of 2 blocks fit the cache many times over: every cached request hits
-        assert all(q["cached_tokens"] == full for q in cached["requests"])
-        assert all(q["cached_tokens"] == 0 for q in cold["requests"])
-        assert cached["hit_rate"] == {"requests": 1.0, "tokens": 1.0} and cold["hit_rate"]["tokens"] == 0
-        # the server's own counters saw exactly what the responses said
-        assert cached["server"]["prefix_cache_hits"] == 16 * full and cold["server"]["prefix_cache_hits"] == 0
-        assert cold["server"]["prefill_tokens_computed"] >= 16 * (356 + 16)
-        # the same documents, drawn once for both conditions
-        assert [q["document"] for q in cached["requests"]] == [q["document"] for q in cold["requests"]]
+        assert [run["repeat"] for run in level["runs"]] == [0, 1]
+        for run in level["runs"]:
+            cached, cold = run["cached"], run["cold"]
+            assert len(cached["requests"]) == len(cold["requests"]) == 16
+            # 4 documents of 2 blocks fit the cache many times over: every cached request hits
+            assert all(q["cached_tokens"] == full for q in cached["requests"])
+            assert all(q["cached_tokens"] == 0 for q in cold["requests"])
+            assert cached["hit_rate"] == {"requests": 1.0, "tokens": 1.0} and cold["hit_rate"]["tokens"] == 0
+            # the server's own counters saw exactly what the responses said
+            assert cached["server"]["prefix_cache_hits"] == 16 * full and cold["server"]["prefix_cache_hits"] == 0
+            assert cold["server"]["prefill_tokens_computed"] >= 16 * (356 + 16)
+            # the same documents, drawn once for both conditions of a pass
+            assert [q["document"] for q in cached["requests"]] == [q["document"] for q in cold["requests"]]
+        assert level["cached"]["server"]["prefix_cache_hits"] == 2 * 16 * full
 
 
-def test_load_figures_carry_intervals(load_run):
+def test_passes_run_the_levels_up_and_down_and_alternate_which_condition_goes_first(load_run):
+    out, r, proc = load_run
+    starts = [line for line in proc.stdout.splitlines() if line.startswith("--- ")]
+    assert [s.split(":")[1].split(",")[0].strip() for s in starts] == ["concurrency 1", "concurrency 4",
+                                                                       "concurrency 4", "concurrency 1"]
+    first = {(lv["concurrency"], run["repeat"]): run["order"][0] for lv in r["levels"] for run in lv["runs"]}
+    assert first == {(1, 0): "cached", (4, 0): "cold", (4, 1): "cached", (1, 1): "cold"}
+
+
+def test_load_figures_carry_intervals_over_the_passes(load_run):
     _, r, _ = load_run
     for level in r["levels"]:
         for c in ("cached", "cold"):
             s = level[c]
-            for key in ("p50", "mean"):
+            assert s["passes"] == 2 and s["interval"].startswith("over 2 passes")
+            for key in ("p50", "p99", "mean"):
+                values = s["ttft_ms"][f"{key}_per_pass"]
                 low, high = s["ttft_ms"][f"{key}_ci95"]
-                assert low <= s["ttft_ms"][key] <= high
+                assert s["ttft_ms"][key] == pytest.approx(np.mean(values), abs=1e-3) and low <= min(values)
+                assert high >= max(values)
             assert s["request_throughput"] > 0 and s["output_throughput_tok_s"] == pytest.approx(
                 4 * s["request_throughput"], rel=1e-3)
-            assert s["goodput_req_s"] <= s["request_throughput"] and s["server"]["kv_cache_usage_max"] is not None
+            assert s["goodput_req_s"] <= s["request_throughput"] * 1.001 and s["server"]["kv_cache_usage_max"] is not None
+        for run in level["runs"]:          # each pass keeps its own intervals
+            for c in ("cached", "cold"):
+                low, high = run[c]["ttft_ms"]["p50_ci95"]
+                assert low <= run[c]["ttft_ms"]["p50"] <= high
     # what the cache saved the server, by its own counters (the tiny model's TTFT barely shows it)
     one = r["levels"][0]
     assert one["cached"]["server"]["prefill_tokens_computed"] < one["cold"]["server"]["prefill_tokens_computed"] / 2
 
 
 def test_a_working_set_larger_than_the_kv_cache_loses_its_hits_where_the_capacity_says(vllm_server, tmp_path):
-    proc = phase1("--base-url", vllm_server.base_url, "--num-prefixes", "2,8,64", "--num-requests", "32",
+    proc = phase1("--base-url", vllm_server.base_url, "--num-prefixes", "2,8,64", "--num-requests", "32", "--repeats", "1",
                   *LOAD_QUICK, "--results-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.load(open(tmp_path / "results_workingset_a355.json"))
@@ -169,7 +189,7 @@ def test_a_working_set_larger_than_the_kv_cache_loses_its_hits_where_the_capacit
     assert sets[8] <= capacity / 2 < 3 * capacity < sets[64]
     assert rates[2] == rates[8] == 1.0          # fits: every request hits
     assert rates[64] < 0.6                      # outgrows the cache: LRU evicts documents before they return
-    assert "cold" in r["levels"][0] and "cold" not in r["levels"][1]
+    assert "cold" in r["levels"][0] and "cold" not in r["levels"][1] and r["levels"][0]["cached"]["interval"].startswith("one pass")
     # the charts and the tables
     assert pr.main(["--results-dir", str(tmp_path)]) == 0
     assert os.path.exists(tmp_path / "workingset_a355.png")
@@ -181,18 +201,18 @@ def test_load_charts_and_tables(load_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert os.path.exists(tmp_path / "load_a355_p4_concurrency.png")
     assert "| 4 | cached |" in printed and "| 1 | cold |" in printed
-    rows = pr.load_table(r).splitlines()
-    assert len(rows) == 2 + 4
+    rows = [row for row in pr.load_table(r).splitlines() if row.startswith("|")]
+    assert len(rows) == 2 + 4 and "over 2 passes" in printed
 
 
 def test_a_rate_sweep_sends_poisson_arrivals(vllm_server, tmp_path):
     proc = phase1("--base-url", vllm_server.base_url, "--request-rate", "40", "--num-prefixes", "2",
-                  "--num-requests", "12", *LOAD_QUICK, "--results-dir", str(tmp_path))
+                  "--num-requests", "12", "--repeats", "1", *LOAD_QUICK, "--results-dir", str(tmp_path))
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.load(open(tmp_path / "results_load_a355_p2_rate.json"))
     level = r["levels"][0]
     assert level["request_rate"] == 40 and level["concurrency"] is None
-    starts = [q["start_s"] for q in level["cached"]["requests"]]
+    starts = [q["start_s"] for q in level["runs"][0]["cached"]["requests"]]
     assert starts == sorted(starts) and r["cache_audit"]["ok"] is True
 
 
@@ -200,19 +220,19 @@ def test_a_rate_sweep_sends_poisson_arrivals(vllm_server, tmp_path):
 @pytest.mark.parametrize("fake_server", ["drop-after-13"], indirect=True)
 def test_requests_that_fail_under_load_end_the_sweep_in_one_line_and_keep_what_was_measured(fake_server, tmp_path):
     proc = phase1("--base-url", fake_server.base_url, "--concurrency", "2,4", "--num-prefixes", "2",
-                  "--num-requests", "8", *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
+                  "--num-requests", "8", "--repeats", "1", *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
     last = proc.stderr.strip().splitlines()[-1]
     assert proc.returncode == 1 and last.startswith("phase1_experiment.py: error: ") and "requests failed" in last
     r = json.load(open(tmp_path / "results_load_a355_p2_concurrency.json"))
     assert r["complete"] is False and r["failure"].startswith("8 of 8 cold requests failed at concurrency 2")
-    assert len(r["levels"]) == 1 and len(r["levels"][0]["cached"]["requests"]) == 8
-    assert r["levels"][0]["order"] == ["cached", "cold"]
+    assert len(r["levels"]) == 1 and len(r["levels"][0]["runs"][0]["cached"]["requests"]) == 8
+    assert r["levels"][0]["cached"]["num_requests"] == 8 and "cold" not in r["levels"][0]
 
 
 @pytest.mark.parametrize("fake_server", ["no-details"], indirect=True)
 def test_an_unaudited_load_run_says_so_and_reports_no_hit_rate(fake_server, tmp_path):
     proc = phase1("--base-url", fake_server.base_url, "--allow-unaudited", "--concurrency", "2", "--num-prefixes", "2",
-                  "--num-requests", "6", *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
+                  "--num-requests", "6", "--repeats", "1", *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
     assert proc.returncode == 0, proc.stderr[-2000:]
     assert "!!! UNAUDITED" in proc.stderr
     r = json.load(open(tmp_path / "results_load_a355_p2_concurrency.json"))
