@@ -751,7 +751,11 @@ def hit_rate_text(stats):
     rate = stats.get("hit_rate")
     if not rate:
         return "-"
-    return f"{rate['requests']:.0%} / {rate['tokens']:.0%}" if rate.get("tokens") is not None else f"{rate['requests']:.0%}"
+    text = f"{rate['requests']:.0%}"
+    ci = rate.get("requests_ci95")
+    if ci and None not in ci:
+        text += f" [{max(ci[0], 0):.0%}, {min(ci[1], 1):.0%}]"
+    return text + (f" / {rate['tokens']:.0%}" if rate.get("tokens") is not None else "")
 
 
 def load_table(data):
