@@ -568,7 +568,7 @@ def load_figure(stats, group, key):
 def compare_load_runs(run_dirs):
     """Markdown table: the load files that several runs share, each figure per level and
     condition in every run, and whether every pair of runs agrees within its intervals."""
-    runs = [{os.path.basename(p): d for p, d in discover_load_results(d)[0]} for d in run_dirs]
+    runs = [{os.path.basename(p).removesuffix(".gz"): d for p, d in discover_load_results(d)[0]} for d in run_dirs]
     names = sorted({name for r in runs for name in r})
     if not names:
         return None
@@ -717,7 +717,8 @@ LOAD_COLOURS = {"cached": "#2a9d8f", "cold": "#8d99ae"}
 def discover_load_results(results_dir=RESULTS_DIR):
     """[(path, data)] of the load and working-set files, and [(path, why)] for skipped ones."""
     found, skipped = [], []
-    for path in sorted(p for pattern in LOAD_PATTERNS for p in glob.glob(os.path.join(results_dir, pattern))):
+    for path in sorted(p for pattern in LOAD_PATTERNS for suffix in ("", ".gz")
+                       for p in glob.glob(os.path.join(results_dir, pattern + suffix))):
         try:
             data = read_json(path)
         except ValueError as e:

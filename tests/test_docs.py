@@ -84,6 +84,13 @@ def test_readme_headline_table_is_the_shipped_files_table():
     assert plot_results.summary_table(phases["phase2"]) in open(os.path.join(ROOT, "README.md")).read()
 
 
+def test_readme_phase1_table_is_the_shipped_files_table():
+    folder = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-sweep")
+    phases, _ = plot_results.discover_results(folder)
+    costs = plot_results.server_path_cost(phases)
+    assert costs and plot_results.server_path_table(costs) in open(os.path.join(ROOT, "README.md")).read()
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
 def test_docs_state_facts_not_development_history(path):
     text = open(path).read()
