@@ -984,11 +984,14 @@ def run_load(engine, tokenizer, opts, env, unaudited):
               for level in load_levels(opts)]
     failure = None
     schedule = sweep_schedule(len(levels), opts.repeats)
+    t0 = time.perf_counter()
     for step, (rep, i) in enumerate(schedule):
         level = levels[i]
+        elapsed_s = time.perf_counter() - t0
+        eta = f", about {elapsed_s / step * (len(schedule) - step) / 60:.1f} min left" if step else ""
         print(f"\n--- {step + 1} of {len(schedule)}: {level_name(level)}, pass {rep + 1} of {opts.repeats}: "
               f"{level['num_prefixes']} document(s) of {opts.size_a} tokens, {opts.num_requests} requests per "
-              f"condition ---", flush=True)
+              f"condition ({elapsed_s:.0f} s so far{eta}) ---", flush=True)
         run, failure = run_level_once(engine, workload, level, i, rep, opts, f"load-{run_id}-{i}-{rep}", working_set)
         if any(c in run for c in ("cached", "cold")):
             level["runs"].append(run)
