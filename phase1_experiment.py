@@ -42,6 +42,7 @@ import os
 import random
 import re
 import shlex
+import shutil
 import signal
 import socket
 import subprocess
@@ -72,12 +73,18 @@ MIN_BLOCK_SECONDS = 20.0
 IDLE_RECONNECT_S = 2.0
 EMBEDDED_KEEP_ALIVE_S = 600
 # Under load (--concurrency, --request-rate, a list of --num-prefixes):
-LOAD_NUM_REQUESTS = 100     # requests per load level, condition and pass
+# Requests per load level, condition and pass: at least this many, and at least
+# LOAD_REQUESTS_PER_CLIENT per closed-loop client, so that the ramp-up of the first
+# `concurrency` requests and the drain of the last are a small part of the level.
+LOAD_NUM_REQUESTS = 100
+LOAD_REQUESTS_PER_CLIENT = 10
 # Passes over the whole sweep. One pass's intervals hold its own requests' spread, but a closed
 # loop settles into a state of its own each time (on the 2-core CPU, concurrency 4: a cached
 # TTFT p50 of 81.8 ms in one pass, 25.6 ms in the next, each interval a few ms wide): the
 # interval is taken over passes.
 LOAD_REPEATS = 3
+ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash",
+                   "sticky_least_loaded")
 LOAD_NUM_PREFIXES = 8       # documents the requests share
 # The intervals of a mean and of the throughput come from this many consecutive batches of a
 # level's requests: requests sent close together share the server's state, batches nearly not.
@@ -229,10 +236,14 @@ class HttpClient:
             await response.read()
 
     async def get_async(self, path, session=None):
-        """GET path's text, on the kept connection or on session's."""
-        async with (session or self.session).get(self.base_url + path) as response:
+        """GET path's text (a path on this server, or a whole URL), on the kept connection or on session's."""
+        async with (session or self.session).get(path if path.startswith("http") else self.base_url + path) as response:
             await self._check(response, f"GET {path}")
             return await response.text()
+
+    def get_url(self, url):
+        """The text of a GET to a whole URL (another server's /metrics)."""
+        return self.run(f"GET {url}", self.get_async(url))
 
     def get(self, path, as_json=True):
         async def get():
@@ -284,10 +295,29 @@ class ServerEngine:
     phase = PHASE
     shared = True
 
-    def __init__(self, client, model, audited=True):
+    def __init__(self, client, model, audited=True, metrics_urls=None):
         self.client, self.model, self.audited = client, model, audited
+        # the servers whose /metrics count this run's requests: the front itself, or the replicas behind a router
+        self.metrics_urls = metrics_urls or [client.base_url]
         self.connections_before = client.connections_opened
         self.last_end = 0.0
+
+    def replica_metrics(self):
+        """[(name, parsed /metrics)] of every engine behind the front: one per server, or per
+        engine of a server whose engines are labelled apart (--data-parallel-size)."""
+        found = []
+        for url in self.metrics_urls:
+            metrics = parse_metrics(self.client.get_url(url + "/metrics"))
+            engines = sorted({labels.get("engine") for labels, _ in metrics.get("vllm:prefix_cache_queries_total", [])
+                              if labels.get("engine") is not None})
+            if len(engines) <= 1:
+                found.append((url, metrics))
+                continue
+            for e in engines:
+                found.append((f"{url} engine {e}", {name: [(labels, value) for labels, value in samples
+                                                           if labels.get("engine") in (None, e)]
+                                                    for name, samples in metrics.items()}))
+        return found
 
     def request(self, prompt_ids, max_tokens, cache_salt=None):
         body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
@@ -329,12 +359,24 @@ class ServerEngine:
     def counters(self):
         if not self.audited:
             return None
-        return server_counters(parse_metrics(self.client.get("/metrics", as_json=False)))
+        return p2.sum_counters([server_counters(metrics) for _, metrics in self.replica_metrics()])
 
     def kv_capacity(self):
-        labels = cache_config(parse_metrics(self.client.get("/metrics", as_json=False)))
-        blocks, size = label_int(labels, "num_gpu_blocks"), label_int(labels, "block_size")
-        return (blocks, size) if blocks and size else None
+        """(KV blocks of all engines together, block size), or None."""
+        capacities = self.replica_capacities()
+        if not capacities or None in capacities.values():
+            return None
+        size = label_int(cache_config(self.replica_metrics()[0][1]), "block_size")
+        return sum(capacities.values()) // size, size
+
+    def replica_capacities(self):
+        """{engine name: KV capacity in tokens (None if not reported)}."""
+        capacities = {}
+        for name, metrics in self.replica_metrics():
+            labels = cache_config(metrics)
+            blocks, size = label_int(labels, "num_gpu_blocks"), label_int(labels, "block_size")
+            capacities[name] = blocks * size if blocks and size else None
+        return capacities
 
 
 # -----------------------------------------------------------------------------
@@ -369,65 +411,68 @@ def first_error_line(path):
     return lines[-1].decode(errors="replace").strip() if lines else "the log is empty"
 
 
-class EmbeddedServer:
-    """`vllm serve` as a child process in a session of its own, so that stop() ends it and every
-    process it started (engine core, workers). Its output goes to a log file."""
+class ManagedProcess:
+    """A server this tool starts (a `vllm serve`, a router) as a child process in a session of
+    its own, so that stop() ends it and every process it started. Its output goes to a log
+    file. Subclasses set command, base_url, environment and what (its name in messages)."""
+    what = "the server"
+    log_prefix = "phase1-server-"
 
-    def __init__(self, model, host, port, vllm_flags):
-        self.model = model
-        self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
-                        "--host", host, "--port", str(port), DETAILS_FLAG, "--enable-prefix-caching", *vllm_flags]
-        self.base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
-        self.environment = {**os.environ, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(EMBEDDED_KEEP_ALIVE_S)}
-        fd, self.log_path = tempfile.mkstemp(prefix="phase1-vllm-serve-", suffix=".log")
+    def __init__(self):
+        fd, self.log_path = tempfile.mkstemp(prefix=self.log_prefix, suffix=".log")
         os.close(fd)
-        self.proc, self.start_s = None, None
+        self.proc, self.start_s, self.t0 = None, None, None
 
-    def start(self, timeout_s):
-        """Start the server and wait until /health answers 200; raise if it exits or times out."""
-        import urllib.error
-        import urllib.request
-
-        t0 = time.perf_counter()
+    def launch(self):
+        """Start the process; wait_ready() then waits for it."""
+        self.t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(self.command, stdout=log, stderr=subprocess.STDOUT, stdin=subprocess.DEVNULL,
                                          start_new_session=True, env=self.environment)
-        print(f"starting vLLM server (pid {self.proc.pid}): {shlex.join(self.command)}\nserver log: {self.log_path}",
+        print(f"starting {self.what} (pid {self.proc.pid}): {shlex.join(self.command)}\nlog: {self.log_path}",
               flush=True)
-        while time.perf_counter() - t0 < timeout_s:
+
+    def wait_ready(self, timeout_s):
+        """Wait until /health answers 200; raise if the process exits or the time runs out."""
+        import urllib.error
+        import urllib.request
+
+        while time.perf_counter() - self.t0 < timeout_s:
             if self.proc.poll() is not None:
-                raise ExperimentError(f"the vLLM server exited with code {self.proc.returncode} during its start: "
+                raise ExperimentError(f"{self.what} exited with code {self.proc.returncode} during its start: "
                                       f"{first_error_line(self.log_path)} (log: {self.log_path})")
             try:
                 # straight to the server: a proxy from the environment must not sit in between
                 with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
                         self.base_url + "/health", timeout=2) as response:
                     if response.status == 200:
-                        self.start_s = time.perf_counter() - t0
-                        print(f"server ready in {self.start_s:.1f} s", flush=True)
+                        self.start_s = time.perf_counter() - self.t0
+                        print(f"{self.what} ready in {self.start_s:.1f} s", flush=True)
                         return
             except (urllib.error.URLError, OSError):
                 pass
             time.sleep(0.5)
-        raise ExperimentError(f"the vLLM server was not ready within --server-start-timeout {timeout_s:g} s "
+        raise ExperimentError(f"{self.what} was not ready within --server-start-timeout {timeout_s:g} s "
                               f"(log: {self.log_path})")
 
-    def death(self):
-        """One line if the server has exited (or does within 2 s: a broken connection can be
+    def start(self, timeout_s):
+        self.launch()
+        self.wait_ready(timeout_s)
+
+    def death(self, wait_s=2):
+        """One line if the process has exited (or does within wait_s: a broken connection can be
         seen before the process is gone), else None."""
         if self.proc is None:
             return None
         try:
-            self.proc.wait(timeout=2)
+            self.proc.wait(timeout=wait_s)
         except subprocess.TimeoutExpired:
             return None
-        if self.proc.returncode is not None:
-            return (f"the vLLM server (pid {self.proc.pid}) exited with code {self.proc.returncode} during the run: "
-                    f"{first_error_line(self.log_path)} (log: {self.log_path})")
-        return None
+        return (f"{self.what} (pid {self.proc.pid}) exited with code {self.proc.returncode} during the run: "
+                f"{first_error_line(self.log_path)} (log: {self.log_path})")
 
     def stop(self):
-        """SIGTERM to the server's whole process group, SIGKILL to whatever is left after the grace."""
+        """SIGTERM to the process's whole group, SIGKILL to whatever is left after the grace."""
         if self.proc is None:
             return
         for sig, grace in ((signal.SIGTERM, SERVER_STOP_GRACE_S), (signal.SIGKILL, 10.0)):
@@ -447,6 +492,113 @@ class EmbeddedServer:
                 continue
             break
         self.proc.wait()
+
+
+class EmbeddedServer(ManagedProcess):
+    """`vllm serve` as a child process (ManagedProcess): its engine core and workers stop with it."""
+    what = "the vLLM server"
+    log_prefix = "phase1-vllm-serve-"
+
+    def __init__(self, model, host, port, vllm_flags, extra_env=None, name=None):
+        super().__init__()
+        self.model = model
+        if name:
+            self.what = f"the vLLM server {name}"
+        self.command = [sys.executable, "-m", "vllm.entrypoints.openai.api_server", "--model", model,
+                        "--host", host, "--port", str(port), DETAILS_FLAG, "--enable-prefix-caching", *vllm_flags]
+        self.base_url = f"http://{'127.0.0.1' if host in ('0.0.0.0', '') else host}:{port}"
+        self.environment = {**os.environ, "VLLM_HTTP_TIMEOUT_KEEP_ALIVE": str(EMBEDDED_KEEP_ALIVE_S),
+                            **(extra_env or {})}
+
+
+class RouterProcess(ManagedProcess):
+    """vllm-router (the Rust router from the package index) in front of the replicas. Its
+    Prometheus listener is set to a port of its own."""
+    what = "vllm-router"
+    log_prefix = "phase1-vllm-router-"
+
+    def __init__(self, worker_urls, policy, host, port, router_args):
+        super().__init__()
+        binary = shutil.which("vllm-router") or os.path.join(os.path.dirname(sys.executable), "vllm-router")
+        if not os.path.exists(binary):
+            raise ExperimentError("vllm-router is not installed: `pip install vllm-router`, or use --router dp")
+        self.policy = policy
+        self.what = f"vllm-router ({policy})"
+        self.prometheus_port = free_port(host)
+        self.command = [binary, "--host", host, "--port", str(port), "--worker-urls", *worker_urls, "--policy", policy,
+                        "--prometheus-host", host, "--prometheus-port", str(self.prometheus_port), *router_args]
+        self.base_url = f"http://{host}:{port}"
+        self.environment = dict(os.environ)
+
+
+def replica_devices(index, vllm_flags):
+    """CUDA_VISIBLE_DEVICES of replica `index`: the next tensor x pipeline parallel GPUs."""
+    sizes = {"--tensor-parallel-size": 1, "--pipeline-parallel-size": 1, "-tp": 1, "-pp": 1}
+    for k, flag in enumerate(vllm_flags):
+        name, _, value = flag.partition("=")
+        if name in sizes:
+            sizes[name] = int(value or vllm_flags[k + 1])
+    per = max(sizes["--tensor-parallel-size"], sizes["-tp"]) * max(sizes["--pipeline-parallel-size"], sizes["-pp"])
+    return ",".join(str(d) for d in range(index * per, (index + 1) * per))
+
+
+class Fleet:
+    """--replicas N: N `vllm serve` processes (one per GPU, or per group of GPUs), and in front
+    of them vllm-router with one policy at a time; or, with --router dp, one `vllm serve
+    --data-parallel-size N`. Every part is stopped at the end, on error and on Ctrl-C."""
+
+    def __init__(self, model, host, replicas, vllm_flags, router, router_args):
+        self.host, self.router_kind, self.router_args = host, router, router_args
+        if router == "dp":
+            self.replicas = [EmbeddedServer(model, host, free_port(host), [*vllm_flags, "--data-parallel-size",
+                                                                           str(replicas)], name="(data parallel)")]
+        else:
+            ports = set()
+            while len(ports) < replicas:
+                ports.add(free_port(host))
+            self.replicas = [EmbeddedServer(model, host, port, vllm_flags, name=f"replica {k}",
+                                            extra_env={"CUDA_VISIBLE_DEVICES": replica_devices(k, vllm_flags)})
+                             for k, port in enumerate(sorted(ports))]
+        self.router = None
+        self.model = model
+
+    def start(self, timeout_s):
+        """All replicas at once (each start waits on its own compile and load), then each ready."""
+        for replica in self.replicas:
+            replica.launch()
+        for replica in self.replicas:
+            replica.wait_ready(timeout_s)
+
+    def start_router(self, policy, timeout_s):
+        """The front for one policy (none for --router dp); its base URL."""
+        if self.router_kind == "dp":
+            return self.replicas[0].base_url
+        self.router = RouterProcess([r.base_url for r in self.replicas], policy, self.host, free_port(self.host),
+                                    self.router_args)
+        self.router.start(timeout_s)
+        return self.router.base_url
+
+    def stop_router(self):
+        if self.router:
+            self.router.stop()
+            self.router = None
+
+    @property
+    def metrics_urls(self):
+        return [r.base_url for r in self.replicas]
+
+    def death(self):
+        """One line for every part that has exited, or None."""
+        dead = [line for part in ([self.router] if self.router else []) + self.replicas
+                for line in [part.death(wait_s=0.5)] if line]
+        return "; ".join(dead) or None
+
+    def stop(self):
+        try:
+            self.stop_router()
+        finally:
+            for replica in self.replicas:
+                replica.stop()
 
 
 # -----------------------------------------------------------------------------
@@ -548,13 +700,16 @@ def add_phase1_stats(result, unaudited):
         result["cache_audit"].update({"ok": None, "unaudited": unaudited, "problems": []})
 
 
-def server_environment(client, card, server, vllm_flags, opts):
-    """What the JSON records of the server: its vLLM version, cache layout, how it was reached."""
-    labels = cache_config(parse_metrics(client.get("/metrics", as_json=False)))
+def server_environment(client, card, server, vllm_flags, opts, engine=None):
+    """What the JSON records of the server: its vLLM version, cache layout, how it was reached.
+    engine: read the cache layout from the servers behind the front (a router has no /metrics)."""
+    metrics = engine.replica_metrics()[0][1] if engine else parse_metrics(client.get("/metrics", as_json=False))
+    labels = cache_config(metrics)
     block = label_int(labels, "block_size")
     try:
-        version = client.get("/version").get("version")
-    except ExperimentError:
+        version = client.get_url((engine.metrics_urls[0] if engine else client.base_url) + "/version")
+        version = json.loads(version).get("version")
+    except (ExperimentError, ValueError, AttributeError):
         version = None
     return {
         "vllm_version": version,
@@ -610,13 +765,16 @@ def batch_means_ci95(values, num_batches=LOAD_BATCHES):
     return p2.mean_ci95([batch.mean() for batch in np.array_split(values, k)])
 
 
-def throughput_ci95(end_times_s, num_batches=LOAD_BATCHES):
-    """95% t-interval of completions per second, from equal slices of the time the completions span."""
-    ends = np.sort(np.asarray(end_times_s, dtype=float))
+def throughput_ci95(start_times_s, end_times_s, num_batches=LOAD_BATCHES):
+    """95% t-interval of completions per second, over equal time slices of the span from the
+    first send to the last completion: the span the throughput itself is taken over, so the
+    slices' mean rate is that throughput."""
+    ends = np.asarray(end_times_s, dtype=float)
+    first = float(np.min(start_times_s)) if len(start_times_s) else 0.0
     k = min(num_batches, len(ends) // 2)
-    if k < 2 or ends[-1] <= ends[0]:
+    if k < 2 or ends.max() <= first:
         return [None, None]
-    edges = np.linspace(ends[0], ends[-1], k + 1)
+    edges = np.linspace(first, ends.max(), k + 1)
     counts = np.histogram(ends, bins=edges)[0]
     return p2.mean_ci95(counts / np.diff(edges))
 
@@ -659,7 +817,7 @@ def condition_stats(requests, slo_ttft_ms):
     output_tokens = sum(r["output_tokens"] for r in done)
     stats.update({
         "request_throughput": len(done) / span_s if span_s else None,
-        "request_throughput_ci95": throughput_ci95([r["end_s"] for r in done]),
+        "request_throughput_ci95": throughput_ci95([r["start_s"] for r in done], [r["end_s"] for r in done]),
         "output_throughput_tok_s": output_tokens / span_s if span_s else None,
         "goodput_req_s": (sum(t <= slo_ttft_ms for t in ttft) / span_s if span_s else None) if slo_ttft_ms else None,
     })
@@ -707,6 +865,13 @@ class LoadWorkload:
         return made
 
 
+def requests_per_level(level, opts):
+    """--num-requests if given, else LOAD_NUM_REQUESTS, or LOAD_REQUESTS_PER_CLIENT per client."""
+    if opts.num_requests:
+        return opts.num_requests
+    return max(LOAD_NUM_REQUESTS, LOAD_REQUESTS_PER_CLIENT * (level["concurrency"] or 0))
+
+
 def level_name(level):
     if level["concurrency"] is not None:
         return f"concurrency {level['concurrency']}"
@@ -716,20 +881,24 @@ def level_name(level):
 async def send_all(client, session, model, prompts, level, max_tokens, seed):
     """Every prompt of one condition at one load level: a closed loop of `concurrency` clients
     sending back to back, or Poisson arrivals at `request_rate`. A failed request is recorded
-    with its error, not raised. Returns (request records, start of the level in perf_counter s)."""
+    with its error, not raised, and no request is sent after it (a server that stopped
+    answering must not hold the level for num_requests x --request-timeout). Returns (request
+    records, None for those never sent; the level's start in perf_counter s)."""
+    # every body is serialised before the clock starts, as stream() does
+    bodies = [json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+                          "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                          "cache_salt": salt}).encode() for ids, salt, _ in prompts]
     records = [None] * len(prompts)
+    failed = asyncio.Event()
 
     async def one(k):
-        ids, salt, doc = prompts[k]
-        body = json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
-                           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
-                           "cache_salt": salt}).encode()
         started = time.perf_counter()
         try:
-            sent, token_times, usage, ended = await client.stream_on(session, body)
+            sent, token_times, usage, ended = await client.stream_on(session, bodies[k])
             records[k] = (sent, token_times, usage, ended, None)
         except Exception as e:          # one request's failure is a fact of the level, not the end of the run
             records[k] = (started, [], None, time.perf_counter(), f"{type(e).__name__}: {p2.first_line(e)}")
+            failed.set()
 
     t0 = time.perf_counter()
     if level["concurrency"] is not None:
@@ -737,6 +906,8 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed):
 
         async def client_loop():
             for k in queue:
+                if failed.is_set():
+                    break
                 await one(k)
         await asyncio.gather(*[client_loop() for _ in range(level["concurrency"])])
     else:
@@ -746,6 +917,8 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed):
             delay = t0 + at - time.perf_counter()
             if delay > 0:
                 await asyncio.sleep(delay)
+            if failed.is_set():
+                break
             tasks.append(asyncio.create_task(one(k)))
         await asyncio.gather(*tasks)
     return records, t0
@@ -753,6 +926,8 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed):
 
 def request_record(k, prompt, record, t0, condition, full_tokens, audited):
     ids, salt, doc = prompt
+    if record is None:
+        record = (t0, [], None, t0, "not sent: an earlier request of the level failed")
     sent, token_times, usage, ended, error = record
     usage = usage or {}
     details = usage.get("prompt_tokens_details") or {}
@@ -777,7 +952,7 @@ def request_record(k, prompt, record, t0, condition, full_tokens, audited):
 
 LOAD_METRICS = {"kv_cache_usage": "vllm:kv_cache_usage_perc", "running": "vllm:num_requests_running",
                 "waiting": "vllm:num_requests_waiting"}
-LOAD_COUNTERS = {"prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
+LOAD_COUNTERS = {"requests": "vllm:request_success_total", "prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
                  "prefix_cache_queries": "vllm:prefix_cache_queries_total",
                  "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total"}
 
@@ -786,12 +961,28 @@ def load_counters(metrics):
     return {key: metric_total(metrics, name) for key, name in LOAD_COUNTERS.items()}
 
 
-async def sample_gauges(client, samples, stop):
-    """KV-cache usage and queue lengths from /metrics, every METRICS_POLL_S until stop is set."""
+def replica_load_counters(engine):
+    """{engine name: load_counters} of every engine behind the front."""
+    return {name: load_counters(metrics) for name, metrics in engine.replica_metrics()}
+
+
+def total_counters(per_replica):
+    """The replicas' counters added up (None where any replica lacks one)."""
+    values = list(per_replica.values())
+    return {key: sum(v[key] for v in values) if all(v[key] is not None for v in values) else None
+            for key in LOAD_COUNTERS}
+
+
+async def sample_gauges(client, urls, samples, stop):
+    """KV-cache usage (the fullest engine's) and queue lengths (all engines') from every
+    server's /metrics, every METRICS_POLL_S until stop is set."""
     while not stop.is_set():
         try:
-            metrics = parse_metrics(await client.get_async("/metrics"))
-            samples.append({key: metric_total(metrics, name) for key, name in LOAD_METRICS.items()})
+            found = [parse_metrics(await client.get_async(url + "/metrics")) for url in urls]
+            usage = [value for metrics in found for _, value in metrics.get(LOAD_METRICS["kv_cache_usage"], [])]
+            samples.append({"kv_cache_usage": max(usage) if usage else None,
+                            **{key: sum(metric_total(metrics, LOAD_METRICS[key]) or 0 for metrics in found)
+                               for key in ("running", "waiting")}})
         except Exception:           # a missed sample is no reason to stop the level
             pass
         try:
@@ -818,7 +1009,7 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
     if condition == "cached":
         for doc in sorted(set(documents)):
             warms.append(engine.request(workload.documents[doc], p2.WARMUP_TOKENS, namespace))
-    before = load_counters(parse_metrics(client.get("/metrics", as_json=False)))
+    before = replica_load_counters(engine)
     samples, records = [], None
 
     async def measure():
@@ -828,7 +1019,7 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
             await asyncio.gather(*[client.get_async("/health", session) for _ in range(level["concurrency"] or 1)])
             opened = client.load_connections
             stop = asyncio.Event()
-            sampler = asyncio.create_task(sample_gauges(client, samples, stop))
+            sampler = asyncio.create_task(sample_gauges(client, engine.metrics_urls, samples, stop))
             try:
                 result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed)
             finally:
@@ -844,20 +1035,27 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
     problems += [f"warmup of document {doc}: cached_tokens={w['cached_tokens']}, expected 0"
                  for doc, w in zip(sorted(set(documents)), warms) if engine.audited and w["cached_tokens"] != 0]
     # the counters' cross-check, once every request has ended well (a failed one may or may not have been counted)
-    counters, server_error = None, None
+    counters, replicas, server_error = None, None, None
     if not any(r["error"] for r in requests):
         try:
             flush = p2.flush_engine_stats(engine.request, workload.documents[0])
-            sent = requests + warms + [flush]
-            counters = counter_growth_or_none(before, wait_for_counters(client, before,
-                                                                        sum(r["prompt_tokens"] for r in sent)))
+            sent = requests + [flush]           # the warmups ran before the counters were read
+            after = wait_for_counters(engine, before, sum(r["prompt_tokens"] for r in sent))
         except ExperimentError as e:        # the requests are measured; the server went away after them
             server_error = str(e)
         else:
-            problems += counter_problems(counters, sent) if engine.audited else []
-    return {"server_error": server_error,**condition_stats(requests, opts.slo_ttft_ms),
-            "server": {**(counters or {}), **gauge_summary(samples),
-                       "prefill_tokens_computed": (counters["prompt_tokens"] - counters["prefix_cache_hits"])
+            replicas = {name: counter_growth_or_none(before[name], after[name]) for name in after if name in before}
+            counters = total_counters(replicas)
+            counters["flush_prompt_tokens"] = flush["prompt_tokens"]
+            if engine.audited:
+                problems += counter_problems(counters, sent)
+                if flush["cached_tokens"] != 0:
+                    problems.append(f"the counters' flush (salted): cached_tokens={flush['cached_tokens']}, expected 0")
+    return {"server_error": server_error, **condition_stats(requests, opts.slo_ttft_ms),
+            "server": {**(counters or {}), **gauge_summary(samples), "replicas": replicas,
+                       # the condition's own requests: the untimed flush (nothing cached) left out
+                       "prefill_tokens_computed": (counters["prompt_tokens"] - counters["flush_prompt_tokens"]
+                                                   - counters["prefix_cache_hits"])
                        if counters and counters["prompt_tokens"] is not None and counters["prefix_cache_hits"] is not None else None},
             "connections_opened_while_timed": connections_during,
             "problems": problems, "requests": requests}
@@ -877,13 +1075,16 @@ def counter_problems(counters, sent):
     return []
 
 
-def wait_for_counters(client, before, prompt_tokens, timeout_s=5.0):
-    """/metrics once it counts every prompt token of the level (it may lag the responses a little)."""
+def wait_for_counters(engine, before, prompt_tokens, timeout_s=5.0):
+    """Every engine's load counters once, together, they count every prompt token of the
+    condition (/metrics may lag the responses a little)."""
     deadline = time.monotonic() + timeout_s
     while True:
-        after = load_counters(parse_metrics(client.get("/metrics", as_json=False)))
-        if before["prompt_tokens"] is None or after["prompt_tokens"] - before["prompt_tokens"] >= prompt_tokens \
-                or time.monotonic() > deadline:
+        after = replica_load_counters(engine)
+        grown = [after[name]["prompt_tokens"] - before[name]["prompt_tokens"] for name in after
+                 if name in before and after[name]["prompt_tokens"] is not None
+                 and before[name]["prompt_tokens"] is not None]
+        if not grown or sum(grown) >= prompt_tokens or time.monotonic() > deadline:
             return after
         time.sleep(0.05)
 
@@ -917,7 +1118,7 @@ def sweep_schedule(num_levels, repeats):
 def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set):
     """Both conditions (a working-set sweep's later levels: cached alone) at one level, once.
     Returns (the pass's record, the one line that ends the sweep or None)."""
-    documents = workload.draws(level["num_prefixes"], opts.num_requests)
+    documents = workload.draws(level["num_prefixes"], level["num_requests"])
     # cached and cold alternate in which goes first, so that neither always follows the other
     order = ["cached"] if working_set and i else (["cached", "cold"] if (i + rep) % 2 == 0 else ["cold", "cached"])
     run = {"repeat": rep, "order": order}
@@ -927,12 +1128,14 @@ def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set
                                            opts.seed + 1000 * rep + i)
         except ExperimentError as e:       # the server stopped answering between requests
             return run, f"{level_name(level)}, {condition}: {e}"
-        failed = [r for r in run[condition]["requests"] if r["error"]]
+        failed = [r for r in run[condition]["requests"] if r["error"] and not r["error"].startswith("not sent")]
+        unsent = sum(1 for r in run[condition]["requests"] if r["error"] and r["error"].startswith("not sent"))
         if run[condition]["server_error"]:
             return run, f"{level_name(level)}, {condition}, after its requests: {run[condition]['server_error']}"
         if failed:
             return run, (f"{len(failed)} of {len(run[condition]['requests'])} {condition} requests failed at "
-                         f"{level_name(level)} (first: {failed[0]['error']})")
+                         f"{level_name(level)}{f' ({unsent} not sent after)' if unsent else ''} "
+                         f"(first: {failed[0]['error']})")
     return run, None
 
 
@@ -962,8 +1165,11 @@ def summarize_runs(runs):
         holder.update({key: float(np.mean(values)), f"{key}_ci95": p2.mean_ci95(values), f"{key}_per_pass": values})
     servers = [r.get("server") or {} for r in runs]
     summary["server"] = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
-                         for key in ("prefix_cache_hits", "prefix_cache_queries", "prompt_tokens", "prefill_tokens_computed",
-                                     "preemptions")}
+                         for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
+                                     "prefill_tokens_computed", "preemptions")}
+    names = sorted({name for s in servers for name in (s.get("replicas") or {})})
+    summary["server"]["replicas"] = {name: {key: sum((s.get("replicas") or {}).get(name, {}).get(key) or 0 for s in servers)
+                                            for key in LOAD_COUNTERS} for name in names}
     summary["server"]["kv_cache_usage_max"] = max((s.get("kv_cache_usage_max") for s in servers
                                                    if s.get("kv_cache_usage_max") is not None), default=None)
     return summary
@@ -980,8 +1186,8 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     run_id = uuid.uuid4().hex[:12]
     working_set = len(opts.num_prefixes) > 1
     workload = LoadWorkload(tokenizer, opts.size_a, max(opts.num_prefixes), opts.prefix_skew, block, opts.seed, run_id)
-    levels = [{**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens, "runs": []}
-              for level in load_levels(opts)]
+    levels = [{**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens,
+               "num_requests": requests_per_level(level, opts), "runs": []} for level in load_levels(opts)]
     failure = None
     schedule = sweep_schedule(len(levels), opts.repeats)
     t0 = time.perf_counter()
@@ -990,7 +1196,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
         elapsed_s = time.perf_counter() - t0
         eta = f", about {elapsed_s / step * (len(schedule) - step) / 60:.1f} min left" if step else ""
         print(f"\n--- {step + 1} of {len(schedule)}: {level_name(level)}, pass {rep + 1} of {opts.repeats}: "
-              f"{level['num_prefixes']} document(s) of {opts.size_a} tokens, {opts.num_requests} requests per "
+              f"{level['num_prefixes']} document(s) of {opts.size_a} tokens, {level['num_requests']} requests per "
               f"condition ({elapsed_s:.0f} s so far{eta}) ---", flush=True)
         run, failure = run_level_once(engine, workload, level, i, rep, opts, f"load-{run_id}-{i}-{rep}", working_set)
         if any(c in run for c in ("cached", "cold")):
@@ -1021,6 +1227,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
                    "load": "request_rate" if opts.request_rate else "concurrency",
                    "slo_ttft_ms": opts.slo_ttft_ms, "seed": opts.seed},
         "kv_capacity_tokens": capacity_tokens,
+        "kv_capacity_tokens_per_engine": engine.replica_capacities(),
         "levels": levels,
         "complete": failure is None,
         "failure": failure,
@@ -1087,13 +1294,53 @@ def add_load_flags(parser):
     g.add_argument("--prefix-skew", type=p2.checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
                    default=0.0, help="how requests pick documents: 0 uniformly (default), s > 0 by Zipf, "
                                      "rank k with weight 1/k**s")
-    g.add_argument("--num-requests", type=p2.positive_int, default=LOAD_NUM_REQUESTS,
-                   help="requests per load level, condition and pass (default %(default)s)")
+    g.add_argument("--num-requests", type=p2.positive_int,
+                   help=f"requests per load level, condition and pass (default {LOAD_NUM_REQUESTS}, or "
+                        f"{LOAD_REQUESTS_PER_CLIENT} per client where that is more)")
     g.add_argument("--repeats", type=p2.positive_int, default=LOAD_REPEATS,
                    help="passes over the sweep; each figure's interval is taken over the passes (default "
                         "%(default)s; 1: one pass's own intervals)")
+    g = parser.add_argument_group("several replicas (under load)")
+    g.add_argument("--replicas", type=p2.positive_int,
+                   help="start N `vllm serve` replicas (one per GPU, or per TP x PP group of GPUs) and measure "
+                        "through a front in front of them")
+    g.add_argument("--router", choices=("vllm-router", "dp"), default="vllm-router",
+                   help="the front: vllm-router (pip install vllm-router), or dp: one `vllm serve "
+                        "--data-parallel-size N` (default %(default)s)")
+    g.add_argument("--router-policy", type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
+                   help="vllm-router policies, one sweep each: cache_aware, round_robin, power_of_two, "
+                        "consistent_hash, ... (default cache_aware)")
+    g.add_argument("--router-args", help="more vllm-router flags, quoted: '--balance-abs-threshold 8'")
+    g.add_argument("--replica-urls", type=lambda text: [u.strip().rstrip("/") for u in text.split(",") if u.strip()],
+                   help="with --base-url in front of a router: the servers behind it, whose /metrics count "
+                        "the requests")
+    g = parser.add_argument_group("under load, continued")
     g.add_argument("--slo-ttft-ms", type=p2.checked(float, lambda v: 0 < v < float("inf"), "a number > 0"),
                    help="goodput: completed requests per second whose TTFT is at most this")
+
+
+def check_fleet_flags(opts):
+    """--replicas and its front: measured under load, started here (not --base-url)."""
+    if opts.replica_urls and not opts.base_url:
+        p2.usage_error("--replica-urls names the servers behind --base-url")
+    if opts.replicas is None:
+        if opts.router_policy or opts.router_args or opts.router != "vllm-router":
+            p2.usage_error("--router, --router-policy and --router-args go with --replicas")
+        return
+    if opts.base_url:
+        p2.usage_error("--replicas starts a fleet; to measure a running one, give its front as --base-url and its "
+                       "servers as --replica-urls")
+    if not opts.load:
+        p2.usage_error("a fleet is measured under load: add --concurrency, --request-rate or --num-prefixes")
+    if opts.router == "dp":
+        if opts.router_policy or opts.router_args:
+            p2.usage_error("--router dp balances inside vLLM: drop --router-policy/--router-args")
+        opts.router_policy = ["dp"]
+    else:
+        opts.router_policy = opts.router_policy or ["cache_aware"]
+        unknown = [p for p in opts.router_policy if p not in ROUTER_POLICIES]
+        if unknown:
+            p2.usage_error(f"--router-policy {unknown[0]!r}: vllm-router knows {', '.join(ROUTER_POLICIES)}")
 
 
 def check_load_flags(opts):
@@ -1115,6 +1362,11 @@ def check_load_flags(opts):
 
 def load_results_path(results_dir, result):
     cfg = result["config"]
+    if result.get("front"):
+        load = "rate" if cfg["load"] == "request_rate" else "concurrency"
+        sweep = f"p{'-'.join(map(str, cfg['num_prefixes']))}" if result["experiment"] == "working_set" else \
+            f"p{cfg['num_prefixes'][0]}"
+        return os.path.join(results_dir, f"results_fleet_{result['front']}_a{cfg['document_tokens']}_{sweep}_{load}.json")
     if result["experiment"] == "working_set":
         return os.path.join(results_dir, f"results_workingset_a{cfg['document_tokens']}.json")
     return os.path.join(results_dir, f"results_load_a{cfg['document_tokens']}_p{cfg['num_prefixes'][0]}_{cfg['load'].replace('request_', '')}.json")
@@ -1148,6 +1400,7 @@ def parse_args(argv):
     opts, vllm_flags = build_parser().parse_known_args(argv)
     p2.check_run_flags(opts)
     check_load_flags(opts)
+    check_fleet_flags(opts)
     if opts.processes != 1 or opts.worker_output:
         p2.usage_error("--processes: phase 1 measures one server; its interval is over the server's time blocks")
     if opts.base_url:
@@ -1163,8 +1416,23 @@ def parse_args(argv):
     return opts, vllm_flags
 
 
+def prepare(client, opts, model_dir, metrics_urls=None):
+    """The checks before a run, on the server (or front) client talks to: the served model, the
+    tokenizer, the prompts' fit, the audit probe. Returns (engine, tokenizer, card, unaudited)."""
+    card = served_model(client, None if model_dir else opts.model)
+    opts.model = card["id"]
+    tokenizer = load_tokenizer(opts.tokenizer or model_dir or card.get("root") or card["id"], client, opts.model)
+    check_fits([(opts.size_a, 0)] if opts.load else opts.configs, card.get("max_model_len"),
+               len(p2.special_prefix_ids(tokenizer)), opts.max_output_tokens)
+    engine = ServerEngine(client, opts.model, metrics_urls=metrics_urls)
+    unaudited = check_audit_possible(engine, tokenizer, opts.allow_unaudited)
+    return engine, tokenizer, card, unaudited
+
+
 def run(opts, vllm_flags, argv):
     """Start or reach the server, check it, run every config, write the results. Returns the exit code."""
+    if opts.replicas:
+        return run_fleet(opts, vllm_flags, argv)
     server = None
     if not opts.base_url:
         model = opts.model or p2.MODEL_NAME
@@ -1179,15 +1447,10 @@ def run(opts, vllm_flags, argv):
             server.start(opts.server_start_timeout)
         client = HttpClient(server.base_url if server else opts.base_url, opts.request_timeout)
         try:
-            card = served_model(client, None if server else opts.model)
-            opts.model = card["id"]
-            tokenizer = load_tokenizer(opts.tokenizer or (server.model if server else card.get("root") or card["id"]),
-                                       client, opts.model)
-            check_fits([(opts.size_a, 0)] if opts.load else opts.configs, card.get("max_model_len"),
-                       len(p2.special_prefix_ids(tokenizer)), opts.max_output_tokens)
-            engine = ServerEngine(client, opts.model)
-            unaudited = check_audit_possible(engine, tokenizer, opts.allow_unaudited)
-            env = {**server_environment(client, card, server, vllm_flags, opts), **p2.provenance(argv, PROG, __file__)}
+            engine, tokenizer, card, unaudited = prepare(client, opts, server.model if server else None,
+                                                         opts.replica_urls)
+            env = {**server_environment(client, card, server, vllm_flags, opts, engine),
+                   **p2.provenance(argv, PROG, __file__)}
             if opts.load:
                 result = run_load(engine, tokenizer, opts, env, unaudited)
                 death = server.death() if server and result["failure"] else None
@@ -1228,18 +1491,66 @@ def run(opts, vllm_flags, argv):
     return 0
 
 
+def run_fleet(opts, vllm_flags, argv):
+    """--replicas N: start the fleet, then for each front (a vllm-router policy, or dp) the load
+    sweep through it, one JSON each. A failure ends the run after writing what was measured."""
+    model = opts.model or p2.MODEL_NAME
+    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise ExperimentError(f"--model {model!r}: no such model folder")
+    fleet = Fleet(model, opts.host, opts.replicas, vllm_flags, opts.router, shlex.split(opts.router_args or ""))
+    try:
+        fleet.start(opts.server_start_timeout)
+        for policy in opts.router_policy:
+            front = fleet.start_router(policy, opts.server_start_timeout)
+            client = HttpClient(front, opts.request_timeout)
+            try:
+                try:
+                    engine, tokenizer, card, unaudited = prepare(client, opts, model, fleet.metrics_urls)
+                    env = {**server_environment(client, card, fleet.replicas[0], vllm_flags, opts, engine),
+                           **p2.provenance(argv, PROG, __file__),
+                           "fleet": fleet_environment(fleet, policy, engine)}
+                    result = run_load(engine, tokenizer, opts, env, unaudited)
+                except ExperimentError as e:
+                    dead = fleet.death()
+                    raise ExperimentError(f"{e}; {dead}" if dead else str(e))
+                result["front"] = policy
+                if result["failure"]:
+                    dead = fleet.death()
+                    if dead:
+                        result["failure"] = f"{result['failure']}; {dead}"
+            finally:
+                client.close()
+                fleet.stop_router()
+            code = finish_load(result, opts)
+            if code:
+                return code
+    finally:
+        fleet.stop()
+    return 0
+
+
+def fleet_environment(fleet, policy, engine):
+    """What the JSON records of a fleet: the front, the replicas, their KV capacities."""
+    return {"front": policy, "router": fleet.router_kind,
+            "router_command": shlex.join(fleet.router.command) if fleet.router else None,
+            "replicas": [{"base_url": r.base_url, "command": shlex.join(r.command), "start_s": r.start_s,
+                          "cuda_visible_devices": r.environment.get("CUDA_VISIBLE_DEVICES"), "log": r.log_path}
+                         for r in fleet.replicas],
+            "kv_capacity_tokens_per_engine": engine.replica_capacities()}
+
+
 def finish_load(result, opts):
     """Write a load run's JSON (also a sweep that requests' failures ended early: what was
     measured is kept) and say how it ended. Returns the exit code."""
     path = load_results_path(opts.results_dir, result)
     p2.write_json_atomic(path, p2.rounded(result))
     print(f"wrote {path}", flush=True)
+    for problem in result["cache_audit"]["problems"]:
+        print(f"!!!   {problem}", file=sys.stderr)
     if result["failure"]:
         print(f"{PROG}: error: {result['failure']}; the levels measured before are in {path}", file=sys.stderr)
         return p2.EXIT_SETUP
     if result["cache_audit"]["ok"] is False:
-        for problem in result["cache_audit"]["problems"]:
-            print(f"!!!   {problem}", file=sys.stderr)
         print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
         return EXIT_AUDIT
     if result["cache_audit"].get("unaudited"):

@@ -436,6 +436,10 @@ def prefill_fit(configs):
     ttft = np.array([t for _, t in points])
     work = np.array([prefill_flops(shape, n) if shape else n for n, _ in points], float)
     ms_per_work, overhead_ms = np.polyfit(work, ttft, 1)
+    if not shape and overhead_ms < 0:
+        # a line in tokens that needs a negative fixed cost: attention makes long prompts dearer
+        # than their token count says, and without the model's shape the FLOPs are not known
+        return None
     fit = {"points": len(points), "configs": len(configs), "shape": shape, "overhead_ms": overhead_ms,
            "ms_per_work": ms_per_work, "work": "FLOPs" if shape else "tokens",
            "r2": 1 - np.sum((ttft - overhead_ms - ms_per_work * work) ** 2) / np.sum((ttft - ttft.mean()) ** 2),
@@ -554,7 +558,16 @@ def compare_runs(run_dirs):
 
 
 LOAD_FIGURES = (("TTFT p50 ms", "ttft_ms", "p50"), ("TTFT p99 ms", "ttft_ms", "p99"),
-                ("TTFT mean ms", "ttft_ms", "mean"), ("requests/s", None, "request_throughput"))
+                ("TTFT mean ms", "ttft_ms", "mean"), ("requests/s", None, "request_throughput"),
+                ("hit rate", "hit_rate", "requests"))
+
+
+def level_key(level, working_set):
+    """A load level's name in a comparison: its load, or P in a working-set sweep."""
+    if working_set:
+        return f"P={level['num_prefixes']}"
+    value, _ = load_value(level)
+    return f"{value:g}"
 
 
 def load_figure(stats, group, key):
@@ -578,12 +591,15 @@ def compare_load_runs(run_dirs):
     for name in names:
         found = [r.get(name) for r in runs]
         first = next(d for d in found if d)
-        for k, level in enumerate(first["levels"]):
-            value, _ = load_value(level)
+        # levels are paired by what they are (the load, or for a working-set sweep P), not by position
+        working_set = first.get("experiment") == "working_set"
+        keyed = [{level_key(lv, working_set): lv for lv in d["levels"]} if d else {} for d in found]
+        for level in first["levels"]:
+            value = level_key(level, working_set)
             for c in ("cached", "cold"):
                 for label, group, key in LOAD_FIGURES:
-                    figures = [load_figure(d["levels"][k][c], group, key)
-                               if d and k < len(d["levels"]) and d["levels"][k].get(c) else None for d in found]
+                    figures = [load_figure(levels[value][c], group, key)
+                               if value in levels and levels[value].get(c) else None for levels in keyed]
                     if not any(figures):
                         continue
                     present = [f for f in figures if f]
@@ -591,7 +607,7 @@ def compare_load_runs(run_dirs):
                              for i, x in enumerate(present) for y in present[i + 1:]]
                     agreed, total = agreed + sum(pairs), total + len(pairs)
                     cells = [with_ci(f[0], f[1], 2 if key == "request_throughput" else 1) if f else "-" for f in figures]
-                    rows.append(f"| {name} | {value:g} | {c} | {label} | " + " | ".join(cells) +
+                    rows.append(f"| {name} | {value} | {c} | {label} | " + " | ".join(cells) +
                                 f" | {sum(pairs)} of {len(pairs)} |")
     return "\n".join(rows) + f"\n{agreed} of {total} pairs of runs agree within their intervals."
 
@@ -778,10 +794,14 @@ def load_table(data):
     return "\n".join(rows) + interval_line(data)
 
 
-def interval_line(data):
-    """What the intervals in a load table are, from the files' own words."""
+def interval_words(data):
+    """What the intervals of a load file are, in its own words."""
     kinds = sorted({lv[c]["interval"] for lv in data["levels"] for c in ("cached", "cold") if lv.get(c, {}).get("interval")})
-    return f"\n\n95% intervals: {'; '.join(kinds)}." if kinds else ""
+    return "; ".join(kinds) or "as the file records them"
+
+
+def interval_line(data):
+    return f"\n\n95% intervals: {interval_words(data)}."
 
 
 def working_set_table(data):
@@ -791,7 +811,9 @@ def working_set_table(data):
     rows = ["| documents | working set (tokens) | of the KV cache | hit rate (requests / tokens) | TTFT p50 ms | "
             "TTFT p99 ms | TTFT mean ms |", "|---|---|---|---|---|---|---|"]
     for level in data["levels"]:
-        s = level["cached"]
+        s = level.get("cached")
+        if not s:
+            continue
         t = s.get("ttft_ms") or {}
         share = f"{level['working_set_tokens'] / capacity:.0%}" if capacity else "-"
         rows.append(f"| {level['num_prefixes']} | {level['working_set_tokens']} | {share} | {hit_rate_text(s)} | "
@@ -851,8 +873,7 @@ def plot_load(data, outfile):
         ax.grid(alpha=0.3)
         ax.legend()
     ax_ttft.set_yscale("log")
-    fig.suptitle(load_title(data) + "\nerror bars: 95% intervals (percentiles: order statistics; "
-                 "throughput: over time slices)", fontsize=10)
+    fig.suptitle(load_title(data) + f"\nerror bars: 95% intervals, {interval_words(data)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(outfile, dpi=120)
     plt.close(fig)
@@ -870,8 +891,9 @@ def plot_working_set(data, outfile):
     fig, (ax_hit, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))
     for key, style, label in (("requests", "-o", "requests that found their whole document"),
                               ("tokens", "--s", "document tokens found cached")):
-        ax_hit.plot(x, [lv["cached"]["hit_rate"][key] * 100 for lv in levels], style, color=LOAD_COLOURS["cached"],
-                    label=label)
+        rates = [(lv["cached"].get("hit_rate") or {}).get(key) for lv in levels]
+        if None not in rates:
+            ax_hit.plot(x, [rate * 100 for rate in rates], style, color=LOAD_COLOURS["cached"], label=label)
     for q, style in (("p50", "-o"), ("p99", "--s")):
         values = [lv["cached"]["ttft_ms"][q] for lv in levels]
         ax_ttft.errorbar(x, values, yerr=_errors(values, [lv["cached"]["ttft_ms"][f"{q}_ci95"] for lv in levels]),
@@ -891,8 +913,8 @@ def plot_working_set(data, outfile):
     ax_ttft.set_ylabel("time to first token (ms)")
     ax_ttft.set_title("TTFT of the cached condition (lower is better)")
     load, label = load_value(data["levels"][0])
-    fig.suptitle(load_title(data) + f"\n{label.split(' (')[0]} {load:g}; error bars: 95% intervals of the percentiles",
-                 fontsize=10)
+    fig.suptitle(load_title(data) + f"\n{label.split(' (')[0]} {load:g}; error bars: 95% intervals, "
+                 f"{interval_words(data)}", fontsize=10)
     fig.tight_layout()
     fig.savefig(outfile, dpi=120)
     plt.close(fig)

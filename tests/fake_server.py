@@ -15,6 +15,7 @@ class FakeServer:
 
     def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048, idle_timeout_s=None):
         self.mode, self.completions = mode, 0
+        self.lock = threading.Lock()           # requests arrive on several threads at once
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -50,13 +51,15 @@ class FakeServer:
                 body = json.loads(self.rfile.read(int(self.headers["Content-Length"])))
                 if self.path != "/v1/completions":
                     return self.reply(404, {"error": {"message": "not found"}})
-                fake.completions += 1
+                with fake.lock:
+                    fake.completions += 1
+                    number = fake.completions
                 if fake.mode == "http-500":
                     return self.reply(500, {"error": {"message": "the engine is sad"}})
                 if fake.mode == "error-chunk":          # vLLM's way to fail a request mid-stream
                     return self.reply(200, b'data: {"error": {"message": "engine overloaded", "code": 500}}\n\n',
                                       "text/event-stream")
-                if fake.mode.startswith("drop-after-") and fake.completions >= int(fake.mode.split("-")[-1]):
+                if fake.mode.startswith("drop-after-") and number >= int(fake.mode.split("-")[-1]):
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)      # no reply at all: the peer sees the socket close
                     return

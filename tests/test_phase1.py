@@ -178,7 +178,7 @@ def test_a_port_in_use_is_refused_before_a_server_starts(vllm_server, tiny_model
     port = vllm_server.base_url.rsplit(":", 1)[1]
     proc = phase1("--model", tiny_model_dir, "--port", port, "--results-dir", str(tmp_path), timeout=60)
     assert proc.returncode == 1 and f"127.0.0.1:{port} is already in use" in one_error_line(proc)
-    assert "starting vLLM server" not in proc.stdout
+    assert "starting the vLLM server" not in proc.stdout
 
 
 @pytest.mark.parametrize("fake_server,message", [
@@ -215,7 +215,7 @@ def start_embedded(tiny_model_dir, tmp_path, *args):
                              "--results-dir", str(tmp_path), *args],
                             cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
     for line in proc.stdout:
-        m = re.match(r"starting vLLM server \(pid (\d+)\)", line)
+        m = re.match(r"starting the vLLM server \(pid (\d+)\)", line)
         if m:
             return proc, int(m.group(1))
     raise AssertionError(f"no server started: {proc.stderr.read()[-2000:]}")

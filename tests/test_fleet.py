@@ -1,0 +1,105 @@
+"""phase1_experiment --replicas: two real `vllm serve` replicas of the tiny model behind the real
+vllm-router, one small load per policy. What the tool reports per replica must be what each
+replica's own /metrics counted, and every process must be gone afterwards, also after a
+replica is killed mid-run."""
+import json
+import os
+import re
+import signal
+import subprocess
+import sys
+
+import pytest
+
+import phase1_experiment as p1
+from conftest import ENGINE_FLAGS, ROOT, session_processes
+
+FLEET = ["--replicas", "2", "--router-policy", "round_robin,cache_aware,power_of_two", "--concurrency", "1",
+         "--num-prefixes", "4", "--num-requests", "12", "--repeats", "1", "--size-a", "355", "--max-output-tokens", "4",
+         "--max-model-len", "2048", "--num-gpu-blocks-override", "40"]
+
+
+@pytest.mark.parametrize("args,message", [
+    (["--replicas", "2", "--size-a", "300", "--size-b", "100"], "a fleet is measured under load"),
+    (["--replicas", "2", "--concurrency", "1", "--base-url", "http://127.0.0.1:9"], "--replicas starts a fleet"),
+    (["--router-policy", "cache_aware", "--concurrency", "1"], "go with --replicas"),
+    (["--replicas", "2", "--concurrency", "1", "--router", "dp", "--router-policy", "round_robin"], "drop --router-policy"),
+    (["--replicas", "2", "--concurrency", "1", "--router-policy", "cache_awar"], "vllm-router knows random, round_robin"),
+    (["--concurrency", "1", "--replica-urls", "http://a:1"], "--replica-urls names the servers behind --base-url"),
+])
+def test_bad_fleet_arguments_exit_2_in_one_line(args, message, tmp_path):
+    proc = subprocess.run([sys.executable, "phase1_experiment.py", *args, "--results-dir", str(tmp_path)], cwd=ROOT,
+                          capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 2 and message in proc.stderr.strip().splitlines()[-1], proc.stderr[-1000:]
+
+
+@pytest.mark.parametrize("flags,devices", [
+    ([], ["0", "1", "2"]),
+    (["--tensor-parallel-size", "2"], ["0,1", "2,3", "4,5"]),
+    (["-tp=2", "--pipeline-parallel-size", "2"], ["0,1,2,3", "4,5,6,7", "8,9,10,11"]),
+])
+def test_each_replica_gets_its_own_gpus(flags, devices):
+    assert [p1.replica_devices(k, flags) for k in range(3)] == devices
+
+
+@pytest.fixture(scope="module")
+def fleet_run(tiny_model_dir, tmp_path_factory):
+    """One fleet, three policies; replica 1 is killed (SIGKILL) once the third policy's router
+    has started. (process, stdout, stderr, folder, pids of every part)."""
+    out = tmp_path_factory.mktemp("fleet")
+    proc = subprocess.Popen([sys.executable, "phase1_experiment.py", "--model", tiny_model_dir, *ENGINE_FLAGS, *FLEET,
+                             "--results-dir", str(out)], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE,
+                            text=True)
+    pids, lines = {}, []
+    try:
+        for line in proc.stdout:
+            lines.append(line)
+            m = re.match(r"starting (the vLLM server replica \d|vllm-router \(\w+\)) \(pid (\d+)\)", line)
+            if m:
+                pids[m.group(1)] = int(m.group(2))
+            if line.startswith("--- 1 of 1") and "vllm-router (power_of_two)" in pids:
+                os.killpg(pids["the vLLM server replica 1"], signal.SIGKILL)
+        proc.wait(timeout=300)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    return proc, "".join(lines), proc.stderr.read(), out, pids
+
+
+def test_per_replica_loads_and_hits_are_what_each_replica_counted(fleet_run):
+    _, stdout, stderr, out, _ = fleet_run
+    for policy in ("round_robin", "cache_aware"):
+        r = json.load(open(out / f"results_fleet_{policy}_a355_p4_concurrency.json"))
+        assert r["complete"] and r["cache_audit"]["ok"] is True and r["front"] == policy, stderr[-2000:]
+        assert len(r["kv_capacity_tokens_per_engine"]) == 2 and r["kv_capacity_tokens"] == 2 * 40 * 128
+        for c in ("cached", "cold"):
+            run = r["levels"][0]["runs"][0][c]
+            replicas = run["server"]["replicas"]
+            assert len(replicas) == 2
+            # every request (and the counters' flush) counted by exactly one replica
+            assert sum(v["requests"] for v in replicas.values()) == len(run["requests"]) + 1
+            assert sum(v["prefix_cache_hits"] for v in replicas.values()) == sum(q["cached_tokens"] for q in run["requests"])
+            if policy == "round_robin":
+                assert all(v["requests"] >= 5 for v in replicas.values())
+        if policy == "cache_aware":
+            # one request at a time: every worker's load is 0 at each decision, a miss goes to the
+            # least-loaded worker, ties to the first, and every later request follows its prefix there
+            cached = r["levels"][0]["runs"][0]["cached"]
+            assert sorted(v["requests"] for v in cached["server"]["replicas"].values()) == [0, 13]
+            assert cached["hit_rate"]["requests"] == 1.0
+
+
+def test_a_killed_replica_is_named_in_one_line_and_what_was_measured_is_kept(fleet_run):
+    proc, stdout, stderr, out, pids = fleet_run
+    last = stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("phase1_experiment.py: error: "), stderr[-2000:]
+    assert "replica 1" in last and "exited with code -9" in last
+    assert os.path.exists(out / "results_fleet_round_robin_a355_p4_concurrency.json")
+    assert os.path.exists(out / "results_fleet_cache_aware_a355_p4_concurrency.json")
+
+
+def test_every_process_of_the_fleet_is_gone(fleet_run):
+    _, _, _, _, pids = fleet_run
+    assert len(pids) == 5                       # two replicas, three routers
+    for name, pid in pids.items():
+        assert not session_processes(pid), f"{name} left processes behind"
