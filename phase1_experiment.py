@@ -1183,6 +1183,8 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     block = env["cache_block_size"]
     capacity = engine.kv_capacity()
     capacity_tokens = capacity[0] * capacity[1] if capacity else None
+    # read now: after a failure the servers may not answer, and what was measured must still be written
+    capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
     working_set = len(opts.num_prefixes) > 1
     workload = LoadWorkload(tokenizer, opts.size_a, max(opts.num_prefixes), opts.prefix_skew, block, opts.seed, run_id)
@@ -1227,7 +1229,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
                    "load": "request_rate" if opts.request_rate else "concurrency",
                    "slo_ttft_ms": opts.slo_ttft_ms, "seed": opts.seed},
         "kv_capacity_tokens": capacity_tokens,
-        "kv_capacity_tokens_per_engine": engine.replica_capacities(),
+        "kv_capacity_tokens_per_engine": capacity_per_engine,
         "levels": levels,
         "complete": failure is None,
         "failure": failure,

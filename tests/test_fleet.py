@@ -103,3 +103,13 @@ def test_every_process_of_the_fleet_is_gone(fleet_run):
     assert len(pids) == 5                       # two replicas, three routers
     for name, pid in pids.items():
         assert not session_processes(pid), f"{name} left processes behind"
+
+
+def test_the_fleet_chart_and_table_line_up_the_fronts(fleet_run, tmp_path, capsys):
+    import plot_results as pr
+    _, _, _, out, _ = fleet_run
+    assert pr.main(["--results-dir", str(out), "--out-dir", str(tmp_path)]) == 0
+    printed = capsys.readouterr().out
+    assert os.path.exists(tmp_path / "fleet_a355_p4_concurrency.png")
+    rows = [row for row in printed.splitlines() if row.startswith("| round_robin |") or row.startswith("| cache_aware |")]
+    assert len(rows) == 2 and any(row.endswith("| 0 / 13 |") or row.endswith("| 13 / 0 |") for row in rows)
