@@ -770,6 +770,12 @@ def with_ci(value, ci, digits=1):
     return f"{value:.{digits}f} {ci_text(ci, digits)}" if ci and ci != [None, None] else f"{value:.{digits}f}"
 
 
+def cell(stats, group, key, digits=1):
+    """One figure of a condition's stats with its 95% interval, as table text."""
+    found = load_figure(stats, group, key)
+    return with_ci(found[0], found[1], digits) if found else "-"
+
+
 def hit_rate_text(stats):
     rate = stats.get("hit_rate")
     if not rate:
@@ -792,10 +798,8 @@ def load_table(data):
             s = level.get(c)
             if not s:
                 continue
-            t = s.get("ttft_ms") or {}
-            rows.append(f"| {value:g} | {c} | {with_ci(t.get('p50'), t.get('p50_ci95'))} | "
-                        f"{with_ci(t.get('p99'), t.get('p99_ci95'))} | {with_ci(t.get('mean'), t.get('mean_ci95'))} | "
-                        f"{with_ci(s.get('request_throughput'), s.get('request_throughput_ci95'), 2)} | "
+            rows.append(f"| {value:g} | {c} | {cell(s, 'ttft_ms', 'p50')} | {cell(s, 'ttft_ms', 'p99')} | "
+                        f"{cell(s, 'ttft_ms', 'mean')} | {cell(s, None, 'request_throughput', 2)} | "
                         f"{number(s.get('output_throughput_tok_s'), 0)} | {hit_rate_text(s)} | {s.get('failed', 0)} |")
     return "\n".join(rows) + interval_line(data)
 
@@ -850,6 +854,17 @@ def load_title(data):
             f"output tokens{'' if audit_ok(data) else '  (CACHE AUDIT FAILED)'}")
 
 
+def label_load_axes(xlabel, axes, legend_title=None):
+    """Load on a log2 x axis; each (axis, y label, title) labelled, gridded, with its legend."""
+    for ax, ylabel, title in axes:
+        ax.set_xscale("log", base=2)
+        ax.set_xlabel(xlabel)
+        ax.set_ylabel(ylabel)
+        ax.set_title(title)
+        ax.grid(alpha=0.3)
+        ax.legend(title=legend_title)
+
+
 def plot_load(data, outfile):
     """TTFT p50 and p99 against load, cached against cold; and the request throughput."""
     import matplotlib
@@ -869,15 +884,9 @@ def plot_load(data, outfile):
         values = [lv[c]["request_throughput"] for lv in levels]
         ax_tput.errorbar(x, values, yerr=_errors(values, [lv[c]["request_throughput_ci95"] for lv in levels]),
                          fmt="-o", color=LOAD_COLOURS[c], capsize=3, label=c)
-    label = load_value(data["levels"][0])[1]
-    for ax, ylabel, title in ((ax_ttft, "time to first token (ms)", "TTFT percentiles (lower is better)"),
-                              (ax_tput, "completed requests/s", "Throughput (higher is better)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(label)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend()
+    label_load_axes(load_value(data["levels"][0])[1],
+                    ((ax_ttft, "time to first token (ms)", "TTFT percentiles (lower is better)"),
+                     (ax_tput, "completed requests/s", "Throughput (higher is better)")))
     ax_ttft.set_yscale("log")
     fig.suptitle(load_title(data) + f"\nerror bars: 95% intervals, {interval_words(data)}", fontsize=10)
     fig.tight_layout()
@@ -953,11 +962,8 @@ def fleet_table(fronts):
             s = level.get("cached")
             if not s:
                 continue
-            t = s.get("ttft_ms") or {}
-            rows.append(f"| {front} | {load_value(level)[0]:g} | {hit_rate_text(s)} | "
-                        f"{with_ci(t.get('p50'), t.get('p50_ci95'))} | {with_ci(t.get('p99'), t.get('p99_ci95'))} | "
-                        f"{with_ci(s.get('request_throughput'), s.get('request_throughput_ci95'), 2)} | "
-                        f"{replica_split(s)} |")
+            rows.append(f"| {front} | {load_value(level)[0]:g} | {hit_rate_text(s)} | {cell(s, 'ttft_ms', 'p50')} | "
+                        f"{cell(s, 'ttft_ms', 'p99')} | {cell(s, None, 'request_throughput', 2)} | {replica_split(s)} |")
     return "\n".join(rows) + interval_line(fronts[0][1])
 
 
@@ -978,15 +984,9 @@ def plot_fleet(fronts, outfile):
         values = [lv["cached"]["ttft_ms"]["p99"] for lv in levels]
         ax_p99.errorbar(x, values, yerr=_errors(values, [lv["cached"]["ttft_ms"]["p99_ci95"] for lv in levels]),
                         fmt="-o", color=colour, capsize=3, label=front)
-    label = load_value(fronts[0][1]["levels"][0])[1]
-    for ax, ylabel, title in ((ax_hit, "requests that found their whole document (%)", "Hit rate (higher is better)"),
-                              (ax_p99, "time to first token, p99 (ms)", "p99 TTFT (lower is better)")):
-        ax.set_xscale("log", base=2)
-        ax.set_xlabel(label)
-        ax.set_ylabel(ylabel)
-        ax.set_title(title)
-        ax.grid(alpha=0.3)
-        ax.legend(title="front")
+    label_load_axes(load_value(fronts[0][1]["levels"][0])[1],
+                    ((ax_hit, "requests that found their whole document (%)", "Hit rate (higher is better)"),
+                     (ax_p99, "time to first token, p99 (ms)", "p99 TTFT (lower is better)")), legend_title="front")
     ax_hit.set_ylim(0, 105)
     replicas = len(fronts[0][1].get("kv_capacity_tokens_per_engine") or {})
     fig.suptitle(f"{load_title(fronts[0][1])}, {replicas} replicas\nerror bars: 95% intervals, "
