@@ -363,20 +363,23 @@ class ServerEngine:
 
     def kv_capacity(self):
         """(KV blocks of all engines together, block size), or None."""
-        capacities = self.replica_capacities()
-        if not capacities or None in capacities.values():
+        layouts = self.replica_layouts().values()
+        if not layouts or None in layouts:
             return None
-        size = label_int(cache_config(self.replica_metrics()[0][1]), "block_size")
-        return sum(capacities.values()) // size, size
+        return sum(blocks for blocks, _ in layouts), next(iter(layouts))[1]
 
     def replica_capacities(self):
         """{engine name: KV capacity in tokens (None if not reported)}."""
-        capacities = {}
+        return {name: layout[0] * layout[1] if layout else None for name, layout in self.replica_layouts().items()}
+
+    def replica_layouts(self):
+        """{engine name: (KV blocks, block size), or None if not reported}, from one read of each /metrics."""
+        layouts = {}
         for name, metrics in self.replica_metrics():
             labels = cache_config(metrics)
             blocks, size = label_int(labels, "num_gpu_blocks"), label_int(labels, "block_size")
-            capacities[name] = blocks * size if blocks and size else None
-        return capacities
+            layouts[name] = (blocks, size) if blocks and size else None
+        return layouts
 
 
 # -----------------------------------------------------------------------------
