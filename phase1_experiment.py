@@ -703,15 +703,13 @@ def add_phase1_stats(result, unaudited):
         result["cache_audit"].update({"ok": None, "unaudited": unaudited, "problems": []})
 
 
-def server_environment(client, card, server, vllm_flags, opts, engine=None):
+def server_environment(client, card, server, vllm_flags, engine):
     """What the JSON records of the server: its vLLM version, cache layout, how it was reached.
-    engine: read the cache layout from the servers behind the front (a router has no /metrics)."""
-    metrics = engine.replica_metrics()[0][1] if engine else parse_metrics(client.get("/metrics", as_json=False))
-    labels = cache_config(metrics)
+    Both are read from the first server behind the front (a router has no /metrics)."""
+    labels = cache_config(engine.replica_metrics()[0][1])
     block = label_int(labels, "block_size")
     try:
-        version = client.get_url((engine.metrics_urls[0] if engine else client.base_url) + "/version")
-        version = json.loads(version).get("version")
+        version = json.loads(client.get_url(engine.metrics_urls[0] + "/version")).get("version")
     except (ExperimentError, ValueError, AttributeError):
         version = None
     return {
@@ -1454,7 +1452,7 @@ def run(opts, vllm_flags, argv):
         try:
             engine, tokenizer, card, unaudited = prepare(client, opts, server.model if server else None,
                                                          opts.replica_urls)
-            env = {**server_environment(client, card, server, vllm_flags, opts, engine),
+            env = {**server_environment(client, card, server, vllm_flags, engine),
                    **p2.provenance(argv, PROG, __file__)}
             if opts.load:
                 result = run_load(engine, tokenizer, opts, env, unaudited)
@@ -1511,7 +1509,7 @@ def run_fleet(opts, vllm_flags, argv):
             try:
                 try:
                     engine, tokenizer, card, unaudited = prepare(client, opts, model, fleet.metrics_urls)
-                    env = {**server_environment(client, card, fleet.replicas[0], vllm_flags, opts, engine),
+                    env = {**server_environment(client, card, fleet.replicas[0], vllm_flags, engine),
                            **p2.provenance(argv, PROG, __file__),
                            "fleet": fleet_environment(fleet, policy, engine)}
                     result = run_load(engine, tokenizer, opts, env, unaudited)
