@@ -1001,15 +1001,43 @@ def gauge_summary(samples):
     return summary
 
 
+def warm_documents(engine, workload, docs, namespace, concurrency):
+    """Each document sent once, untimed, in the cached condition's namespace: one at a time, or
+    `concurrency` at a time as first requests that arrive together would (behind a router, where
+    a document lands can depend on which others are in flight). Returns each one's cached
+    tokens (None when unaudited); a warmup that fails ends the run."""
+    if concurrency == 1:
+        return [engine.request(workload.documents[doc], p2.WARMUP_TOKENS, namespace)["cached_tokens"] for doc in docs]
+    prompts = [(workload.documents[doc], namespace, doc) for doc in docs]
+
+    async def send():
+        session = engine.client.load_session()
+        try:
+            return await send_all(engine.client, session, engine.model, prompts,
+                                  {"concurrency": concurrency, "request_rate": None}, p2.WARMUP_TOKENS, 0)
+        finally:
+            await session.close()
+    records, _ = engine.client.run("the documents' warmup", send())
+    found = []
+    for doc, record in zip(docs, records):
+        if record is None or record[4]:
+            error = record[4].removeprefix("ExperimentError: ") if record else "not sent"
+            raise ExperimentError(f"the warmup of document {doc} failed: {error}")
+        if record[2] is None:
+            raise ExperimentError(f"{engine.client.base_url} sent no usage in its last chunk: it does not honour "
+                                  f"stream_options.include_usage")
+        details = record[2].get("prompt_tokens_details") or {}
+        found.append(details.get("cached_tokens") if engine.audited else None)
+    return found
+
+
 def run_condition(engine, workload, documents, condition, namespace, level, opts, seed):
-    """One condition at one load level: the cached one warms its documents first (untimed, one
-    at a time). Returns the condition's result with every request's record."""
+    """One condition at one load level: the cached one warms its documents first (untimed,
+    --warmup-concurrency at a time). Returns the condition's result with every request's record."""
     client = engine.client
     prompts = workload.requests(documents, condition, namespace)
-    warms = []
-    if condition == "cached":
-        for doc in sorted(set(documents)):
-            warms.append(engine.request(workload.documents[doc], p2.WARMUP_TOKENS, namespace))
+    docs = sorted(set(documents))
+    warms = warm_documents(engine, workload, docs, namespace, opts.warmup_concurrency) if condition == "cached" else []
     before = replica_load_counters(engine)
     samples, records = [], None
 
@@ -1033,8 +1061,8 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
     requests = [request_record(k, prompt, record, t0, condition, workload.full_tokens, engine.audited)
                 for k, (prompt, record) in enumerate(zip(prompts, records))]
     problems = load_problems(requests, workload.block) if engine.audited else []
-    problems += [f"warmup of document {doc}: cached_tokens={w['cached_tokens']}, expected 0"
-                 for doc, w in zip(sorted(set(documents)), warms) if engine.audited and w["cached_tokens"] != 0]
+    problems += [f"warmup of document {doc}: cached_tokens={cached}, expected 0"
+                 for doc, cached in zip(docs, warms) if engine.audited and cached != 0]
     # the counters' cross-check, once every request has ended well (a failed one may or may not have been counted)
     counters, replicas, server_error = None, None, None
     if not any(r["error"] for r in requests):
@@ -1227,6 +1255,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
                    "document_cached_tokens": workload.full_tokens, "query_tokens": p2.QUERY_TOKENS,
                    "max_output_tokens": opts.max_output_tokens, "num_requests": opts.num_requests,
                    "repeats": opts.repeats, "num_prefixes": opts.num_prefixes, "prefix_skew": opts.prefix_skew,
+                   "warmup_concurrency": opts.warmup_concurrency,
                    "load": "request_rate" if opts.request_rate else "concurrency",
                    "slo_ttft_ms": opts.slo_ttft_ms, "seed": opts.seed},
         "kv_capacity_tokens": capacity_tokens,
@@ -1300,6 +1329,9 @@ def add_load_flags(parser):
     g.add_argument("--num-requests", type=p2.positive_int,
                    help=f"requests per load level, condition and pass (default {LOAD_NUM_REQUESTS}, or "
                         f"{LOAD_REQUESTS_PER_CLIENT} per client where that is more)")
+    g.add_argument("--warmup-concurrency", type=p2.positive_int, default=1,
+                   help="the cached condition sends each document once first (untimed), this many at a time "
+                        "(default 1: one after another); behind a router, where documents land can depend on it")
     g.add_argument("--repeats", type=p2.positive_int, default=LOAD_REPEATS,
                    help="passes over the sweep; each figure's interval is taken over the passes (default "
                         "%(default)s; 1: one pass's own intervals)")

@@ -534,6 +534,7 @@ def compare_runs(run_dirs):
             " | pairs that agree | across runs (95% CI over runs) |",
             "|---|" + "---|" * (len(runs) + 2)]
     agreed = total = 0
+    several_phases = len({phase for phase, _ in keys}) > 1
     for phase, (a, b) in keys:
         found = [r.get(phase, {}).get((a, b)) for r in runs]
         cells = [f"{d['ttft_saving_pct']:.1f}% {ci_text(d['ttft_saving_ci95'])}"
@@ -542,7 +543,8 @@ def compare_runs(run_dirs):
         pairs = [agree(x["ttft_saving_pct"], bounded(x["ttft_saving_ci95"]), y["ttft_saving_pct"], bounded(y["ttft_saving_ci95"]))
                  for i, x in enumerate(present) for y in present[i + 1:]]
         agreed, total = agreed + sum(pairs), total + len(pairs)
-        rows.append(f"| A={a} / B={b} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} | "
+        label = f"{phase.replace('phase', 'phase ')}: A={a} / B={b}" if several_phases else f"A={a} / B={b}"
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} | "
                     f"{across_runs([d['ttft_saving_pct'] for d in present])} |")
     lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.", ""]
     commands = set()

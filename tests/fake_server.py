@@ -5,6 +5,7 @@ It answers what phase1_experiment.py asks (/v1/models, /metrics, /version, strea
 import json
 import socket
 import threading
+import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -15,6 +16,9 @@ class FakeServer:
 
     def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048, idle_timeout_s=None):
         self.mode, self.completions = mode, 0
+        # completions in flight at once, at most (each takes delay_s before its reply)
+        self.in_flight = self.max_in_flight = 0
+        self.delay_s = 0.0
         self.lock = threading.Lock()           # requests arrive on several threads at once
         fake = self
 
@@ -54,6 +58,16 @@ class FakeServer:
                 with fake.lock:
                     fake.completions += 1
                     number = fake.completions
+                    fake.in_flight += 1
+                    fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                try:
+                    time.sleep(fake.delay_s)
+                    self.complete(body, number)
+                finally:
+                    with fake.lock:
+                        fake.in_flight -= 1
+
+            def complete(self, body, number):
                 if fake.mode == "http-500":
                     return self.reply(500, {"error": {"message": "the engine is sad"}})
                 if fake.mode == "error-chunk":          # vLLM's way to fail a request mid-stream

@@ -243,6 +243,32 @@ def test_requests_that_fail_under_load_end_the_sweep_in_one_line_and_keep_what_w
     assert r["levels"][0]["cached"]["num_requests"] == 8 and "cold" not in r["levels"][0]
 
 
+@pytest.mark.parametrize("fake_server", ["ok"], indirect=True)
+@pytest.mark.parametrize("warmup_concurrency,in_flight", [(1, 1), (4, 4)])
+def test_documents_are_warmed_as_many_at_a_time_as_asked(fake_server, warmup_concurrency, in_flight, tmp_path):
+    # the level itself runs one request at a time, so only the warmups can overlap
+    fake_server.delay_s = 0.5
+    proc = phase1("--base-url", fake_server.base_url, "--concurrency", "1", "--num-prefixes", "4",
+                  "--warmup-concurrency", str(warmup_concurrency), "--num-requests", "16", "--repeats", "1",
+                  *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
+    assert proc.returncode == 0, proc.stderr[-2000:]
+    r = json.load(open(tmp_path / "results_load_a355_p4_concurrency.json"))
+    assert r["config"]["warmup_concurrency"] == warmup_concurrency
+    assert len({q["document"] for q in r["levels"][0]["runs"][0]["cached"]["requests"]}) == 4
+    assert fake_server.max_in_flight == in_flight
+
+
+# the probe goes through, then the third completion, a warmup sent beside another, is dropped
+@pytest.mark.parametrize("fake_server", ["drop-after-3"], indirect=True)
+def test_a_failed_concurrent_warmup_ends_the_run_in_one_line(fake_server, tmp_path):
+    proc = phase1("--base-url", fake_server.base_url, "--concurrency", "1", "--num-prefixes", "4",
+                  "--warmup-concurrency", "2", "--num-requests", "16", "--repeats", "1", *LOAD_QUICK,
+                  "--results-dir", str(tmp_path), timeout=120)
+    last = proc.stderr.strip().splitlines()[-1]
+    assert proc.returncode == 1 and last.startswith("phase1_experiment.py: error: "), proc.stderr[-2000:]
+    assert "the warmup of document" in last and "Traceback" not in proc.stderr
+
+
 @pytest.mark.parametrize("fake_server", ["no-details"], indirect=True)
 def test_an_unaudited_load_run_says_so_and_reports_no_hit_rate(fake_server, tmp_path):
     proc = phase1("--base-url", fake_server.base_url, "--allow-unaudited", "--concurrency", "2", "--num-prefixes", "2",

@@ -218,6 +218,22 @@ def test_compare_warns_when_the_runs_ran_different_commands(tmp_path):
     assert "note: the runs' commands differ" in pr.compare_runs(runs)
 
 
+def test_compare_names_the_phase_when_the_runs_hold_both(tmp_path):
+    runs = []
+    for k, phases in enumerate([("phase2",), ("phase1", "phase2")]):
+        run = tmp_path / f"run{k}"
+        run.mkdir()
+        for phase in phases:
+            r = extended_result(512, 256)
+            r["ttft_saving_pct"] = 40.0 if phase == "phase1" else 50.0
+            write(run, f"results_{phase}_a512_b256.json", r)
+        runs.append(str(run))
+    table = pr.compare_runs(runs).splitlines()
+    assert table[2].startswith("| phase 1: A=512 / B=256 | - | 40.0% ")
+    assert table[3].startswith("| phase 2: A=512 / B=256 | 50.0% ") and "| 1 of 1 |" in table[3]
+    assert pr.compare_runs(runs[:1]).splitlines()[2].startswith("| A=512 / B=256 | 50.0% ")
+
+
 def git(*args):
     import subprocess
     return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, check=True).stdout

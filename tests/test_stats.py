@@ -250,7 +250,9 @@ def test_replayed_h200_traces_are_held_by_block_intervals(size_a, block_coverage
     covered, agreeing = coverage_and_agreement(replays, "block", truth)
     round_covered, _ = coverage_and_agreement(replays, "round", truth)
     assert covered >= block_coverage and agreeing >= block_agreement
-    assert covered >= round_covered
+    # where the traces barely drift (512) both hold about 97% of the time: 200 replays tell
+    # coverages apart only to about 2 points
+    assert covered >= round_covered - 0.02
 
 
 THREE_CONFIG_RUNS = ("h200-llama3.1-8b-shape-one-process", "h200-llama3.1-8b-shape-repro")
