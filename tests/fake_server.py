@@ -16,9 +16,10 @@ class FakeServer:
 
     def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048, idle_timeout_s=None):
         self.mode, self.completions = mode, 0
-        # completions in flight at once, at most (each takes delay_s before its reply)
+        # completions in flight at once, at most; each one of delay_max_tokens output tokens (all,
+        # if None) waits delay_s before its reply
         self.in_flight = self.max_in_flight = 0
-        self.delay_s = 0.0
+        self.delay_s, self.delay_max_tokens = 0.0, None
         self.lock = threading.Lock()           # requests arrive on several threads at once
         fake = self
 
@@ -61,7 +62,8 @@ class FakeServer:
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
                 try:
-                    time.sleep(fake.delay_s)
+                    if fake.delay_max_tokens in (None, body["max_tokens"]):
+                        time.sleep(fake.delay_s)
                     self.complete(body, number)
                 finally:
                     with fake.lock:

@@ -10,6 +10,7 @@ import pytest
 from scipy import stats
 
 import phase1_experiment as p1
+import phase2_experiment as p2
 import plot_results as pr
 from conftest import SERVER_KV_BLOCKS, run_script
 
@@ -246,8 +247,8 @@ def test_requests_that_fail_under_load_end_the_sweep_in_one_line_and_keep_what_w
 @pytest.mark.parametrize("fake_server", ["ok"], indirect=True)
 @pytest.mark.parametrize("warmup_concurrency,in_flight", [(1, 1), (4, 4)])
 def test_documents_are_warmed_as_many_at_a_time_as_asked(fake_server, warmup_concurrency, in_flight, tmp_path):
-    # the level itself runs one request at a time, so only the warmups can overlap
-    fake_server.delay_s = 0.5
+    # the level itself runs one request at a time, so only the warmups can overlap; they alone wait
+    fake_server.delay_s, fake_server.delay_max_tokens = 0.5, p2.WARMUP_TOKENS
     proc = phase1("--base-url", fake_server.base_url, "--concurrency", "1", "--num-prefixes", "4",
                   "--warmup-concurrency", str(warmup_concurrency), "--num-requests", "16", "--repeats", "1",
                   *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
