@@ -85,6 +85,10 @@ LOAD_REQUESTS_PER_CLIENT = 10
 LOAD_REPEATS = 3
 ROUTER_POLICIES = ("random", "round_robin", "cache_aware", "kv_aware", "power_of_two", "consistent_hash",
                    "sticky_least_loaded")
+# Not a router: the client sends document k's requests straight to replica k mod N. Every
+# document stays where it was first sent and the documents are spread evenly: the placement a
+# perfect cache-aware router reaches, against which a policy's hit rate and TTFT are read.
+IDEAL = "ideal"
 LOAD_NUM_PREFIXES = 8       # documents the requests share
 # The intervals of a mean and of the throughput come from this many consecutive batches of a
 # level's requests: requests sent close together share the server's state, batches nearly not.
@@ -266,11 +270,12 @@ class HttpClient:
         data = json.dumps(body).encode()        # serialised before the clock starts: the client's cost, not the server's
         return self.run("a completion request", self.stream_on(self.session, data))
 
-    async def stream_on(self, session, data):
-        """stream() of a serialised body on session's connections; raises what stream() turns into one line."""
+    async def stream_on(self, session, data, base_url=None):
+        """stream() of a serialised body on session's connections (to base_url, default this
+        client's server); raises what stream() turns into one line."""
         token_times, usage = [], None
         sent = time.perf_counter()
-        async with session.post(self.base_url + "/v1/completions", data=data,
+        async with session.post((base_url or self.base_url) + "/v1/completions", data=data,
                                 headers={"Content-Type": "application/json"}) as response:
             await self._check(response, "POST /v1/completions")
             async for line in response.content:
@@ -299,6 +304,8 @@ class ServerEngine:
         self.client, self.model, self.audited = client, model, audited
         # the servers whose /metrics count this run's requests: the front itself, or the replicas behind a router
         self.metrics_urls = metrics_urls or [client.base_url]
+        # --router ideal: document k's requests go straight to route[k % N]; None: all to the client's server
+        self.route = None
         self.connections_before = client.connections_opened
         self.last_end = 0.0
 
@@ -548,7 +555,8 @@ def replica_devices(index, vllm_flags):
 class Fleet:
     """--replicas N: N `vllm serve` processes (one per GPU, or per group of GPUs), and in front
     of them vllm-router with one policy at a time; or, with --router dp, one `vllm serve
-    --data-parallel-size N`. Every part is stopped at the end, on error and on Ctrl-C."""
+    --data-parallel-size N`. The policy `ideal` has no front: the client sends each document
+    to a replica of its own. Every part is stopped at the end, on error and on Ctrl-C."""
 
     def __init__(self, model, host, replicas, vllm_flags, router, router_args):
         self.host, self.router_kind, self.router_args = host, router, router_args
@@ -573,8 +581,8 @@ class Fleet:
             replica.wait_ready(timeout_s)
 
     def start_router(self, policy, timeout_s):
-        """The front for one policy (none for --router dp); its base URL."""
-        if self.router_kind == "dp":
+        """The front for one policy (none for --router dp, or for the policy ideal); its base URL."""
+        if self.router_kind == "dp" or policy == IDEAL:
             return self.replicas[0].base_url
         self.router = RouterProcess([r.base_url for r in self.replicas], policy, self.host, free_port(self.host),
                                     self.router_args)
@@ -879,12 +887,13 @@ def level_name(level):
     return f"{level['request_rate']:g} req/s"
 
 
-async def send_all(client, session, model, prompts, level, max_tokens, seed):
+async def send_all(client, session, model, prompts, level, max_tokens, seed, route=None):
     """Every prompt of one condition at one load level: a closed loop of `concurrency` clients
     sending back to back, or Poisson arrivals at `request_rate`. A failed request is recorded
     with its error, not raised, and no request is sent after it (a server that stopped
     answering must not hold the level for num_requests x --request-timeout). Returns (request
-    records, None for those never sent; the level's start in perf_counter s)."""
+    records, None for those never sent; the level's start in perf_counter s). route: document
+    k's requests go to route[k % len(route)] instead of the client's server."""
     # every body is serialised before the clock starts, as stream() does
     bodies = [json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
                           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
@@ -895,7 +904,8 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed):
     async def one(k):
         started = time.perf_counter()
         try:
-            sent, token_times, usage, ended = await client.stream_on(session, bodies[k])
+            url = route[prompts[k][2] % len(route)] if route else None
+            sent, token_times, usage, ended = await client.stream_on(session, bodies[k], url)
             records[k] = (sent, token_times, usage, ended, None)
         except Exception as e:          # one request's failure is a fact of the level, not the end of the run
             records[k] = (started, [], None, time.perf_counter(), f"{type(e).__name__}: {p2.first_line(e)}")
@@ -1006,7 +1016,7 @@ def warm_documents(engine, workload, docs, namespace, concurrency):
     `concurrency` at a time as first requests that arrive together would (behind a router, where
     a document lands can depend on which others are in flight). Returns each one's cached
     tokens (None when unaudited); a warmup that fails ends the run."""
-    if concurrency == 1:
+    if concurrency == 1 and not engine.route:
         return [engine.request(workload.documents[doc], p2.WARMUP_TOKENS, namespace)["cached_tokens"] for doc in docs]
     prompts = [(workload.documents[doc], namespace, doc) for doc in docs]
 
@@ -1014,7 +1024,7 @@ def warm_documents(engine, workload, docs, namespace, concurrency):
         session = engine.client.load_session()
         try:
             return await send_all(engine.client, session, engine.model, prompts,
-                                  {"concurrency": concurrency, "request_rate": None}, p2.WARMUP_TOKENS, 0)
+                                  {"concurrency": concurrency, "request_rate": None}, p2.WARMUP_TOKENS, 0, engine.route)
         finally:
             await session.close()
     records, _ = engine.client.run("the documents' warmup", send())
@@ -1044,13 +1054,15 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
     async def measure():
         session = client.load_session()
         try:
-            # the level's connections are opened before its first timed request
-            await asyncio.gather(*[client.get_async("/health", session) for _ in range(level["concurrency"] or 1)])
+            # the level's connections are opened before its first timed request (to each server it sends to)
+            await asyncio.gather(*[client.get_async(url + "/health", session) for url in engine.route or [client.base_url]
+                                   for _ in range(level["concurrency"] or 1)])
             opened = client.load_connections
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample_gauges(client, engine.metrics_urls, samples, stop))
             try:
-                result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed)
+                result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed,
+                                        engine.route)
             finally:
                 stop.set()
                 await sampler
@@ -1344,7 +1356,8 @@ def add_load_flags(parser):
                         "--data-parallel-size N` (default %(default)s)")
     g.add_argument("--router-policy", type=lambda text: [p.strip() for p in text.split(",") if p.strip()],
                    help="vllm-router policies, one sweep each: cache_aware, round_robin, power_of_two, "
-                        "consistent_hash, ... (default cache_aware)")
+                        "consistent_hash, ... (default cache_aware); ideal: no router, the client sends "
+                        "document k to replica k mod N, the placement a perfect cache-aware router reaches")
     g.add_argument("--router-args", help="more vllm-router flags, quoted: '--balance-abs-threshold 8'")
     g.add_argument("--replica-urls", type=lambda text: [u.strip().rstrip("/") for u in text.split(",") if u.strip()],
                    help="with --base-url in front of a router: the servers behind it, whose /metrics count "
@@ -1373,9 +1386,10 @@ def check_fleet_flags(opts):
         opts.router_policy = ["dp"]
     else:
         opts.router_policy = opts.router_policy or ["cache_aware"]
-        unknown = [p for p in opts.router_policy if p not in ROUTER_POLICIES]
+        unknown = [p for p in opts.router_policy if p not in ROUTER_POLICIES + (IDEAL,)]
         if unknown:
-            p2.usage_error(f"--router-policy {unknown[0]!r}: vllm-router knows {', '.join(ROUTER_POLICIES)}")
+            p2.usage_error(f"--router-policy {unknown[0]!r}: vllm-router knows {', '.join(ROUTER_POLICIES)} "
+                           f"(and {IDEAL}: no router, each document straight to a replica of its own)")
 
 
 def check_load_flags(opts):
@@ -1541,6 +1555,8 @@ def run_fleet(opts, vllm_flags, argv):
             try:
                 try:
                     engine, tokenizer, card, unaudited = prepare(client, opts, model, fleet.metrics_urls)
+                    if policy == IDEAL:
+                        engine.route = fleet.metrics_urls
                     env = {**server_environment(client, card, fleet.replicas[0], vllm_flags, engine),
                            **p2.provenance(argv, PROG, __file__),
                            "fleet": fleet_environment(fleet, policy, engine)}

@@ -14,7 +14,7 @@ import pytest
 import phase1_experiment as p1
 from conftest import ENGINE_FLAGS, ROOT, session_processes
 
-FLEET = ["--replicas", "2", "--router-policy", "round_robin,cache_aware,power_of_two", "--concurrency", "1",
+FLEET = ["--replicas", "2", "--router-policy", "round_robin,cache_aware,ideal,power_of_two", "--concurrency", "1",
          "--num-prefixes", "4", "--num-requests", "12", "--repeats", "1", "--size-a", "355", "--max-output-tokens", "4",
          "--max-model-len", "2048", "--num-gpu-blocks-override", "40"]
 
@@ -44,7 +44,7 @@ def test_each_replica_gets_its_own_gpus(flags, devices):
 
 @pytest.fixture(scope="module")
 def fleet_run(tiny_model_dir, tmp_path_factory):
-    """One fleet, three policies; replica 1 is killed (SIGKILL) once the third policy's router
+    """One fleet, four policies (ideal has no router); replica 1 is killed (SIGKILL) once the last policy's router
     has started. (process, stdout, stderr, folder, pids of every part)."""
     out = tmp_path_factory.mktemp("fleet")
     proc = subprocess.Popen([sys.executable, "phase1_experiment.py", "--model", tiny_model_dir, *ENGINE_FLAGS, *FLEET,
@@ -68,7 +68,7 @@ def fleet_run(tiny_model_dir, tmp_path_factory):
 
 def test_per_replica_loads_and_hits_are_what_each_replica_counted(fleet_run):
     _, stdout, stderr, out, _ = fleet_run
-    for policy in ("round_robin", "cache_aware"):
+    for policy in ("round_robin", "cache_aware", "ideal"):
         r = json.load(open(out / f"results_fleet_{policy}_a355_p4_concurrency.json"))
         assert r["complete"] and r["cache_audit"]["ok"] is True and r["front"] == policy, stderr[-2000:]
         assert len(r["kv_capacity_tokens_per_engine"]) == 2 and r["kv_capacity_tokens"] == 2 * 40 * 128
@@ -89,6 +89,24 @@ def test_per_replica_loads_and_hits_are_what_each_replica_counted(fleet_run):
             assert cached["hit_rate"]["requests"] == 1.0
 
 
+def test_the_ideal_front_sends_each_document_to_a_replica_of_its_own(fleet_run):
+    _, _, stderr, out, _ = fleet_run
+    r = json.load(open(out / "results_fleet_ideal_a355_p4_concurrency.json"))
+    assert r["front"] == "ideal" and r["environment"]["fleet"]["router_command"] is None, stderr[-2000:]
+    first, second = [replica["base_url"] for replica in r["environment"]["fleet"]["replicas"]]
+    for c in ("cached", "cold"):
+        run = r["levels"][0]["runs"][0][c]
+        replicas = run["server"]["replicas"]
+        even = [q for q in run["requests"] if q["document"] % 2 == 0]
+        odd = [q for q in run["requests"] if q["document"] % 2 == 1]
+        assert even and odd
+        # documents 0 and 2 on the first replica (with the counters' flush), 1 and 3 on the second
+        assert replicas[first]["requests"] == len(even) + 1 and replicas[second]["requests"] == len(odd)
+        assert replicas[first]["prefix_cache_hits"] == sum(q["cached_tokens"] for q in even)
+        assert replicas[second]["prefix_cache_hits"] == sum(q["cached_tokens"] for q in odd)
+    assert r["levels"][0]["runs"][0]["cached"]["hit_rate"]["requests"] == 1.0
+
+
 def test_a_killed_replica_is_named_in_one_line_and_what_was_measured_is_kept(fleet_run):
     proc, stdout, stderr, out, pids = fleet_run
     last = stderr.strip().splitlines()[-1]
@@ -96,6 +114,7 @@ def test_a_killed_replica_is_named_in_one_line_and_what_was_measured_is_kept(fle
     assert "replica 1" in last and "exited with code -9" in last
     assert os.path.exists(out / "results_fleet_round_robin_a355_p4_concurrency.json")
     assert os.path.exists(out / "results_fleet_cache_aware_a355_p4_concurrency.json")
+    assert os.path.exists(out / "results_fleet_ideal_a355_p4_concurrency.json")
 
 
 def test_every_process_of_the_fleet_is_gone(fleet_run):
