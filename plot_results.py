@@ -840,6 +840,17 @@ def working_set_table(data):
     return "\n".join(rows)
 
 
+def hit_rate_series(levels, key="requests"):
+    """(hit rates in %, their error bars) of the levels' cached condition, by requests or by
+    tokens; None where a level has no hit rate (an unaudited run)."""
+    rates = [(lv["cached"].get("hit_rate") or {}) for lv in levels]
+    if any(rate.get(key) is None for rate in rates):
+        return None
+    values = [rate[key] * 100 for rate in rates]
+    cis = [[bound * 100 for bound in rate[f"{key}_ci95"]] if rate.get(f"{key}_ci95") else None for rate in rates]
+    return values, _errors(values, cis)
+
+
 def _errors(values, cis):
     """Error bar lengths below and above; a side without a bound gets none."""
     below = [0 if v is None or ci is None or ci[0] is None else max(v - ci[0], 0) for v, ci in zip(values, cis)]
@@ -908,9 +919,10 @@ def plot_working_set(data, outfile):
     fig, (ax_hit, ax_ttft) = plt.subplots(1, 2, figsize=(13, 5))
     for key, style, label in (("requests", "-o", "requests that found their whole document"),
                               ("tokens", "--s", "document tokens found cached")):
-        rates = [(lv["cached"].get("hit_rate") or {}).get(key) for lv in levels]
-        if None not in rates:
-            ax_hit.plot(x, [rate * 100 for rate in rates], style, color=LOAD_COLOURS["cached"], label=label)
+        series = hit_rate_series(levels, key)
+        if series:
+            ax_hit.errorbar(x, series[0], yerr=series[1], fmt=style, color=LOAD_COLOURS["cached"], capsize=3,
+                            label=label)
     for q, style in (("p50", "-o"), ("p99", "--s")):
         values = [lv["cached"]["ttft_ms"][q] for lv in levels]
         ax_ttft.errorbar(x, values, yerr=_errors(values, [lv["cached"]["ttft_ms"][f"{q}_ci95"] for lv in levels]),
@@ -980,9 +992,9 @@ def plot_fleet(fronts, outfile):
         levels = [lv for lv in data["levels"] if lv.get("cached") and lv["cached"].get("ttft_ms")]
         x = [load_value(lv)[0] for lv in levels]
         colour = FRONT_COLOURS[k % len(FRONT_COLOURS)]
-        rates = [(lv["cached"].get("hit_rate") or {}).get("requests") for lv in levels]
-        if None not in rates:
-            ax_hit.plot(x, [r * 100 for r in rates], "-o", color=colour, label=front)
+        series = hit_rate_series(levels)
+        if series:
+            ax_hit.errorbar(x, series[0], yerr=series[1], fmt="-o", color=colour, capsize=3, label=front)
         values = [lv["cached"]["ttft_ms"]["p99"] for lv in levels]
         ax_p99.errorbar(x, values, yerr=_errors(values, [lv["cached"]["ttft_ms"]["p99_ci95"] for lv in levels]),
                         fmt="-o", color=colour, capsize=3, label=front)

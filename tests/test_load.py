@@ -281,6 +281,18 @@ def test_an_unaudited_load_run_says_so_and_reports_no_hit_rate(fake_server, tmp_
     assert "hit_rate" not in r["levels"][0]["cached"] and pr.hit_rate_text(r["levels"][0]["cached"]) == "-"
 
 
+def test_hit_rates_are_drawn_with_their_intervals():
+    import gzip
+    with gzip.open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu-tiny-fleet-overflow", "one-at-a-time",
+                                "results_fleet_cache_aware_a355_p24_concurrency.json.gz"), "rt") as f:
+        levels = json.load(f)["levels"]
+    values, (below, above) = pr.hit_rate_series(levels)
+    # concurrency 1: 74% [60.9%, 87.1%] over 3 passes
+    assert values[0] == pytest.approx(74.0) and below[0] == pytest.approx(13.1) and above[0] == pytest.approx(13.1)
+    del levels[0]["cached"]["hit_rate"]                  # an unaudited level: no series
+    assert pr.hit_rate_series(levels) is None
+
+
 def test_tables_and_charts_of_incomplete_or_unaudited_working_set_files(tmp_path):
     import gzip
     with gzip.open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu-tiny-working-set",
