@@ -304,7 +304,7 @@ class ServerEngine:
         self.client, self.model, self.audited = client, model, audited
         # the servers whose /metrics count this run's requests: the front itself, or the replicas behind a router
         self.metrics_urls = metrics_urls or [client.base_url]
-        # --router ideal: document k's requests go straight to route[k % N]; None: all to the client's server
+        # the fleet policy ideal: document k's requests go straight to route[k % N]; None: all to the client's server
         self.route = None
         self.connections_before = client.connections_opened
         self.last_end = 0.0
@@ -898,14 +898,14 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
     bodies = [json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
                           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                           "cache_salt": salt}).encode() for ids, salt, _ in prompts]
+    urls = [route[doc % len(route)] if route else None for _, _, doc in prompts]
     records = [None] * len(prompts)
     failed = asyncio.Event()
 
     async def one(k):
         started = time.perf_counter()
         try:
-            url = route[prompts[k][2] % len(route)] if route else None
-            sent, token_times, usage, ended = await client.stream_on(session, bodies[k], url)
+            sent, token_times, usage, ended = await client.stream_on(session, bodies[k], urls[k])
             records[k] = (sent, token_times, usage, ended, None)
         except Exception as e:          # one request's failure is a fact of the level, not the end of the run
             records[k] = (started, [], None, time.perf_counter(), f"{type(e).__name__}: {p2.first_line(e)}")
