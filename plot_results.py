@@ -582,7 +582,9 @@ def load_figure(stats, group, key):
 
 def compare_load_runs(run_dirs):
     """Markdown table: the load files that several runs share, each figure per level and
-    condition in every run, and whether every pair of runs agrees within its intervals."""
+    condition in every run, and whether every pair of runs agrees within its intervals. A level
+    is paired by what it is (the load, or P in a working-set sweep), so a rerun of one level
+    compares with that level of a sweep; a figure that only one run measured is left out."""
     runs = [{os.path.basename(p).removesuffix(".gz"): d for p, d in discover_load_results(d)[0]} for d in run_dirs]
     names = sorted({name for r in runs for name in r})
     if not names:
@@ -592,25 +594,25 @@ def compare_load_runs(run_dirs):
     agreed = total = 0
     for name in names:
         found = [r.get(name) for r in runs]
-        first = next(d for d in found if d)
-        # levels are paired by what they are (the load, or for a working-set sweep P), not by position
-        working_set = first.get("experiment") == "working_set"
+        working_set = next(d for d in found if d).get("experiment") == "working_set"
         keyed = [{level_key(lv, working_set): lv for lv in d["levels"]} if d else {} for d in found]
-        for level in first["levels"]:
-            value = level_key(level, working_set)
+        values = list(dict.fromkeys(key for levels in keyed for key in levels))
+        for value in sorted(values, key=lambda v: float(v.removeprefix("P="))):
             for c in ("cached", "cold"):
                 for label, group, key in LOAD_FIGURES:
                     figures = [load_figure(levels[value][c], group, key)
                                if value in levels and levels[value].get(c) else None for levels in keyed]
-                    if not any(figures):
-                        continue
                     present = [f for f in figures if f]
+                    if len(present) < min(2, len(runs)):
+                        continue
                     pairs = [agree(x[0], bounded(x[1]), y[0], bounded(y[1]))
                              for i, x in enumerate(present) for y in present[i + 1:]]
                     agreed, total = agreed + sum(pairs), total + len(pairs)
                     cells = [with_ci(f[0], f[1], 2 if key == "request_throughput" else 1) if f else "-" for f in figures]
                     rows.append(f"| {name} | {value} | {c} | {label} | " + " | ".join(cells) +
                                 f" | {sum(pairs)} of {len(pairs)} |")
+    if not total and len(runs) > 1:
+        return None
     return "\n".join(rows) + f"\n{agreed} of {total} pairs of runs agree within their intervals."
 
 

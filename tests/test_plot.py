@@ -361,3 +361,32 @@ def test_unbounded_intervals_are_shown_and_compared_as_infinite():
     assert pr.ci_text([None, 5.0]) == "[-inf, 5.0]" and pr.ci_text([1.0, None], 0) == "[1, inf]"
     assert pr.bounded([None, None]) == [-np.inf, np.inf]
     assert p.agree(50.0, pr.bounded([None, None]), 10.0, [9.0, 11.0])
+
+
+def load_file(levels):
+    """A phase 1 load result: {concurrency: {condition: (TTFT p50 ms, its interval)}}."""
+    return {"phase": "phase1_server_api", "experiment": "load", "config": {"document_tokens": 8192},
+            "levels": [{"concurrency": c, "request_rate": None, "num_prefixes": 8,
+                        **{cond: {"ttft_ms": {"p50": p50, "p50_ci95": ci}} for cond, (p50, ci) in conds.items()}}
+                       for c, conds in levels.items()]}
+
+
+def test_a_rerun_of_one_load_level_is_compared_with_that_level_of_the_sweep(tmp_path):
+    sweep = {1: {"cached": (20.0, [18.0, 22.0]), "cold": (250.0, [240.0, 260.0])},
+             16: {"cached": (100.0, [90.0, 110.0]), "cold": (300.0, [290.0, 310.0])}}
+    rerun = {16: {"cached": (105.0, [95.0, 115.0]), "cold": (400.0, [390.0, 410.0])}}
+    runs = []
+    for name, levels in (("sweep", sweep), ("rerun", rerun)):
+        (tmp_path / name).mkdir()
+        write(tmp_path / name, "results_load_a8192_p8_concurrency.json", load_file(levels))
+        runs.append(str(tmp_path / name))
+    table = pr.compare_load_runs(runs).splitlines()
+    # concurrency 1 was measured by the sweep alone: nothing to pair, so no row
+    assert table[2:] == [
+        "| results_load_a8192_p8_concurrency.json | 16 | cached | TTFT p50 ms | 100.0 [90.0, 110.0] | "
+        "105.0 [95.0, 115.0] | 1 of 1 |",
+        "| results_load_a8192_p8_concurrency.json | 16 | cold | TTFT p50 ms | 300.0 [290.0, 310.0] | "
+        "400.0 [390.0, 410.0] | 0 of 1 |",
+        "1 of 2 pairs of runs agree within their intervals."]
+    proc = run_script(["plot_results.py", "--compare", *runs])
+    assert proc.returncode == 0 and proc.stdout.strip().endswith("1 of 2 pairs of runs agree within their intervals.")

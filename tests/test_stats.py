@@ -236,11 +236,15 @@ def replayed_run(rng, runs, rounds=40, num_blocks=8, segment_rounds=(3, 19)):
             for r, row in enumerate(picked[:rounds]) for c in p.CONDITIONS]
 
 
-@pytest.mark.parametrize("size_a,block_coverage,block_agreement", [(512, 0.93, 0.93), (2048, 0.88, 0.9),
-                                                                    (8192, 0.85, 0.85)])
-def test_replayed_h200_traces_are_held_by_block_intervals(size_a, block_coverage, block_agreement):
+# Each shipped run changes the replays, and 200 replays know a coverage of 0.87 only to +-0.024
+# (one standard error): the floors sit about two standard errors under what the shipped traces give
+# (13 runs a config: 0.95, 0.875 and 0.835 for blocks; 0.94, 0.77 and 0.70 for rounds).
+@pytest.mark.parametrize("size_a,block_coverage,block_agreement,gain_over_rounds",
+                         [(512, 0.9, 0.93, -0.02), (2048, 0.83, 0.84, 0.06), (8192, 0.79, 0.85, 0.06)])
+def test_replayed_h200_traces_are_held_by_block_intervals(size_a, block_coverage, block_agreement, gain_over_rounds):
     """Replays of the shipped H200 traces (results/h200-*8b*): the truth is the saving of all
-    recorded rounds together. Block intervals hold it far more often than round intervals."""
+    recorded rounds together. Where the traces drift (2048, 8192), block intervals hold it far
+    more often than round intervals; where they barely do (512), both hold it about 95% of the time."""
     runs = recorded_rounds(size_a)
     assert len(runs) >= 5, "the shipped H200 runs are missing"
     every_round = [row for run in runs for row in run]
@@ -250,9 +254,7 @@ def test_replayed_h200_traces_are_held_by_block_intervals(size_a, block_coverage
     covered, agreeing = coverage_and_agreement(replays, "block", truth)
     round_covered, _ = coverage_and_agreement(replays, "round", truth)
     assert covered >= block_coverage and agreeing >= block_agreement
-    # where the traces barely drift (512) both hold about 97% of the time: 200 replays tell
-    # coverages apart only to about 2 points
-    assert covered >= round_covered - 0.02
+    assert covered >= round_covered + gain_over_rounds
 
 
 THREE_CONFIG_RUNS = ("h200-llama3.1-8b-shape-one-process", "h200-llama3.1-8b-shape-repro")
