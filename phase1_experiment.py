@@ -306,6 +306,7 @@ class ServerEngine:
         self.metrics_urls = metrics_urls or [client.base_url]
         # the fleet policy ideal: document k's requests go straight to route[k % N]; None: all to the client's server
         self.route = None
+        self._cache_configs = None
         self.connections_before = client.connections_opened
         self.last_end = 0.0
 
@@ -380,13 +381,19 @@ class ServerEngine:
         return {name: layout[0] * layout[1] if layout else None for name, layout in self.replica_layouts().items()}
 
     def replica_layouts(self):
-        """{engine name: (KV blocks, block size), or None if not reported}, from one read of each /metrics."""
+        """{engine name: (KV blocks, block size), or None if not reported}."""
         layouts = {}
-        for name, metrics in self.replica_metrics():
-            labels = cache_config(metrics)
+        for name, labels in self.cache_configs().items():
             blocks, size = label_int(labels, "num_gpu_blocks"), label_int(labels, "block_size")
             layouts[name] = (blocks, size) if blocks and size else None
         return layouts
+
+    def cache_configs(self):
+        """{engine name: its vllm:cache_config_info labels}, read from each /metrics once: an
+        engine's cache layout does not change while it runs, and after a failure it may not answer."""
+        if self._cache_configs is None:
+            self._cache_configs = {name: cache_config(metrics) for name, metrics in self.replica_metrics()}
+        return self._cache_configs
 
 
 # -----------------------------------------------------------------------------
@@ -408,17 +415,33 @@ def check_port_free(host, port):
                                   f"port, or leave --port out to take a free one")
 
 
+# An exception's own line, such as "ValueError: To serve at least one request ...", with vLLM's
+# log prefix ("(EngineCore pid=7) ERROR 11-29 18:21:19 [core.py:1330] ") or none before it.
+EXCEPTION_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [\d-]+ [\d:]+ \[[^\]]*\] )?"
+                            r"((?:[\w.]+\.)?\w*(?:Error|Exception): .*)$")
+# what a process prints when another one failed first: the cause is further up
+GENERIC_FAILURES = ("Engine core initialization failed",)
+
+
 def first_error_line(path):
-    """The first line of a server log that names an error, or its last line."""
+    """Why a server failed, in one line of its log: the first exception it names (not a
+    "see above" from a process that only saw another one fail), else its first line that names
+    an error, else its last line."""
     try:
         with open(path, "rb") as f:
-            lines = f.read().splitlines()
+            lines = [line.decode(errors="replace").strip() for line in f.read().splitlines()]
     except OSError:
         return "no log"
+    for i, m in ((i, EXCEPTION_LINE.match(line)) for i, line in enumerate(lines)):
+        if m and not any(generic in m.group(1) for generic in GENERIC_FAILURES):
+            # pydantic says what is wrong on the next line: "  Value error, User-specified ... [type=...]"
+            if re.search(r"\d+ validation errors? for ", m.group(1)) and i + 1 < len(lines):
+                return f"{m.group(1)}: {lines[i + 1].split(' [type=')[0]}"
+            return m.group(1)
     for line in lines:
-        if p2.ERROR_LINE.search(line):
-            return line.decode(errors="replace").strip()
-    return lines[-1].decode(errors="replace").strip() if lines else "the log is empty"
+        if p2.ERROR_LINE.search(line.encode()):
+            return line
+    return lines[-1] if lines else "the log is empty"
 
 
 class ManagedProcess:
@@ -711,10 +734,19 @@ def add_phase1_stats(result, unaudited):
         result["cache_audit"].update({"ok": None, "unaudited": unaudited, "problems": []})
 
 
+def installed_version(package):
+    """A package's installed version, without importing it; None if it is not installed."""
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
 def server_environment(client, card, server, vllm_flags, engine):
     """What the JSON records of the server: its vLLM version, cache layout, how it was reached.
     Both are read from the first server behind the front (a router has no /metrics)."""
-    labels = cache_config(engine.replica_metrics()[0][1])
+    labels = next(iter(engine.cache_configs().values()))
     block = label_int(labels, "block_size")
     try:
         version = json.loads(client.get_url(engine.metrics_urls[0] + "/version")).get("version")
@@ -722,6 +754,8 @@ def server_environment(client, card, server, vllm_flags, engine):
         version = None
     return {
         "vllm_version": version,
+        # the embedded server runs in this Python; a server reached by --base-url may not
+        "torch_version": installed_version("torch") if server else None,
         "device": p2.device_name() if server else "unknown (a server reached by --base-url)",
         "block_size": block,
         # prefix-cache hits land on multiples of this (vLLM >= 0.30 can set it below block_size)
@@ -1034,7 +1068,8 @@ def warm_documents(engine, workload, docs, namespace, concurrency):
             error = record[4].removeprefix("ExperimentError: ") if record else "not sent"
             raise ExperimentError(f"the warmup of document {doc} failed: {error}")
         if record[2] is None:
-            raise ExperimentError(f"{engine.client.base_url} sent no usage in its last chunk: it does not honour "
+            server = engine.route[doc % len(engine.route)] if engine.route else engine.client.base_url
+            raise ExperimentError(f"{server} sent no usage in its last chunk: it does not honour "
                                   f"stream_options.include_usage")
         details = record[2].get("prompt_tokens_details") or {}
         found.append(details.get("cached_tokens") if engine.audited else None)
@@ -1224,7 +1259,6 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     block = env["cache_block_size"]
     capacity = engine.kv_capacity()
     capacity_tokens = capacity[0] * capacity[1] if capacity else None
-    # read now: after a failure the servers may not answer, and what was measured must still be written
     capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
     working_set = len(opts.num_prefixes) > 1

@@ -93,6 +93,11 @@ def test_the_ideal_front_sends_each_document_to_a_replica_of_its_own(fleet_run):
     _, _, stderr, out, _ = fleet_run
     r = json.load(open(out / "results_fleet_ideal_a355_p4_concurrency.json"))
     assert r["front"] == "ideal" and r["environment"]["fleet"]["router_command"] is None, stderr[-2000:]
+    # the replicas this tool started run in its own Python
+    import importlib.util
+    torch_dir = os.path.dirname(importlib.util.find_spec("torch").origin)
+    torch_version = re.search(r"__version__ = '([^']+)'", open(os.path.join(torch_dir, "version.py")).read()).group(1)
+    assert r["environment"]["torch_version"] == torch_version
     first, second = [replica["base_url"] for replica in r["environment"]["fleet"]["replicas"]]
     for c in ("cached", "cold"):
         run = r["levels"][0]["runs"][0][c]

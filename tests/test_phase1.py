@@ -121,6 +121,7 @@ def test_the_json_has_the_design_keys_and_what_the_server_path_adds(server_run):
             assert t["ttft_ms"] > 0
     env = r["environment"]
     assert env["server"]["embedded"] is False and env["connection"].startswith("one keep-alive")
+    assert env["torch_version"] is None            # a server reached by --base-url may run another Python
     assert env["connections_opened"] == 0          # every timed request reused the connection
     assert env["tool_version"]["script_sha256"] and env["command"].startswith("python phase1_experiment.py")
     assert (env["cache_block_size"], env["max_model_len"], env["vllm_version"]) == (128, 2048, "0.32.0")
@@ -230,11 +231,44 @@ def wait_for(proc, text, timeout_s=300):
     raise AssertionError(f"phase 1 ended before {text!r}")
 
 
+# lines of a real `vllm serve` log (vLLM 0.26.0, H200) whose engine could not fit one request of
+# the model's max length in a cut KV cache
+FAILED_START_LOG = """\
+(APIServer pid=2412) WARNING 11-29 18:20:46 [system_utils.py:299] Found ulimit of 20000 and failed to automatically increase with error current limit exceeds maximum limit. This can cause fd limit errors like `OSError: [Errno 24] Too many open files`. Consider increasing with ulimit -n
+(EngineCore pid=2483) ERROR 11-29 18:21:19 [core.py:1330] EngineCore failed to start.
+(EngineCore pid=2483) ERROR 11-29 18:21:19 [core.py:1330] Traceback (most recent call last):
+(EngineCore pid=2483) ERROR 11-29 18:21:19 [core.py:1330]     kv_cache_config = self._initialize_kv_caches(vllm_config)
+(EngineCore pid=2483) ERROR 11-29 18:21:19 [core.py:1330] ValueError: To serve at least one request with the model's max seq len (131072), (16.0 GiB KV cache is needed, which is larger than the available KV cache memory (8.2 GiB).
+(EngineCore pid=2483) ValueError: To serve at least one request with the model's max seq len (131072), (16.0 GiB KV cache is needed, which is larger than the available KV cache memory (8.2 GiB).
+(APIServer pid=2412) RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {}
+"""
+
+
+@pytest.mark.parametrize("log,line", [
+    (FAILED_START_LOG, "ValueError: To serve at least one request with the model's max seq len (131072), (16.0 GiB KV "
+                       "cache is needed, which is larger than the available KV cache memory (8.2 GiB)."),
+    ("INFO starting\npydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+     "  Value error, User-specified max_model_len (99999999) is greater than the derived max_model_len "
+     "(max_position_embeddings=2048.0). [type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]\n",
+     "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: Value error, User-specified "
+     "max_model_len (99999999) is greater than the derived max_model_len (max_position_embeddings=2048.0)."),
+    ("INFO a\n(EngineCore pid=1) ERROR 11-29 18:21:19 [core.py:1] EngineCore failed to start.\nINFO b\n",
+     "(EngineCore pid=1) ERROR 11-29 18:21:19 [core.py:1] EngineCore failed to start."),
+    ("INFO a\nKilled\n", "Killed"),
+    ("", "the log is empty")])
+def test_a_failed_start_is_told_by_its_cause(tmp_path, log, line):
+    path = tmp_path / "server.log"
+    path.write_text(log)
+    assert p1.first_error_line(str(path)) == line
+
+
 def test_a_server_that_cannot_start_is_reported_and_stopped(tiny_model_dir, tmp_path):
     proc, server_pid = start_embedded(tiny_model_dir, tmp_path, "--max-model-len", "99999999")
     out, err = proc.communicate(timeout=300)
     assert proc.returncode == 1
-    assert "the vLLM server exited with code 1 during its start" in one_error_line(types_proc(err))
+    line = one_error_line(types_proc(err))
+    # the cause, not only that it failed
+    assert "the vLLM server exited with code 1 during its start" in line and "max_model_len (99999999)" in line
     assert not session_processes(server_pid) and os.listdir(tmp_path) == []
 
 
