@@ -94,6 +94,9 @@ LOAD_NUM_PREFIXES = 8       # documents the requests share
 # level's requests: requests sent close together share the server's state, batches nearly not.
 LOAD_BATCHES = 10
 METRICS_POLL_S = 0.5        # KV-cache usage and queue lengths are sampled from /metrics this often
+# The untimed request after a condition that makes the server's counters catch up: this short
+# (and salted), so that it barely moves the means of the server's histograms, which count it too
+FLUSH_PROMPT_TOKENS = 16
 # -----------------------------------------------------------------------------
 
 PROG = "phase1_experiment.py"
@@ -999,7 +1002,26 @@ LOAD_METRICS = {"kv_cache_usage": "vllm:kv_cache_usage_perc", "running": "vllm:n
                 "waiting": "vllm:num_requests_waiting"}
 LOAD_COUNTERS = {"requests": "vllm:request_success_total", "prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
                  "prefix_cache_queries": "vllm:prefix_cache_queries_total",
-                 "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total"}
+                 "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total",
+                 # the server's own histograms of where a request's TTFT goes: its sum (s) and count
+                 **{f"{part}_{key}": f"vllm:{name}_seconds_{end}" for part, name in
+                    (("ttft", "time_to_first_token"), ("queue_time", "request_queue_time"),
+                     ("prefill_time", "request_prefill_time")) for key, end in (("sum_s", "sum"), ("count", "count"))}}
+# (key, histogram) of server_times(): the server's TTFT counts from when its frontend took the
+# request in to its first token; the engine's queue time from then until first scheduled, its
+# prefill time from then to the first token (engine-core clock, apart from the frontend's)
+SERVER_TIMES = (("server_ttft_mean_ms", "ttft"), ("queue_time_mean_ms", "queue_time"),
+                ("prefill_time_mean_ms", "prefill_time"))
+
+
+def server_times(counters):
+    """Mean server TTFT, engine queue time and prefill time (ms) from the growth of the server's
+    histograms over a condition, or None each where not reported."""
+    times = {}
+    for key, part in SERVER_TIMES:
+        total, count = counters.get(f"{part}_sum_s"), counters.get(f"{part}_count")
+        times[key] = total / count * 1e3 if total is not None and count else None
+    return times
 
 
 def load_counters(metrics):
@@ -1114,7 +1136,8 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
     counters, replicas, server_error = None, None, None
     if not any(r["error"] for r in requests):
         try:
-            flush = p2.flush_engine_stats(engine.request, workload.documents[0])
+            # a short flush: it is counted with the condition's requests in the server's histograms
+            flush = p2.flush_engine_stats(engine.request, workload.documents[0][:FLUSH_PROMPT_TOKENS])
             sent = requests + [flush]           # the warmups ran before the counters were read
             after = wait_for_counters(engine, before, sum(r["prompt_tokens"] for r in sent))
         except ExperimentError as e:        # the requests are measured; the server went away after them
@@ -1129,6 +1152,7 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
                     problems.append(f"the counters' flush (salted): cached_tokens={flush['cached_tokens']}, expected 0")
     return {"server_error": server_error, **condition_stats(requests, opts.slo_ttft_ms),
             "server": {**(counters or {}), **gauge_summary(samples), "replicas": replicas,
+                       **server_times(counters or {}),
                        # the condition's own requests: the untimed flush (nothing cached) left out
                        "prefill_tokens_computed": (counters["prompt_tokens"] - counters["flush_prompt_tokens"]
                                                    - counters["prefix_cache_hits"])
@@ -1243,6 +1267,9 @@ def summarize_runs(runs):
     summary["server"] = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
                          for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
                                      "prefill_tokens_computed", "preemptions")}
+    # the passes' requests together: sums and counts of the histograms added up, then divided
+    summary["server"].update(server_times({key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers)
+                                           else None for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))}))
     names = sorted({name for s in servers for name in (s.get("replicas") or {})})
     summary["server"]["replicas"] = {name: {key: sum((s.get("replicas") or {}).get(name, {}).get(key) or 0 for s in servers)
                                             for key in LOAD_COUNTERS} for name in names}
@@ -1338,6 +1365,11 @@ def print_level(level, run, capacity_tokens):
         print(f"{c:<9} {t['p50']:>9.1f} {ci_span(t['p50_ci95']):>14} {t['p90']:>8.1f} {t['p99']:>8.1f} {t['mean']:>8.1f} "
               f"{s['tpot_ms']['mean'] if s.get('tpot_ms') else float('nan'):>8.2f} {s['request_throughput'] or 0:>7.2f} "
               f"{s['output_throughput_tok_s'] or 0:>8.1f} {'-' if hit is None else f'{hit:.0%}':>8} {s['failed']:>6}")
+    for c in ("cached", "cold"):
+        server = (run.get(c) or {}).get("server") or {}
+        if all(server.get(key) is not None for key, _ in SERVER_TIMES):
+            print(f"{c:<9} the server's own means: TTFT {server['server_ttft_mean_ms']:.1f} ms, of which the engine "
+                  f"queued {server['queue_time_mean_ms']:.1f} and prefilled {server['prefill_time_mean_ms']:.1f}")
 
 
 # -----------------------------------------------------------------------------

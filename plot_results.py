@@ -694,6 +694,8 @@ def results_readme(title, phases, folder=".", loads=()):
         stem = os.path.basename(path).rsplit(".json", 1)[0].replace("results_", "")
         origin = provenance(data)
         table = working_set_table(data) if data["experiment"] == "working_set" else load_table(data)
+        times = server_time_table(data) if data["experiment"] != "working_set" else None
+        table += f"\n\nWhere the TTFT went:\n\n{times}" if times else ""
         lines += [f"## {stem}", "", load_title(data), "", f"- command: `{origin['command']}`",
                   f"- code: {origin['tool']}", f"- machine: {origin['machine']}", f"- finished: {origin['when']}", "",
                   table, ""]
@@ -806,6 +808,30 @@ def load_table(data):
                         f"{cell(s, 'ttft_ms', 'mean')} | {cell(s, None, 'request_throughput', 2)} | "
                         f"{number(s.get('output_throughput_tok_s'), 0)} | {hit_rate_text(s)} | {s.get('failed', 0)} |")
     return "\n".join(rows) + interval_line(data)
+
+
+def server_time_table(data):
+    """Markdown: per level and condition, the client's mean TTFT beside the server's own means
+    (its TTFT, the engine's queue and prefill time) from its histograms; None for files without them."""
+    rows = []
+    for level in data["levels"]:
+        value = level_key(level, data["experiment"] == "working_set")
+        for c in ("cached", "cold"):
+            s = level.get(c)
+            server = (s or {}).get("server") or {}
+            if not s or server.get("server_ttft_mean_ms") is None:
+                continue
+            rows.append(f"| {value} | {c} | {number((s.get('ttft_ms') or {}).get('mean'))} | "
+                        f"{number(server['server_ttft_mean_ms'])} | {number(server.get('queue_time_mean_ms'))} | "
+                        f"{number(server.get('prefill_time_mean_ms'))} |")
+    if not rows:
+        return None
+    return "\n".join(["| load | condition | TTFT mean ms (client) | server's TTFT mean ms | engine queue ms | "
+                      "engine prefill ms |", "|---|---|---|---|---|---|", *rows]) + (
+        "\n\nThe server's means come from its histograms (`vllm:time_to_first_token_seconds`, "
+        "`vllm:request_queue_time_seconds`, `vllm:request_prefill_time_seconds`) over each condition, the "
+        "counters' short flush request included. The client's TTFT minus the server's is the HTTP path; the "
+        "server's minus queue and prefill is its frontend and the hand-over to the engine.")
 
 
 def interval_words(data):
@@ -1022,6 +1048,8 @@ def load_outputs(path, data, out_dir):
     else:
         plot_load(data, chart)
         table = load_table(data)
+    times = server_time_table(data)
+    table += f"\n\nWhere the TTFT went:\n\n{times}" if times else ""
     note = "" if data.get("complete", True) else f"\n\n**Incomplete:** {data.get('failure')}"
     return chart, f"## {stem}: {load_title(data)}\n\n{table}{note}"
 

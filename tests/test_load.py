@@ -154,6 +154,37 @@ def test_under_load_every_request_found_what_its_condition_allows(load_run):
         assert level["cached"]["server"]["prefix_cache_hits"] == 2 * 16 * full
 
 
+def test_the_server_s_histograms_say_where_each_condition_s_ttft_went(load_run):
+    _, r, proc = load_run
+    for level in r["levels"]:
+        for run in level["runs"]:
+            for c in ("cached", "cold"):
+                server, client_mean = run[c]["server"], run[c]["ttft_ms"]["mean"]
+                # the condition's 16 requests and the counters' flush, each counted once by each histogram
+                assert server["ttft_count"] == server["queue_time_count"] == server["prefill_time_count"] == 17
+                # the server's clock starts after the client's and stops before it (the flush is
+                # a 16-token request, shorter than any measured one)
+                assert 0 < server["server_ttft_mean_ms"] < client_mean
+                assert 0 < server["queue_time_mean_ms"] + server["prefill_time_mean_ms"] < server["server_ttft_mean_ms"]
+        for c in ("cached", "cold"):
+            runs = [run[c]["server"] for run in level["runs"]]
+            total = sum(s["prefill_time_sum_s"] for s in runs) / sum(s["prefill_time_count"] for s in runs) * 1e3
+            # the JSON keeps sums in s to 3 decimals: each pass's sum is known to 0.5 ms
+            assert level[c]["server"]["prefill_time_mean_ms"] == pytest.approx(total, abs=1.0 / 34)
+    # a cold request computes its whole document, a cached one its query: the engine says so too
+    level = r["levels"][0]
+    assert level["cold"]["server"]["prefill_time_mean_ms"] > level["cached"]["server"]["prefill_time_mean_ms"]
+    assert "the server's own means: TTFT" in proc.stdout
+
+
+def test_server_times_are_the_histograms_sums_over_their_counts():
+    counters = {"ttft_sum_s": 2.0, "ttft_count": 40, "queue_time_sum_s": 0.1, "queue_time_count": 40,
+                "prefill_time_sum_s": None, "prefill_time_count": None}
+    assert p1.server_times(counters) == {"server_ttft_mean_ms": pytest.approx(50.0),
+                                         "queue_time_mean_ms": pytest.approx(2.5), "prefill_time_mean_ms": None}
+    assert p1.server_times({"ttft_sum_s": 0.0, "ttft_count": 0})["server_ttft_mean_ms"] is None
+
+
 def test_passes_run_the_levels_up_and_down_and_alternate_which_condition_goes_first(load_run):
     out, r, proc = load_run
     starts = [line for line in proc.stdout.splitlines() if line.startswith("--- ")]
@@ -213,6 +244,13 @@ def test_load_charts_and_tables(load_run, tmp_path, capsys):
     assert "| 4 | cached |" in printed and "| 1 | cold |" in printed
     rows = [row for row in pr.load_table(r).splitlines() if row.startswith("|")]
     assert len(rows) == 2 + 4 and "over 2 passes" in printed
+    times = [row for row in pr.server_time_table(r).splitlines() if row.startswith("| ")]
+    assert "Where the TTFT went" in printed and len(times) == 1 + 4
+    level = r["levels"][1]["cold"]
+    assert f"| 4 | cold | {level['ttft_ms']['mean']:.1f} | {level['server']['server_ttft_mean_ms']:.1f} |" in times[-1]
+    # a file made before the server's histograms were read has no such table
+    older = {**r, "levels": [{**lv, **{c: {**lv[c], "server": {}} for c in ("cached", "cold")}} for lv in r["levels"]]}
+    assert pr.server_time_table(older) is None
 
 
 def test_a_rate_sweep_sends_poisson_arrivals(vllm_server, tmp_path):
