@@ -1267,9 +1267,11 @@ def summarize_runs(runs):
     summary["server"] = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
                          for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
                                      "prefill_tokens_computed", "preemptions")}
-    # the passes' requests together: sums and counts of the histograms added up, then divided
+    # the passes' requests together: sums and counts of the histograms added up, then divided;
+    # beside each, the passes' own means, its spread
     summary["server"].update(server_times({key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers)
                                            else None for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))}))
+    summary["server"].update({f"{key}_per_pass": [s.get(key) for s in servers] for key, _ in SERVER_TIMES})
     names = sorted({name for s in servers for name in (s.get("replicas") or {})})
     summary["server"]["replicas"] = {name: {key: sum((s.get("replicas") or {}).get(name, {}).get(key) or 0 for s in servers)
                                             for key in LOAD_COUNTERS} for name in names}

@@ -810,6 +810,14 @@ def load_table(data):
     return "\n".join(rows) + interval_line(data)
 
 
+def with_spread(value, per_pass, digits=1):
+    """A mean with the range of the passes' own values: "12.3 (11.9-12.8)"."""
+    values = [v for v in per_pass or [] if v is not None]
+    if value is None or len(values) < 2:
+        return number(value, digits)
+    return f"{number(value, digits)} ({min(values):.{digits}f}-{max(values):.{digits}f})"
+
+
 def server_time_table(data):
     """Markdown: per level and condition, the client's mean TTFT beside the server's own means
     (its TTFT, the engine's queue and prefill time) from its histograms; None for files without them."""
@@ -821,16 +829,16 @@ def server_time_table(data):
             server = (s or {}).get("server") or {}
             if not s or server.get("server_ttft_mean_ms") is None:
                 continue
-            rows.append(f"| {value} | {c} | {number((s.get('ttft_ms') or {}).get('mean'))} | "
-                        f"{number(server['server_ttft_mean_ms'])} | {number(server.get('queue_time_mean_ms'))} | "
-                        f"{number(server.get('prefill_time_mean_ms'))} |")
+            cells = [with_spread(server.get(key), server.get(f"{key}_per_pass"))
+                     for key in ("server_ttft_mean_ms", "queue_time_mean_ms", "prefill_time_mean_ms")]
+            rows.append(f"| {value} | {c} | {number((s.get('ttft_ms') or {}).get('mean'))} | " + " | ".join(cells) + " |")
     if not rows:
         return None
     return "\n".join(["| load | condition | TTFT mean ms (client) | server's TTFT mean ms | engine queue ms | "
                       "engine prefill ms |", "|---|---|---|---|---|---|", *rows]) + (
         "\n\nThe server's means come from its histograms (`vllm:time_to_first_token_seconds`, "
-        "`vllm:request_queue_time_seconds`, `vllm:request_prefill_time_seconds`) over each condition, the "
-        "counters' short flush request included. The client's TTFT minus the server's is the HTTP path; the "
+        "`vllm:request_queue_time_seconds`, `vllm:request_prefill_time_seconds`) over each condition's requests "
+        "of every pass, the counters' short flush request included; in parentheses, the range of the passes' means. The client's TTFT minus the server's is the HTTP path; the "
         "server's minus queue and prefill is its frontend and the hand-over to the engine.")
 
 
