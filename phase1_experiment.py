@@ -418,29 +418,35 @@ def check_port_free(host, port):
                                   f"port, or leave --port out to take a free one")
 
 
-# An exception's own line, such as "ValueError: To serve at least one request ...", with vLLM's
-# log prefix ("(EngineCore pid=7) ERROR 11-29 18:21:19 [core.py:1330] ") or none before it.
-EXCEPTION_LINE = re.compile(r"^(?:\(\w+ pid=\d+\) )?(?:ERROR [\d-]+ [\d:]+ \[[^\]]*\] )?"
-                            r"((?:[\w.]+\.)?\w*(?:Error|Exception): .*)$")
-# what a process prints when another one failed first: the cause is further up
-GENERIC_FAILURES = ("Engine core initialization failed",)
+# vLLM's prefix on a process's log lines ("(EngineCore pid=7) ", "(VllmWorker rank=0 pid=9) ") and
+# on logged errors ("ERROR 11-29 18:21:19 [core.py:1330] ")
+LOG_PREFIX = re.compile(r"^(?:\([^)]*pid=\d+\) )?(?:ERROR [\d-]+ [\d:]+ \[[^\]]*\] )?")
+# an exception's own line after that prefix: "ValueError: To serve at least one request ...", or a bare "AssertionError"
+EXCEPTION_LINE = re.compile(LOG_PREFIX.pattern + r"((?:[\w.]+\.)?\w*(?:Error|Exception)(?:: .*)?)$")
+# what a process prints when another one failed first: the cause is elsewhere in the log
+GENERIC_FAILURE = re.compile(r"root cause|Engine core initialization failed", re.IGNORECASE)
 
 
-def first_error_line(path):
-    """Why a server failed, in one line of its log: the first exception it names (not a
-    "see above" from a process that only saw another one fail), else its first line that names
-    an error, else its last line."""
+def error_line(path, last=False):
+    """Why a server failed, in one line of its log: the first exception it names (the last,
+    for a server that died after running a while), passing over a "see the root cause above"
+    from a process that only saw another one fail; else such a line; else the first line that
+    names an error; else the last line."""
     try:
         with open(path, "rb") as f:
             lines = [line.decode(errors="replace").strip() for line in f.read().splitlines()]
     except OSError:
         return "no log"
-    for i, m in ((i, EXCEPTION_LINE.match(line)) for i, line in enumerate(lines)):
-        if m and not any(generic in m.group(1) for generic in GENERIC_FAILURES):
-            # pydantic says what is wrong on the next line: "  Value error, User-specified ... [type=...]"
-            if re.search(r"\d+ validation errors? for ", m.group(1)) and i + 1 < len(lines):
-                return f"{m.group(1)}: {lines[i + 1].split(' [type=')[0]}"
-            return m.group(1)
+    found = [(i, m.group(1)) for i, m in ((i, EXCEPTION_LINE.match(line)) for i, line in enumerate(lines)) if m]
+    causes = [(i, text) for i, text in found if not GENERIC_FAILURE.search(text)]
+    if causes:
+        i, text = causes[-1] if last else causes[0]
+        # pydantic says what is wrong on the next line: "  Value error, User-specified ... [type=...]"
+        if re.search(r"\d+ validation errors? for ", text) and i + 1 < len(lines):
+            return f"{text}: {LOG_PREFIX.sub('', lines[i + 1]).strip().split(' [type=')[0]}"
+        return text
+    if found:
+        return found[0][1]
     for line in lines:
         if p2.ERROR_LINE.search(line.encode()):
             return line
@@ -476,7 +482,7 @@ class ManagedProcess:
         while time.perf_counter() - self.t0 < timeout_s:
             if self.proc.poll() is not None:
                 raise ExperimentError(f"{self.what} exited with code {self.proc.returncode} during its start: "
-                                      f"{first_error_line(self.log_path)} (log: {self.log_path})")
+                                      f"{error_line(self.log_path)} (log: {self.log_path})")
             try:
                 # straight to the server: a proxy from the environment must not sit in between
                 with urllib.request.build_opener(urllib.request.ProxyHandler({})).open(
@@ -505,7 +511,7 @@ class ManagedProcess:
         except subprocess.TimeoutExpired:
             return None
         return (f"{self.what} (pid {self.proc.pid}) exited with code {self.proc.returncode} during the run: "
-                f"{first_error_line(self.log_path)} (log: {self.log_path})")
+                f"{error_line(self.log_path, last=True)} (log: {self.log_path})")
 
     def stop(self):
         """SIGTERM to the process's whole group, SIGKILL to whatever is left after the grace."""
@@ -1146,6 +1152,8 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
             replicas = {name: counter_growth_or_none(before[name], after[name]) for name in after if name in before}
             counters = total_counters(replicas)
             counters["flush_prompt_tokens"] = flush["prompt_tokens"]
+            # the server's histograms count the flush too: its client TTFT bounds what it added
+            counters["flush_ttft_ms"] = flush["ttft_ms"]
             if engine.audited:
                 problems += counter_problems(counters, sent)
                 if flush["cached_tokens"] != 0:
@@ -1371,7 +1379,7 @@ def print_level(level, run, capacity_tokens):
         server = (run.get(c) or {}).get("server") or {}
         if all(server.get(key) is not None for key, _ in SERVER_TIMES):
             print(f"{c:<9} the server's own means: TTFT {server['server_ttft_mean_ms']:.1f} ms, of which the engine "
-                  f"queued {server['queue_time_mean_ms']:.1f} and prefilled {server['prefill_time_mean_ms']:.1f}")
+                  f"queued {server['queue_time_mean_ms']:.1f} ms and prefilled {server['prefill_time_mean_ms']:.1f} ms")
 
 
 # -----------------------------------------------------------------------------

@@ -834,12 +834,14 @@ def server_time_table(data):
             rows.append(f"| {value} | {c} | {number((s.get('ttft_ms') or {}).get('mean'))} | " + " | ".join(cells) + " |")
     if not rows:
         return None
-    return "\n".join(["| load | condition | TTFT mean ms (client) | server's TTFT mean ms | engine queue ms | "
-                      "engine prefill ms |", "|---|---|---|---|---|---|", *rows]) + (
+    return "\n".join(["| load | condition | TTFT mean ms (client) | server's TTFT mean ms | engine queue mean ms | "
+                      "engine prefill mean ms |", "|---|---|---|---|---|---|", *rows]) + (
         "\n\nThe server's means come from its histograms (`vllm:time_to_first_token_seconds`, "
         "`vllm:request_queue_time_seconds`, `vllm:request_prefill_time_seconds`) over each condition's requests "
-        "of every pass, the counters' short flush request included; in parentheses, the range of the passes' means. The client's TTFT minus the server's is the HTTP path; the "
-        "server's minus queue and prefill is its frontend and the hand-over to the engine.")
+        "of every pass, the counters' short flush request included; in parentheses, the range of the passes' "
+        "means. The client's TTFT minus the server's is what lies outside the server's clock: the HTTP path, and "
+        "the API server's work before it starts that clock and after it stops it. The server's minus queue and "
+        "prefill is the hand-over to the engine and back.")
 
 
 def interval_words(data):
@@ -1056,8 +1058,8 @@ def load_outputs(path, data, out_dir):
     else:
         plot_load(data, chart)
         table = load_table(data)
-    times = server_time_table(data)
-    table += f"\n\nWhere the TTFT went:\n\n{times}" if times else ""
+        times = server_time_table(data)
+        table += f"\n\nWhere the TTFT went:\n\n{times}" if times else ""
     note = "" if data.get("complete", True) else f"\n\n**Incomplete:** {data.get('failure')}"
     return chart, f"## {stem}: {load_title(data)}\n\n{table}{note}"
 

@@ -247,11 +247,18 @@ FAILED_START_LOG = """\
 @pytest.mark.parametrize("log,line", [
     (FAILED_START_LOG, "ValueError: To serve at least one request with the model's max seq len (131072), (16.0 GiB KV "
                        "cache is needed, which is larger than the available KV cache memory (8.2 GiB)."),
-    ("INFO starting\npydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
-     "  Value error, User-specified max_model_len (99999999) is greater than the derived max_model_len "
+    ("INFO starting\n(APIServer pid=1) pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig\n"
+     "(APIServer pid=1)   Value error, User-specified max_model_len (99999999) is greater than the derived max_model_len "
      "(max_position_embeddings=2048.0). [type=value_error, input_value=ArgsKwargs((), {}), input_type=ArgsKwargs]\n",
      "pydantic_core._pydantic_core.ValidationError: 1 validation error for ModelConfig: Value error, User-specified "
      "max_model_len (99999999) is greater than the derived max_model_len (max_position_embeddings=2048.0)."),
+    # a worker's own prefix, a bare exception, and wrappers that point at the root cause
+    ("(VllmWorker rank=0 pid=9) Exception: WorkerProc initialization failed. See stack trace for root cause.\n"
+     "(VllmWorker rank=0 pid=9) AssertionError\n", "AssertionError"),
+    # only the wrappers: the first of them, not a line of no use
+    ("INFO a\n(APIServer pid=2) RuntimeError: Engine core initialization failed. See root cause above. Failed core "
+     "proc(s): {'EngineCore_DP0': -9}\nINFO shutdown\n",
+     "RuntimeError: Engine core initialization failed. See root cause above. Failed core proc(s): {'EngineCore_DP0': -9}"),
     ("INFO a\n(EngineCore pid=1) ERROR 11-29 18:21:19 [core.py:1] EngineCore failed to start.\nINFO b\n",
      "(EngineCore pid=1) ERROR 11-29 18:21:19 [core.py:1] EngineCore failed to start."),
     ("INFO a\nKilled\n", "Killed"),
@@ -259,7 +266,15 @@ FAILED_START_LOG = """\
 def test_a_failed_start_is_told_by_its_cause(tmp_path, log, line):
     path = tmp_path / "server.log"
     path.write_text(log)
-    assert p1.first_error_line(str(path)) == line
+    assert p1.error_line(str(path)) == line
+
+
+def test_a_server_that_died_while_running_is_told_by_its_last_exception(tmp_path):
+    path = tmp_path / "server.log"
+    path.write_text("(APIServer pid=1) ValueError: a bad request, answered 400\nINFO serving on\n"
+                    "(EngineCore pid=2) ERROR 11-29 19:00:00 [core.py:9] torch.OutOfMemoryError: CUDA out of memory.\n")
+    assert p1.error_line(str(path), last=True) == "torch.OutOfMemoryError: CUDA out of memory."
+    assert p1.error_line(str(path)) == "ValueError: a bad request, answered 400"
 
 
 def test_a_server_that_cannot_start_is_reported_and_stopped(tiny_model_dir, tmp_path):
