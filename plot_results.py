@@ -659,7 +659,8 @@ def provenance(data):
     machine = devices_label(env) or "device not recorded"
     return {"command": env.get("command") or "command not recorded",
             "tool": tool,
-            "machine": f"{machine}, vLLM {env.get('vllm_version', '?')}, torch {env.get('torch_version', '?')}",
+            # a server reached by --base-url has no torch version the client can know
+            "machine": f"{machine}, vLLM {env.get('vllm_version') or '?'}, torch {env.get('torch_version') or '?'}",
             "when": data.get("timestamp") or "time not recorded"}
 
 

@@ -390,3 +390,9 @@ def test_a_rerun_of_one_load_level_is_compared_with_that_level_of_the_sweep(tmp_
         "1 of 2 pairs of runs agree within their intervals."]
     proc = run_script(["plot_results.py", "--compare", *runs])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("1 of 2 pairs of runs agree within their intervals.")
+
+
+def test_a_version_a_file_could_not_know_is_shown_as_unknown():
+    r = extended_result(512, 256)
+    r["environment"].update(vllm_version="0.32.0", torch_version=None)     # a server reached by --base-url
+    assert pr.provenance(r)["machine"].endswith("vLLM 0.32.0, torch ?")
