@@ -694,9 +694,7 @@ def results_readme(title, phases, folder=".", loads=()):
     for path, data in loads:
         stem = os.path.basename(path).rsplit(".json", 1)[0].replace("results_", "")
         origin = provenance(data)
-        table = working_set_table(data) if data["experiment"] == "working_set" else load_table(data)
-        times = server_time_table(data) if data["experiment"] != "working_set" else None
-        table += f"\n\nWhere the TTFT went:\n\n{times}" if times else ""
+        table = load_file_tables(data)
         lines += [f"## {stem}", "", load_title(data), "", f"- command: `{origin['command']}`",
                   f"- code: {origin['tool']}", f"- machine: {origin['machine']}", f"- finished: {origin['when']}", "",
                   table, ""]
@@ -809,6 +807,14 @@ def load_table(data):
                         f"{cell(s, 'ttft_ms', 'mean')} | {cell(s, None, 'request_throughput', 2)} | "
                         f"{number(s.get('output_throughput_tok_s'), 0)} | {hit_rate_text(s)} | {s.get('failed', 0)} |")
     return "\n".join(rows) + interval_line(data)
+
+
+def load_file_tables(data):
+    """The tables of one load file: a working-set sweep's, or a load sweep's and where its TTFT went."""
+    if data["experiment"] == "working_set":
+        return working_set_table(data)
+    times = server_time_table(data)
+    return load_table(data) + (f"\n\nWhere the TTFT went:\n\n{times}" if times else "")
 
 
 def with_spread(value, per_pass, digits=1):
@@ -1053,14 +1059,8 @@ def load_outputs(path, data, out_dir):
     """Chart and table of one load or working-set file: (chart path, Markdown heading and table)."""
     stem = os.path.basename(path).rsplit(".json", 1)[0].replace("results_", "")
     chart = os.path.join(out_dir, f"{stem}.png")
-    if data["experiment"] == "working_set":
-        plot_working_set(data, chart)
-        table = working_set_table(data)
-    else:
-        plot_load(data, chart)
-        table = load_table(data)
-        times = server_time_table(data)
-        table += f"\n\nWhere the TTFT went:\n\n{times}" if times else ""
+    (plot_working_set if data["experiment"] == "working_set" else plot_load)(data, chart)
+    table = load_file_tables(data)
     note = "" if data.get("complete", True) else f"\n\n**Incomplete:** {data.get('failure')}"
     return chart, f"## {stem}: {load_title(data)}\n\n{table}{note}"
 
