@@ -297,6 +297,12 @@ class HttpClient:
         return sent, token_times, usage, time.perf_counter()
 
 
+def no_usage(server_url):
+    """The error of a server whose stream ended without the usage chunk the audit reads."""
+    return ExperimentError(f"{server_url} sent no usage in its last chunk: it does not honour "
+                           f"stream_options.include_usage")
+
+
 class ServerEngine:
     """A vLLM server as phase2_experiment.run_configs drives an engine: request, counters,
     kv_capacity, reset_prefix_cache. shared: other clients may use the server too."""
@@ -341,8 +347,7 @@ class ServerEngine:
         sent, token_times, usage, ended = self.client.stream(body)
         self.last_end = ended
         if usage is None:
-            raise ExperimentError(f"{self.client.base_url} sent no usage in its last chunk: it does not honour "
-                                  f"stream_options.include_usage")
+            raise no_usage(self.client.base_url)
         details = usage.get("prompt_tokens_details") or {}
         first = token_times[0] if token_times else ended
         gaps = np.diff(token_times) * 1e3
@@ -1096,9 +1101,7 @@ def warm_documents(engine, workload, docs, namespace, concurrency):
             error = record[4].removeprefix("ExperimentError: ") if record else "not sent"
             raise ExperimentError(f"the warmup of document {doc} failed: {error}")
         if record[2] is None:
-            server = engine.route[doc % len(engine.route)] if engine.route else engine.client.base_url
-            raise ExperimentError(f"{server} sent no usage in its last chunk: it does not honour "
-                                  f"stream_options.include_usage")
+            raise no_usage(engine.route[doc % len(engine.route)] if engine.route else engine.client.base_url)
         details = record[2].get("prompt_tokens_details") or {}
         found.append(details.get("cached_tokens") if engine.audited else None)
     return found
@@ -1272,13 +1275,14 @@ def summarize_runs(runs):
         holder = summary.setdefault(group, {}) if group else summary
         holder.update({key: float(np.mean(values)), f"{key}_ci95": p2.mean_ci95(values), f"{key}_per_pass": values})
     servers = [r.get("server") or {} for r in runs]
-    summary["server"] = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
-                         for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
-                                     "prefill_tokens_computed", "preemptions")}
-    # the passes' requests together: sums and counts of the histograms added up, then divided;
-    # beside each, the passes' own means, its spread
-    summary["server"].update(server_times({key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers)
-                                           else None for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))}))
+    histograms = [key for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))]
+    totals = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
+              for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
+                          "prefill_tokens_computed", "preemptions", *histograms)}
+    summary["server"] = {key: value for key, value in totals.items() if key not in histograms}
+    # the passes' requests together: the histograms' sums over their counts; beside each, the
+    # passes' own means, its spread
+    summary["server"].update(server_times(totals))
     summary["server"].update({f"{key}_per_pass": [s.get(key) for s in servers] for key, _ in SERVER_TIMES})
     names = sorted({name for s in servers for name in (s.get("replicas") or {})})
     summary["server"]["replicas"] = {name: {key: sum((s.get("replicas") or {}).get(name, {}).get(key) or 0 for s in servers)
