@@ -145,6 +145,28 @@ def cache_config(metrics):
     return samples[0][0] if samples else {}
 
 
+def split_engines(url, metrics):
+    """[(name, metrics)]: the server's parsed /metrics as one engine, or one part per engine where
+    its samples are labelled by engine (--data-parallel-size), each with the unlabelled samples."""
+    engines = sorted({labels.get("engine") for labels, _ in metrics.get("vllm:prefix_cache_queries_total", [])
+                      if labels.get("engine") is not None})
+    if len(engines) <= 1:
+        return [(url, metrics)]
+    return [(f"{url} engine {e}", {name: [(labels, value) for labels, value in samples if labels.get("engine") in (None, e)]
+                                   for name, samples in metrics.items()}) for e in engines]
+
+
+def engine_cache_config(labels, engines_of_server):
+    """One engine's cache_config_info labels. A data-parallel server publishes under every
+    engine's label the sum of its engines' num_gpu_blocks (vLLM adds them up as the engines
+    start, in wait_for_engine_startup), so each engine is given an even share of that sum:
+    exact where the engines are alike (--num-gpu-blocks-override), their mean otherwise."""
+    blocks = label_int(labels, "num_gpu_blocks")
+    if engines_of_server <= 1 or blocks is None:
+        return labels
+    return {**labels, "num_gpu_blocks": str(blocks // engines_of_server)}
+
+
 def label_int(labels, key):
     try:
         return int(labels.get(key))
@@ -322,19 +344,8 @@ class ServerEngine:
     def replica_metrics(self):
         """[(name, parsed /metrics)] of every engine behind the front: one per server, or per
         engine of a server whose engines are labelled apart (--data-parallel-size)."""
-        found = []
-        for url in self.metrics_urls:
-            metrics = parse_metrics(self.client.get_url(url + "/metrics"))
-            engines = sorted({labels.get("engine") for labels, _ in metrics.get("vllm:prefix_cache_queries_total", [])
-                              if labels.get("engine") is not None})
-            if len(engines) <= 1:
-                found.append((url, metrics))
-                continue
-            for e in engines:
-                found.append((f"{url} engine {e}", {name: [(labels, value) for labels, value in samples
-                                                           if labels.get("engine") in (None, e)]
-                                                    for name, samples in metrics.items()}))
-        return found
+        return [part for url in self.metrics_urls
+                for part in split_engines(url, parse_metrics(self.client.get_url(url + "/metrics")))]
 
     def request(self, prompt_ids, max_tokens, cache_salt=None):
         body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
@@ -400,7 +411,11 @@ class ServerEngine:
         """{engine name: its vllm:cache_config_info labels}, read from each /metrics once: an
         engine's cache layout does not change while it runs, and after a failure it may not answer."""
         if self._cache_configs is None:
-            self._cache_configs = {name: cache_config(metrics) for name, metrics in self.replica_metrics()}
+            self._cache_configs = {}
+            for url in self.metrics_urls:
+                parts = split_engines(url, parse_metrics(self.client.get_url(url + "/metrics")))
+                self._cache_configs.update((name, engine_cache_config(cache_config(metrics), len(parts)))
+                                           for name, metrics in parts)
         return self._cache_configs
 
 

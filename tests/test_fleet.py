@@ -42,6 +42,43 @@ def test_each_replica_gets_its_own_gpus(flags, devices):
     assert [p1.replica_devices(k, flags) for k in range(3)] == devices
 
 
+# the lines of a `vllm serve --data-parallel-size 2 --num-gpu-blocks-override 2600` /metrics that
+# matter here (vLLM 0.26 on two H200s): each engine was given 2600 blocks, and the server
+# publishes their sum, 5200, under both engines' labels
+DP_METRICS = """vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
+vllm:prefix_cache_queries_total{engine="1",model_name="m"} 2000.0
+vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="5200"} 1.0
+vllm:cache_config_info{block_size="16",engine="1",num_gpu_blocks="5200"} 1.0
+"""
+ONE_ENGINE_METRICS = """vllm:prefix_cache_queries_total{engine="0",model_name="m"} 10.0
+vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="2600"} 1.0
+"""
+
+
+class MetricsOnlyClient:
+    """Answers /metrics from fixed text, as the servers at these URLs would."""
+    connections_opened = 0
+
+    def __init__(self, texts):
+        self.texts, self.base_url = texts, next(iter(texts))
+
+    def get_url(self, url):
+        return self.texts[url.removesuffix("/metrics")]
+
+
+def test_a_data_parallel_server_s_engines_each_hold_their_share_of_its_kv_blocks():
+    dp = p1.ServerEngine(MetricsOnlyClient({"http://dp": DP_METRICS}), "m")
+    assert dp.replica_capacities() == {"http://dp engine 0": 2600 * 16, "http://dp engine 1": 2600 * 16}
+    assert dp.kv_capacity() == (5200, 16)
+    assert {name: p1.metric_total(m, "vllm:prefix_cache_queries_total") for name, m in dp.replica_metrics()} == \
+        {"http://dp engine 0": 1000, "http://dp engine 1": 2000}
+    # two servers of one engine each: every server's own blocks
+    fleet = p1.ServerEngine(MetricsOnlyClient({"http://a": ONE_ENGINE_METRICS, "http://b": ONE_ENGINE_METRICS}), "m",
+                            metrics_urls=["http://a", "http://b"])
+    assert fleet.replica_capacities() == {"http://a": 2600 * 16, "http://b": 2600 * 16}
+    assert fleet.kv_capacity() == (5200, 16)
+
+
 @pytest.fixture(scope="module")
 def fleet_run(tiny_model_dir, tmp_path_factory):
     """One fleet, four policies (ideal has no router); replica 1 is killed (SIGKILL) once the last policy's router
