@@ -696,8 +696,9 @@ def results_readme(title, phases, folder=".", loads=()):
         origin = provenance(data)
         table = load_file_tables(data)
         lines += [f"## {stem}", "", load_title(data), "", f"- command: `{origin['command']}`",
-                  f"- code: {origin['tool']}", f"- machine: {origin['machine']}", f"- finished: {origin['when']}", "",
-                  table, ""]
+                  f"- code: {origin['tool']}", f"- machine: {origin['machine']}", f"- finished: {origin['when']}"]
+        lines += [f"- corrected after the run: {fix['keys']}: {fix['why']}" for fix in data.get("corrections", [])]
+        lines += ["", table, ""]
         if not data.get("complete", True):
             lines += [f"**Incomplete:** {data.get('failure')}", ""]
         if os.path.exists(os.path.join(folder, f"{stem}.png")):
@@ -807,6 +808,20 @@ def load_table(data):
                         f"{cell(s, 'ttft_ms', 'mean')} | {cell(s, None, 'request_throughput', 2)} | "
                         f"{number(s.get('output_throughput_tok_s'), 0)} | {hit_rate_text(s)} | {s.get('failed', 0)} |")
     return "\n".join(rows) + interval_line(data)
+
+
+def load_headline_table(data):
+    """Markdown, one row per load level: the cached and the cold condition side by side (TTFT
+    p50 and p99, requests/s, each with its 95% interval) and the hit rate the cached requests found."""
+    rows = ["| load | cached TTFT p50 ms | cached TTFT p99 ms | cold TTFT p50 ms | cold TTFT p99 ms | "
+            "cached requests/s | cold requests/s | cached hit rate |", "|---|---|---|---|---|---|---|---|"]
+    for level in data["levels"]:
+        cached, cold = level.get("cached") or {}, level.get("cold") or {}
+        rows.append(f"| {load_value(level)[0]:g} | {cell(cached, 'ttft_ms', 'p50')} | {cell(cached, 'ttft_ms', 'p99')} | "
+                    f"{cell(cold, 'ttft_ms', 'p50')} | {cell(cold, 'ttft_ms', 'p99')} | "
+                    f"{cell(cached, None, 'request_throughput', 2)} | {cell(cold, None, 'request_throughput', 2)} | "
+                    f"{hit_rate_text(cached)} |")
+    return "\n".join(rows)
 
 
 def load_file_tables(data):
@@ -1011,15 +1026,15 @@ def replica_split(stats):
     return " / ".join(f"{v['requests']:.0f}" for _, v in sorted(replicas.items())) or "-"
 
 
-def fleet_table(fronts):
-    """Markdown: per front and load level, the cached condition's hit rate, TTFT, throughput
-    and how the requests spread over the replicas."""
+def fleet_table(fronts, load=None):
+    """Markdown: per front and load level (or only at `load`), the cached condition's hit rate,
+    TTFT, throughput and how the requests spread over the replicas."""
     rows = ["| front | load | hit rate (requests / tokens) | TTFT p50 ms | TTFT p99 ms | requests/s | "
             "requests per replica |", "|---|---|---|---|---|---|---|"]
     for front, data in fronts:
         for level in data["levels"]:
             s = level.get("cached")
-            if not s:
+            if not s or load is not None and load_value(level)[0] != load:
                 continue
             rows.append(f"| {front} | {load_value(level)[0]:g} | {hit_rate_text(s)} | {cell(s, 'ttft_ms', 'p50')} | "
                         f"{cell(s, 'ttft_ms', 'p99')} | {cell(s, None, 'request_throughput', 2)} | {replica_split(s)} |")
