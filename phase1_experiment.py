@@ -158,13 +158,15 @@ def split_engines(url, metrics):
 
 def engine_cache_config(labels, engines_of_server):
     """One engine's cache_config_info labels. A data-parallel server publishes under every
-    engine's label the sum of its engines' num_gpu_blocks (vLLM adds them up as the engines
-    start, in wait_for_engine_startup), so each engine is given an even share of that sum:
-    exact where the engines are alike (--num-gpu-blocks-override), their mean otherwise."""
+    engine's label the sum of its engines' num_gpu_blocks (vLLM 0.26 and 0.32 add them up as the
+    engines report ready), so each engine is given its
+    num_gpu_blocks_override where one was set (every engine has exactly that many), else an even
+    share of the sum (the engines' mean)."""
     blocks = label_int(labels, "num_gpu_blocks")
     if engines_of_server <= 1 or blocks is None:
         return labels
-    return {**labels, "num_gpu_blocks": str(blocks // engines_of_server)}
+    per_engine = label_int(labels, "num_gpu_blocks_override") or blocks // engines_of_server
+    return {**labels, "num_gpu_blocks": str(per_engine)}
 
 
 def label_int(labels, key):
@@ -341,11 +343,14 @@ class ServerEngine:
         self.connections_before = client.connections_opened
         self.last_end = 0.0
 
+    def server_engines(self):
+        """[[(name, parsed /metrics)] of each engine of a server] for every server behind the
+        front: one engine per server, or one per engine labelled apart (--data-parallel-size)."""
+        return [split_engines(url, parse_metrics(self.client.get_url(url + "/metrics"))) for url in self.metrics_urls]
+
     def replica_metrics(self):
-        """[(name, parsed /metrics)] of every engine behind the front: one per server, or per
-        engine of a server whose engines are labelled apart (--data-parallel-size)."""
-        return [part for url in self.metrics_urls
-                for part in split_engines(url, parse_metrics(self.client.get_url(url + "/metrics")))]
+        """[(name, parsed /metrics)] of every engine behind the front."""
+        return [engine for engines in self.server_engines() for engine in engines]
 
     def request(self, prompt_ids, max_tokens, cache_salt=None):
         body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
@@ -389,11 +394,17 @@ class ServerEngine:
         return p2.sum_counters([server_counters(metrics) for _, metrics in self.replica_metrics()])
 
     def kv_capacity(self):
-        """(KV blocks of all engines together, block size), or None."""
+        """(KV blocks of the smallest engine, block size), or None: what any one request can
+        count on, wherever it lands (phase 2's check_cache_holds)."""
         layouts = self.replica_layouts().values()
         if not layouts or None in layouts:
             return None
-        return sum(blocks for blocks, _ in layouts), next(iter(layouts))[1]
+        return min(layouts)
+
+    def total_kv_capacity_tokens(self):
+        """KV capacity in tokens of all engines together, or None if one does not say."""
+        capacities = self.replica_capacities().values()
+        return None if not capacities or None in capacities else sum(capacities)
 
     def replica_capacities(self):
         """{engine name: KV capacity in tokens (None if not reported)}."""
@@ -411,11 +422,8 @@ class ServerEngine:
         """{engine name: its vllm:cache_config_info labels}, read from each /metrics once: an
         engine's cache layout does not change while it runs, and after a failure it may not answer."""
         if self._cache_configs is None:
-            self._cache_configs = {}
-            for url in self.metrics_urls:
-                parts = split_engines(url, parse_metrics(self.client.get_url(url + "/metrics")))
-                self._cache_configs.update((name, engine_cache_config(cache_config(metrics), len(parts)))
-                                           for name, metrics in parts)
+            self._cache_configs = {name: engine_cache_config(cache_config(metrics), len(engines))
+                                   for engines in self.server_engines() for name, metrics in engines}
         return self._cache_configs
 
 
@@ -1313,8 +1321,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     does not matter). Each pass of a level warms its documents in a cache namespace of its own.
     Ends early, keeping what was measured, when requests fail. Returns the result dict."""
     block = env["cache_block_size"]
-    capacity = engine.kv_capacity()
-    capacity_tokens = capacity[0] * capacity[1] if capacity else None
+    capacity_tokens = engine.total_kv_capacity_tokens()
     capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
     working_set = len(opts.num_prefixes) > 1
@@ -1334,7 +1341,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
         run, failure = run_level_once(engine, workload, level, i, rep, opts, f"load-{run_id}-{i}-{rep}", working_set)
         if any(c in run for c in ("cached", "cold")):
             level["runs"].append(run)
-            print_level(level, run, capacity_tokens)
+            print_level(level, run, capacity_tokens, len(capacity_per_engine))
         if failure:
             break
     levels = [level for level in levels if level["runs"]]
@@ -1375,10 +1382,11 @@ def ci_span(ci):
     return "[" + ", ".join("-" if v is None else f"{v:.1f}" for v in ci) + "]"
 
 
-def print_level(level, run, capacity_tokens):
+def print_level(level, run, capacity_tokens, engines=1):
     """Console table of one pass of one load level."""
+    cache = f"the KV cache of {capacity_tokens}" + (f", {engines} engines together" if engines > 1 else "")
     fits = "" if capacity_tokens is None else \
-        f" ({'fits in' if level['working_set_tokens'] <= capacity_tokens else 'exceeds'} the KV cache of {capacity_tokens})"
+        f" ({'fits in' if level['working_set_tokens'] <= capacity_tokens else 'exceeds'} {cache})"
     print(f"working set {level['working_set_tokens']} tokens{fits}")
     print(f"{'condition':<9} {'TTFT p50 ms [95% CI]':>24} {'p90':>8} {'p99':>8} {'mean':>8} {'TPOT ms':>8} "
           f"{'req/s':>7} {'tok/s':>8} {'hit rate':>8} {'failed':>6}")

@@ -657,6 +657,9 @@ def provenance(data):
     else:
         tool = "tool version not recorded (file made before provenance was recorded)"
     machine = devices_label(env) or "device not recorded"
+    engines = len((env.get("fleet") or {}).get("kv_capacity_tokens_per_engine") or {})
+    if engines > 1:
+        machine = f"{engines} engines, each on {machine}"
     return {"command": env.get("command") or "command not recorded",
             "tool": tool,
             # a server reached by --base-url has no torch version the client can know
@@ -808,20 +811,6 @@ def load_table(data):
                         f"{cell(s, 'ttft_ms', 'mean')} | {cell(s, None, 'request_throughput', 2)} | "
                         f"{number(s.get('output_throughput_tok_s'), 0)} | {hit_rate_text(s)} | {s.get('failed', 0)} |")
     return "\n".join(rows) + interval_line(data)
-
-
-def load_headline_table(data):
-    """Markdown, one row per load level: the cached and the cold condition side by side (TTFT
-    p50 and p99, requests/s, each with its 95% interval) and the hit rate the cached requests found."""
-    rows = ["| load | cached TTFT p50 ms | cached TTFT p99 ms | cold TTFT p50 ms | cold TTFT p99 ms | "
-            "cached requests/s | cold requests/s | cached hit rate |", "|---|---|---|---|---|---|---|---|"]
-    for level in data["levels"]:
-        cached, cold = level.get("cached") or {}, level.get("cold") or {}
-        rows.append(f"| {load_value(level)[0]:g} | {cell(cached, 'ttft_ms', 'p50')} | {cell(cached, 'ttft_ms', 'p99')} | "
-                    f"{cell(cold, 'ttft_ms', 'p50')} | {cell(cold, 'ttft_ms', 'p99')} | "
-                    f"{cell(cached, None, 'request_throughput', 2)} | {cell(cold, None, 'request_throughput', 2)} | "
-                    f"{hit_rate_text(cached)} |")
-    return "\n".join(rows)
 
 
 def load_file_tables(data):

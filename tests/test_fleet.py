@@ -47,11 +47,11 @@ def test_each_replica_gets_its_own_gpus(flags, devices):
 # publishes their sum, 5200, under both engines' labels
 DP_METRICS = """vllm:prefix_cache_queries_total{engine="0",model_name="m"} 1000.0
 vllm:prefix_cache_queries_total{engine="1",model_name="m"} 2000.0
-vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="5200"} 1.0
-vllm:cache_config_info{block_size="16",engine="1",num_gpu_blocks="5200"} 1.0
+vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="5200",num_gpu_blocks_override="2600"} 1.0
+vllm:cache_config_info{block_size="16",engine="1",num_gpu_blocks="5200",num_gpu_blocks_override="2600"} 1.0
 """
-ONE_ENGINE_METRICS = """vllm:prefix_cache_queries_total{engine="0",model_name="m"} 10.0
-vllm:cache_config_info{block_size="16",engine="0",num_gpu_blocks="2600"} 1.0
+UNLABELLED_METRICS = """vllm:prefix_cache_queries_total{model_name="m"} 10.0
+vllm:cache_config_info{block_size="16",num_gpu_blocks="2600",num_gpu_blocks_override="None"} 1.0
 """
 
 
@@ -69,14 +69,25 @@ class MetricsOnlyClient:
 def test_a_data_parallel_server_s_engines_each_hold_their_share_of_its_kv_blocks():
     dp = p1.ServerEngine(MetricsOnlyClient({"http://dp": DP_METRICS}), "m")
     assert dp.replica_capacities() == {"http://dp engine 0": 2600 * 16, "http://dp engine 1": 2600 * 16}
-    assert dp.kv_capacity() == (5200, 16)
+    assert dp.total_kv_capacity_tokens() == 5200 * 16
+    assert dp.kv_capacity() == (2600, 16)          # what one request can count on, wherever it lands
     assert {name: p1.metric_total(m, "vllm:prefix_cache_queries_total") for name, m in dp.replica_metrics()} == \
         {"http://dp engine 0": 1000, "http://dp engine 1": 2000}
-    # two servers of one engine each: every server's own blocks
-    fleet = p1.ServerEngine(MetricsOnlyClient({"http://a": ONE_ENGINE_METRICS, "http://b": ONE_ENGINE_METRICS}), "m",
+    # two servers of one engine each, whose metrics carry no engine label: every server's own blocks
+    fleet = p1.ServerEngine(MetricsOnlyClient({"http://a": UNLABELLED_METRICS, "http://b": UNLABELLED_METRICS}), "m",
                             metrics_urls=["http://a", "http://b"])
     assert fleet.replica_capacities() == {"http://a": 2600 * 16, "http://b": 2600 * 16}
-    assert fleet.kv_capacity() == (5200, 16)
+    assert fleet.total_kv_capacity_tokens() == 5200 * 16 and fleet.kv_capacity() == (2600, 16)
+
+
+@pytest.mark.parametrize("labels,engines,blocks", [
+    ({"num_gpu_blocks": "5200", "num_gpu_blocks_override": "2600"}, 2, "2600"),   # every engine was given 2600
+    ({"num_gpu_blocks": "115095", "num_gpu_blocks_override": "None"}, 2, "57547"),  # 57606 + 57489: their mean
+    ({"num_gpu_blocks": "57606", "num_gpu_blocks_override": "None"}, 1, "57606"),   # one engine: its own
+    ({"block_size": "16"}, 2, None),                                                 # not reported: nothing to share
+])
+def test_an_engine_s_blocks_are_its_override_or_its_share_of_the_server_s_sum(labels, engines, blocks):
+    assert p1.engine_cache_config(labels, engines).get("num_gpu_blocks") == blocks
 
 
 @pytest.fixture(scope="module")

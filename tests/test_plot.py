@@ -392,23 +392,18 @@ def test_a_rerun_of_one_load_level_is_compared_with_that_level_of_the_sweep(tmp_
     assert proc.returncode == 0 and proc.stdout.strip().endswith("1 of 2 pairs of runs agree within their intervals.")
 
 
+def test_a_fleet_file_names_its_engines_and_the_device_of_each():
+    r = extended_result(512, 256)
+    r["environment"]["fleet"] = {"kv_capacity_tokens_per_engine": {"http://a": 41600, "http://b": 41600}}
+    assert pr.provenance(r)["machine"].startswith("2 engines, each on NVIDIA H200, vLLM 0.26.0")
+    r["environment"]["fleet"]["kv_capacity_tokens_per_engine"] = {"http://a": 41600}
+    assert pr.provenance(r)["machine"].startswith("NVIDIA H200, vLLM 0.26.0")
+
+
 def test_a_version_a_file_could_not_know_is_shown_as_unknown():
     r = extended_result(512, 256)
     r["environment"].update(vllm_version="0.32.0", torch_version=None)     # a server reached by --base-url
     assert pr.provenance(r)["machine"].endswith("vLLM 0.32.0, torch ?")
-
-
-def test_the_headline_load_table_puts_cached_and_cold_side_by_side():
-    stats = lambda p50, p99, rps, hit: {"ttft_ms": {"p50": p50, "p50_ci95": [p50 - 1, p50 + 1], "p99": p99, "p99_ci95": None},
-                                        "request_throughput": rps, "request_throughput_ci95": [rps - 0.5, rps + 0.5],
-                                        "hit_rate": {"requests": hit, "requests_ci95": [hit, hit], "tokens": hit}}
-    data = {"levels": [{"concurrency": 4, "cached": stats(20.0, 30.0, 9.0, 1.0), "cold": stats(200.0, 300.0, 2.0, 0.0)},
-                       {"concurrency": 16, "cached": stats(50.0, 70.0, 12.5, 0.5)}]}
-    rows = pr.load_headline_table(data).splitlines()
-    assert rows[2:] == [
-        "| 4 | 20.0 [19.0, 21.0] | 30.0 | 200.0 [199.0, 201.0] | 300.0 | 9.00 [8.50, 9.50] | 2.00 [1.50, 2.50] | "
-        "100% [100%, 100%] / 100% |",
-        "| 16 | 50.0 [49.0, 51.0] | 70.0 | - | - | 12.50 [12.00, 13.00] | - | 50% [50%, 50%] / 50% |"]
 
 
 def test_a_correction_made_after_the_run_is_stated_in_the_folder_s_readme(tmp_path):
