@@ -159,9 +159,8 @@ def split_engines(url, metrics):
 def engine_cache_config(labels, engines_of_server):
     """One engine's cache_config_info labels. A data-parallel server publishes under every
     engine's label the sum of its engines' num_gpu_blocks (vLLM 0.26 and 0.32 add them up as the
-    engines report ready), so each engine is given its
-    num_gpu_blocks_override where one was set (every engine has exactly that many), else an even
-    share of the sum (the engines' mean)."""
+    engines report ready), so each engine is given its num_gpu_blocks_override where one was set
+    (every engine has exactly that many), else an even share of the sum (the engines' mean)."""
     blocks = label_int(labels, "num_gpu_blocks")
     if engines_of_server <= 1 or blocks is None:
         return labels
