@@ -1320,6 +1320,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     does not matter). Each pass of a level warms its documents in a cache namespace of its own.
     Ends early, keeping what was measured, when requests fail. Returns the result dict."""
     block = env["cache_block_size"]
+    # read now: after a failure the servers may not answer, and what was measured must still be written
     capacity_tokens = engine.total_kv_capacity_tokens()
     capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
