@@ -1047,6 +1047,24 @@ SERVER_TIMES = (("server_ttft_mean_ms", "ttft"), ("queue_time_mean_ms", "queue_t
                 ("prefill_time_mean_ms", "prefill_time"))
 
 
+# prometheus_client's process collector on a server's /metrics: the CPU time of its API server
+# process (HTTP, request parsing, detokenizing, streaming), apart from the engine core's
+API_SERVER_CPU = "process_cpu_seconds_total"
+
+
+async def api_server_cpu_s(client, urls, session):
+    """{url: CPU seconds each server's API server process has used (None where not reported)}."""
+    texts = await asyncio.gather(*[client.get_async(url + "/metrics", session) for url in urls])
+    return {url: metric_total(parse_metrics(text), API_SERVER_CPU) for url, text in zip(urls, texts)}
+
+
+def busy_shares(cpu_before, cpu_after, wall_s):
+    """{url: CPU seconds used over wall_s, as a share of one core} (None where not reported)."""
+    return {url: (cpu_after[url] - cpu_before[url]) / wall_s
+            if wall_s > 0 and cpu_before.get(url) is not None and cpu_after.get(url) is not None else None
+            for url in cpu_after}
+
+
 def server_times(counters):
     """Mean server TTFT, engine queue time and prefill time (ms) from the growth of the server's
     histograms over a condition, or None each where not reported."""
@@ -1146,18 +1164,27 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
             await asyncio.gather(*[client.get_async(url + "/health", session) for url in engine.route or [client.base_url]
                                    for _ in range(level["concurrency"] or 1)])
             opened = client.load_connections
+            cpu_before = await api_server_cpu_s(client, engine.metrics_urls, session)
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample_gauges(client, engine.metrics_urls, samples, stop))
+            # how busy the client and the servers' API processes were while the requests ran: near a
+            # whole core, a request waits for that process, and the wait is in its TTFT
+            wall_s, client_cpu_s = time.perf_counter(), time.process_time()
             try:
                 result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed,
                                         engine.route)
             finally:
+                wall_s, client_cpu_s = time.perf_counter() - wall_s, time.process_time() - client_cpu_s
                 stop.set()
                 await sampler
-            return result, client.load_connections - opened
+            try:
+                busy = busy_shares(cpu_before, await api_server_cpu_s(client, engine.metrics_urls, session), wall_s)
+            except Exception:           # a server that went away after the requests: they are measured
+                busy = {}
+            return result, client.load_connections - opened, client_cpu_s / wall_s if wall_s > 0 else None, busy
         finally:
             await session.close()
-    (records, t0), connections_during = client.run("a load level", measure())
+    (records, t0), connections_during, client_cpu_busy, busy = client.run("a load level", measure())
     requests = [request_record(k, prompt, record, t0, condition, workload.full_tokens, engine.audited)
                 for k, (prompt, record) in enumerate(zip(prompts, records))]
     problems = load_problems(requests, workload.block) if engine.audited else []
@@ -1184,7 +1211,10 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
                 if flush["cached_tokens"] != 0:
                     problems.append(f"the counters' flush (salted): cached_tokens={flush['cached_tokens']}, expected 0")
     return {"server_error": server_error, **condition_stats(requests, opts.slo_ttft_ms),
+            "client_cpu_busy": client_cpu_busy,
             "server": {**(counters or {}), **gauge_summary(samples), "replicas": replicas,
+                       "api_server_cpu_busy": busy,
+                       "api_server_cpu_busy_max": max((b for b in busy.values() if b is not None), default=None),
                        **server_times(counters or {}),
                        # the condition's own requests: the untimed flush (nothing cached) left out
                        "prefill_tokens_computed": (counters["prompt_tokens"] - counters["flush_prompt_tokens"]
@@ -1275,7 +1305,7 @@ def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set
 SUMMARY_FIGURES = (("ttft_ms", "mean"), ("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"),
                    ("tpot_ms", "mean"), ("tpot_ms", "p50"), ("tpot_ms", "p90"), ("tpot_ms", "p99"),
                    (None, "request_throughput"), (None, "output_throughput_tok_s"), (None, "goodput_req_s"),
-                   ("hit_rate", "requests"), ("hit_rate", "tokens"))
+                   ("hit_rate", "requests"), ("hit_rate", "tokens"), (None, "client_cpu_busy"))
 
 
 def summarize_runs(runs):
@@ -1309,6 +1339,9 @@ def summarize_runs(runs):
     names = sorted({name for s in servers for name in (s.get("replicas") or {})})
     summary["server"]["replicas"] = {name: {key: sum((s.get("replicas") or {}).get(name, {}).get(key) or 0 for s in servers)
                                             for key in LOAD_COUNTERS} for name in names}
+    busy = [s.get("api_server_cpu_busy_max") for s in servers]
+    summary["server"]["api_server_cpu_busy_max"] = None if None in busy else float(np.mean(busy))
+    summary["server"]["api_server_cpu_busy_max_per_pass"] = busy
     summary["server"]["kv_cache_usage_max"] = max((s.get("kv_cache_usage_max") for s in servers
                                                    if s.get("kv_cache_usage_max") is not None), default=None)
     return summary
@@ -1407,6 +1440,12 @@ def print_level(level, run, capacity_tokens, engines=1):
         if all(server.get(key) is not None for key, _ in SERVER_TIMES):
             print(f"{c:<9} the server's own means: TTFT {server['server_ttft_mean_ms']:.1f} ms, of which the engine "
                   f"queued {server['queue_time_mean_ms']:.1f} ms and prefilled {server['prefill_time_mean_ms']:.1f} ms")
+    for c in ("cached", "cold"):
+        s = run.get(c) or {}
+        api = (s.get("server") or {}).get("api_server_cpu_busy_max")
+        if s.get("client_cpu_busy") is not None:
+            print(f"{c:<9} CPU busy, as a share of one core: this client {s['client_cpu_busy']:.0%}"
+                  + ("" if api is None else f", the busiest server's API process {api:.0%}"))
 
 
 # -----------------------------------------------------------------------------
@@ -1564,6 +1603,10 @@ def parse_args(argv):
     refused = [f for f in vllm_flags if f in ("--no-enable-prefix-caching", "--disable-log-stats")]
     if refused:
         p2.usage_error(f"{refused[0]}: the prefix cache and its /metrics are what this tool measures")
+    if any(f.split("=")[0] == "--api-server-count" for f in vllm_flags):
+        # the embedded server is vLLM's API server module, which would ignore it and run one API server
+        p2.usage_error("--api-server-count: the embedded server runs one API server process; start "
+                       "`vllm serve --api-server-count N --enable-prompt-tokens-details` yourself and pass --base-url")
     opts.seed = p2.SEED
     return opts, vllm_flags
 

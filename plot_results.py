@@ -813,6 +813,19 @@ def load_table(data):
     return "\n".join(rows) + interval_line(data)
 
 
+def load_headline_table(data):
+    """Markdown, one row per load level: the cached and the cold condition side by side (TTFT
+    p50 and p99, requests/s), each figure with its 95% interval."""
+    rows = ["| load | cached TTFT p50 ms | cached p99 ms | cold TTFT p50 ms | cold p99 ms | cached requests/s | "
+            "cold requests/s |", "|---|---|---|---|---|---|---|"]
+    for level in data["levels"]:
+        cached, cold = level.get("cached") or {}, level.get("cold") or {}
+        rows.append(f"| {load_value(level)[0]:g} | {cell(cached, 'ttft_ms', 'p50')} | {cell(cached, 'ttft_ms', 'p99')} | "
+                    f"{cell(cold, 'ttft_ms', 'p50')} | {cell(cold, 'ttft_ms', 'p99')} | "
+                    f"{cell(cached, None, 'request_throughput', 2)} | {cell(cold, None, 'request_throughput', 2)} |")
+    return "\n".join(rows)
+
+
 def load_file_tables(data):
     """The tables of one load file: a working-set sweep's, or a load sweep's and where its TTFT went."""
     if data["experiment"] == "working_set":
@@ -829,6 +842,14 @@ def with_spread(value, per_pass, digits=1):
     return f"{number(value, digits)} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
+def percent_with_spread(value, per_pass):
+    """A share as a percentage with the range of the passes' own values: "45% (41-48%)"."""
+    values = [v for v in per_pass or [] if v is not None]
+    if value is None:
+        return "-"
+    return f"{value:.0%}" + (f" ({min(values) * 100:.0f}-{max(values):.0%})" if len(values) >= 2 else "")
+
+
 def server_time_table(data):
     """Markdown: per level and condition, the client's mean TTFT beside the server's own means
     (its TTFT, the engine's queue and prefill time) from its histograms; None for files without them."""
@@ -842,17 +863,22 @@ def server_time_table(data):
                 continue
             cells = [with_spread(server.get(key), server.get(f"{key}_per_pass"))
                      for key in ("server_ttft_mean_ms", "queue_time_mean_ms", "prefill_time_mean_ms")]
+            cells += [percent_with_spread(s.get("client_cpu_busy"), s.get("client_cpu_busy_per_pass")),
+                      percent_with_spread(server.get("api_server_cpu_busy_max"), server.get("api_server_cpu_busy_max_per_pass"))]
             rows.append(f"| {value} | {c} | {number((s.get('ttft_ms') or {}).get('mean'))} | " + " | ".join(cells) + " |")
     if not rows:
         return None
     return "\n".join(["| load | condition | TTFT mean ms (client) | server's TTFT mean ms | engine queue mean ms | "
-                      "engine prefill mean ms |", "|---|---|---|---|---|---|", *rows]) + (
+                      "engine prefill mean ms | client CPU busy | API server CPU busy |", "|---|---|---|---|---|---|---|---|",
+                      *rows]) + (
         "\n\nThe server's means come from its histograms (`vllm:time_to_first_token_seconds`, "
         "`vllm:request_queue_time_seconds`, `vllm:request_prefill_time_seconds`) over each condition's requests "
         "of every pass, the counters' short flush request included; in parentheses, the range of the passes' "
         "means. The client's TTFT minus the server's is what lies outside the server's clock: the HTTP path, and "
         "the API server's work before it starts that clock and after it stops it. The server's minus queue and "
-        "prefill is the hand-over to the engine and back.")
+        "prefill is the hand-over to the engine and back. CPU busy: CPU time over the requests' wall time, as "
+        "a share of one core, of this client's process and of the API server process (the busiest one's; "
+        "`process_cpu_seconds_total` on its /metrics); near 100%, requests wait for that process.")
 
 
 def interval_words(data):

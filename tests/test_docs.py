@@ -126,3 +126,20 @@ def test_fleet_tables_are_the_shipped_files_tables():
     assert plot_results.fleet_table(fronts).split("\n\n")[0] in open(os.path.join(ROOT, "docs", "fleet.md")).read()
     table_at_8_clients = plot_results.fleet_table(fronts, load=8).split("\n\n")[0]
     assert table_at_8_clients.count("\n") == 6 and table_at_8_clients in open(os.path.join(ROOT, "README.md")).read()
+
+
+H200_LOAD = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-load")
+
+
+def test_load_tables_are_the_shipped_files_tables():
+    [(_, sweep)], skipped = plot_results.discover_load_results(os.path.join(H200_LOAD, "sweep"))
+    assert not skipped and [level["concurrency"] for level in sweep["levels"]] == [1, 4, 16, 64]
+    # the README says every cached request hit, and that the three runs at 16 clients agree in all 24 pairs
+    assert all(level["cached"]["hit_rate"]["requests"] == 1.0 for level in sweep["levels"])
+    readme, load_page = (open(os.path.join(ROOT, path)).read() for path in ("README.md", "docs/load.md"))
+    assert plot_results.load_headline_table(sweep) in readme and plot_results.load_table(sweep) in load_page
+    runs = [os.path.join(H200_LOAD, run) for run in ("sweep", "rerun-c16-same-lease", "rerun-c16")]
+    comparison = plot_results.compare_load_runs(runs)
+    assert comparison in load_page
+    ttft_and_throughput = [row for row in comparison.splitlines() if row.startswith("| results_") and "hit rate" not in row]
+    assert len(ttft_and_throughput) == 8 and all(row.endswith("| 3 of 3 |") for row in ttft_and_throughput)

@@ -176,6 +176,37 @@ def test_the_server_s_histograms_say_where_each_condition_s_ttft_went(load_run):
     assert "the server's own means: TTFT" in proc.stdout
 
 
+def test_the_client_and_the_api_server_say_how_busy_they_were(load_run):
+    _, r, proc = load_run
+    url = r["environment"]["server"]["base_url"]
+    for level in r["levels"]:
+        for run in level["runs"]:
+            for c in ("cached", "cold"):
+                # CPU seconds over wall seconds: each process used some CPU, and no more than the machine has
+                assert 0 < run[c]["client_cpu_busy"] <= os.cpu_count()
+                busy = run[c]["server"]["api_server_cpu_busy"]
+                assert list(busy) == [url] and 0 < busy[url] <= os.cpu_count()
+                assert run[c]["server"]["api_server_cpu_busy_max"] == busy[url]
+        for c in ("cached", "cold"):
+            values = [run[c]["client_cpu_busy"] for run in level["runs"]]
+            assert level[c]["client_cpu_busy"] == pytest.approx(np.mean(values), abs=6e-4) and level[c]["client_cpu_busy_per_pass"] == values
+            per_pass = [run[c]["server"]["api_server_cpu_busy_max"] for run in level["runs"]]
+            assert level[c]["server"]["api_server_cpu_busy_max"] == pytest.approx(np.mean(per_pass), abs=6e-4)  # JSON keeps 3 decimals
+    assert "CPU busy, as a share of one core: this client " in proc.stdout
+
+
+def test_a_share_is_a_percentage_with_the_passes_range():
+    assert pr.percent_with_spread(0.45, [0.41, 0.48, 0.46]) == "45% (41-48%)"
+    assert pr.percent_with_spread(0.5, [0.5]) == "50%" and pr.percent_with_spread(None, [0.2, 0.3]) == "-"
+
+
+def test_busy_shares_are_cpu_seconds_over_wall_seconds():
+    before = {"http://a": 10.0, "http://b": None}
+    after = {"http://a": 13.0, "http://b": 5.0}
+    assert p1.busy_shares(before, after, 2.0) == {"http://a": 1.5, "http://b": None}
+    assert p1.busy_shares(before, after, 0.0) == {"http://a": None, "http://b": None}
+
+
 def test_server_times_are_the_histograms_sums_over_their_counts():
     counters = {"ttft_sum_s": 2.0, "ttft_count": 40, "queue_time_sum_s": 0.1, "queue_time_count": 40,
                 "prefill_time_sum_s": None, "prefill_time_count": None}
@@ -250,6 +281,8 @@ def test_load_charts_and_tables(load_run, tmp_path, capsys):
     assert times[-1].startswith(f"| 4 | cold | {level['ttft_ms']['mean']:.1f} | "
                                 f"{level['server']['server_ttft_mean_ms']:.1f} ({low:.1f}-{high:.1f}) | ")
     assert low <= level["server"]["server_ttft_mean_ms"] <= high
+    busy = pr.percent_with_spread(level["server"]["api_server_cpu_busy_max"], level["server"]["api_server_cpu_busy_max_per_pass"])
+    assert busy.endswith("%)") and times[-1].endswith(f" | {busy} |")
     # a file made before the server's histograms were read has no such table
     older = {**r, "levels": [{**lv, **{c: {**lv[c], "server": {}} for c in ("cached", "cold")}} for lv in r["levels"]]}
     assert pr.server_time_table(older) is None

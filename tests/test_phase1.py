@@ -63,6 +63,8 @@ def test_a_server_without_prefix_cache_metrics_has_no_counters():
     (["--base-url", "http://127.0.0.1:1", "--enforce-eager"], "vLLM flags go to an embedded server"),
     (["--no-enable-prefix-caching"], "what this tool measures"),
     (["--disable-log-stats"], "what this tool measures"),
+    (["--api-server-count", "4"], "runs one API server process"),
+    (["--api-server-count=2", "--concurrency", "4"], "runs one API server process"),
     (["--size-a", "0"], "must be a positive integer"),
     (["--sizes", "512x256", "--size-a", "5"], "cannot be combined"),
     (["--request-timeout", "0"], "must be a number > 0"),

@@ -406,6 +406,17 @@ def test_a_version_a_file_could_not_know_is_shown_as_unknown():
     assert pr.provenance(r)["machine"].endswith("vLLM 0.32.0, torch ?")
 
 
+def test_the_headline_load_table_puts_cached_and_cold_side_by_side():
+    stats = lambda p50, p99, rps: {"ttft_ms": {"p50": p50, "p50_ci95": [p50 - 1, p50 + 1], "p99": p99, "p99_ci95": None},
+                                   "request_throughput": rps, "request_throughput_ci95": [rps - 0.5, rps + 0.5]}
+    data = {"levels": [{"concurrency": 4, "cached": stats(20.0, 30.0, 9.0), "cold": stats(200.0, 300.0, 2.0)},
+                       {"concurrency": 16, "cached": stats(50.0, 70.0, 12.5)}]}
+    rows = pr.load_headline_table(data).splitlines()
+    assert rows[2:] == [
+        "| 4 | 20.0 [19.0, 21.0] | 30.0 | 200.0 [199.0, 201.0] | 300.0 | 9.00 [8.50, 9.50] | 2.00 [1.50, 2.50] |",
+        "| 16 | 50.0 [49.0, 51.0] | 70.0 | - | - | 12.50 [12.00, 13.00] | - |"]
+
+
 def test_a_correction_made_after_the_run_is_stated_in_the_folder_s_readme(tmp_path):
     data = load_file({16: {"cached": (100.0, [90.0, 110.0])}})
     data["config"].update(num_prefixes=[8], query_tokens=16, max_output_tokens=16)
