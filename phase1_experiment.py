@@ -1047,22 +1047,29 @@ SERVER_TIMES = (("server_ttft_mean_ms", "ttft"), ("queue_time_mean_ms", "queue_t
                 ("prefill_time_mean_ms", "prefill_time"))
 
 
-# prometheus_client's process collector on a server's /metrics: the CPU time of its API server
-# process (HTTP, request parsing, detokenizing, streaming), apart from the engine core's
+# prometheus_client's process collector on a server's /metrics: the CPU time of the process that
+# answers it, the API server (HTTP, request parsing, detokenizing, streaming); the engine core
+# runs in a process of its own. Absent where several API server processes share /metrics.
 API_SERVER_CPU = "process_cpu_seconds_total"
 
 
 async def api_server_cpu_s(client, urls, session):
-    """{url: CPU seconds each server's API server process has used (None where not reported)}."""
-    texts = await asyncio.gather(*[client.get_async(url + "/metrics", session) for url in urls])
-    return {url: metric_total(parse_metrics(text), API_SERVER_CPU) for url, text in zip(urls, texts)}
+    """{url: CPU seconds each server's API server process has used; None where it does not
+    report them or did not answer}."""
+    texts = await asyncio.gather(*[client.get_async(url + "/metrics", session) for url in urls], return_exceptions=True)
+    return {url: None if isinstance(text, BaseException) else metric_total(parse_metrics(text), API_SERVER_CPU)
+            for url, text in zip(urls, texts)}
 
 
 def busy_shares(cpu_before, cpu_after, wall_s):
-    """{url: CPU seconds used over wall_s, as a share of one core} (None where not reported)."""
-    return {url: (cpu_after[url] - cpu_before[url]) / wall_s
-            if wall_s > 0 and cpu_before.get(url) is not None and cpu_after.get(url) is not None else None
-            for url in cpu_after}
+    """{url: CPU seconds used over wall_s, as a share of one core}; None where either reading is
+    missing or the counter went back (a restarted server, or another process answering)."""
+    shares = {}
+    for url, after in cpu_after.items():
+        before = cpu_before.get(url)
+        grown = None if before is None or after is None or wall_s <= 0 else after - before
+        shares[url] = grown / wall_s if grown is not None and grown >= 0 else None
+    return shares
 
 
 def server_times(counters):
@@ -1163,8 +1170,9 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
             # the level's connections are opened before its first timed request (to each server it sends to)
             await asyncio.gather(*[client.get_async(url + "/health", session) for url in engine.route or [client.base_url]
                                    for _ in range(level["concurrency"] or 1)])
-            opened = client.load_connections
+            # read before the connections are counted: a fleet's replicas get connections of their own
             cpu_before = await api_server_cpu_s(client, engine.metrics_urls, session)
+            opened = client.load_connections
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample_gauges(client, engine.metrics_urls, samples, stop))
             # how busy the client and the servers' API processes were while the requests ran: near a
@@ -1177,11 +1185,9 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
                 wall_s, client_cpu_s = time.perf_counter() - wall_s, time.process_time() - client_cpu_s
                 stop.set()
                 await sampler
-            try:
-                busy = busy_shares(cpu_before, await api_server_cpu_s(client, engine.metrics_urls, session), wall_s)
-            except Exception:           # a server that went away after the requests: they are measured
-                busy = {}
-            return result, client.load_connections - opened, client_cpu_s / wall_s if wall_s > 0 else None, busy
+            opened_while_timed = client.load_connections - opened
+            busy = busy_shares(cpu_before, await api_server_cpu_s(client, engine.metrics_urls, session), wall_s)
+            return result, opened_while_timed, client_cpu_s / wall_s if wall_s > 0 else None, busy
         finally:
             await session.close()
     (records, t0), connections_during, client_cpu_busy, busy = client.run("a load level", measure())
@@ -1586,6 +1592,15 @@ def build_parser():
     return parser
 
 
+def api_server_count(vllm_flags):
+    """The value of vLLM's --api-server-count (or -asc) among the flags, as given; None if absent."""
+    for k, flag in enumerate(vllm_flags):
+        name, _, value = flag.partition("=")
+        if name.replace("_", "-") in ("--api-server-count", "-asc"):
+            return value or (vllm_flags[k + 1] if k + 1 < len(vllm_flags) else "")
+    return None
+
+
 def parse_args(argv):
     """Returns (opts, vllm_flags): our flags, and the rest for the embedded `vllm serve`."""
     opts, vllm_flags = build_parser().parse_known_args(argv)
@@ -1603,7 +1618,7 @@ def parse_args(argv):
     refused = [f for f in vllm_flags if f in ("--no-enable-prefix-caching", "--disable-log-stats")]
     if refused:
         p2.usage_error(f"{refused[0]}: the prefix cache and its /metrics are what this tool measures")
-    if any(f.split("=")[0] == "--api-server-count" for f in vllm_flags):
+    if api_server_count(vllm_flags) not in (None, "1"):
         # the embedded server is vLLM's API server module, which would ignore it and run one API server
         p2.usage_error("--api-server-count: the embedded server runs one API server process; start "
                        "`vllm serve --api-server-count N --enable-prompt-tokens-details` yourself and pass --base-url")

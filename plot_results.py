@@ -613,7 +613,8 @@ def compare_load_runs(run_dirs):
                                 f" | {sum(pairs)} of {len(pairs)} |")
     if not total and len(runs) > 1:
         return None
-    return "\n".join(rows) + f"\n{agreed} of {total} pairs of runs agree within their intervals."
+    # a blank line, so that markdown does not take the sentence for a row of the table
+    return "\n".join(rows) + f"\n\n{agreed} of {total} pairs of runs agree within their intervals."
 
 
 def across_runs(savings):

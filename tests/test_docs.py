@@ -143,3 +143,17 @@ def test_load_tables_are_the_shipped_files_tables():
     assert comparison in load_page
     ttft_and_throughput = [row for row in comparison.splitlines() if row.startswith("| results_") and "hit rate" not in row]
     assert len(ttft_and_throughput) == 8 and all(row.endswith("| 3 of 3 |") for row in ttft_and_throughput)
+
+
+def test_the_busy_shares_the_docs_state_are_the_shipped_file_s():
+    [(_, busy)], _ = plot_results.discover_load_results(os.path.join(H200_LOAD, "busy"))
+
+    def span(condition, get):
+        shares = [round(v * 100) for level in busy["levels"] for v in get(level[condition])]
+        return f"{min(shares)}-{max(shares)}%"
+    api = lambda s: s["server"]["api_server_cpu_busy_max_per_pass"]
+    client = lambda s: s["client_cpu_busy_per_pass"]
+    load_page, readme = (" ".join(open(os.path.join(ROOT, path)).read().split()) for path in ("docs/load.md", "README.md"))
+    assert (f"cached, the API server used {span('cached', api)} of one core and this client {span('cached', client)}; "
+            f"cold, {span('cold', api)} and {span('cold', client)}.") in load_page
+    assert f"the API server process was {span('cached', api)} busy and this client {span('cached', client)}." in readme

@@ -124,6 +124,10 @@ def test_per_replica_loads_and_hits_are_what_each_replica_counted(fleet_run):
             run = r["levels"][0]["runs"][0][c]
             replicas = run["server"]["replicas"]
             assert len(replicas) == 2
+            # each replica's API server is read apart, and reading them opens no connection inside the timed region
+            assert sorted(run["server"]["api_server_cpu_busy"]) == sorted(replicas)
+            assert all(0 < busy <= os.cpu_count() for busy in run["server"]["api_server_cpu_busy"].values())
+            assert run["connections_opened_while_timed"] == 0
             # every request (and the counters' flush) counted by exactly one replica
             assert sum(v["requests"] for v in replicas.values()) == len(run["requests"]) + 1
             assert sum(v["prefix_cache_hits"] for v in replicas.values()) == sum(q["cached_tokens"] for q in run["requests"])

@@ -201,10 +201,29 @@ def test_a_share_is_a_percentage_with_the_passes_range():
 
 
 def test_busy_shares_are_cpu_seconds_over_wall_seconds():
-    before = {"http://a": 10.0, "http://b": None}
-    after = {"http://a": 13.0, "http://b": 5.0}
-    assert p1.busy_shares(before, after, 2.0) == {"http://a": 1.5, "http://b": None}
-    assert p1.busy_shares(before, after, 0.0) == {"http://a": None, "http://b": None}
+    before = {"http://a": 10.0, "http://b": None, "http://c": 7.0}
+    after = {"http://a": 13.0, "http://b": 5.0, "http://c": 2.0}
+    # b: not reported before; c: the counter went back (a restarted server)
+    assert p1.busy_shares(before, after, 2.0) == {"http://a": 1.5, "http://b": None, "http://c": None}
+    assert p1.busy_shares(before, after, 0.0) == {"http://a": None, "http://b": None, "http://c": None}
+
+
+def test_the_api_server_s_cpu_seconds_are_the_server_process_s_own(vllm_server):
+    import psutil
+    client = p1.HttpClient(vllm_server.base_url, 30)
+    try:
+        async def read():
+            session = client.load_session()
+            try:
+                return await p1.api_server_cpu_s(client, [vllm_server.base_url], session)
+            finally:
+                await session.close()
+        reported = client.run("reading /metrics", read())[vllm_server.base_url]
+    finally:
+        client.close()
+    # the process started as the server answers /metrics; its children (the engine core) are apart
+    times = psutil.Process(vllm_server.proc.pid).cpu_times()
+    assert reported == pytest.approx(times.user + times.system, abs=0.3)
 
 
 def test_server_times_are_the_histograms_sums_over_their_counts():
@@ -352,6 +371,10 @@ def test_an_unaudited_load_run_says_so_and_reports_no_hit_rate(fake_server, tmp_
     r = json.load(open(tmp_path / "results_load_a355_p2_concurrency.json"))
     assert r["cache_audit"]["ok"] is None and "--enable-prompt-tokens-details" in r["cache_audit"]["unaudited"]
     assert "hit_rate" not in r["levels"][0]["cached"] and pr.hit_rate_text(r["levels"][0]["cached"]) == "-"
+    # a server whose /metrics has no process collector: its share is unknown, not 0
+    server = r["levels"][0]["runs"][0]["cached"]["server"]
+    assert server["api_server_cpu_busy"] == {fake_server.base_url: None} and server["api_server_cpu_busy_max"] is None
+    assert r["levels"][0]["cached"]["server"]["api_server_cpu_busy_max"] is None
 
 
 def test_hit_rates_are_drawn_with_their_intervals():

@@ -54,6 +54,19 @@ def test_metrics_are_summed_over_engines():
     assert p1.label_int(labels, "prefix_match_unit") is None
 
 
+@pytest.mark.parametrize("flags,count", [
+    ([], None), (["--enforce-eager"], None), (["--api-server-count", "4"], "4"), (["--api-server-count=1"], "1"),
+    (["-asc", "2", "--enforce-eager"], "2"), (["--api_server_count", "3"], "3"),
+])
+def test_the_api_server_count_is_found_under_each_of_its_spellings(flags, count):
+    assert p1.api_server_count(flags) == count
+
+
+def test_one_api_server_is_what_the_embedded_server_runs_anyway():
+    opts, vllm_flags = p1.parse_args(["--api-server-count", "1"])
+    assert vllm_flags == ["--api-server-count", "1"]
+
+
 def test_a_server_without_prefix_cache_metrics_has_no_counters():
     assert p1.server_counters(p1.parse_metrics("vllm:num_requests_running 0\n")) is None
 
@@ -65,6 +78,8 @@ def test_a_server_without_prefix_cache_metrics_has_no_counters():
     (["--disable-log-stats"], "what this tool measures"),
     (["--api-server-count", "4"], "runs one API server process"),
     (["--api-server-count=2", "--concurrency", "4"], "runs one API server process"),
+    (["-asc", "2"], "runs one API server process"),
+    (["--api_server_count=3"], "runs one API server process"),
     (["--size-a", "0"], "must be a positive integer"),
     (["--sizes", "512x256", "--size-a", "5"], "cannot be combined"),
     (["--request-timeout", "0"], "must be a number > 0"),

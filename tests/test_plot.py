@@ -387,7 +387,7 @@ def test_a_rerun_of_one_load_level_is_compared_with_that_level_of_the_sweep(tmp_
         "105.0 [95.0, 115.0] | 1 of 1 |",
         "| results_load_a8192_p8_concurrency.json | 16 | cold | TTFT p50 ms | 300.0 [290.0, 310.0] | "
         "400.0 [390.0, 410.0] | 0 of 1 |",
-        "1 of 2 pairs of runs agree within their intervals."]
+        "", "1 of 2 pairs of runs agree within their intervals."]
     proc = run_script(["plot_results.py", "--compare", *runs])
     assert proc.returncode == 0 and proc.stdout.strip().endswith("1 of 2 pairs of runs agree within their intervals.")
 
