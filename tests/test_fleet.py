@@ -126,7 +126,9 @@ def test_per_replica_loads_and_hits_are_what_each_replica_counted(fleet_run):
             assert len(replicas) == 2
             # each replica's API server is read apart, and reading them opens no connection inside the timed region
             assert sorted(run["server"]["api_server_cpu_busy"]) == sorted(replicas)
-            assert all(0 < busy <= os.cpu_count() for busy in run["server"]["api_server_cpu_busy"].values())
+            shares = run["server"]["api_server_cpu_busy"].values()
+            # a replica that served nothing may have used less than a clock tick (0.01 s) of CPU
+            assert all(busy is not None and 0 <= busy <= os.cpu_count() for busy in shares) and sum(shares) > 0
             assert run["connections_opened_while_timed"] == 0
             # every request (and the counters' flush) counted by exactly one replica
             assert sum(v["requests"] for v in replicas.values()) == len(run["requests"]) + 1
