@@ -59,9 +59,9 @@ SERVER_KV_BLOCKS = 40
 @pytest.fixture(scope="session")
 def vllm_server(tiny_model_dir):
     """A real `vllm serve` of the tiny model, started and stopped the way phase 1 does it
-    (phase1_experiment.EmbeddedServer): its base URL."""
-    import phase1_experiment as p1
-    server = p1.EmbeddedServer(tiny_model_dir, "127.0.0.1", p1.free_port("127.0.0.1"),
+    (prefix_cache_bench.servers.EmbeddedServer): its base URL."""
+    from prefix_cache_bench.servers import EmbeddedServer, free_port
+    server = EmbeddedServer(tiny_model_dir, "127.0.0.1", free_port("127.0.0.1"),
                                ENGINE_FLAGS + ["--max-model-len", "2048",
                                                "--num-gpu-blocks-override", str(SERVER_KV_BLOCKS)])
     try:

@@ -5,7 +5,6 @@ It answers what phase1_experiment.py asks (/v1/models, /metrics, /version, strea
 import json
 import socket
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
@@ -16,11 +15,13 @@ class FakeServer:
 
     def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048, idle_timeout_s=None):
         self.mode, self.completions = mode, 0
-        # completions in flight at once, at most; each one of delay_max_tokens output tokens (all,
-        # if None) waits delay_s before its reply
+        # completions in flight at once, at most. Each one of delay_max_tokens output tokens (all, if
+        # None) is held before its reply until hold_until_in_flight completions are in flight
+        # together, or delay_s has passed: a count, not a race against this machine's speed.
         self.in_flight = self.max_in_flight = 0
-        self.delay_s, self.delay_max_tokens = 0.0, None
+        self.delay_s, self.delay_max_tokens, self.hold_until_in_flight = 0.0, None, None
         self.lock = threading.Lock()           # requests arrive on several threads at once
+        self.arrived = threading.Condition(self.lock)
         fake = self
 
         class Handler(BaseHTTPRequestHandler):
@@ -61,9 +62,12 @@ class FakeServer:
                     number = fake.completions
                     fake.in_flight += 1
                     fake.max_in_flight = max(fake.max_in_flight, fake.in_flight)
+                    fake.arrived.notify_all()
                 try:
                     if fake.delay_max_tokens in (None, body["max_tokens"]):
-                        time.sleep(fake.delay_s)
+                        with fake.lock:
+                            fake.arrived.wait_for(lambda: fake.hold_until_in_flight is not None
+                                                  and fake.in_flight >= fake.hold_until_in_flight, fake.delay_s)
                     self.complete(body, number)
                 finally:
                     with fake.lock:

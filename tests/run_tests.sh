@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 # Where torch's CPU build comes from when this machine's pip does not already find it.
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, pytest, matplotlib, scipy" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, pytest, pytest_timeout, matplotlib, scipy" 2>/dev/null; then
   echo "== installing the CPU test stack into $VENV (about 2 minutes)"
   start=$(date +%s)
   python3 -m venv "$VENV"

@@ -12,6 +12,7 @@ import phase1_experiment as p1
 import phase2_experiment as p
 import plot_results
 from conftest import ROOT
+from prefix_cache_bench import load_tables, results, tables
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = ("phase1_experiment.py", "phase2_experiment.py", "plot_results.py", "tests/make_model.py", "tests/run_tests.sh")
@@ -79,16 +80,16 @@ def test_every_link_and_image_exists(path):
 
 def test_readme_headline_table_is_the_shipped_files_table():
     folder = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-sweep")
-    phases, skipped = plot_results.discover_results(folder)
+    phases, skipped = results.discover_results(folder)
     assert not skipped
-    assert plot_results.summary_table(phases["phase2"]) in open(os.path.join(ROOT, "README.md")).read()
+    assert tables.summary_table(phases["phase2"]) in open(os.path.join(ROOT, "README.md")).read()
 
 
 def test_server_page_table_is_the_shipped_files_table():
     folder = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-sweep")
-    phases, _ = plot_results.discover_results(folder)
-    costs = plot_results.server_path_cost(phases)
-    assert costs and plot_results.server_path_table(costs) in open(os.path.join(ROOT, "docs", "server.md")).read()
+    phases, _ = results.discover_results(folder)
+    costs = tables.server_path_cost(phases)
+    assert costs and tables.server_path_table(costs) in open(os.path.join(ROOT, "docs", "server.md")).read()
 
 
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
@@ -114,17 +115,17 @@ def h200_fleet_fronts():
     """The two-H200 fleet runs, as docs/fleet.md and the README line them up: the fronts of the
     one-at-a-time folder, with cache_aware's run from the folder where first requests came together."""
     folder = os.path.join(ROOT, "results", "h200x2-llama3.1-8b-shape-fleet")
-    apart, _ = plot_results.discover_load_results(os.path.join(folder, "one-at-a-time"))
-    together, _ = plot_results.discover_load_results(os.path.join(folder, "together"))
-    fronts = list(plot_results.fleet_groups(apart)["fleet_a8192_p8_concurrency"])
+    apart, _ = results.discover_load_results(os.path.join(folder, "one-at-a-time"))
+    together, _ = results.discover_load_results(os.path.join(folder, "together"))
+    fronts = list(load_tables.fleet_groups(apart)["fleet_a8192_p8_concurrency"])
     assert [front for front, _ in fronts] == ["cache_aware", "dp", "ideal", "round_robin"] and len(together) == 1
     return fronts[:1] + [("cache_aware, first requests together", together[0][1])] + fronts[1:]
 
 
 def test_fleet_tables_are_the_shipped_files_tables():
     fronts = h200_fleet_fronts()
-    assert plot_results.fleet_table(fronts).split("\n\n")[0] in open(os.path.join(ROOT, "docs", "fleet.md")).read()
-    table_at_8_clients = plot_results.fleet_table(fronts, load=8).split("\n\n")[0]
+    assert load_tables.fleet_table(fronts).split("\n\n")[0] in open(os.path.join(ROOT, "docs", "fleet.md")).read()
+    table_at_8_clients = load_tables.fleet_table(fronts, load=8).split("\n\n")[0]
     assert table_at_8_clients.count("\n") == 6 and table_at_8_clients in open(os.path.join(ROOT, "README.md")).read()
 
 
@@ -132,21 +133,21 @@ H200_LOAD = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-load")
 
 
 def test_load_tables_are_the_shipped_files_tables():
-    [(_, sweep)], skipped = plot_results.discover_load_results(os.path.join(H200_LOAD, "sweep"))
+    [(_, sweep)], skipped = results.discover_load_results(os.path.join(H200_LOAD, "sweep"))
     assert not skipped and [level["concurrency"] for level in sweep["levels"]] == [1, 4, 16, 64]
     # the README says every cached request hit, and that the three runs at 16 clients agree in all 24 pairs
     assert all(level["cached"]["hit_rate"]["requests"] == 1.0 for level in sweep["levels"])
     readme, load_page = (open(os.path.join(ROOT, path)).read() for path in ("README.md", "docs/load.md"))
-    assert plot_results.load_headline_table(sweep) in readme and plot_results.load_table(sweep) in load_page
+    assert load_tables.load_headline_table(sweep) in readme and load_tables.load_table(sweep) in load_page
     runs = [os.path.join(H200_LOAD, run) for run in ("sweep", "rerun-c16-same-lease", "rerun-c16")]
-    comparison = plot_results.compare_load_runs(runs)
+    comparison = load_tables.compare_load_runs(runs)
     assert comparison in load_page
     ttft_and_throughput = [row for row in comparison.splitlines() if row.startswith("| results_") and "hit rate" not in row]
     assert len(ttft_and_throughput) == 8 and all(row.endswith("| 3 of 3 |") for row in ttft_and_throughput)
 
 
 def test_the_busy_shares_the_docs_state_are_the_shipped_file_s():
-    [(_, busy)], _ = plot_results.discover_load_results(os.path.join(H200_LOAD, "busy"))
+    [(_, busy)], _ = results.discover_load_results(os.path.join(H200_LOAD, "busy"))
 
     def span(condition, get):
         shares = [round(v * 100) for level in busy["levels"] for v in get(level[condition])]

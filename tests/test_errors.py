@@ -10,6 +10,7 @@ import pytest
 
 import phase2_experiment as p
 from conftest import run_script
+from prefix_cache_bench import errors
 
 
 def check_one_line_error(proc, code, *needles):
@@ -24,7 +25,7 @@ def check_one_line_error(proc, code, *needles):
 
 def main_error(argv):
     """The error main(argv) ends with, before any engine starts: (exit code, its one line)."""
-    with pytest.raises(p.ExperimentError) as error:
+    with pytest.raises(errors.ExperimentError) as error:
         p.main(argv)
     message = str(error.value)
     assert "\n" not in message

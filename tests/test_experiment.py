@@ -1,4 +1,5 @@
 """phase2_experiment on the real CPU engine: cache states, statistics, the CLI, interruptions."""
+import hashlib
 import json
 import math
 import os
@@ -11,11 +12,10 @@ import sys
 import time
 import types
 
-import numpy as np
 import pytest
 
-import phase2_experiment as p
 from conftest import ENGINE_FLAGS, ROOT, run_script, session_processes
+from prefix_cache_bench import audit, defaults, offline, protocol, provenance
 
 SEED_TOP_KEYS = ("phase", "model", "timestamp", "config", "warmup_time_ms", "cache_hit", "cache_miss",
                  "ttft_degradation_pct")
@@ -29,9 +29,9 @@ def run_many(llm, configs, env=None, **overrides):
     opts = types.SimpleNamespace(**{**dict(configs=configs, seed=0, pause_ms=5.0, warmup_trials=1, num_trials=4,
                                            num_blocks=4, min_block_seconds=0.0, block_order=False,
                                            max_output_tokens=8, model="tiny"), **overrides})
-    environment = {**p.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
-                   **p.provenance(["--test"]), **(env or {})}
-    return p.run_configs(p.OfflineEngine(llm), llm.get_tokenizer(), opts, environment)
+    environment = {**offline.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
+                   **provenance.provenance(["--test"], defaults.OFFLINE_PROG, os.path.join(ROOT, "phase2_experiment.py")), **(env or {})}
+    return protocol.run_configs(offline.OfflineEngine(llm), llm.get_tokenizer(), opts, environment)
 
 
 def run_one(llm, size_a, size_b, env=None, **overrides):
@@ -62,12 +62,12 @@ def test_every_request_finds_exactly_what_its_condition_promises(llm, block, siz
     warm = 1 + size_a + size_b
     assert r["warmup_prompt_tokens"] == warm
     expected_hit = warm // block * block
-    audit = r["cache_audit"]
-    assert audit["ok"] is True and audit["problems"] == []
-    assert audit["expected_hit_cached_tokens"] == expected_hit
-    assert audit["requests_checked"] == 2 + 2 * 3 * 5          # warmup, stats flush, 3 conditions x 5 rounds x 2
+    cache_audit = r["cache_audit"]
+    assert cache_audit["ok"] is True and cache_audit["problems"] == []
+    assert cache_audit["expected_hit_cached_tokens"] == expected_hit
+    assert cache_audit["requests_checked"] == 2 + 2 * 3 * 5          # warmup, stats flush, 3 conditions x 5 rounds x 2
     # vLLM's own counters agree: 5 hit trials x 2 requests found expected_hit tokens each
-    counters = audit["engine_counters"]
+    counters = cache_audit["engine_counters"]
     assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 10 * expected_hit
     assert counters["prefix_cache_queries"] == counters["sum_prompt_tokens"]
     # counted from the engine's stats messages; this vLLM's get_metrics() (0.32) drops none of them
@@ -78,9 +78,9 @@ def test_every_request_finds_exactly_what_its_condition_promises(llm, block, siz
             assert t["cached_tokens"] == want, (condition, t)
             assert t["throughput_request"]["cached_tokens"] == want, (condition, t)
             assert t["throughput_request"]["output_tokens"] == 8
-    assert r["cache_hit"]["stats"]["prompt_tokens"] == warm + p.QUERY_TOKENS
-    assert r["cache_cold"]["stats"]["prompt_tokens"] == warm + p.QUERY_TOKENS
-    assert r["cache_miss"]["stats"]["prompt_tokens"] == 1 + size_b + p.QUERY_TOKENS
+    assert r["cache_hit"]["stats"]["prompt_tokens"] == warm + defaults.QUERY_TOKENS
+    assert r["cache_cold"]["stats"]["prompt_tokens"] == warm + defaults.QUERY_TOKENS
+    assert r["cache_miss"]["stats"]["prompt_tokens"] == 1 + size_b + defaults.QUERY_TOKENS
 
 
 def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
@@ -120,7 +120,7 @@ def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
     assert len(method["block_span_s"]) == 4 and method["span_s"] > 0
     blocks = [t["block"] for t in sorted(r["cache_hit"]["trials"], key=lambda t: t["order"])]
     assert blocks == [0, 1, 2, 3]
-    starts = [t["start_s"] for c in p.CONDITIONS for t in sorted(r[c]["trials"], key=lambda t: t["order"])]
+    starts = [t["start_s"] for c in defaults.CONDITIONS for t in sorted(r[c]["trials"], key=lambda t: t["order"])]
     assert all(s >= 0 for s in starts)
     hit_by_round = sorted(r["cache_hit"]["trials"], key=lambda t: t["round"])
     cold_by_round = sorted(r["cache_cold"]["trials"], key=lambda t: t["round"])
@@ -133,7 +133,7 @@ def test_result_keeps_the_design_schema_and_stats_match_trials(llm):
     assert (shape["num_layers"], shape["hidden_size"], shape["num_attention_heads"], shape["head_dim"]) == (2, 128, 2, 64)
     assert shape["vocab_size"] == 2048 and shape["architecture"] == "OPTForCausalLM"
     assert shape["num_embedding_parameters"] == 2048 * 128          # OPT ties its LM head to the embedding
-    assert shape["num_parameters"] == sum(p.numel() for p in llm_parameters_from_config())
+    assert shape["num_parameters"] == sum(w.numel() for w in llm_parameters_from_config())
     assert len(env["trial_order"]) == 18
     # provenance: the command as typed, the tool's commit and the script's hash, a UTC time
     assert env["command"].endswith("phase2_experiment.py --test")
@@ -151,9 +151,9 @@ def test_trial_order_is_used_and_recorded(llm, block_order):
             ["cache_hit:0", "cache_miss:0", "cache_cold:0", "cache_miss:1"])
     assert r["environment"]["trial_order"][:len(want)] == want
     assert r["cache_audit"]["ok"]
-    trials = sorted((t for c in p.CONDITIONS for t in r[c]["trials"] + r[c]["discarded_trials"]), key=lambda t: t["order"])
+    trials = sorted((t for c in defaults.CONDITIONS for t in r[c]["trials"] + r[c]["discarded_trials"]), key=lambda t: t["order"])
     assert [f"{t['condition']}:{t['round']}" for t in trials] == r["environment"]["trial_order"]
-    assert all(t["round"] == 0 for c in p.CONDITIONS for t in r[c]["discarded_trials"])
+    assert all(t["round"] == 0 for c in defaults.CONDITIONS for t in r[c]["discarded_trials"])
     assert r["reproducibility"]["unit"] == ("trial" if block_order else "block")
 
 
@@ -168,7 +168,7 @@ def test_configs_are_interleaved_and_audited_together(llm, block):
     counters = first["cache_audit"]["engine_counters"]
     assert counters == second["cache_audit"]["engine_counters"] and counters["scope"].startswith("every request")
     assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] == 10 * (256 + 384)
-    orders = lambda r: sorted(t["order"] for c in p.CONDITIONS for t in r[c]["trials"] + r[c]["discarded_trials"])
+    orders = lambda r: sorted(t["order"] for c in defaults.CONDITIONS for t in r[c]["trials"] + r[c]["discarded_trials"])
     a, b = orders(first), orders(second)
     assert not set(a) & set(b) and sorted(a + b) == list(range(30))
     # round by round, three trials of one config then three of the other, the first config rotating
@@ -222,7 +222,12 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes(tiny_mode
         assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] and "2 processes" in counters["scope"]
         assert r["environment"]["command"] == shlex.join([os.path.basename(sys.executable), "phase2_experiment.py",
                                                           *args])
-        assert r["environment"]["tool_version"]["git_commit"] in (None, git_head())
+        version = r["environment"]["tool_version"]
+        assert git_head() is not None and version["git_commit"] == git_head()      # tests run in a git checkout
+        script = os.path.join(ROOT, "phase2_experiment.py")
+        assert version["code_sha256"] == provenance.code_sha256(provenance.code_files(script))
+        assert version["script_sha256"] == hashlib.sha256(open(script, "rb").read()).hexdigest()
+        assert r["schema_version"] == 1
     assert "A=200 B=100" in proc.stdout and "cache audit: OK" in proc.stdout
     assert "hit saves vs cold" in proc.stdout and "rounds" in proc.stdout
 
@@ -348,39 +353,9 @@ def test_dead_engine_ends_the_run_with_one_line(tiny_model_dir, tmp_path, when):
     assert (sorted(os.listdir(out)) if out.exists() else []) == []
 
 
-def test_processes_merge_into_one_result_with_the_interval_over_their_means(llm):
-    """Two runs on the session's engine stand in for two engine processes: the merged result
-    keeps every trial, tagged and numbered across the run, and its interval is Fieller's over
-    the two processes' means."""
-    per_process = [run_one(llm, 200, 100, num_blocks=2), run_one(llm, 200, 100, num_blocks=2)]
-    opts = types.SimpleNamespace(min_block_seconds=0.0, block_order=False, provenance={"command": "python x"})
-    first_trials = sum(len(per_process[0][c][k]) for c in p.CONDITIONS for k in ("trials", "discarded_trials"))
-    merged = p.merge_processes(per_process, [0, first_trials], opts, 20.0)
-    for c in p.CONDITIONS:
-        assert len(merged[c]["trials"]) == sum(len(r[c]["trials"]) for r in per_process)
-        assert len(merged[c]["discarded_trials"]) == 2
-    hit = [np.mean([t["ttft_ms"] for t in r["cache_hit"]["trials"]]) for r in per_process]
-    cold = [np.mean([t["ttft_ms"] for t in r["cache_cold"]["trials"]]) for r in per_process]
-    ratio, ci = p.ratio_ci95(np.array(hit), np.array(cold), paired=True)
-    assert merged["ttft_saving_pct"] == pytest.approx(p.saving_pct(ratio))
-    assert merged["ttft_saving_ci95"] == pytest.approx(sorted(p.saving_pct(r) for r in ci))
-    assert merged["interval"]["unit"] == "process" and merged["interval"]["processes"] == 2
-    assert merged["config"]["num_trials"] == 8 and merged["config"]["num_blocks"] == 4
-    trials = sorted((t for c in p.CONDITIONS for t in merged[c]["trials"]), key=lambda t: t["order"])
-    assert [t["process"] for t in trials] == [0] * 12 + [1] * 12
-    assert [t["order"] for t in trials] == [o for o in range(30) if o % 15 >= 3]     # discarded: 0-2, 15-17
-    assert sorted({t["round"] for t in trials}) == [1, 2, 3, 4, 6, 7, 8, 9]      # each process: 1 discarded + 4
-    assert sorted({t["block"] for t in trials}) == [0, 1, 2, 3]
-    assert all(a["start_s"] <= b["start_s"] for a, b in zip(trials, trials[1:]))     # one clock for the run
-    audit = merged["cache_audit"]
-    assert audit["ok"] is True and audit["requests_checked"] == 2 * per_process[0]["cache_audit"]["requests_checked"]
-    assert merged["environment"]["command"] == "python x" and merged["environment"]["run_wall_s"] == 20.0
-    assert len(merged["environment"]["trial_order"]) == 30 and len(merged["warmup_time_ms_per_process"]) == 2
-
-
 def test_engine_counters_of_processes_add_up():
     a = {"prefix_cache_hits": 5, "source": "x", "vllm_metrics": {"prefix_cache_hits": 4}, "other_clients": False}
     b = {"prefix_cache_hits": 7, "source": "x", "vllm_metrics": {"prefix_cache_hits": 6}, "other_clients": False}
-    assert p.sum_counters([a, b]) == {"prefix_cache_hits": 12, "source": "x", "vllm_metrics": {"prefix_cache_hits": 10},
+    assert audit.sum_counters([a, b]) == {"prefix_cache_hits": 12, "source": "x", "vllm_metrics": {"prefix_cache_hits": 10},
                                       "other_clients": False}
-    assert p.sum_counters([a, None]) is None
+    assert audit.sum_counters([a, None]) is None

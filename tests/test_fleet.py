@@ -11,8 +11,8 @@ import sys
 
 import pytest
 
-import phase1_experiment as p1
 from conftest import ENGINE_FLAGS, ROOT, session_processes
+from prefix_cache_bench import prometheus, server_engine, servers
 
 FLEET = ["--replicas", "2", "--router-policy", "round_robin,cache_aware,ideal,power_of_two", "--concurrency", "1",
          "--num-prefixes", "4", "--num-requests", "12", "--repeats", "1", "--size-a", "355", "--max-output-tokens", "4",
@@ -39,7 +39,7 @@ def test_bad_fleet_arguments_exit_2_in_one_line(args, message, tmp_path):
     (["-tp=2", "--pipeline-parallel-size", "2"], ["0,1,2,3", "4,5,6,7", "8,9,10,11"]),
 ])
 def test_each_replica_gets_its_own_gpus(flags, devices):
-    assert [p1.replica_devices(k, flags) for k in range(3)] == devices
+    assert [servers.replica_devices(k, flags) for k in range(3)] == devices
 
 
 # the lines of a `vllm serve --data-parallel-size 2 --num-gpu-blocks-override 2600` /metrics that
@@ -67,14 +67,14 @@ class MetricsOnlyClient:
 
 
 def test_a_data_parallel_server_s_engines_each_hold_their_share_of_its_kv_blocks():
-    dp = p1.ServerEngine(MetricsOnlyClient({"http://dp": DP_METRICS}), "m")
+    dp = server_engine.ServerEngine(MetricsOnlyClient({"http://dp": DP_METRICS}), "m")
     assert dp.replica_capacities() == {"http://dp engine 0": 2600 * 16, "http://dp engine 1": 2600 * 16}
     assert dp.total_kv_capacity_tokens() == 5200 * 16
     assert dp.kv_capacity() == (2600, 16)          # what one request can count on, wherever it lands
-    assert {name: p1.metric_total(m, "vllm:prefix_cache_queries_total") for name, m in dp.replica_metrics()} == \
+    assert {name: prometheus.metric_total(m, "vllm:prefix_cache_queries_total") for name, m in dp.replica_metrics()} == \
         {"http://dp engine 0": 1000, "http://dp engine 1": 2000}
     # two servers of one engine each, whose metrics carry no engine label: every server's own blocks
-    fleet = p1.ServerEngine(MetricsOnlyClient({"http://a": UNLABELLED_METRICS, "http://b": UNLABELLED_METRICS}), "m",
+    fleet = server_engine.ServerEngine(MetricsOnlyClient({"http://a": UNLABELLED_METRICS, "http://b": UNLABELLED_METRICS}), "m",
                             metrics_urls=["http://a", "http://b"])
     assert fleet.replica_capacities() == {"http://a": 2600 * 16, "http://b": 2600 * 16}
     assert fleet.total_kv_capacity_tokens() == 5200 * 16 and fleet.kv_capacity() == (2600, 16)
@@ -87,7 +87,7 @@ def test_a_data_parallel_server_s_engines_each_hold_their_share_of_its_kv_blocks
     ({"block_size": "16"}, 2, None),                                                 # not reported: nothing to share
 ])
 def test_an_engine_s_blocks_are_its_override_or_its_share_of_the_server_s_sum(labels, engines, blocks):
-    assert p1.engine_cache_config(labels, engines).get("num_gpu_blocks") == blocks
+    assert prometheus.engine_cache_config(labels, engines).get("num_gpu_blocks") == blocks
 
 
 @pytest.fixture(scope="module")

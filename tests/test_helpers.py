@@ -7,77 +7,78 @@ import threading
 import types
 
 import pytest
+from prefix_cache_bench import (analysis, audit, cli, defaults, engine_api, errors, offline, prompts,
+                                protocol, provenance, results)
 
-import phase2_experiment as p
 
 
 @pytest.mark.parametrize("target", [1, 2, 3, 7, 16, 100, 255, 256, 257, 1000, 1900])
 def test_generate_context_is_exact_after_round_trip(tiny_tokenizer, target):
-    text = p.generate_context(target, "Document A", tiny_tokenizer)
+    text = prompts.generate_context(target, "Document A", tiny_tokenizer)
     ids = tiny_tokenizer.encode(text, add_special_tokens=False)
     assert len(ids) == target
     assert len(tiny_tokenizer.encode(tiny_tokenizer.decode(ids), add_special_tokens=False)) == target
 
 
 def test_generate_context_differs_per_label_and_repeats_per_label(tiny_tokenizer):
-    a = p.generate_context(64, "Document A", tiny_tokenizer)
-    assert a == p.generate_context(64, "Document A", tiny_tokenizer)
-    assert a != p.generate_context(64, "Document B", tiny_tokenizer)
+    a = prompts.generate_context(64, "Document A", tiny_tokenizer)
+    assert a == prompts.generate_context(64, "Document A", tiny_tokenizer)
+    assert a != prompts.generate_context(64, "Document B", tiny_tokenizer)
 
 
 def test_hit_prompt_ids_start_with_warmup_ids(tiny_tokenizer):
     tok = tiny_tokenizer
-    assert p.special_prefix_ids(tok) == [2]
-    a, b, q = (p.generate_context(n, label, tok) for n, label in ((50, "A"), (30, "B"), (16, "Q")))
-    warm = p.build_prompt_from_messages(p.build_warmup_messages(a, b), tok)
-    hit = p.build_prompt_from_messages(p.build_hit_messages(a, b, q), tok)
-    miss = p.build_prompt_from_messages(p.build_miss_messages(b, q), tok)
+    assert prompts.special_prefix_ids(tok) == [2]
+    a, b, q = (prompts.generate_context(n, label, tok) for n, label in ((50, "A"), (30, "B"), (16, "Q")))
+    warm = prompts.build_prompt_from_messages(prompts.build_warmup_messages(a, b), tok)
+    hit = prompts.build_prompt_from_messages(prompts.build_hit_messages(a, b, q), tok)
+    miss = prompts.build_prompt_from_messages(prompts.build_miss_messages(b, q), tok)
     assert len(warm) == 1 + 50 + 30 and hit[:len(warm)] == warm and len(hit) == len(warm) + 16
     assert len(miss) == 1 + 30 + 16 and miss[1:31] == warm[51:]
 
 
 @pytest.mark.parametrize("shared_len", [1, 5, 16])
 def test_queries_are_exact_length_and_open_differently(tiny_tokenizer, shared_len):
-    queries = p.make_queries(tiny_tokenizer, 60, shared_len, random.Random(0))
+    queries = prompts.make_queries(tiny_tokenizer, 60, shared_len, random.Random(0))
     heads = set()
     for q in queries:
         ids = tiny_tokenizer.encode(q, add_special_tokens=False)
-        assert len(ids) == p.QUERY_TOKENS
+        assert len(ids) == defaults.QUERY_TOKENS
         heads.add(tuple(ids[:shared_len]))
     assert len(heads) == 60
 
 
 def test_queries_outnumber_the_words_where_the_shared_part_allows(tiny_tokenizer):
-    words = len(p.query_head_words(tiny_tokenizer))
+    words = len(prompts.query_head_words(tiny_tokenizer))
     # a one-token shared part: one query per word, then the stream ends with a clear error
-    with pytest.raises(p.ExperimentError, match="too few one-token words"):
-        p.make_queries(tiny_tokenizer, words + 1, 1, random.Random(0))
+    with pytest.raises(errors.ExperimentError, match="too few one-token words"):
+        prompts.make_queries(tiny_tokenizer, words + 1, 1, random.Random(0))
     # five tokens shared: word and number open differently, past the number of words
-    queries = p.make_queries(tiny_tokenizer, words + 50, 5, random.Random(0))
+    queries = prompts.make_queries(tiny_tokenizer, words + 50, 5, random.Random(0))
     heads = {tuple(tiny_tokenizer.encode(q, add_special_tokens=False)[:5]) for q in queries}
     assert len(heads) == words + 50
 
 
 def test_config_prompts_are_the_design_prompts_with_fresh_queries(tiny_tokenizer):
     tok = tiny_tokenizer
-    c = p.ConfigPrompts(tok, 200, 100, 128, 0, "run")
+    c = prompts.ConfigPrompts(tok, 200, 100, 128, 0, "run")
     assert len(c.warmup_ids) == 301 and len(c.miss_ids) == 101 and c.miss_ids[1:] == c.warmup_ids[201:]
     (hit_ttft, hit_salt), (hit_tput, _) = c.trial_prompts("cache_hit", 3)
     (cold_ids, cold_salt), _ = c.trial_prompts("cache_cold", 3)
     (miss_ids, miss_salt), _ = c.trial_prompts("cache_miss", 3)
     assert hit_salt is None and cold_salt == "run-200x100-cache_cold-3-ttft" and miss_salt != cold_salt
-    assert hit_ttft[:301] == c.warmup_ids == cold_ids[:301] and len(hit_ttft) == 301 + p.QUERY_TOKENS
-    assert miss_ids[:101] == c.miss_ids and len(miss_ids) == 101 + p.QUERY_TOKENS
+    assert hit_ttft[:301] == c.warmup_ids == cold_ids[:301] and len(hit_ttft) == 301 + defaults.QUERY_TOKENS
+    assert miss_ids[:101] == c.miss_ids and len(miss_ids) == 101 + defaults.QUERY_TOKENS
     # every request its own query, opening differently in the block shared with [A, B]
     tails = {tuple(ids[301:301 + 128 - 301 % 128]) for ids in (hit_ttft, hit_tput, cold_ids)}
     assert len(tails) == 3
     # the configs of one run share the cache: one config's A is no prefix of another's
-    other = p.ConfigPrompts(tok, 400, 100, 128, 0, "run")
+    other = prompts.ConfigPrompts(tok, 400, 100, 128, 0, "run")
     assert other.warmup_ids[:150] != c.warmup_ids[:150]
 
 
 def test_query_head_words_are_single_tokens(tiny_tokenizer):
-    words = p.query_head_words(tiny_tokenizer)
+    words = prompts.query_head_words(tiny_tokenizer)
     assert len(words) > 200
     for w in words[:50]:
         assert len(tiny_tokenizer.encode(w, add_special_tokens=False)) == 1
@@ -85,48 +86,48 @@ def test_query_head_words_are_single_tokens(tiny_tokenizer):
 
 @pytest.mark.parametrize("block,warm,want", [(16, 785, 784), (16, 784, 784), (128, 301, 256), (128, 100, 0)])
 def test_expected_cached_tokens(block, warm, want):
-    assert p.expected_cached_tokens("cache_hit", warm, block) == want
-    assert p.expected_cached_tokens("cache_miss", warm, block) == 0
-    assert p.expected_cached_tokens("cache_cold", warm, block) == 0
+    assert audit.expected_cached_tokens("cache_hit", warm, block) == want
+    assert audit.expected_cached_tokens("cache_miss", warm, block) == 0
+    assert audit.expected_cached_tokens("cache_cold", warm, block) == 0
 
 
 def test_run_schedule_spreads_every_config_and_condition_over_the_run():
-    assert p.run_schedule(2, range(2), block_order=True) == [
+    assert protocol.run_schedule(2, range(2), block_order=True) == [
         (0, "cache_hit", 0), (0, "cache_hit", 1), (0, "cache_miss", 0), (0, "cache_miss", 1),
         (0, "cache_cold", 0), (0, "cache_cold", 1),
         (1, "cache_hit", 0), (1, "cache_hit", 1), (1, "cache_miss", 0), (1, "cache_miss", 1),
         (1, "cache_cold", 0), (1, "cache_cold", 1)]
-    rounds = p.run_schedule(3, range(6))
-    assert sorted(rounds) == sorted(p.run_schedule(3, range(6), block_order=True))
+    rounds = protocol.run_schedule(3, range(6))
+    assert sorted(rounds) == sorted(protocol.run_schedule(3, range(6), block_order=True))
     # every round holds each condition of each config once, the configs' order rotated
     for r in range(6):
         this_round = [(k, c) for k, c, rr in rounds if rr == r]
-        assert sorted(this_round) == sorted((k, c) for k in range(3) for c in p.CONDITIONS)
+        assert sorted(this_round) == sorted((k, c) for k in range(3) for c in defaults.CONDITIONS)
         assert this_round[0][0] == r % 3
     # inside each config's part of a round: over 6 rounds each condition comes first twice and
     # follows each other condition exactly twice (a Williams design)
     orders = [[c for k, c, rr in rounds if rr == r and k == 0] for r in range(6)]
-    assert sorted(o[0] for o in orders) == sorted(p.CONDITIONS * 2)
+    assert sorted(o[0] for o in orders) == sorted(defaults.CONDITIONS * 2)
     pairs = [(o[i - 1], o[i]) for o in orders for i in (1, 2)]
     assert len(set(pairs)) == 6 and all(pairs.count(pair) == 2 for pair in pairs)
 
 
 @pytest.mark.parametrize("round_s,min_block_s,want", [(3.2, 15, 5), (9.6, 15, 2), (0.1, 15, 150), (1.0, 0, 2)])
 def test_rounds_per_block_is_sized_by_time(round_s, min_block_s, want):
-    assert p.rounds_per_block(round_s, min_block_s) == want
+    assert protocol.rounds_per_block(round_s, min_block_s) == want
 
 
 def test_blocks_are_even_contiguous_slices_of_the_rounds():
-    assert [p.block_of(m, 40, 8) for m in range(40)] == [b for b in range(8) for _ in range(5)]
-    assert [p.block_of(m, 10, 4) for m in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
+    assert [protocol.block_of(m, 40, 8) for m in range(40)] == [b for b in range(8) for _ in range(5)]
+    assert [protocol.block_of(m, 10, 4) for m in range(10)] == [0, 0, 0, 1, 1, 2, 2, 2, 3, 3]
 
 
 def test_interleaved_configs_must_fit_the_kv_cache_together():
     configs = [types.SimpleNamespace(warmup_ids=[0] * 8449, miss_ids=[0] * 257),
                types.SimpleNamespace(warmup_ids=[0] * 2305, miss_ids=[0] * 257)]
-    p.check_cache_holds((10_000, 16), configs, 50)          # 160k tokens: plenty
-    with pytest.raises(p.ExperimentError, match="need about .* tokens of KV cache at once .* the engine has 16000"):
-        p.check_cache_holds((1000, 16), configs, 50)
+    protocol.check_cache_holds((10_000, 16), configs, 50)          # 160k tokens: plenty
+    with pytest.raises(errors.ExperimentError, match="need about .* tokens of KV cache at once .* the engine has 16000"):
+        protocol.check_cache_holds((1000, 16), configs, 50)
 
 
 def _trial(ttft, total, cached=0, engine=None):
@@ -137,7 +138,7 @@ def _trial(ttft, total, cached=0, engine=None):
 
 def test_compute_stats_has_design_keys_and_right_values():
     trials = [_trial(10.0, 100.0), _trial(12.0, 110.0), _trial(14.0, 90.0)]
-    s = p.compute_stats(trials)
+    s = analysis.compute_stats(trials)
     for key in ("ttft_mean", "ttft_median", "ttft_stdev", "total_time_mean", "total_time_stdev",
                 "throughput_mean", "throughput_stdev", "prompt_tokens"):
         assert key in s
@@ -150,32 +151,32 @@ def test_compute_stats_has_design_keys_and_right_values():
 
 @pytest.mark.parametrize("text,want", [("512x256", [(512, 256)]), ("1x2, 3X4", [(1, 2), (3, 4)])])
 def test_size_list_ok(text, want):
-    assert p.size_list(text) == want
+    assert cli.size_list(text) == want
 
 
 @pytest.mark.parametrize("text", ["512", "512x", "x256", "0x5", "5x-1", "axb", "1.5x2", "5x5,5x5", ""])
 def test_size_list_rejects(text):
     with pytest.raises(argparse.ArgumentTypeError):
-        p.size_list(text)
+        cli.size_list(text)
 
 
 def test_write_json_atomic_replaces_whole_or_not_at_all(tmp_path):
     path = str(tmp_path / "r.json")
-    p.write_json_atomic(path, {"a": 1})
+    results.write_json_atomic(path, {"a": 1})
     assert json.load(open(path)) == {"a": 1}
 
     class Boom:
         def __str__(self):
             raise RuntimeError("serialisation failed half-way")
     with pytest.raises(RuntimeError):
-        p.write_json_atomic(path, {"a": 2, "b": Boom()})
+        results.write_json_atomic(path, {"a": 2, "b": Boom()})
     assert json.load(open(path)) == {"a": 1}           # old file intact
     assert os.listdir(tmp_path) == ["r.json"]           # no temp file left
 
 
 def test_rounded_rounds_floats_only_and_everywhere():
     obj = {"a": 1.23456, "b": [2.00049, {"c": 3}], "d": "x", "e": True, "f": (1.11111,)}
-    assert p.rounded(obj) == {"a": 1.235, "b": [2.0, {"c": 3}], "d": "x", "e": True, "f": [1.111]}
+    assert results.rounded(obj) == {"a": 1.235, "b": [2.0, {"c": 3}], "d": "x", "e": True, "f": [1.111]}
 
 
 MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1", "NVSHMEM_DISABLE_NVLS": "1"}
@@ -183,7 +184,7 @@ MULTICAST_OFF_ENV = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST"
 
 def test_multicast_off_host_keeps_flashinfer_allreduce_off_multicast():
     environ = dict(MULTICAST_OFF_ENV)
-    note = p.keep_multicast_off(environ, tensor_parallel_size=2)
+    note = offline.keep_multicast_off(environ, tensor_parallel_size=2)
     assert environ["VLLM_FLASHINFER_ALLREDUCE_BACKEND"] == "trtllm"
     assert "NCCL_NVLS_ENABLE" in note and "trtllm" in note
 
@@ -196,14 +197,14 @@ def test_multicast_off_host_keeps_flashinfer_allreduce_off_multicast():
 ])
 def test_multicast_guard_leaves_other_setups_alone(environ, tp):
     before = dict(environ)
-    assert p.keep_multicast_off(environ, tp) is None
+    assert offline.keep_multicast_off(environ, tp) is None
     assert environ == before
 
 
 def test_engine_environment_keeps_engine_switches_not_secrets():
     environ = {"VLLM_USE_V1": "1", "NCCL_NVLS_ENABLE": "0", "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root",
                "VLLM_API_KEY": "s3cret", "HF_TOKEN": "hf_x", "PATH": "/usr/bin"}
-    assert p.engine_environment(environ) == {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
+    assert provenance.engine_environment(environ) == {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
 
 
 def test_relay_keeps_draining_when_the_reader_is_gone():
@@ -220,7 +221,7 @@ def test_relay_keeps_draining_when_the_reader_is_gone():
         os.write(write_end, b"ERROR worker died\n")
         os.close(write_end)
 
-    threads = [threading.Thread(target=p._relay, args=(read_end, gone_write, first_error), daemon=True),
+    threads = [threading.Thread(target=offline._relay, args=(read_end, gone_write, first_error), daemon=True),
                threading.Thread(target=vllm_process, daemon=True)]
     for t in threads:
         t.start()
@@ -258,7 +259,13 @@ class Vllm026LikeLLM:
 
 
 def request(cached, prompt=300):
+    """A request as the files record it (a trial, a throughput_request)."""
     return {"cached_tokens": cached, "prompt_tokens": prompt}
+
+
+def engine_request(cached, prompt=300):
+    """A request as an engine's request() returns it (the warmup, the stats flush)."""
+    return engine_api.RequestResult(wall_ms=1.0, prompt_tokens=prompt, cached_tokens=cached, output_tokens=1)
 
 
 def test_counters_count_stats_that_vllm_026_drops_and_the_audit_passes():
@@ -266,27 +273,27 @@ def test_counters_count_stats_that_vllm_026_drops_and_the_audit_passes():
     messages = [stats_message(0, 301), stats_message(288, 317, with_output=False), stats_message(0, 0),
                 stats_message(288, 317), stats_message(0, 301)]
     llm = Vllm026LikeLLM(messages)
-    before = p.prefix_cache_counters(llm)
+    before = offline.prefix_cache_counters(llm)
     for _ in messages:
         llm.step()
-    growth = p.counter_growth(before, p.prefix_cache_counters(llm))
+    growth = audit.counter_growth(before, offline.prefix_cache_counters(llm))
     assert growth["source"] == "scheduler stats messages"
     assert (growth["prefix_cache_hits"], growth["prefix_cache_queries"]) == (576, 1236)
     assert growth["vllm_metrics"] == {"prefix_cache_queries": 919, "prefix_cache_hits": 288}    # 0.26 lost one hit
     assert growth["hits_in_messages_without_outputs"] == 288
 
     trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
-    warm, flush = request(0, 301), request(0, 301)
-    ok = p.audit(warm, trials, flush, list(range(301)), 16, before, p.prefix_cache_counters(llm))
+    warm, flush = engine_request(0, 301), engine_request(0, 301)
+    ok = audit.audit(warm, trials, flush, list(range(301)), 16, before, offline.prefix_cache_counters(llm))
     assert ok["ok"] is True and ok["engine_counters"]["prefix_cache_hits"] == ok["engine_counters"]["sum_cached_tokens"]
 
 
 def test_audit_fails_when_the_engine_counter_disagrees_with_the_requests():
     llm = Vllm026LikeLLM([stats_message(288, 317)])         # the engine saw one hit of 288 tokens ...
-    before = p.prefix_cache_counters(llm)
+    before = offline.prefix_cache_counters(llm)
     llm.step()
     trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
-    result = p.audit(request(0), trials, request(0), list(range(301)), 16, before, p.prefix_cache_counters(llm))
+    result = audit.audit(engine_request(0), trials, engine_request(0), list(range(301)), 16, before, offline.prefix_cache_counters(llm))
     assert result["ok"] is False                             # ... the requests claim two
     assert result["problems"] == ["the engine's prefix-cache hit counter (scheduler stats messages) grew by 288, "
                                   "but the requests report 576 cached tokens"]
@@ -295,7 +302,7 @@ def test_audit_fails_when_the_engine_counter_disagrees_with_the_requests():
 def test_counters_fall_back_to_vllm_metrics_without_a_message_stream():
     llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(),
                                 get_metrics=lambda: [types.SimpleNamespace(name="vllm:prefix_cache_hits", value=5)])
-    assert p.prefix_cache_counters(llm) == {"prefix_cache_queries": 0, "prefix_cache_hits": 5,
+    assert offline.prefix_cache_counters(llm) == {"prefix_cache_queries": 0, "prefix_cache_hits": 5,
                                             "source": "LLM.get_metrics()",
                                             "vllm_metrics": {"prefix_cache_queries": 0, "prefix_cache_hits": 5}}
 
@@ -312,7 +319,7 @@ def counters(hits, queries):
 ])
 def test_a_shared_engine_records_other_clients_and_fails_only_on_missing_hits(hits, queries, other_clients, problem):
     requests = [request(0, 301), request(288, 317)]
-    engine_counters, problems = p.audit_counters(requests, request(0, 301), counters(0, 0),
+    engine_counters, problems = audit.audit_counters(requests, engine_request(0, 301), counters(0, 0),
                                                  counters(hits, queries), shared=True)
     assert engine_counters["other_clients"] is other_clients
     assert (engine_counters["sum_cached_tokens"], engine_counters["sum_prompt_tokens"]) == (288, 919)
@@ -320,18 +327,18 @@ def test_a_shared_engine_records_other_clients_and_fails_only_on_missing_hits(hi
 
 
 def test_an_unshared_engine_fails_on_any_counter_mismatch():
-    _, problems = p.audit_counters([request(288, 317)], request(0, 301), counters(0, 0), counters(576, 618))
+    _, problems = audit.audit_counters([request(288, 317)], engine_request(0, 301), counters(0, 0), counters(576, 618))
     assert problems and "grew by 576" in problems[0]
 
 
 def test_compute_stats_leaves_engine_timings_empty_where_the_engine_gives_none():
     trials = [{**_trial(10.0 + i, 100.0), "engine_ttft_ms": None, "prefill_ms": None} for i in range(3)]
-    s = p.compute_stats(trials)
+    s = analysis.compute_stats(trials)
     assert (s["engine_ttft_mean"], s["prefill_median"]) == (None, None)
     assert s["ttft_mean"] == 11.0
 
 
 def test_compute_stats_leaves_cached_tokens_empty_where_the_engine_reports_none():
     trials = [{**_trial(10.0, 100.0), "cached_tokens": None, "throughput_request": {"cached_tokens": None}}]
-    s = p.compute_stats(trials)
+    s = analysis.compute_stats(trials)
     assert (s["cached_tokens"], s["cached_tokens_max"]) == (None, None)

@@ -9,10 +9,11 @@ import numpy as np
 import pytest
 from scipy import stats
 
-import phase1_experiment as p1
-import phase2_experiment as p2
 import plot_results as pr
 from conftest import SERVER_KV_BLOCKS, run_script
+from prefix_cache_bench import (audit, charts, defaults, http_client, intervals, load_tables, load_workload,
+                                prometheus)
+from prefix_cache_bench import load_run as load_run_module
 
 # 355 tokens and the special prefix are 2 KV blocks of 128 and 100 tokens: with its query and
 # output a request stays inside the third block, which is never full, so a request leaves no
@@ -29,11 +30,11 @@ def phase1(*args, timeout=600):
 
 def test_the_median_interval_of_100_values_is_their_40th_to_61st():
     values = np.random.default_rng(0).permutation(np.arange(1, 101))
-    assert p1.quantile_ci95(values, 0.5) == [40.0, 61.0]
+    assert intervals.quantile_ci95(values, 0.5) == [40.0, 61.0]
 
 
 def test_a_percentile_the_sample_cannot_bound_has_no_upper_bound():
-    low, high = p1.quantile_ci95(np.arange(50), 0.99)
+    low, high = intervals.quantile_ci95(np.arange(50), 0.99)
     assert high is None and low is not None
 
 
@@ -41,41 +42,41 @@ def test_quantile_intervals_hold_the_true_quantile_95_percent_of_the_time():
     rng = np.random.default_rng(1)
     true_p90 = -np.log(0.1)                 # of an exponential with mean 1
     held = [low <= true_p90 <= high for low, high in
-            (p1.quantile_ci95(rng.exponential(1.0, 300), 0.9) for _ in range(2000))]
+            (intervals.quantile_ci95(rng.exponential(1.0, 300), 0.9) for _ in range(2000))]
     assert 0.94 <= np.mean(held) <= 0.985
 
 
 def test_batch_means_of_a_drifting_series_are_wider_than_its_naive_interval():
     rng = np.random.default_rng(2)
     drift = np.repeat(rng.normal(0, 5, 10), 30) + rng.normal(100, 1, 300)  # ten level shifts
-    low, high = p1.batch_means_ci95(drift)
+    low, high = intervals.batch_means_ci95(drift)
     naive = 1.96 * drift.std(ddof=1) / np.sqrt(len(drift))
     assert (high - low) / 2 > 2 * naive
-    assert p1.batch_means_ci95(np.full(40, 7.0)) == [7.0, 7.0]
+    assert intervals.batch_means_ci95(np.full(40, 7.0)) == [7.0, 7.0]
 
 
 def test_throughput_of_evenly_spaced_completions_is_their_rate():
     ends = (np.arange(100) + 0.5) / 10                                  # 10 per second
-    low, high = p1.throughput_ci95([0.0], ends)
+    low, high = intervals.throughput_ci95([0.0], ends)
     assert (low + high) / 2 == pytest.approx(100 / ends[-1]) and (high - low) / 2 < 0.5
 
 
 def test_the_throughput_interval_is_centred_on_the_throughput_of_a_burst():
     starts, ends = np.zeros(100), np.r_[np.full(64, 1.0), np.full(36, 2.0)]      # 100 requests in 2 s
-    low, high = p1.throughput_ci95(starts, ends)
+    low, high = intervals.throughput_ci95(starts, ends)
     assert (low + high) / 2 == pytest.approx(50.0)
 
 
 def test_zipf_weights():
-    assert np.allclose(p1.zipf_weights(4, 0), 0.25)
-    assert np.allclose(p1.zipf_weights(3, 1), np.array([1, 1 / 2, 1 / 3]) / (11 / 6))
+    assert np.allclose(load_workload.zipf_weights(4, 0), 0.25)
+    assert np.allclose(load_workload.zipf_weights(3, 1), np.array([1, 1 / 2, 1 / 3]) / (11 / 6))
 
 
 def record(condition, cached, full=256, ttft=10.0, start=0.0, end=1.0, error=None, output=4):
     return {"index": 0, "condition": condition, "document": 0, "start_s": start, "end_s": end, "ttft_ms": ttft,
             "tpot_ms": 1.0, "output_tokens": output, "prompt_tokens": 300, "cached_tokens": cached,
             "document_cached_tokens": full,
-            "cache_state": p1.cache_state(cached, full), "error": error}
+            "cache_state": audit.cache_state(cached, full), "error": error}
 
 
 @pytest.mark.parametrize("req,problem", [
@@ -84,17 +85,17 @@ def record(condition, cached, full=256, ttft=10.0, start=0.0, end=1.0, error=Non
     (record("cached", 100), "cached_tokens=100, at most 256 in whole blocks of 128"),
 ])
 def test_a_request_that_found_what_it_cannot_have_is_a_problem(req, problem):
-    assert problem in p1.load_problems([req], 128)[0]
+    assert problem in audit.load_problems([req], 128)[0]
 
 
 def test_a_partial_hit_or_a_miss_under_cache_pressure_is_recorded_not_failed():
-    assert p1.load_problems([record("cached", 128), record("cached", 0), record("cold", 0)], 128) == []
+    assert audit.load_problems([record("cached", 128), record("cached", 0), record("cold", 0)], 128) == []
 
 
 def test_condition_stats_split_by_cache_state_and_count_goodput():
     reqs = [record("cached", 256, ttft=5.0, start=k, end=k + 1) for k in range(6)] + \
            [record("cached", 128, ttft=20.0, start=6, end=7), record("cached", 0, ttft=40.0, start=7, end=8)]
-    s = p1.condition_stats(reqs, slo_ttft_ms=10.0)
+    s = load_workload.condition_stats(reqs, slo_ttft_ms=10.0)
     assert s["hit_rate"] == {"requests": 6 / 8, "tokens": (6 * 256 + 128) / (8 * 256)}
     assert s["by_cache_state"]["hit"]["requests"] == 6 and s["by_cache_state"]["miss"]["ttft_ms_mean"] == 40.0
     assert s["goodput_req_s"] == pytest.approx(6 / 8) and s["request_throughput"] == pytest.approx(1.0)
@@ -196,26 +197,26 @@ def test_the_client_and_the_api_server_say_how_busy_they_were(load_run):
 
 
 def test_a_share_is_a_percentage_with_the_passes_range():
-    assert pr.percent_with_spread(0.45, [0.41, 0.48, 0.46]) == "45% (41-48%)"
-    assert pr.percent_with_spread(0.5, [0.5]) == "50%" and pr.percent_with_spread(None, [0.2, 0.3]) == "-"
+    assert load_tables.percent_with_spread(0.45, [0.41, 0.48, 0.46]) == "45% (41-48%)"
+    assert load_tables.percent_with_spread(0.5, [0.5]) == "50%" and load_tables.percent_with_spread(None, [0.2, 0.3]) == "-"
 
 
 def test_busy_shares_are_cpu_seconds_over_wall_seconds():
     before = {"http://a": 10.0, "http://b": None, "http://c": 7.0}
     after = {"http://a": 13.0, "http://b": 5.0, "http://c": 2.0}
     # b: not reported before; c: the counter went back (a restarted server)
-    assert p1.busy_shares(before, after, 2.0) == {"http://a": 1.5, "http://b": None, "http://c": None}
-    assert p1.busy_shares(before, after, 0.0) == {"http://a": None, "http://b": None, "http://c": None}
+    assert prometheus.busy_shares(before, after, 2.0) == {"http://a": 1.5, "http://b": None, "http://c": None}
+    assert prometheus.busy_shares(before, after, 0.0) == {"http://a": None, "http://b": None, "http://c": None}
 
 
 def test_the_api_server_s_cpu_seconds_are_the_server_process_s_own(vllm_server):
     import psutil
-    client = p1.HttpClient(vllm_server.base_url, 30)
+    client = http_client.HttpClient(vllm_server.base_url, 30)
     try:
         async def read():
             session = client.load_session()
             try:
-                return await p1.api_server_cpu_s(client, [vllm_server.base_url], session)
+                return await load_run_module.api_server_cpu_s(client, [vllm_server.base_url], session)
             finally:
                 await session.close()
         reported = client.run("reading /metrics", read())[vllm_server.base_url]
@@ -229,9 +230,9 @@ def test_the_api_server_s_cpu_seconds_are_the_server_process_s_own(vllm_server):
 def test_server_times_are_the_histograms_sums_over_their_counts():
     counters = {"ttft_sum_s": 2.0, "ttft_count": 40, "queue_time_sum_s": 0.1, "queue_time_count": 40,
                 "prefill_time_sum_s": None, "prefill_time_count": None}
-    assert p1.server_times(counters) == {"server_ttft_mean_ms": pytest.approx(50.0),
+    assert prometheus.server_times(counters) == {"server_ttft_mean_ms": pytest.approx(50.0),
                                          "queue_time_mean_ms": pytest.approx(2.5), "prefill_time_mean_ms": None}
-    assert p1.server_times({"ttft_sum_s": 0.0, "ttft_count": 0})["server_ttft_mean_ms"] is None
+    assert prometheus.server_times({"ttft_sum_s": 0.0, "ttft_count": 0})["server_ttft_mean_ms"] is None
 
 
 def test_passes_run_the_levels_up_and_down_and_alternate_which_condition_goes_first(load_run):
@@ -291,20 +292,20 @@ def test_load_charts_and_tables(load_run, tmp_path, capsys):
     printed = capsys.readouterr().out
     assert os.path.exists(tmp_path / "load_a355_p4_concurrency.png")
     assert "| 4 | cached |" in printed and "| 1 | cold |" in printed
-    rows = [row for row in pr.load_table(r).splitlines() if row.startswith("|")]
+    rows = [row for row in load_tables.load_table(r).splitlines() if row.startswith("|")]
     assert len(rows) == 2 + 4 and "over 2 passes" in printed
-    times = [row for row in pr.server_time_table(r).splitlines() if row.startswith("| ")]
+    times = [row for row in load_tables.server_time_table(r).splitlines() if row.startswith("| ")]
     assert "Where the TTFT went" in printed and len(times) == 1 + 4
     level = r["levels"][1]["cold"]
     low, high = min(level["server"]["server_ttft_mean_ms_per_pass"]), max(level["server"]["server_ttft_mean_ms_per_pass"])
     assert times[-1].startswith(f"| 4 | cold | {level['ttft_ms']['mean']:.1f} | "
                                 f"{level['server']['server_ttft_mean_ms']:.1f} ({low:.1f}-{high:.1f}) | ")
     assert low <= level["server"]["server_ttft_mean_ms"] <= high
-    busy = pr.percent_with_spread(level["server"]["api_server_cpu_busy_max"], level["server"]["api_server_cpu_busy_max_per_pass"])
+    busy = load_tables.percent_with_spread(level["server"]["api_server_cpu_busy_max"], level["server"]["api_server_cpu_busy_max_per_pass"])
     assert busy.endswith("%)") and times[-1].endswith(f" | {busy} |")
     # a file made before the server's histograms were read has no such table
     older = {**r, "levels": [{**lv, **{c: {**lv[c], "server": {}} for c in ("cached", "cold")}} for lv in r["levels"]]}
-    assert pr.server_time_table(older) is None
+    assert load_tables.server_time_table(older) is None
 
 
 def test_a_rate_sweep_sends_poisson_arrivals(vllm_server, tmp_path):
@@ -318,7 +319,9 @@ def test_a_rate_sweep_sends_poisson_arrivals(vllm_server, tmp_path):
     run = level["runs"][0]
     starts = np.array([q["start_s"] for q in run["cached"]["requests"]])
     schedule = np.cumsum(np.random.default_rng(r["config"]["seed"]).exponential(1 / 10, 12))
-    assert np.all(starts >= schedule - 1e-3) and np.median(starts - schedule) < 0.02
+    # never before its time; late by little (headroom for a busy 2-core machine that runs the
+    # server too: a sender that waited for each response instead would fall ever further behind)
+    assert np.all(starts >= schedule - 1e-3) and np.median(starts - schedule) < 0.25
     assert r["cache_audit"]["ok"] is True
 
 
@@ -339,8 +342,11 @@ def test_requests_that_fail_under_load_end_the_sweep_in_one_line_and_keep_what_w
 @pytest.mark.parametrize("fake_server", ["ok"], indirect=True)
 @pytest.mark.parametrize("warmup_concurrency,in_flight", [(1, 1), (4, 4)])
 def test_documents_are_warmed_as_many_at_a_time_as_asked(fake_server, warmup_concurrency, in_flight, tmp_path):
-    # the level itself runs one request at a time, so only the warmups can overlap; they alone wait
-    fake_server.delay_s, fake_server.delay_max_tokens = 0.5, p2.WARMUP_TOKENS
+    # the level itself runs one request at a time, so only the warmups can overlap; they alone are
+    # held, until as many are in flight as should be (at most 10 s: a client sending fewer at a
+    # time shows fewer in flight, however fast or slow this machine is)
+    fake_server.delay_s, fake_server.delay_max_tokens = 10.0, defaults.WARMUP_TOKENS
+    fake_server.hold_until_in_flight = in_flight
     proc = phase1("--base-url", fake_server.base_url, "--concurrency", "1", "--num-prefixes", "4",
                   "--warmup-concurrency", str(warmup_concurrency), "--num-requests", "16", "--repeats", "1",
                   *LOAD_QUICK, "--results-dir", str(tmp_path), timeout=120)
@@ -370,7 +376,7 @@ def test_an_unaudited_load_run_says_so_and_reports_no_hit_rate(fake_server, tmp_
     assert "!!! UNAUDITED" in proc.stderr
     r = json.load(open(tmp_path / "results_load_a355_p2_concurrency.json"))
     assert r["cache_audit"]["ok"] is None and "--enable-prompt-tokens-details" in r["cache_audit"]["unaudited"]
-    assert "hit_rate" not in r["levels"][0]["cached"] and pr.hit_rate_text(r["levels"][0]["cached"]) == "-"
+    assert "hit_rate" not in r["levels"][0]["cached"] and load_tables.hit_rate_text(r["levels"][0]["cached"]) == "-"
     # a server whose /metrics has no process collector: its share is unknown, not 0
     server = r["levels"][0]["runs"][0]["cached"]["server"]
     assert server["api_server_cpu_busy"] == {fake_server.base_url: None} and server["api_server_cpu_busy_max"] is None
@@ -382,11 +388,11 @@ def test_hit_rates_are_drawn_with_their_intervals():
     with gzip.open(os.path.join(os.path.dirname(__file__), "..", "results", "cpu-tiny-fleet-overflow", "one-at-a-time",
                                 "results_fleet_cache_aware_a355_p24_concurrency.json.gz"), "rt") as f:
         levels = json.load(f)["levels"]
-    values, (below, above) = pr.hit_rate_series(levels)
+    values, (below, above) = charts.hit_rate_series(levels)
     # concurrency 1: 74% [60.9%, 87.1%] over 3 passes
     assert values[0] == pytest.approx(74.0) and below[0] == pytest.approx(13.1) and above[0] == pytest.approx(13.1)
     del levels[0]["cached"]["hit_rate"]                  # an unaudited level: no series
-    assert pr.hit_rate_series(levels) is None
+    assert charts.hit_rate_series(levels) is None
 
 
 def test_tables_and_charts_of_incomplete_or_unaudited_working_set_files(tmp_path):
@@ -397,7 +403,7 @@ def test_tables_and_charts_of_incomplete_or_unaudited_working_set_files(tmp_path
     del r["levels"][-1]["cached"]                       # a level whose only pass failed
     for level in r["levels"]:
         level.get("cached", {}).pop("hit_rate", None)   # measured with --allow-unaudited
-    table = pr.working_set_table(r)
+    table = load_tables.working_set_table(r)
     assert len([row for row in table.splitlines() if row.startswith("| ")]) == 1 + len(r["levels"]) - 1
-    pr.plot_working_set(r, str(tmp_path / "ws.png"))
+    charts.plot_working_set(r, str(tmp_path / "ws.png"))
     assert os.path.exists(tmp_path / "ws.png")

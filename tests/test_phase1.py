@@ -11,11 +11,11 @@ import time
 import pytest
 
 import phase1_experiment as p1
-import phase2_experiment as p
-import plot_results as pr
 from conftest import ENGINE_FLAGS, ROOT, run_script, session_processes
 from fake_server import FakeServer
 from test_experiment import SEED_CONFIG_KEYS, SEED_STATS_KEYS, SEED_TOP_KEYS, run_one
+from prefix_cache_bench import (charts, defaults, http_client, prometheus, results, server_engine, servers,
+                                tables)
 
 QUICK = ["--num-trials", "4", "--num-blocks", "2", "--max-output-tokens", "8"]
 
@@ -46,12 +46,12 @@ vllm:cache_config_info{block_size="16",num_gpu_blocks="8192",prefix_match_unit="
 
 
 def test_metrics_are_summed_over_engines():
-    metrics = p1.parse_metrics(METRICS)
-    assert p1.server_counters(metrics) == {"prefix_cache_queries": 1000, "prefix_cache_hits": 384, "source": "/metrics",
+    metrics = prometheus.parse_metrics(METRICS)
+    assert prometheus.server_counters(metrics) == {"prefix_cache_queries": 1000, "prefix_cache_hits": 384, "source": "/metrics",
                                            "server_ttft": {"count": 4, "sum_s": 0.5}}
-    labels = p1.cache_config(metrics)
-    assert (p1.label_int(labels, "num_gpu_blocks"), p1.label_int(labels, "block_size")) == (8192, 16)
-    assert p1.label_int(labels, "prefix_match_unit") is None
+    labels = prometheus.cache_config(metrics)
+    assert (prometheus.label_int(labels, "num_gpu_blocks"), prometheus.label_int(labels, "block_size")) == (8192, 16)
+    assert prometheus.label_int(labels, "prefix_match_unit") is None
 
 
 @pytest.mark.parametrize("flags,count", [
@@ -68,7 +68,7 @@ def test_one_api_server_is_what_the_embedded_server_runs_anyway():
 
 
 def test_a_server_without_prefix_cache_metrics_has_no_counters():
-    assert p1.server_counters(p1.parse_metrics("vllm:num_requests_running 0\n")) is None
+    assert prometheus.server_counters(prometheus.parse_metrics("vllm:num_requests_running 0\n")) is None
 
 
 @pytest.mark.parametrize("args,message", [
@@ -125,7 +125,7 @@ def test_the_json_has_the_design_keys_and_what_the_server_path_adds(server_run):
     _, r, _ = server_run
     assert all(k in r for k in SEED_TOP_KEYS) and all(k in r["config"] for k in SEED_CONFIG_KEYS)
     assert r["phase"] == "phase1_server_api" and r["model"].endswith("tiny-opt")
-    for c in p.CONDITIONS:
+    for c in defaults.CONDITIONS:
         stats = r[c]["stats"]
         assert all(k in stats for k in SEED_STATS_KEYS)
         # the warmup panel's number: the mean TTFT of the condition's discarded round
@@ -158,15 +158,15 @@ def test_charts_draw_the_warmup_panel_and_the_server_path_against_phase2(server_
     folder, r, _ = server_run
     (tmp_path / "results_phase1_a200_b100.json").write_text(json.dumps(r))
     offline = run_one(llm, 200, 100, model=tiny_model_dir)
-    p.write_json_atomic(str(tmp_path / "results_phase2_a200_b100.json"), p.rounded(offline))
+    results.write_json_atomic(str(tmp_path / "results_phase2_a200_b100.json"), results.rounded(offline))
     proc = run_script(["plot_results.py", "--results-dir", str(tmp_path), "--write-readme"], timeout=300)
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / "experiment1_all_configs_phase1.png").exists()
     assert (tmp_path / "phase1_vs_phase2.png").exists()
-    phases, _ = pr.discover_results(str(tmp_path))
-    fig = pr.plot_phase(phases["phase1"], "phase1", "phase1_server_api", str(tmp_path / "again.png"))
+    phases, _ = results.discover_results(str(tmp_path))
+    fig = charts.plot_phase(phases["phase1"], "phase1", "phase1_server_api", str(tmp_path / "again.png"))
     assert [ax.get_title() for ax in fig.axes][:3] == ["Warmup", "TTFT (lower is better)", "Throughput (higher is better)"]
-    costs = pr.server_path_cost(phases)
+    costs = tables.server_path_cost(phases)
     hit = costs[(200, 100)]["cache_hit"]
     assert hit[2] == pytest.approx(r["cache_hit"]["stats"]["ttft_mean"] - offline["cache_hit"]["stats"]["ttft_mean"], abs=1e-2)
     assert "offline → server ms" in proc.stdout and "What the server path adds" in (tmp_path / "README.md").read_text()
@@ -220,9 +220,9 @@ def test_an_unaudited_run_is_marked_in_the_json_the_table_and_the_chart(fake_ser
     r = json.load(open(tmp_path / "results_phase1_a512_b256.json"))
     assert r["cache_audit"]["ok"] is None and "--enable-prompt-tokens-details" in r["cache_audit"]["unaudited"]
     assert r["cache_hit"]["stats"]["cached_tokens"] is None
-    phases, _ = pr.discover_results(str(tmp_path))
-    assert pr.summary_table(phases["phase1"]).splitlines()[-1].endswith("| UNAUDITED |")
-    fig = pr.plot_phase(phases["phase1"], "phase1", "phase1_server_api", str(tmp_path / "chart.png"))
+    phases, _ = results.discover_results(str(tmp_path))
+    assert tables.summary_table(phases["phase1"]).splitlines()[-1].endswith("| UNAUDITED |")
+    fig = charts.plot_phase(phases["phase1"], "phase1", "phase1_server_api", str(tmp_path / "chart.png"))
     assert "UNAUDITED" in fig.axes[1].get_xticklabels()[0].get_text()
 
 
@@ -283,15 +283,15 @@ FAILED_START_LOG = """\
 def test_a_failed_start_is_told_by_its_cause(tmp_path, log, line):
     path = tmp_path / "server.log"
     path.write_text(log)
-    assert p1.error_line(str(path)) == line
+    assert servers.error_line(str(path)) == line
 
 
 def test_a_server_that_died_while_running_is_told_by_its_last_exception(tmp_path):
     path = tmp_path / "server.log"
     path.write_text("(APIServer pid=1) ValueError: a bad request, answered 400\nINFO serving on\n"
                     "(EngineCore pid=2) ERROR 11-29 19:00:00 [core.py:9] torch.OutOfMemoryError: CUDA out of memory.\n")
-    assert p1.error_line(str(path), last=True) == "torch.OutOfMemoryError: CUDA out of memory."
-    assert p1.error_line(str(path)) == "ValueError: a bad request, answered 400"
+    assert servers.error_line(str(path), last=True) == "torch.OutOfMemoryError: CUDA out of memory."
+    assert servers.error_line(str(path)) == "ValueError: a bad request, answered 400"
 
 
 def test_a_server_that_cannot_start_is_reported_and_stopped(tiny_model_dir, tmp_path):
@@ -334,15 +334,15 @@ def test_a_connection_closed_while_idle_is_reopened_outside_the_timed_request(ti
     """The server closes a keep-alive connection after an idle spell (vLLM: 5 s); building a
     run's prompts takes longer. The next timed request must not pay for a new connection."""
     fake = FakeServer(tiny_model_dir, idle_timeout_s=0.5)
-    client = p1.HttpClient(fake.base_url, 30)
+    client = http_client.HttpClient(fake.base_url, 30)
     try:
-        engine = p1.ServerEngine(client, "fake")
+        engine = server_engine.ServerEngine(client, "fake")
         first = engine.request([2, 100, 200], 4)
-        time.sleep(p1.IDLE_RECONNECT_S + 0.5)          # the server has closed the connection by now
+        time.sleep(defaults.IDLE_RECONNECT_S + 0.5)          # the server has closed the connection by now
         second = engine.request([2, 100, 200], 4)
         assert client.connections_opened == 2
-        assert first["new_connection"] is False and second["new_connection"] is False
-        assert second["output_tokens"] == 4 and second["cached_tokens"] == 0 and len(second["itl_ms"]) == 3
+        assert first.new_connection is False and second.new_connection is False
+        assert second.output_tokens == 4 and second.cached_tokens == 0 and len(second.itl_ms) == 3
     finally:
         client.close()
         fake.close()

@@ -5,9 +5,9 @@ import os
 import numpy as np
 import pytest
 
-import phase2_experiment as p
-import plot_results as pr
 from conftest import ROOT, run_script
+from prefix_cache_bench import charts, intervals, load_tables, prefill_fit, provenance, readmes, tables
+from prefix_cache_bench import results as results_module
 
 
 def stats(ttft, tput, **extra):
@@ -59,7 +59,7 @@ def test_discovery_groups_by_phase_and_orders_numerically(tmp_path):
     p1["cache_hit"]["stats"]["warmup_time_mean"] = 40.0
     write(tmp_path, "results_phase1_a512_b256.json", p1)
     write(tmp_path, "unrelated.json", {"x": 1})
-    phases, skipped = pr.discover_results(str(tmp_path))
+    phases, skipped = results_module.discover_results(str(tmp_path))
     assert list(phases) == ["phase1", "phase2"]
     assert list(phases["phase2"]) == [(256, 256), (256, 1536), (512, 256), (1024, 256)]
     assert skipped == []
@@ -67,7 +67,7 @@ def test_discovery_groups_by_phase_and_orders_numerically(tmp_path):
 
 def test_design_schema_file_plots_two_panels_hit_and_miss(tmp_path):
     configs = {(256, 256): design_result(256, 256, 10.0, 12.0), (512, 256): design_result(512, 256, 11.0, 13.5)}
-    fig = pr.plot_phase(configs, "phase2", "phase2_python_api", str(tmp_path / "out.png"))
+    fig = charts.plot_phase(configs, "phase2", "phase2_python_api", str(tmp_path / "out.png"))
     assert len(fig.axes) == 2
     ttft_ax, tput_ax = fig.axes
     assert bar_heights(ttft_ax) == [[10.0, 11.0], [12.0, 13.5]]      # one container per condition, one bar per config
@@ -79,7 +79,7 @@ def test_design_schema_file_plots_two_panels_hit_and_miss(tmp_path):
 
 def test_extended_file_adds_cold_bars_ci_error_bars_and_notes(tmp_path):
     configs = {(256, 256): extended_result(256, 256, 10.0, 12.0, 15.0)}
-    fig = pr.plot_phase(configs, "phase2", "phase2_python_api", str(tmp_path / "out.png"))
+    fig = charts.plot_phase(configs, "phase2", "phase2_python_api", str(tmp_path / "out.png"))
     ttft_ax = fig.axes[0]
     assert bar_heights(ttft_ax) == [[10.0], [12.0], [15.0]]
     # the hit bar's error bar spans its 95% CI, not +-1 stdev
@@ -92,7 +92,7 @@ def test_extended_file_adds_cold_bars_ci_error_bars_and_notes(tmp_path):
 
 def test_failed_audit_is_marked_on_the_chart(tmp_path):
     configs = {(256, 256): extended_result(256, 256), (512, 256): extended_result(512, 256, ok=False)}
-    fig = pr.plot_phase(configs, "phase2", "x", str(tmp_path / "out.png"))
+    fig = charts.plot_phase(configs, "phase2", "x", str(tmp_path / "out.png"))
     labels = [t.get_text() for t in fig.axes[0].get_xticklabels()]
     assert labels == ["A=256 / B=256", "A=512 / B=256\nAUDIT FAILED"]
     hit_bars = bar_groups(fig.axes[0])[0]
@@ -104,11 +104,11 @@ def test_unstable_run_is_flagged_on_the_chart_and_in_the_table(tmp_path):
     steady["reproducibility"] = {"stable": True}
     moved["reproducibility"] = {"stable": False}
     configs = {(256, 256): steady, (512, 256): moved}
-    fig = pr.plot_phase(configs, "phase2", "x", str(tmp_path / "out.png"))
+    fig = charts.plot_phase(configs, "phase2", "x", str(tmp_path / "out.png"))
     notes = [t for t in fig.axes[0].texts if "hit saves" in t.get_text()]
     assert ["UNSTABLE" in t.get_text() for t in notes] == [False, True]
     assert notes[1].get_color() == "red"
-    rows = pr.summary_table(configs).splitlines()[2:]
+    rows = tables.summary_table(configs).splitlines()[2:]
     assert ["UNSTABLE" in row for row in rows] == [False, True]
 
 
@@ -116,7 +116,7 @@ def test_phase1_style_file_with_warmup_stats_gets_a_warmup_panel(tmp_path):
     r = design_result(512, 256)
     r["cache_hit"]["stats"]["warmup_time_mean"] = 40.0
     r["cache_miss"]["stats"]["warmup_time_mean"] = 55.0
-    fig = pr.plot_phase({(512, 256): r}, "phase1", "phase1", str(tmp_path / "out.png"))
+    fig = charts.plot_phase({(512, 256): r}, "phase1", "phase1", str(tmp_path / "out.png"))
     assert len(fig.axes) == 3
     assert bar_heights(fig.axes[0]) == [[40.0], [55.0]]
     assert fig.axes[0].get_title() == "Warmup"
@@ -124,7 +124,7 @@ def test_phase1_style_file_with_warmup_stats_gets_a_warmup_panel(tmp_path):
 
 def test_summary_table_is_markdown_with_a_row_per_config():
     configs = {(256, 256): extended_result(256, 256), (512, 256): extended_result(512, 256, ok=False)}
-    table = pr.summary_table(configs).splitlines()
+    table = tables.summary_table(configs).splitlines()
     assert table[0].startswith("| config | hit TTFT ms | miss TTFT ms | cold TTFT ms |")
     assert len(table) == 4 and "| FAILED |" in table[3] and "| ok |" in table[2]
 
@@ -176,7 +176,7 @@ def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
         r["environment"]["command"] = f"python phase2_experiment.py --size-a 512 --results-dir run{k + 1}"
         write(run, "results_phase2_a512_b256.json", r)
         runs.append(str(run))
-    table = pr.compare_runs(runs).splitlines()
+    table = tables.compare_runs(runs).splitlines()
     assert table[0] == "| config | run 1 | run 2 | run 3 | pairs that agree | across runs (95% CI over runs) |"
     # 40 vs 33: 7 <= sqrt(5^2 + 5^2); 40 vs 20 and 33 vs 20 are far apart. Across runs: mean 31.0,
     # sd 10.149, t(0.975, 2) = 4.303: 31.0 +- 25.2
@@ -199,7 +199,7 @@ def test_gzipped_results_are_read_like_plain_ones(tmp_path):
         json.dump(r, f)
     write(tmp_path, "results_phase2_a512_b256.json", extended_result(512, 256))
     (tmp_path / "results_phase2_a2048_b256.json.gz").write_bytes(b"not gzip")
-    phases, skipped = pr.discover_results(str(tmp_path))
+    phases, skipped = results_module.discover_results(str(tmp_path))
     assert list(phases["phase2"]) == [(512, 256), (1024, 256)]
     assert phases["phase2"][(1024, 256)] == r
     assert [os.path.basename(path) for path, _ in skipped] == ["results_phase2_a2048_b256.json.gz"]
@@ -215,7 +215,7 @@ def test_compare_warns_when_the_runs_ran_different_commands(tmp_path):
         r["environment"]["command"] = f"python phase2_experiment.py --sizes {sizes}"
         write(run, "results_phase2_a512_b256.json", r)
         runs.append(str(run))
-    assert "note: the runs' commands differ" in pr.compare_runs(runs)
+    assert "note: the runs' commands differ" in tables.compare_runs(runs)
 
 
 def test_compare_names_the_phase_when_the_runs_hold_both(tmp_path):
@@ -228,10 +228,10 @@ def test_compare_names_the_phase_when_the_runs_hold_both(tmp_path):
             r["ttft_saving_pct"] = 40.0 if phase == "phase1" else 50.0
             write(run, f"results_{phase}_a512_b256.json", r)
         runs.append(str(run))
-    table = pr.compare_runs(runs).splitlines()
+    table = tables.compare_runs(runs).splitlines()
     assert table[2].startswith("| phase 1: A=512 / B=256 | - | 40.0% ")
     assert table[3].startswith("| phase 2: A=512 / B=256 | 50.0% ") and "| 1 of 1 |" in table[3]
-    assert pr.compare_runs(runs[:1]).splitlines()[2].startswith("| A=512 / B=256 | 50.0% ")
+    assert tables.compare_runs(runs[:1]).splitlines()[2].startswith("| A=512 / B=256 | 50.0% ")
 
 
 def git(*args):
@@ -243,13 +243,13 @@ def test_a_script_hash_names_the_commit_that_made_the_file():
     import hashlib
     last = git("log", "-1", "--format=%h", "--", "phase2_experiment.py").decode().strip()
     sha = hashlib.sha256(git("show", f"{last}:phase2_experiment.py")).hexdigest()
-    assert last in pr.script_commits(sha)
+    assert last in provenance.script_commits(sha)
     r = extended_result(512, 256)
     r["environment"]["tool_version"] = {"git_commit": None, "git_dirty": None, "script_sha256": sha}
-    assert pr.provenance(r)["tool"] == f"phase2_experiment.py as of commit {pr.script_commits(sha)[-1]}"
+    assert provenance.describe_provenance(r)["tool"] == f"phase2_experiment.py as of commit {provenance.script_commits(sha)[-1]}"
     r["environment"]["tool_version"]["script_sha256"] = "0" * 64
-    assert pr.provenance(r)["tool"] == "phase2_experiment.py sha256 000000000000 (no commit here has it)"
-    assert pr.script_commits("0" * 64) == ()
+    assert provenance.describe_provenance(r)["tool"] == "phase2_experiment.py sha256 000000000000 (no commit here has it)"
+    assert provenance.script_commits("0" * 64) == ()
 
 
 def test_write_readme_describes_the_folder_from_its_files(tmp_path):
@@ -262,7 +262,7 @@ def test_write_readme_describes_the_folder_from_its_files(tmp_path):
     assert text.startswith(f"# Results: {tmp_path.name}\n")
     assert "- command: `python phase2_experiment.py --size-a 512 --size-b 256`" in text
     assert "- machine: NVIDIA H200, vLLM 0.26.0" in text
-    assert pr.summary_table(pr.discover_results(str(tmp_path))[0]["phase2"]) in text
+    assert tables.summary_table(results_module.discover_results(str(tmp_path))[0]["phase2"]) in text
     assert "![experiment1_all_configs_phase2.png](experiment1_all_configs_phase2.png)" in text
 
 
@@ -272,13 +272,13 @@ SHAPE = {"num_parameters": 1_100_000, "num_embedding_parameters": 100_000, "num_
 
 def test_prefill_flops_counts_weights_attention_and_one_lm_head():
     # 2 x 1e6 weights x 10 tokens + 4 x 2 layers x 4 heads x 8 dims x (10 x 0 + 10 x 11 / 2 keys) + 2 x 32 x 1000
-    assert pr.prefill_flops(SHAPE, 10) == 2e7 + 256 * 55 + 64_000
+    assert prefill_fit.prefill_flops(SHAPE, 10) == 2e7 + 256 * 55 + 64_000
     # behind 100 cached tokens each new token also meets those 100 keys
-    assert pr.prefill_flops(SHAPE, 10, 100) - pr.prefill_flops(SHAPE, 10) == 256 * 1000
+    assert prefill_fit.prefill_flops(SHAPE, 10, 100) - prefill_fit.prefill_flops(SHAPE, 10) == 256 * 1000
     # the Llama-3.1-8B shape, 1k tokens: about 2 x 7 G weights x 1k = 14 TFLOP, attention ~0.5
     llama = {"num_parameters": 8_030_261_248, "num_embedding_parameters": 1_050_673_152, "num_layers": 32,
              "num_attention_heads": 32, "head_dim": 128, "hidden_size": 4096, "vocab_size": 128256}
-    assert pr.prefill_flops(llama, 1000) / 1e12 == pytest.approx(13.96 + 0.26, abs=0.02)
+    assert prefill_fit.prefill_flops(llama, 1000) / 1e12 == pytest.approx(13.96 + 0.26, abs=0.02)
 
 
 def _fit_configs(overhead_ms, tflops, shape=SHAPE, device="NVIDIA H200"):
@@ -289,7 +289,7 @@ def _fit_configs(overhead_ms, tflops, shape=SHAPE, device="NVIDIA H200"):
         r["environment"] = {"device": device, "model_shape": shape}
         for cond, tokens in (("cache_cold", a + 256 + 17), ("cache_miss", 256 + 17)):
             r[cond]["stats"]["prompt_tokens"] = tokens
-            work_s = pr.prefill_flops(shape, tokens) / (tflops * 1e12) if shape else tokens / 1e5
+            work_s = prefill_fit.prefill_flops(shape, tokens) / (tflops * 1e12) if shape else tokens / 1e5
             r[cond]["stats"]["ttft_mean"] = overhead_ms + work_s * 1e3
         r["cache_hit"]["stats"]["cached_tokens"] = a + 256
         r["ttft_saving_ms"] = 0.02 * (a + 256)
@@ -298,50 +298,50 @@ def _fit_configs(overhead_ms, tflops, shape=SHAPE, device="NVIDIA H200"):
 
 
 def test_prefill_fit_recovers_overhead_rate_and_mfu():
-    fit = pr.prefill_fit(_fit_configs(overhead_ms=12.0, tflops=0.5))
+    fit = prefill_fit.prefill_fit(_fit_configs(overhead_ms=12.0, tflops=0.5))
     assert fit["work"] == "FLOPs" and fit["r2"] == pytest.approx(1.0)
     assert fit["overhead_ms"] == pytest.approx(12.0) and fit["tflops"] == pytest.approx(0.5)
     assert fit["mfu"] == pytest.approx(0.5 / 989) and fit["peak_tflops"] == 989
     assert fit["prefill_tokens_per_s"] == pytest.approx(0.5e12 / 2e6)        # 2 FLOPs per weight per token
     assert [ms for _, ms in fit["saved_ms_per_1k_cached"]] == pytest.approx([20.0] * 3)
-    text = pr.describe_fit(fit, "NVIDIA H200")
+    text = prefill_fit.describe_fit(fit, "NVIDIA H200")
     assert "12.0 ms" in text and "MFU" in text and "20.0 ms at 512" in text
     # no shape recorded: a straight line in tokens; an unknown device: no MFU
-    fit = pr.prefill_fit(_fit_configs(overhead_ms=12.0, tflops=0.5, shape={}, device="Some GPU"))
+    fit = prefill_fit.prefill_fit(_fit_configs(overhead_ms=12.0, tflops=0.5, shape={}, device="Some GPU"))
     assert fit["work"] == "tokens" and fit["tflops"] is None and fit["mfu"] is None
     assert fit["overhead_ms"] == pytest.approx(12.0) and fit["prefill_tokens_per_s"] == pytest.approx(1e5)
-    assert pr.prefill_fit({(256, 256): extended_result(256, 256)}) is None       # too few lengths to fit
+    assert prefill_fit.prefill_fit({(256, 256): extended_result(256, 256)}) is None       # too few lengths to fit
 
 
 def test_prefill_fit_counts_every_gpu_of_a_parallel_engine():
     configs = _fit_configs(overhead_ms=12.0, tflops=0.5)
     for r in configs.values():
         r["environment"]["engine_args"] = {"tensor_parallel_size": 2, "pipeline_parallel_size": 1}
-    fit = pr.prefill_fit(configs)
+    fit = prefill_fit.prefill_fit(configs)
     assert fit["gpus"] == 2 and fit["peak_tflops"] == 2 * 989 and fit["mfu"] == pytest.approx(0.5 / (2 * 989))
-    assert "MFU of 2 x NVIDIA H200: together 1978 dense" in pr.describe_fit(fit, "NVIDIA H200")
+    assert "MFU of 2 x NVIDIA H200: together 1978 dense" in prefill_fit.describe_fit(fit, "NVIDIA H200")
 
 
 def test_context_chart_and_log_scale_for_long_contexts(tmp_path):
     configs = _fit_configs(overhead_ms=12.0, tflops=0.05)
-    fit = pr.prefill_fit(configs)
-    fig = pr.plot_context(configs, fit, "x", str(tmp_path / "context.png"))
+    fit = prefill_fit.prefill_fit(configs)
+    fig = charts.plot_context(configs, fit, "x", str(tmp_path / "context.png"))
     assert fig.axes[0].get_xscale() == "log" and os.path.getsize(tmp_path / "context.png") > 10_000
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
     assert any(l.startswith("fit, nothing cached: 12.0 ms") for l in labels)
-    fig = pr.plot_phase(configs, "phase2", "x", str(tmp_path / "bars.png"))
+    fig = charts.plot_phase(configs, "phase2", "x", str(tmp_path / "bars.png"))
     assert fig.axes[0].get_yscale() == "log"          # cold TTFTs span more than 20x
     short = {k: extended_result(*k) for k in ((256, 256), (512, 256))}
-    assert pr.plot_phase(short, "phase2", "x", str(tmp_path / "b2.png")).axes[0].get_yscale() == "linear"
+    assert charts.plot_phase(short, "phase2", "x", str(tmp_path / "b2.png")).axes[0].get_yscale() == "linear"
 
 
 def test_many_configs_stack_the_panels(tmp_path):
     configs = {(256 * k, 256): extended_result(256 * k, 256) for k in range(1, 9)}
-    fig = pr.plot_phase(configs, "phase2", "x", str(tmp_path / "eight.png"))
+    fig = charts.plot_phase(configs, "phase2", "x", str(tmp_path / "eight.png"))
     ttft, tput = fig.axes[:2]
     assert ttft.get_position().y0 > tput.get_position().y1          # one above the other
     assert len(ttft.get_xticklabels()) == 8
-    few = pr.plot_phase({k: configs[k] for k in list(configs)[:3]}, "phase2", "x", str(tmp_path / "three.png"))
+    few = charts.plot_phase({k: configs[k] for k in list(configs)[:3]}, "phase2", "x", str(tmp_path / "three.png"))
     assert few.axes[0].get_position().x1 < few.axes[1].get_position().x0   # side by side
 
 
@@ -354,13 +354,13 @@ def test_many_configs_stack_the_panels(tmp_path):
 def test_chart_titles_name_every_gpu_of_the_engine(engine_args, label):
     r = extended_result(512, 256)
     r["environment"] = {"device": "NVIDIA H200", "vllm_version": "0.26.0", "engine_args": engine_args}
-    assert pr.describe_source({(512, 256): r}) == f"{os.path.basename(r['model'])} · {label} · vLLM 0.26.0"
+    assert tables.describe_source({(512, 256): r}) == f"{os.path.basename(r['model'])} · {label} · vLLM 0.26.0"
 
 
 def test_unbounded_intervals_are_shown_and_compared_as_infinite():
-    assert pr.ci_text([None, 5.0]) == "[-inf, 5.0]" and pr.ci_text([1.0, None], 0) == "[1, inf]"
-    assert pr.bounded([None, None]) == [-np.inf, np.inf]
-    assert p.agree(50.0, pr.bounded([None, None]), 10.0, [9.0, 11.0])
+    assert tables.ci_text([None, 5.0]) == "[-inf, 5.0]" and tables.ci_text([1.0, None], 0) == "[1, inf]"
+    assert tables.bounded([None, None]) == [-np.inf, np.inf]
+    assert intervals.agree(50.0, tables.bounded([None, None]), 10.0, [9.0, 11.0])
 
 
 def load_file(levels):
@@ -380,7 +380,7 @@ def test_a_rerun_of_one_load_level_is_compared_with_that_level_of_the_sweep(tmp_
         (tmp_path / name).mkdir()
         write(tmp_path / name, "results_load_a8192_p8_concurrency.json", load_file(levels))
         runs.append(str(tmp_path / name))
-    table = pr.compare_load_runs(runs).splitlines()
+    table = load_tables.compare_load_runs(runs).splitlines()
     # concurrency 1 was measured by the sweep alone: nothing to pair, so no row
     assert table[2:] == [
         "| results_load_a8192_p8_concurrency.json | 16 | cached | TTFT p50 ms | 100.0 [90.0, 110.0] | "
@@ -395,15 +395,15 @@ def test_a_rerun_of_one_load_level_is_compared_with_that_level_of_the_sweep(tmp_
 def test_a_fleet_file_names_its_engines_and_the_device_of_each():
     r = extended_result(512, 256)
     r["environment"]["fleet"] = {"kv_capacity_tokens_per_engine": {"http://a": 41600, "http://b": 41600}}
-    assert pr.provenance(r)["machine"].startswith("2 engines, each on NVIDIA H200, vLLM 0.26.0")
+    assert provenance.describe_provenance(r)["machine"].startswith("2 engines, each on NVIDIA H200, vLLM 0.26.0")
     r["environment"]["fleet"]["kv_capacity_tokens_per_engine"] = {"http://a": 41600}
-    assert pr.provenance(r)["machine"].startswith("NVIDIA H200, vLLM 0.26.0")
+    assert provenance.describe_provenance(r)["machine"].startswith("NVIDIA H200, vLLM 0.26.0")
 
 
 def test_a_version_a_file_could_not_know_is_shown_as_unknown():
     r = extended_result(512, 256)
     r["environment"].update(vllm_version="0.32.0", torch_version=None)     # a server reached by --base-url
-    assert pr.provenance(r)["machine"].endswith("vLLM 0.32.0, torch ?")
+    assert provenance.describe_provenance(r)["machine"].endswith("vLLM 0.32.0, torch ?")
 
 
 def test_the_headline_load_table_puts_cached_and_cold_side_by_side():
@@ -411,7 +411,7 @@ def test_the_headline_load_table_puts_cached_and_cold_side_by_side():
                                    "request_throughput": rps, "request_throughput_ci95": [rps - 0.5, rps + 0.5]}
     data = {"levels": [{"concurrency": 4, "cached": stats(20.0, 30.0, 9.0), "cold": stats(200.0, 300.0, 2.0)},
                        {"concurrency": 16, "cached": stats(50.0, 70.0, 12.5)}]}
-    rows = pr.load_headline_table(data).splitlines()
+    rows = load_tables.load_headline_table(data).splitlines()
     assert rows[2:] == [
         "| 4 | 20.0 [19.0, 21.0] | 30.0 | 200.0 [199.0, 201.0] | 300.0 | 9.00 [8.50, 9.50] | 2.00 [1.50, 2.50] |",
         "| 16 | 50.0 [49.0, 51.0] | 70.0 | - | - | 12.50 [12.00, 13.00] | - |"]
@@ -421,7 +421,87 @@ def test_a_correction_made_after_the_run_is_stated_in_the_folder_s_readme(tmp_pa
     data = load_file({16: {"cached": (100.0, [90.0, 110.0])}})
     data["config"].update(num_prefixes=[8], query_tokens=16, max_output_tokens=16)
     path = str(tmp_path / "results_load_a8192_p8_concurrency.json")
-    assert "corrected after the run" not in pr.results_readme("t", {}, str(tmp_path), [(path, data)])
+    assert "corrected after the run" not in readmes.results_readme("t", {}, str(tmp_path), [(path, data)])
     data["corrections"] = [{"keys": "kv_capacity_tokens", "why": "the server's log says 41,600 tokens an engine"}]
-    text = pr.results_readme("t", {}, str(tmp_path), [(path, data)])
+    text = readmes.results_readme("t", {}, str(tmp_path), [(path, data)])
     assert "- corrected after the run: kv_capacity_tokens: the server's log says 41,600 tokens an engine\n" in text
+
+
+def design_trials(ttft_ms):
+    """Trials as the design's script wrote them: per-trial raw measurements, no condition key."""
+    return [{"ttft_ms": t, "total_time_ms": 100.0 + t, "throughput_tok_s": 400.0} for t in ttft_ms]
+
+
+def test_design_schema_phase1_and_phase2_files_plot_both_charts_without_a_traceback(tmp_path):
+    """The design's schema in both phases, with trials that carry no condition key, for the same
+    model and configs: both charts and the server-path comparison, no traceback."""
+    for phase, offset in (("phase1", 3.0), ("phase2", 0.0)):
+        for a in (512, 1024):
+            r = design_result(a, 256, 10.0 + offset, 12.0 + offset)
+            r["phase"] = {"phase1": "phase1_server_api", "phase2": "phase2_python_api"}[phase]
+            r["cache_hit"]["trials"] = design_trials([9.0 + offset, 10.0 + offset, 11.0 + offset])
+            r["cache_miss"]["trials"] = design_trials([11.0 + offset, 12.0 + offset, 13.0 + offset])
+            if phase == "phase1":
+                r["cache_hit"]["stats"]["warmup_time_mean"] = 40.0
+            write(tmp_path, f"results_{phase}_a{a}_b256.json", r)
+    proc = run_script(["plot_results.py", "--results-dir", str(tmp_path)])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    assert not [l for l in proc.stderr.splitlines() if l.startswith("skipped")]
+    for chart in ("experiment1_all_configs_phase1.png", "experiment1_all_configs_phase2.png", "phase1_vs_phase2.png"):
+        assert os.path.exists(tmp_path / chart), chart
+    # the server path adds 3 ms to every trial: phase 1's mean minus phase 2's, per condition
+    costs = tables.server_path_cost(results_module.discover_results(str(tmp_path))[0])
+    assert costs[(512, 256)]["cache_hit"][:3] == (13.0, 10.0, 3.0)
+
+
+def test_a_truncated_file_and_one_missing_keys_are_each_named_in_one_line_and_skipped(tmp_path):
+    text = json.dumps(extended_result(512, 256))
+    write(tmp_path, "results_phase2_a512_b256.json", text[:len(text) // 2])          # cut short mid-write
+    missing = design_result(1024, 256)
+    del missing["cache_hit"]
+    write(tmp_path, "results_phase2_a1024_b256.json", missing)
+    write(tmp_path, "results_phase2_a2048_b256.json", design_result(2048, 256))
+    proc = run_script(["plot_results.py", "--results-dir", str(tmp_path)])
+    assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
+    skipped = sorted(l for l in proc.stderr.splitlines() if l.startswith("skipped"))
+    assert len(skipped) == 2
+    assert "a1024_b256.json: no cache_hit.stats" in skipped[0]
+    assert "a512_b256.json: not valid JSON" in skipped[1]
+
+
+def test_a_written_result_carries_the_schema_version_and_reads_back(tmp_path):
+    path = str(tmp_path / "results_phase2_a512_b256.json")
+    results_module.write_result(path, extended_result(512, 256))
+    data = results_module.load_result(path)
+    assert data["schema_version"] == results_module.SCHEMA_VERSION == 1
+    assert data["cache_hit"]["stats"]["ttft_mean"] == 10.0
+
+
+@pytest.mark.parametrize("version", [2, "1", -1, True])
+def test_a_file_of_an_unknown_schema_version_is_skipped_with_one_line(tmp_path, version):
+    write(tmp_path, "results_phase2_a512_b256.json", {**design_result(512, 256), "schema_version": version})
+    with pytest.raises(ValueError, match="schema_version"):
+        results_module.load_result(str(tmp_path / "results_phase2_a512_b256.json"))
+    phases, skipped = results_module.discover_results(str(tmp_path))
+    assert phases == {} and len(skipped) == 1
+
+
+def test_every_shipped_result_file_reads(tmp_path):
+    """The reader accepts every schema the project has shipped (each file in results/)."""
+    folders = results_module.folders_with_results(os.path.join(ROOT, "results"))
+    assert len(folders) >= 20
+    read = 0
+    for folder in folders:
+        phases, skipped = results_module.discover_results(folder)
+        loads, skipped_loads = results_module.discover_load_results(folder)
+        assert skipped == [] and skipped_loads == [], folder
+        read += sum(len(configs) for configs in phases.values()) + len(loads)
+    assert read >= 100
+
+
+def test_plotting_the_results_folder_itself_names_the_subfolders_that_hold_results():
+    """A newcomer's first `python plot_results.py`: results/ holds only subfolders."""
+    proc = run_script(["plot_results.py"])
+    assert proc.returncode == 1 and "Traceback" not in proc.stderr
+    error = [l for l in proc.stderr.splitlines() if "error:" in l]
+    assert len(error) == 1 and "--results-dir results/h200" in error[0], proc.stderr

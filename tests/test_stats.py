@@ -6,8 +6,8 @@ import os
 
 import numpy as np
 import pytest
+from prefix_cache_bench import analysis, defaults, intervals, protocol
 
-import phase2_experiment as p
 
 HIT_MS, MISS_MS, COLD_MS = 5.0, 6.0, 8.0          # true mean TTFT of each condition, before any shift
 
@@ -15,7 +15,7 @@ HIT_MS, MISS_MS, COLD_MS = 5.0, 6.0, 8.0          # true mean TTFT of each condi
 def synthetic_run(rng, rounds=10, shift_ms=0.0, shift_at=None, noise=0.08, block_order=False):
     """Trials as run_trials makes them: TTFTs with multiplicative log-normal noise (mean 1)
     and, from order index shift_at on, every request slower by shift_ms (a level shift)."""
-    schedule = p.run_schedule(1, range(rounds), block_order)
+    schedule = protocol.run_schedule(1, range(rounds), block_order)
     shift_at = len(schedule) // 2 if shift_at is None else shift_at
     true_ms = {"cache_hit": HIT_MS, "cache_miss": MISS_MS, "cache_cold": COLD_MS}
     trials = []
@@ -36,7 +36,7 @@ def test_saving_and_degradation_formulas():
     hit, miss, cold = [4.0, 6.0], [6.0, 6.0], [10.0, 10.0]
     trials = [{"condition": c, "round": r, "ttft_ms": ms[r]}
               for c, ms in (("cache_hit", hit), ("cache_miss", miss), ("cache_cold", cold)) for r in (0, 1)]
-    result = p.compare(trials, "round")
+    result = analysis.compare(trials, "round")
     assert result["ttft_saving_pct"] == pytest.approx(50.0)          # (10 - 5) / 10
     assert result["ttft_degradation_pct"] == pytest.approx(20.0)     # (6 - 5) / 5
     # the interval goes through the same functions as the point value, bounds in order
@@ -49,10 +49,10 @@ def test_saving_and_degradation_formulas():
 
 def test_mean_ci95_is_students_t_interval():
     xs = np.array([9.1, 9.8, 10.0, 10.2, 10.4, 10.9, 11.3, 12.0, 9.5, 10.6])
-    lo, hi = p.mean_ci95(xs)
+    lo, hi = intervals.mean_ci95(xs)
     half = 2.2622 * xs.std(ddof=1) / np.sqrt(len(xs))         # t(0.975, 9) s / sqrt(n)
     assert [lo, hi] == pytest.approx([xs.mean() - half, xs.mean() + half], abs=1e-3)
-    assert p.mean_ci95(np.full(5, 7.0)) == [7.0, 7.0]
+    assert intervals.mean_ci95(np.full(5, 7.0)) == [7.0, 7.0]
 
 
 def test_ratio_interval_pairing_cancels_what_a_round_shares():
@@ -60,13 +60,13 @@ def test_ratio_interval_pairing_cancels_what_a_round_shares():
     interval; treated as unpaired, the same numbers give a much wider one."""
     level = np.array([0.0, 3.0, -2.0, 5.0, 1.0, -1.0, 4.0, 0.5, -3.0, 2.0])
     hit, cold = 5.0 + level + 0.1 * np.sin(np.arange(10)), 10.0 + level
-    ratio, paired = p.ratio_ci95(hit, cold, paired=True)
-    _, unpaired = p.ratio_ci95(hit, cold, paired=False)
+    ratio, paired = intervals.ratio_ci95(hit, cold, paired=True)
+    _, unpaired = intervals.ratio_ci95(hit, cold, paired=False)
     assert ratio == pytest.approx(hit.mean() / cold.mean())
     assert paired[0] < ratio < paired[1] and unpaired[0] < ratio < unpaired[1]
     assert (unpaired[1] - unpaired[0]) > 2 * (paired[1] - paired[0])
     # a denominator indistinguishable from zero has no finite interval
-    assert p.ratio_ci95(hit, np.array([1.0, -1.5] * 5), paired=True)[1] == [-np.inf, np.inf]
+    assert intervals.ratio_ci95(hit, np.array([1.0, -1.5] * 5), paired=True)[1] == [-np.inf, np.inf]
 
 
 def test_level_shift_mid_run_biases_block_order_but_not_rounds():
@@ -77,7 +77,7 @@ def test_level_shift_mid_run_biases_block_order_but_not_rounds():
     for _ in range(40):
         for block_order, errors in ((True, block_errors), (False, round_errors)):
             trials = synthetic_run(rng, shift_ms=3.0, block_order=block_order)
-            estimate = p.compare(trials, "trial" if block_order else "round")["ttft_saving_pct"]
+            estimate = analysis.compare(trials, "trial" if block_order else "round")["ttft_saving_pct"]
             errors.append(estimate - true_saving(3.0))
     assert abs(np.mean(round_errors)) < 1.0                     # percentage points
     assert np.mean(block_errors) > 10.0                         # the design's order: badly biased
@@ -85,14 +85,14 @@ def test_level_shift_mid_run_biases_block_order_but_not_rounds():
 
 def test_halves_flag_a_run_whose_level_moved():
     rng = np.random.default_rng(2)
-    steady = p.reproducibility(synthetic_run(rng, rounds=20, noise=0.03), "round")
+    steady = analysis.reproducibility(synthetic_run(rng, rounds=20, noise=0.03), "round")
     assert steady["stable"] is True and len(steady["per_round_saving_pct"]) == 20
     # the cold requests alone get 4 ms slower half-way (something changed what a cold prefill costs)
     moved = synthetic_run(rng, rounds=20, noise=0.03)
     for t in moved:
         if t["condition"] == "cache_cold" and t["round"] >= 10:
             t["ttft_ms"] += 4.0
-    report = p.reproducibility(moved, "round")
+    report = analysis.reproducibility(moved, "round")
     assert report["stable"] is False
     assert report["halves"][1]["ttft_saving_pct"] > report["halves"][0]["ttft_saving_pct"] + 10
 
@@ -104,8 +104,8 @@ def test_halves_flag_a_run_whose_level_moved():
     (32.0, [22.0, 37.0], 40.0, [33.0, 41.0], True),      # facing sides 5 and 7: 8 < sqrt(74) = 8.6
 ])
 def test_agree_uses_the_facing_half_widths(a, ci_a, b, ci_b, want):
-    assert p.agree(a, ci_a, b, ci_b) is want
-    assert p.agree(b, ci_b, a, ci_a) is want
+    assert intervals.agree(a, ci_a, b, ci_b) is want
+    assert intervals.agree(b, ci_b, a, ci_a) is want
 
 
 def test_interval_coverage_is_close_to_95_percent_at_10_rounds():
@@ -116,7 +116,7 @@ def test_interval_coverage_is_close_to_95_percent_at_10_rounds():
     runs, covered = 400, 0
     for _ in range(runs):
         shift = rng.uniform(0, 3)
-        lo, hi = p.compare(synthetic_run(rng, rounds=10, shift_ms=shift, noise=0.12), "round")["ttft_saving_ci95"]
+        lo, hi = analysis.compare(synthetic_run(rng, rounds=10, shift_ms=shift, noise=0.12), "round")["ttft_saving_ci95"]
         covered += lo <= true_saving(shift) <= hi
     assert 0.925 <= covered / runs <= 0.975, covered / runs
 
@@ -129,7 +129,7 @@ def test_interval_coverage_holds_with_outliers():
         trials = synthetic_run(rng, rounds=10, noise=0.12)
         for t in trials:
             t["ttft_ms"] *= 2 if rng.random() < 0.05 else 1
-        lo, hi = p.compare(trials, "round")["ttft_saving_ci95"]
+        lo, hi = analysis.compare(trials, "round")["ttft_saving_ci95"]
         covered += lo <= true_saving(0.0) <= hi
     assert 0.925 <= covered / runs <= 0.985, covered / runs
 
@@ -150,33 +150,33 @@ def drifting_run(rng, rounds=40, round_s=3.2, num_blocks=8, noise=0.12, amplitud
         levels.append(rng.uniform(1 - amplitude, 1 + amplitude))
         t += rng.uniform(*segment_s)
     trials = []
-    for order, (_, condition, r) in enumerate(p.run_schedule(1, range(rounds))):
+    for order, (_, condition, r) in enumerate(protocol.run_schedule(1, range(rounds))):
         start_s = order * round_s / 3
         short = condition != "cache_cold"
         level = levels[np.searchsorted(edges, start_s, "right") - 1] if short else 1.0
         sd = noise if short else 0.01
         trials.append({"condition": condition, "round": r, "order": order, "start_s": start_s,
-                       "block": p.block_of(r, rounds, num_blocks),
+                       "block": protocol.block_of(r, rounds, num_blocks),
                        "ttft_ms": LEVEL_MS[condition] * level * rng.lognormal(-sd ** 2 / 2, sd)})
     return trials
 
 
 def coverage_and_agreement(runs, unit, truth):
     """Share of runs whose interval holds truth, and of disjoint pairs of runs that agree."""
-    estimates = [(c["ttft_saving_pct"], c["ttft_saving_ci95"]) for c in (p.compare(r, unit) for r in runs)]
+    estimates = [(c["ttft_saving_pct"], c["ttft_saving_ci95"]) for c in (analysis.compare(r, unit) for r in runs)]
     covered = np.mean([lo <= truth <= hi for _, (lo, hi) in estimates])
-    agreeing = np.mean([p.agree(*estimates[i], *estimates[i + 1]) for i in range(0, len(estimates) - 1, 2)])
+    agreeing = np.mean([intervals.agree(*estimates[i], *estimates[i + 1]) for i in range(0, len(estimates) - 1, 2)])
     return covered, agreeing
 
 
 def test_block_means_are_what_the_block_interval_is_taken_over():
     trials = [{"condition": c, "round": r, "block": r // 2, "ttft_ms": ms * (1 + r)}
               for c, ms in (("cache_hit", 2.0), ("cache_miss", 3.0), ("cache_cold", 4.0)) for r in range(4)]
-    assert p.unit_means(trials, "cache_hit", "block").tolist() == [3.0, 7.0]        # (2 + 4) / 2, (6 + 8) / 2
-    by_block = p.compare(trials, "block")
-    ratio, ci = p.ratio_ci95(np.array([3.0, 7.0]), np.array([6.0, 14.0]), paired=True)
+    assert analysis.unit_means(trials, "cache_hit", "block").tolist() == [3.0, 7.0]        # (2 + 4) / 2, (6 + 8) / 2
+    by_block = analysis.compare(trials, "block")
+    ratio, ci = intervals.ratio_ci95(np.array([3.0, 7.0]), np.array([6.0, 14.0]), paired=True)
     assert by_block["ttft_saving_pct"] == pytest.approx(50.0)
-    assert by_block["ttft_saving_ci95"] == pytest.approx(sorted(p.saving_pct(r) for r in ci))
+    assert by_block["ttft_saving_ci95"] == pytest.approx(sorted(intervals.saving_pct(r) for r in ci))
 
 
 def test_drift_of_tens_of_seconds_breaks_round_intervals_and_blocks_hold_it_better():
@@ -184,7 +184,7 @@ def test_drift_of_tens_of_seconds_breaks_round_intervals_and_blocks_hold_it_bett
     round interval holds the true saving in only about 2 runs of 3; the block interval in
     about 4 of 5, and two runs agree in about 85% of pairs."""
     rng = np.random.default_rng(5)
-    truth = p.saving_pct(LEVEL_MS["cache_hit"] / LEVEL_MS["cache_cold"])
+    truth = intervals.saving_pct(LEVEL_MS["cache_hit"] / LEVEL_MS["cache_cold"])
     runs = [drifting_run(rng) for _ in range(300)]
     round_covered, round_agree = coverage_and_agreement(runs, "round", truth)
     block_covered, block_agree = coverage_and_agreement(runs, "block", truth)
@@ -197,7 +197,7 @@ def test_blocks_longer_than_the_drift_give_the_promised_coverage():
     """The same drift with 6 blocks of 43 s (--num-blocks 6 --min-block-seconds 40): blocks
     outlast most level segments, and the interval holds the truth in about 9 runs of 10."""
     rng = np.random.default_rng(6)
-    truth = p.saving_pct(LEVEL_MS["cache_hit"] / LEVEL_MS["cache_cold"])
+    truth = intervals.saving_pct(LEVEL_MS["cache_hit"] / LEVEL_MS["cache_cold"])
     covered, agreeing = coverage_and_agreement([drifting_run(rng, rounds=80, num_blocks=6) for _ in range(300)],
                                                "block", truth)
     assert covered >= 0.87 and agreeing >= 0.9
@@ -216,7 +216,7 @@ def recorded_rounds(size_a):
         data = json.load(open(path))
         if data["environment"]["device_count"] != 1:
             continue
-        for c in p.CONDITIONS:
+        for c in defaults.CONDITIONS:
             for t in data[c]["trials"]:
                 rows.setdefault(t["round"], {})[c] = t["ttft_ms"]
         runs.append([rows[r] for r in sorted(rows)])
@@ -232,8 +232,8 @@ def replayed_run(rng, runs, rounds=40, num_blocks=8, segment_rounds=(3, 19)):
         run = runs[rng.integers(len(runs))]
         length, start = rng.integers(segment_rounds[0], segment_rounds[1] + 1), rng.integers(len(run))
         picked += [run[(start + i) % len(run)] for i in range(length)]
-    return [{"condition": c, "round": r, "block": p.block_of(r, rounds, num_blocks), "ttft_ms": row[c]}
-            for r, row in enumerate(picked[:rounds]) for c in p.CONDITIONS]
+    return [{"condition": c, "round": r, "block": protocol.block_of(r, rounds, num_blocks), "ttft_ms": row[c]}
+            for r, row in enumerate(picked[:rounds]) for c in defaults.CONDITIONS]
 
 
 # Each shipped run changes the replays, and 200 replays know a coverage of 0.87 only to +-0.024
@@ -248,7 +248,7 @@ def test_replayed_h200_traces_are_held_by_block_intervals(size_a, block_coverage
     runs = recorded_rounds(size_a)
     assert len(runs) >= 5, "the shipped H200 runs are missing"
     every_round = [row for run in runs for row in run]
-    truth = p.saving_pct(np.mean([r["cache_hit"] for r in every_round]) / np.mean([r["cache_cold"] for r in every_round]))
+    truth = intervals.saving_pct(np.mean([r["cache_hit"] for r in every_round]) / np.mean([r["cache_cold"] for r in every_round]))
     rng = np.random.default_rng(size_a)
     replays = [replayed_run(rng, runs) for _ in range(200)]
     covered, agreeing = coverage_and_agreement(replays, "block", truth)
@@ -268,7 +268,7 @@ def recorded_processes(size_a):
         for path in sorted(glob.glob(os.path.join(RESULTS, folder, "*", f"results_phase2_a{size_a}_b256.json"))):
             rows = {}
             data = json.load(open(path))
-            for c in p.CONDITIONS:
+            for c in defaults.CONDITIONS:
                 for t in data[c]["trials"]:
                     rows.setdefault(t["round"], {})[c] = t["ttft_ms"]
             runs.append([rows[r] for r in sorted(rows)])
@@ -284,11 +284,11 @@ def replayed_invocation(rng, runs, processes, rounds):
         for r in range(rounds):
             row = run[(start + r) % len(run)]
             trials += [{"condition": c, "round": k * rounds + r, "process": k, "block": k * 100 + r * 3 // rounds,
-                        "ttft_ms": row[c]} for c in p.CONDITIONS]
+                        "ttft_ms": row[c]} for c in defaults.CONDITIONS]
     return trials
 
 
-DEFAULT_ROUNDS = p.NUM_BLOCKS * p.rounds_per_block(3.1, p.MIN_BLOCK_SECONDS)     # a 3-config round took 3.1 s
+DEFAULT_ROUNDS = defaults.NUM_BLOCKS * protocol.rounds_per_block(3.1, defaults.MIN_BLOCK_SECONDS)     # a 3-config round took 3.1 s
 
 
 @pytest.mark.parametrize("size_a,max_median_half_width", [(512, 3.0), (2048, 3.5), (8192, 1.2)])
@@ -301,12 +301,12 @@ def test_intervals_over_engine_processes_hold_what_other_processes_measured(size
     runs = recorded_processes(size_a)
     assert len(runs) == 7, "the shipped H200 runs of the 3-config command are missing"
     per_run = [(np.mean([r["cache_hit"] for r in run]), np.mean([r["cache_cold"] for r in run])) for run in runs]
-    truth = p.saving_pct(np.mean([h for h, _ in per_run]) / np.mean([c for _, c in per_run]))
+    truth = intervals.saving_pct(np.mean([h for h, _ in per_run]) / np.mean([c for _, c in per_run]))
     rng = np.random.default_rng(size_a)
-    invocations = [replayed_invocation(rng, runs, p.PROCESSES, DEFAULT_ROUNDS) for _ in range(300)]
+    invocations = [replayed_invocation(rng, runs, defaults.PROCESSES, DEFAULT_ROUNDS) for _ in range(300)]
     covered, agreeing = coverage_and_agreement(invocations, "process", truth)
-    half_widths = [np.ptp(p.compare(t, "process")["ttft_saving_ci95"]) / 2 for t in invocations]
-    assert (p.PROCESSES, DEFAULT_ROUNDS) == (5, 15)
+    half_widths = [np.ptp(analysis.compare(t, "process")["ttft_saving_ci95"]) / 2 for t in invocations]
+    assert (defaults.PROCESSES, DEFAULT_ROUNDS) == (5, 15)
     assert covered >= 0.9 and agreeing >= 0.9
     assert np.median(half_widths) <= max_median_half_width
     one_process = [replayed_invocation(rng, runs, 1, 84) for _ in range(300)]

@@ -1,0 +1,154 @@
+"""A run's trials turned into its figures: per-condition stats (the design's keys), the hit-vs-cold
+saving and miss-vs-hit degradation with their intervals over the unit the run treats as
+independent, and whether the run's two halves agree. No engine: plot_results reads it too.
+"""
+
+import numpy as np
+
+from .defaults import CONDITIONS
+from .intervals import agree, degradation_pct, mean_ci95, ratio_ci95, saving_pct
+
+
+def compute_stats(trials):
+    """Mean/median/stdev for TTFT, total time and throughput, plus spread, engine-side
+    timings and cached tokens. Keys are the design's, times in ms."""
+    col = lambda key: np.array([t[key] for t in trials], dtype=float)
+    ttft, total, tput = col("ttft_ms"), col("total_time_ms"), col("throughput_tok_s")
+    sd = lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
+    # engine-side timings exist offline only: a server reports none per request
+    engine = lambda key, f: None if any(t[key] is None for t in trials) else float(f(col(key)))
+    cached = [t["cached_tokens"] for t in trials] + [t["throughput_request"]["cached_tokens"] for t in trials]
+    return {
+        "ttft_mean": float(np.mean(ttft)),
+        "ttft_median": float(np.median(ttft)),
+        "ttft_stdev": sd(ttft),
+        "total_time_mean": float(np.mean(total)),
+        "total_time_stdev": sd(total),
+        "throughput_mean": float(np.mean(tput)),
+        "throughput_stdev": sd(tput),
+        "prompt_tokens": trials[0]["prompt_tokens"],
+        "ttft_p90": float(np.percentile(ttft, 90)),
+        "ttft_min": float(np.min(ttft)),
+        "ttft_max": float(np.max(ttft)),
+        "ttft_ci95": mean_ci95(ttft),
+        "engine_ttft_mean": engine("engine_ttft_ms", np.mean),
+        "engine_ttft_median": engine("engine_ttft_ms", np.median),
+        "prefill_mean": engine("prefill_ms", np.mean),
+        "prefill_median": engine("prefill_ms", np.median),
+        # min == max whenever the cache audit passed; None where the engine did not report them (unaudited)
+        "cached_tokens": None if None in cached else min(cached),
+        "cached_tokens_max": None if None in cached else max(cached),
+        "num_trials": len(trials),
+    }
+
+
+def unit_means(trials, condition, unit):
+    """Mean TTFT of one condition per unit ("round" or "block"), in unit order; for unit
+    "trial", every TTFT in run order."""
+    if unit == "trial":
+        return np.array([t["ttft_ms"] for t in trials if t["condition"] == condition])
+    groups = {}
+    for t in trials:
+        if t["condition"] == condition:
+            groups.setdefault(t[unit], []).append(t["ttft_ms"])
+    return np.array([np.mean(groups[key]) for key in sorted(groups)])
+
+
+def compare(trials, unit):
+    """Saving (hit vs cold) and degradation (miss vs hit) with their 95% intervals; the saving
+    also in ms, which an overhead common to both requests leaves unchanged. unit: what the
+    interval treats as one independent observation. "block" (the default protocol): a time
+    block's mean, so a drift that outlasts a round but not a block is in the spread; "round":
+    one round, paired; "trial": every request on its own, unpaired (the design's block order)."""
+    from scipy import stats
+    paired = unit != "trial"
+    hit, miss, cold = (unit_means(trials, c, unit) for c in CONDITIONS)
+    hit_to_cold, hit_to_cold_ci = ratio_ci95(hit, cold, paired)
+    miss_to_hit, miss_to_hit_ci = ratio_ci95(miss, hit, paired)
+    saved_ms = stats.ttest_rel(cold, hit) if paired else stats.ttest_ind(cold, hit, equal_var=False)
+    return {
+        "ttft_saving_ms": float(np.mean(cold) - np.mean(hit)),
+        "ttft_saving_ms_ci95": [float(x) for x in saved_ms.confidence_interval()],
+        "ttft_saving_pct": float(saving_pct(hit_to_cold)),
+        "ttft_saving_ci95": sorted(float(saving_pct(r)) for r in hit_to_cold_ci),
+        "ttft_degradation_pct": float(degradation_pct(miss_to_hit)),
+        "ttft_degradation_ci95": sorted(float(degradation_pct(r)) for r in miss_to_hit_ci),
+    }
+
+
+def reproducibility(measured, unit):
+    """What a reader needs to judge whether a rerun would land inside the interval.
+
+    The per-round and per-block savings show any drift. The run is also cut into its first
+    and second half (of processes, blocks or rounds), each with its own saving and interval: if the
+    halves disagree beyond their intervals (the same test as for two runs), the level moved
+    more than the run's own spread allows, and the result is flagged as unstable."""
+    report = {"unit": unit, "per_round_saving_pct": None, "per_block_saving_pct": None,
+              "halves": None, "stable": None}
+    if unit != "trial":
+        report["per_round_saving_pct"] = saving_pct(unit_means(measured, "cache_hit", "round") /
+                                                    unit_means(measured, "cache_cold", "round")).tolist()
+    if unit in ("block", "process"):
+        report["per_block_saving_pct"] = saving_pct(unit_means(measured, "cache_hit", "block") /
+                                                    unit_means(measured, "cache_cold", "block")).tolist()
+    if unit == "process":
+        report["per_process_saving_pct"] = saving_pct(unit_means(measured, "cache_hit", "process") /
+                                                      unit_means(measured, "cache_cold", "process")).tolist()
+    key = "round" if unit == "trial" else unit
+    units = sorted({t[key] for t in measured})
+    if len(units) >= 8:                      # 4 units a half at least
+        halves = [units[:len(units) // 2], units[len(units) // 2:]]
+        parts = [compare([t for t in measured if t[key] in half], unit) for half in halves]
+        report["halves"] = [{{"process": "processes"}.get(key, key + "s"): [half[0], half[-1]], "ttft_saving_pct": part["ttft_saving_pct"],
+                             "ttft_saving_ci95": part["ttft_saving_ci95"]} for half, part in zip(halves, parts)]
+        report["stable"] = agree(parts[0]["ttft_saving_pct"], parts[0]["ttft_saving_ci95"],
+                                 parts[1]["ttft_saving_pct"], parts[1]["ttft_saving_ci95"])
+    return report
+
+
+def interval_method(measured, unit, plan):
+    """What the interval covers, for a reader of one JSON: the unit, how many, over how long."""
+    method = {
+        "unit": unit,
+        "statistic": {"process": "paired Fieller ratio over the engine processes' means, t with processes - 1 df",
+                      "block": "paired Fieller ratio over time-block means (batch means), t with blocks - 1 df",
+                      "round": "paired Fieller ratio over rounds, t with rounds - 1 df",
+                      "trial": "unpaired Fieller ratio over trials"}[unit],
+        "processes": plan.get("processes", 1),
+        "num_blocks": plan["num_blocks"] if unit in ("block", "process") else None,
+        "rounds_per_block": plan["rounds_per_block"] if unit in ("block", "process") else None,
+        "min_block_s": plan["min_block_s"],
+        "interleaved_configs": plan["configs"],
+        "span_s": None, "block_span_s": None, "round_paired_ttft_saving_ci95": None,
+        "block_paired_ttft_saving_ci95": None,
+    }
+    starts = [t["start_s"] for t in measured]
+    method["span_s"] = max(starts) - min(starts) if starts else None
+    if unit in ("block", "process"):
+        spans = {}
+        for t in measured:
+            spans.setdefault(t["block"], []).append(t["start_s"])
+        method["block_span_s"] = [[min(s), max(s)] for _, s in sorted(spans.items())]
+        # the intervals narrower units would give, for comparison: narrower where the host
+        # drifts over longer than a round, or differs from one process to the next
+        method["round_paired_ttft_saving_ci95"] = compare(measured, "round")["ttft_saving_ci95"]
+    if unit == "process":
+        method["block_paired_ttft_saving_ci95"] = compare(measured, "block")["ttft_saving_ci95"]
+    return method
+
+
+def summarize(trials, opts, plan):
+    """Step 6: stats per condition over the measured rounds, the comparisons, the run's stability."""
+    measured = [t for t in trials if t["round"] >= opts.warmup_trials]
+    conditions = {}
+    for c in CONDITIONS:
+        kept = [t for t in measured if t["condition"] == c]
+        conditions[c] = {
+            "trials": kept,
+            "discarded_trials": [t for t in trials if t["condition"] == c and t["round"] < opts.warmup_trials],
+            "stats": compute_stats(kept),
+        }
+    unit = ("trial" if opts.block_order else "process" if plan.get("processes", 1) > 1
+            else "block" if plan["num_blocks"] > 1 else "round")
+    return (conditions, compare(measured, unit), reproducibility(measured, unit),
+            interval_method(measured, unit, plan))

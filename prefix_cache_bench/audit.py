@@ -1,0 +1,147 @@
+"""The cache audit: what each request must find cached, whether it did, and whether the engine's
+own prefix-cache counters agree. One counter-growth helper and one wait-for-counters serve the
+offline engine, the server and the load run alike.
+"""
+import time
+
+
+
+def expected_cached_tokens(condition, warmup_prompt_tokens, cache_block_size):
+    """What num_cached_tokens must be: the hit reuses [A, B]'s full blocks, nothing else."""
+    if condition == "cache_hit":
+        return warmup_prompt_tokens // cache_block_size * cache_block_size
+    return 0
+
+
+def audit_requests(warm, trials, warmup_ids, block):
+    """Did every request of one config find exactly what its condition promises? Returns the
+    problems, one line each: num_cached_tokens against expected_cached_tokens."""
+    problems = []
+    if warm.cached_tokens != 0:
+        problems.append(f"warmup [A, B]: cached_tokens={warm.cached_tokens}, expected 0")
+    for t in trials:
+        want = expected_cached_tokens(t["condition"], len(warmup_ids), block)
+        for request, got in (("ttft", t["cached_tokens"]), ("throughput", t["throughput_request"]["cached_tokens"])):
+            if got != want:
+                problems.append(f"{t['condition']} trial {t['round']} {request} request: cached_tokens={got}, "
+                                f"expected {want}")
+    return problems
+
+
+def audit_counters(requests, flush, counters_before, counters_after, shared=False):
+    """The engine's own prefix-cache hit counter (prefix_cache_counters) must have grown by the
+    sum of the requests' num_cached_tokens. Counters are engine-wide, so this covers every
+    request of the run (all configs). shared: other clients may send the engine requests too
+    (a server): growth beyond this run's own is then recorded as theirs (other_clients), not
+    a problem; growth short of it still is. Returns (engine_counters or None, problems)."""
+    problems = []
+    if flush.cached_tokens != 0:
+        problems.append(f"stats flush: cached_tokens={flush.cached_tokens}, expected 0")
+    if counters_before is None or counters_after is None:
+        return None, problems
+    requests = list(requests) + [flush.as_json()]
+    engine_counters = counter_growth(counters_before, counters_after)
+    engine_counters["scope"] = "every request of the run, all configs"
+    engine_counters["sum_prompt_tokens"] = sum(r["prompt_tokens"] for r in requests)
+    engine_counters["sum_cached_tokens"] = sum(r["cached_tokens"] for r in requests)
+    if shared:
+        engine_counters["other_clients"] = (engine_counters["prefix_cache_hits"] > engine_counters["sum_cached_tokens"]
+                                            or engine_counters["prefix_cache_queries"] > engine_counters["sum_prompt_tokens"])
+    short = engine_counters["prefix_cache_hits"] < engine_counters["sum_cached_tokens"]
+    if short or (engine_counters["prefix_cache_hits"] != engine_counters["sum_cached_tokens"] and not shared):
+        problems.append(f"the engine's prefix-cache hit counter ({engine_counters['source']}) grew by "
+                        f"{engine_counters['prefix_cache_hits']}, "
+                        f"but the requests report {engine_counters['sum_cached_tokens']} cached tokens")
+    return engine_counters, problems
+
+
+def audit(warm, trials, flush, warmup_ids, block, counters_before, counters_after):
+    """The cache_audit of one config run alone: its requests, and the engine's counter."""
+    engine_counters, counter_problems = audit_counters(requests_of(warm, trials), flush,
+                                                       counters_before, counters_after)
+    return audit_report(audit_requests(warm, trials, warmup_ids, block) + counter_problems,
+                        len(trials), warmup_ids, block, engine_counters)
+
+
+def audit_report(problems, num_trials, warmup_ids, block, engine_counters):
+    return {
+        "ok": not problems,
+        "expected_hit_cached_tokens": expected_cached_tokens("cache_hit", len(warmup_ids), block),
+        "requests_checked": 2 + 2 * num_trials,          # the warmup and the stats flush, then 2 a trial
+        "problems": problems,
+        "engine_counters": engine_counters,
+    }
+
+
+def requests_of(warm, trials):
+    """Every request of one config, as the files record them: the warmup, then each trial's two."""
+    return [warm.as_json()] + [req for t in trials for req in (t, t["throughput_request"])]
+
+
+def counter_growth(before, after):
+    """after - before for every number, also in nested dicts; None where either is None (a
+    counter a server does not publish); other values as they are after."""
+    return {key: counter_growth(before[key], value) if isinstance(value, dict)
+            else None if value is None or before[key] is None
+            else value - before[key] if isinstance(value, (int, float)) else value
+            for key, value in after.items()}
+
+
+def sum_counters(counters):
+    """Engine counters of several processes, added up (numbers, also nested); other values the first's."""
+    if any(c is None for c in counters):
+        return None
+    first = counters[0]
+    return {key: sum_counters([c[key] for c in counters]) if isinstance(value, dict)
+            else any(c[key] for c in counters) if isinstance(value, bool)
+            else sum(c[key] for c in counters) if isinstance(value, (int, float))
+            else value for key, value in first.items()}
+
+
+def cache_state(cached_tokens, full_tokens):
+    """What a request found: all of its document's full blocks, some, or none."""
+    if not cached_tokens:
+        return "miss"
+    return "hit" if cached_tokens >= full_tokens else "partial"
+
+
+def load_problems(requests, block):
+    """Requests that found cached tokens they cannot have: a salted cold one any, a cached one
+    more than its document's full blocks, or a count that is not whole blocks."""
+    problems = []
+    for r in requests:
+        if r["error"] is not None or r["cached_tokens"] is None:
+            continue
+        allowed = 0 if r["condition"] == "cold" else r["document_cached_tokens"]
+        if r["cached_tokens"] > allowed or r["cached_tokens"] % block:
+            problems.append(f"{r['condition']} request {r['index']} (document {r['document']}): "
+                            f"cached_tokens={r['cached_tokens']}, at most {allowed} in whole blocks of {block}")
+    return problems
+
+
+def counter_problems(counters, sent):
+    """/metrics' prefix-cache hits must have grown by the cached tokens the requests report (and
+    by more only where another client's queries show in the counters too). Fills in the sums."""
+    if counters["prefix_cache_hits"] is None:
+        return []
+    own = sum(r["cached_tokens"] or 0 for r in sent)
+    counters["sum_cached_tokens"], counters["sum_prompt_tokens"] = own, sum(r["prompt_tokens"] for r in sent)
+    counters["other_clients"] = (counters["prefix_cache_queries"] or 0) > counters["sum_prompt_tokens"]
+    if counters["prefix_cache_hits"] < own or (counters["prefix_cache_hits"] != own and not counters["other_clients"]):
+        return [f"/metrics vllm:prefix_cache_hits_total grew by {counters['prefix_cache_hits']:.0f}, but the "
+                f"requests report {own} cached tokens"]
+    return []
+
+
+def wait_for_counters(read, counted, before, tokens, timeout_s=5.0):
+    """read() the engine's counters until counted(before, reading) says they hold `tokens` more
+    tokens than `before` (None: nothing to wait for), or timeout_s has passed; the last reading.
+    An engine counts a request as its outputs are handled, which may be just after the response
+    ends (/metrics lags a little): the audit must not read the counters before they hold it."""
+    deadline = time.monotonic() + timeout_s
+    while True:
+        reading = read()
+        grown = counted(before, reading)
+        if grown is None or grown >= tokens or time.monotonic() > deadline:
+            return reading
+        time.sleep(0.05)

@@ -1,0 +1,119 @@
+"""Command-line pieces both experiments share: argparse types that say in one line what they
+expected, the experiment's own flags, and the checks on them. No vLLM import: a bad flag exits 2
+within a second.
+"""
+import argparse
+import os
+
+from .defaults import (CONTEXT_SIZE_A, CONTEXT_SIZE_B, MAX_OUTPUT_TOKENS, MIN_BLOCK_SECONDS, NUM_BLOCKS,
+                       NUM_TRIALS, OFFLINE_PROG, ONE_PROCESS_MIN_BLOCK_SECONDS, ONE_PROCESS_NUM_BLOCKS,
+                       PAUSE_MS, PROCESSES, RESULTS_DIR, WARMUP_TRIALS)
+from .errors import ExperimentError, usage_error
+
+
+def checked(cast, ok, what):
+    """An argparse type: cast the text, check it, or say in one line what was expected."""
+    def convert(text):
+        try:
+            value = cast(text)
+        except ValueError:
+            value = None
+        if value is None or not ok(value):
+            raise argparse.ArgumentTypeError(f"must be {what}, got {text!r}")
+        return value
+    return convert
+
+
+positive_int = checked(int, lambda v: v > 0, "a positive integer")
+
+
+def size_list(text):
+    """'512x256,1024x256' -> [(512, 256), (1024, 256)]"""
+    sizes = []
+    for part in text.split(","):
+        a, sep, b = part.strip().lower().partition("x")
+        try:
+            sizes.append((positive_int(a), positive_int(b)) if sep else None)
+        except argparse.ArgumentTypeError:
+            sizes.append(None)
+        if sizes[-1] is None:
+            raise argparse.ArgumentTypeError(f"expected AxB pairs of positive integers like 512x256,1024x256, "
+                                             f"got {part.strip()!r}")
+    if len(set(sizes)) != len(sizes):
+        raise argparse.ArgumentTypeError(f"a config is listed twice in {text!r}")
+    return sizes
+
+
+def experiment_parser():
+    """The experiment's own flags. No vLLM import: a bad value exits 2 within a second."""
+    parser = argparse.ArgumentParser(prog=OFFLINE_PROG, add_help=False, allow_abbrev=False)
+    parser.error = usage_error
+    g = parser.add_argument_group("experiment")
+    g.add_argument("--size-a", type=positive_int, help=f"tokens in context A (default {CONTEXT_SIZE_A})")
+    g.add_argument("--size-b", type=positive_int, help=f"tokens in context B (default {CONTEXT_SIZE_B})")
+    g.add_argument("--sizes", type=size_list, help="several configs on one engine start, e.g. 512x256,1024x256")
+    g.add_argument("--num-trials", type=positive_int, default=NUM_TRIALS,
+                   help="measured rounds per process; default: sized by time, --num-blocks blocks of at least "
+                        "--min-block-seconds")
+    g.add_argument("--processes", type=positive_int,
+                   help=f"engine processes, one after another; the interval is taken over their means "
+                        f"(default {PROCESSES}; 1: over one process's time blocks)")
+    g.add_argument("--num-blocks", type=positive_int,
+                   help=f"time blocks per process (default {NUM_BLOCKS}; {ONE_PROCESS_NUM_BLOCKS} with one process)")
+    g.add_argument("--min-block-seconds", type=checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                   help=f"each block lasts at least this long (default {MIN_BLOCK_SECONDS:g}; "
+                        f"{ONE_PROCESS_MIN_BLOCK_SECONDS:g} with one process)")
+    g.add_argument("--warmup-trials", type=checked(int, lambda v: v >= 0, "an integer >= 0"),
+                   default=WARMUP_TRIALS, help="discarded rounds first (default %(default)s)")
+    g.add_argument("--max-output-tokens", type=positive_int, default=MAX_OUTPUT_TOKENS)
+    g.add_argument("--pause-ms", type=checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
+                   default=PAUSE_MS, help="idle gap after every request (default %(default)s)")
+    g.add_argument("--results-dir", default=RESULTS_DIR)
+    g.add_argument("--worker-output", help=argparse.SUPPRESS)     # set by --processes for each engine process
+    g.add_argument("--block-order", action="store_true",
+                   help="the design's literal order (all hits, then misses, then cold) instead of rounds; "
+                        "a level shift during the run then biases the comparison")
+    return parser
+
+
+def resolve_run_shape(opts):
+    """Defaults that depend on how many processes measure: several short ones, or one long one."""
+    if opts.processes is None:
+        opts.processes = 1 if opts.block_order else PROCESSES
+    one = opts.processes == 1
+    if opts.num_blocks is None:
+        opts.num_blocks = ONE_PROCESS_NUM_BLOCKS if one else NUM_BLOCKS
+    if opts.min_block_seconds is None:
+        opts.min_block_seconds = ONE_PROCESS_MIN_BLOCK_SECONDS if one else MIN_BLOCK_SECONDS
+
+
+def check_run_flags(opts):
+    """The checks on the experiment's own flags that phase 1 shares; sets opts.configs."""
+    if opts.sizes and (opts.size_a or opts.size_b):
+        usage_error("--sizes cannot be combined with --size-a/--size-b")
+    opts.configs = opts.sizes or [(opts.size_a or CONTEXT_SIZE_A, opts.size_b or CONTEXT_SIZE_B)]
+    if opts.num_trials is None and opts.warmup_trials == 0:
+        usage_error("--warmup-trials 0 needs --num-trials: the discarded round is what times the run")
+
+
+def number_list(cast, what):
+    """An argparse type for '1,2,4': each item cast and positive, none twice."""
+    def convert(text):
+        try:
+            values = [cast(part) for part in text.split(",")]
+        except ValueError:
+            values = None
+        if not values or any(not 0 < v < float("inf") for v in values):
+            raise argparse.ArgumentTypeError(f"must be {what}, comma-separated, got {text!r}")
+        if len(set(values)) != len(values):
+            raise argparse.ArgumentTypeError(f"a value is listed twice in {text!r}")
+        return values
+    return convert
+
+
+def check_model_folder(model):
+    """model, unless it names a local folder (a path) that is not there: then one line, exit 1,
+    before anything starts."""
+    if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):
+        raise ExperimentError(f"--model {model!r}: no such model folder")
+    return model

@@ -1,0 +1,64 @@
+"""The engine interface the trial protocol drives (Engine), and the record of one request
+(RequestResult), as vLLM's benchmarks/lib/endpoint_request_func.py has RequestFuncOutput. The
+offline engine (offline.OfflineEngine) and a server (server_engine.ServerEngine) implement both.
+"""
+import dataclasses
+from typing import Optional, Protocol
+
+# The fields only a streamed request (through a server) has: offline, the 1-token request's wall
+# time is the TTFT, and there are no chunks to time.
+STREAM_FIELDS = ("ttft_ms", "tpot_ms", "itl_ms", "new_connection")
+
+
+@dataclasses.dataclass
+class RequestResult:
+    """One request as an engine's request() returns it. Times in ms: wall_ms and the streamed
+    fields on this process's clock (perf_counter), engine_ttft_ms and prefill_ms on the engine
+    core's (offline only: a server reports none per request). Never mix the two clocks."""
+    wall_ms: float                          # from just before the request is sent to its last output
+    prompt_tokens: Optional[int]
+    cached_tokens: Optional[int]            # None where the engine does not say (an unaudited server)
+    output_tokens: int
+    engine_ttft_ms: Optional[float] = None
+    prefill_ms: Optional[float] = None
+    decode_ms: Optional[float] = None
+    ttft_ms: Optional[float] = None         # streamed: to the first chunk that carries a token
+    tpot_ms: Optional[float] = None
+    itl_ms: Optional[list] = None
+    new_connection: Optional[bool] = None   # streamed: did it open a connection of its own
+
+    @property
+    def streamed(self):
+        return self.ttft_ms is not None
+
+    @property
+    def client_ttft_ms(self):
+        """The TTFT this client saw: a streamed request's first token, else the whole (1-token) request."""
+        return self.ttft_ms if self.streamed else self.wall_ms
+
+    def as_json(self):
+        """The request as the result files record it (a trial's throughput_request): every field
+        but wall_ms, which the trial keeps as total_time_ms; the streamed fields where it streamed."""
+        record = dataclasses.asdict(self)
+        del record["wall_ms"]
+        if not self.streamed:
+            return {key: value for key, value in record.items() if key not in STREAM_FIELDS}
+        return {"ttft_ms": record.pop("ttft_ms"), **record}
+
+
+class Engine(Protocol):
+    """What the trial protocol (protocol.run_configs) needs of an engine."""
+    phase: str          # the result's "phase": phase2_python_api (offline) or phase1_server_api
+    shared: bool        # may other clients send it requests (a server)? Then each run hits in a cache namespace of its own
+
+    def request(self, prompt_ids, max_tokens, cache_salt=None) -> RequestResult:
+        """One request, timed; nothing else inside the timed region."""
+
+    def reset_prefix_cache(self) -> bool:
+        """Empty the prefix cache (a server: nothing to do, the run's namespace is new); False if it failed."""
+
+    def counters(self) -> Optional[dict]:
+        """The engine's prefix-cache counters (prefix_cache_queries, prefix_cache_hits, source), or None."""
+
+    def kv_capacity(self) -> Optional[tuple]:
+        """(KV blocks, tokens a block) that any one request can count on, or None."""

@@ -1,0 +1,162 @@
+"""The HTTP client: streamed /v1/completions on kept-alive connections (aiohttp, as vLLM's own
+benchmark client), the TTFT clock in the client, and every network failure as one line.
+"""
+import asyncio
+import json
+import time
+
+from .errors import ExperimentError, first_line
+
+
+class HttpClient:
+    """Streams requests to one server over one keep-alive connection (aiohttp, as vLLM's own
+    benchmark client). Every failure becomes an ExperimentError of one line."""
+
+    def __init__(self, base_url, request_timeout_s):
+        import aiohttp
+
+        self.base_url = base_url.rstrip("/")
+        self.loop = asyncio.new_event_loop()
+        self.connections_opened = 0
+        self.load_connections = 0
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._count_connection)
+
+        async def session():
+            return aiohttp.ClientSession(
+                connector=aiohttp.TCPConnector(limit=1, keepalive_timeout=300),
+                timeout=aiohttp.ClientTimeout(total=request_timeout_s), trace_configs=[trace])
+        self.session = self.loop.run_until_complete(session())
+        self.request_timeout_s = request_timeout_s
+
+    async def _count_connection(self, session, context, params):
+        self.connections_opened += 1
+
+    async def _count_load_connection(self, session, context, params):
+        self.load_connections += 1
+
+    def load_session(self):
+        """A session of as many connections as a load level opens (counted in load_connections).
+        Made inside the loop, as aiohttp wants."""
+        import aiohttp
+
+        trace = aiohttp.TraceConfig()
+        trace.on_connection_create_end.append(self._count_load_connection)
+        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=300),
+                                     timeout=aiohttp.ClientTimeout(total=self.request_timeout_s), trace_configs=[trace])
+
+    def __enter__(self):
+        return self
+
+    def __exit__(self, *exc):
+        self.close()
+
+    def close(self):
+        """Close the connection and the loop; a request a signal broke off is cancelled first."""
+        pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
+        for task in pending:
+            task.cancel()
+        if pending:
+            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if not self.session.closed:
+            self.loop.run_until_complete(self.session.close())
+        self.loop.close()
+
+    def run(self, what, coroutine):
+        """Run one request to completion; network failures end the run with one line."""
+        import aiohttp
+        try:
+            return self.loop.run_until_complete(coroutine)
+        except asyncio.TimeoutError:
+            raise ExperimentError(f"{what} took longer than --request-timeout {self.request_timeout_s:g} s")
+        except aiohttp.ClientConnectorError as e:
+            raise ExperimentError(f"cannot reach {self.base_url} ({what}): {e.strerror or e}")
+        except (aiohttp.ClientError, ConnectionError) as e:
+            raise ExperimentError(f"{self.base_url} broke off {what}: {type(e).__name__}: {first_line(e)}")
+        except ValueError as e:                 # a body or a chunk that is not the JSON it should be
+            raise ExperimentError(f"{self.base_url} answered {what} with something that is not JSON: {first_line(e)}")
+
+    async def _check(self, response, what):
+        if response.status >= 400:
+            body = await response.text()
+            try:
+                error = json.loads(body)
+                message = error.get("error", error).get("message") if isinstance(error, dict) else body
+            except (ValueError, AttributeError):
+                message = body
+            raise ExperimentError(f"{self.base_url} answered {what} with HTTP {response.status}: "
+                                  f"{first_line(message or response.reason)}")
+
+    def ensure_connection(self):
+        """An untimed GET /health on the kept connection; if that fails (the server closed the
+        connection meanwhile), once more on a fresh one, whose failure is the run's one line."""
+        try:
+            self.loop.run_until_complete(self._health())
+            return
+        except Exception:
+            pass
+        self.run("GET /health", self._health())
+
+    async def _health(self):
+        async with self.session.get(self.base_url + "/health") as response:
+            await response.read()
+
+    async def get_async(self, path, session=None):
+        """GET path's text (a path on this server, or a whole URL), on the kept connection or on session's."""
+        async with (session or self.session).get(path if path.startswith("http") else self.base_url + path) as response:
+            await self._check(response, f"GET {path}")
+            return await response.text()
+
+    def get_url(self, url):
+        """The text of a GET to a whole URL (another server's /metrics)."""
+        return self.run(f"GET {url}", self.get_async(url))
+
+    def get(self, path, as_json=True):
+        async def get():
+            async with self.session.get(self.base_url + path) as response:
+                await self._check(response, f"GET {path}")
+                return await (response.json() if as_json else response.text())
+        return self.run(f"GET {path}", get())
+
+    def post(self, path, body):
+        async def post():
+            async with self.session.post(self.base_url + path, json=body) as response:
+                await self._check(response, f"POST {path}")
+                return await response.json()
+        return self.run(f"POST {path}", post())
+
+    def stream(self, body):
+        """POST /v1/completions with stream on. Returns the arrival times (perf_counter s) of
+        the chunks that carry a token, the last chunk's usage, the send time and the end time.
+        Nothing but the request and reading its chunks is inside the timed region."""
+        data = json.dumps(body).encode()        # serialised before the clock starts: the client's cost, not the server's
+        return self.run("a completion request", self.stream_on(self.session, data))
+
+    async def stream_on(self, session, data, base_url=None):
+        """stream() of a serialised body on session's connections (to base_url, default this
+        client's server); raises what stream() turns into one line."""
+        token_times, usage = [], None
+        sent = time.perf_counter()
+        async with session.post((base_url or self.base_url) + "/v1/completions", data=data,
+                                headers={"Content-Type": "application/json"}) as response:
+            await self._check(response, "POST /v1/completions")
+            async for line in response.content:
+                arrived = time.perf_counter()
+                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                    continue
+                chunk = json.loads(line[6:])
+                if chunk.get("error"):          # vLLM reports a failure mid-stream with HTTP 200
+                    error = chunk["error"]
+                    raise ExperimentError(f"{self.base_url} failed a completion request mid-stream: "
+                                          f"{first_line(error.get('message', error) if isinstance(error, dict) else error)}")
+                if chunk.get("choices"):
+                    token_times.append(arrived)
+                if chunk.get("usage"):
+                    usage = chunk["usage"]
+        return sent, token_times, usage, time.perf_counter()
+
+
+def no_usage(server_url):
+    """The error of a server whose stream ended without the usage chunk the audit reads."""
+    return ExperimentError(f"{server_url} sent no usage in its last chunk: it does not honour "
+                           f"stream_options.include_usage")

@@ -1,0 +1,360 @@
+"""The load run: each level, cached against cold at the same load, over several passes; the
+server's counters and gauges read around each condition; the figures over passes; the console
+table; the file.
+"""
+import asyncio
+import datetime
+import sys
+import time
+import uuid
+
+import numpy as np
+
+from .audit import counter_growth, counter_problems, load_problems, wait_for_counters
+from .defaults import (FLUSH_PROMPT_TOKENS, METRICS_POLL_S, QUERY_TOKENS, SERVER_PHASE, SERVER_PROG,
+                       WARMUP_TOKENS)
+from .errors import EXIT_AUDIT, EXIT_SETUP, ExperimentError
+from .http_client import no_usage
+from .intervals import mean_ci95
+from .load_workload import (LoadWorkload, condition_stats, level_name, load_levels, request_record,
+                            requests_per_level, send_all, sweep_schedule)
+from .prometheus import (API_SERVER_CPU, LOAD_COUNTERS, LOAD_METRICS, SERVER_TIMES, busy_shares,
+                         gauge_summary, load_counters, metric_total, parse_metrics, server_times,
+                         total_counters)
+from .protocol import flush_engine_stats
+from .results import load_results_path, write_result
+
+
+async def api_server_cpu_s(client, urls, session):
+    """{url: CPU seconds each server's API server process has used; None where it does not
+    report them or did not answer}."""
+    texts = await asyncio.gather(*[client.get_async(url + "/metrics", session) for url in urls], return_exceptions=True)
+    return {url: None if isinstance(text, BaseException) else metric_total(parse_metrics(text), API_SERVER_CPU)
+            for url, text in zip(urls, texts)}
+
+
+def replica_load_counters(engine):
+    """{engine name: load_counters} of every engine behind the front."""
+    return {name: load_counters(metrics) for name, metrics in engine.replica_metrics()}
+
+
+def prompt_tokens_growth(before, after):
+    """Prompt tokens the engines behind the front counted since before, together; None where
+    none of them says."""
+    grown = [after[name]["prompt_tokens"] - before[name]["prompt_tokens"] for name in after
+             if name in before and after[name]["prompt_tokens"] is not None
+             and before[name]["prompt_tokens"] is not None]
+    return sum(grown) if grown else None
+
+
+async def sample_gauges(client, urls, samples, stop):
+    """KV-cache usage (the fullest engine's) and queue lengths (all engines') from every
+    server's /metrics, every METRICS_POLL_S until stop is set."""
+    while not stop.is_set():
+        try:
+            found = [parse_metrics(await client.get_async(url + "/metrics")) for url in urls]
+            usage = [value for metrics in found for _, value in metrics.get(LOAD_METRICS["kv_cache_usage"], [])]
+            samples.append({"kv_cache_usage": max(usage) if usage else None,
+                            **{key: sum(metric_total(metrics, LOAD_METRICS[key]) or 0 for metrics in found)
+                               for key in ("running", "waiting")}})
+        except Exception:           # a missed sample is no reason to stop the level
+            pass
+        try:
+            await asyncio.wait_for(stop.wait(), METRICS_POLL_S)
+        except asyncio.TimeoutError:
+            pass
+
+
+def warm_documents(engine, workload, docs, namespace, concurrency):
+    """Each document sent once, untimed, in the cached condition's namespace: one at a time, or
+    `concurrency` at a time as first requests that arrive together would (behind a router, where
+    a document lands can depend on which others are in flight). Returns each one's cached
+    tokens (None when unaudited); a warmup that fails ends the run."""
+    if concurrency == 1 and not engine.route:
+        return [engine.request(workload.documents[doc], WARMUP_TOKENS, namespace).cached_tokens for doc in docs]
+    prompts = [(workload.documents[doc], namespace, doc) for doc in docs]
+
+    async def send():
+        session = engine.client.load_session()
+        try:
+            return await send_all(engine.client, session, engine.model, prompts,
+                                  {"concurrency": concurrency, "request_rate": None}, WARMUP_TOKENS, 0, engine.route)
+        finally:
+            await session.close()
+    records, _ = engine.client.run("the documents' warmup", send())
+    found = []
+    for doc, record in zip(docs, records):
+        if record is None or record[4]:
+            error = record[4].removeprefix("ExperimentError: ") if record else "not sent"
+            raise ExperimentError(f"the warmup of document {doc} failed: {error}")
+        if record[2] is None:
+            raise no_usage(engine.route[doc % len(engine.route)] if engine.route else engine.client.base_url)
+        details = record[2].get("prompt_tokens_details") or {}
+        found.append(details.get("cached_tokens") if engine.audited else None)
+    return found
+
+
+def run_condition(engine, workload, documents, condition, namespace, level, opts, seed):
+    """One condition at one load level: the cached one warms its documents first (untimed,
+    --warmup-concurrency at a time). Returns the condition's result with every request's record."""
+    client = engine.client
+    prompts = workload.requests(documents, condition, namespace)
+    docs = sorted(set(documents))
+    warms = warm_documents(engine, workload, docs, namespace, opts.warmup_concurrency) if condition == "cached" else []
+    before = replica_load_counters(engine)
+    samples, records = [], None
+
+    async def measure():
+        session = client.load_session()
+        try:
+            # the level's connections are opened before its first timed request (to each server it sends to)
+            await asyncio.gather(*[client.get_async(url + "/health", session) for url in engine.route or [client.base_url]
+                                   for _ in range(level["concurrency"] or 1)])
+            # read before the connections are counted: a fleet's replicas get connections of their own
+            cpu_before = await api_server_cpu_s(client, engine.metrics_urls, session)
+            opened = client.load_connections
+            stop = asyncio.Event()
+            sampler = asyncio.create_task(sample_gauges(client, engine.metrics_urls, samples, stop))
+            # how busy the client and the servers' API processes were while the requests ran: near a
+            # whole core, a request waits for that process, and the wait is in its TTFT
+            wall_s, client_cpu_s = time.perf_counter(), time.process_time()
+            try:
+                result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed,
+                                        engine.route)
+            finally:
+                wall_s, client_cpu_s = time.perf_counter() - wall_s, time.process_time() - client_cpu_s
+                stop.set()
+                await sampler
+            opened_while_timed = client.load_connections - opened
+            busy = busy_shares(cpu_before, await api_server_cpu_s(client, engine.metrics_urls, session), wall_s)
+            return result, opened_while_timed, client_cpu_s / wall_s if wall_s > 0 else None, busy
+        finally:
+            await session.close()
+    (records, t0), connections_during, client_cpu_busy, busy = client.run("a load level", measure())
+    requests = [request_record(k, prompt, record, t0, condition, workload.full_tokens, engine.audited)
+                for k, (prompt, record) in enumerate(zip(prompts, records))]
+    problems = load_problems(requests, workload.block) if engine.audited else []
+    problems += [f"warmup of document {doc}: cached_tokens={cached}, expected 0"
+                 for doc, cached in zip(docs, warms) if engine.audited and cached != 0]
+    # the counters' cross-check, once every request has ended well (a failed one may or may not have been counted)
+    counters, replicas, server_error = None, None, None
+    if not any(r["error"] for r in requests):
+        try:
+            # a short flush: it is counted with the condition's requests in the server's histograms
+            flush = flush_engine_stats(engine.request, workload.documents[0][:FLUSH_PROMPT_TOKENS])
+            sent = requests + [flush.as_json()]           # the warmups ran before the counters were read
+            after = wait_for_counters(lambda: replica_load_counters(engine), prompt_tokens_growth, before,
+                                      sum(r["prompt_tokens"] for r in sent))
+        except ExperimentError as e:        # the requests are measured; the server went away after them
+            server_error = str(e)
+        else:
+            replicas = {name: counter_growth(before[name], after[name]) for name in after if name in before}
+            counters = total_counters(replicas)
+            counters["flush_prompt_tokens"] = flush.prompt_tokens
+            # the server's histograms count the flush too: its client TTFT bounds what it added
+            counters["flush_ttft_ms"] = flush.ttft_ms
+            if engine.audited:
+                problems += counter_problems(counters, sent)
+                if flush.cached_tokens != 0:
+                    problems.append(f"the counters' flush (salted): cached_tokens={flush.cached_tokens}, expected 0")
+    return {"server_error": server_error, **condition_stats(requests, opts.slo_ttft_ms),
+            "client_cpu_busy": client_cpu_busy,
+            "server": {**(counters or {}), **gauge_summary(samples), "replicas": replicas,
+                       "api_server_cpu_busy": busy,
+                       "api_server_cpu_busy_max": max((b for b in busy.values() if b is not None), default=None),
+                       **server_times(counters or {}),
+                       # the condition's own requests: the untimed flush (nothing cached) left out
+                       "prefill_tokens_computed": (counters["prompt_tokens"] - counters["flush_prompt_tokens"]
+                                                   - counters["prefix_cache_hits"])
+                       if counters and counters["prompt_tokens"] is not None and counters["prefix_cache_hits"] is not None else None},
+            "connections_opened_while_timed": connections_during,
+            "problems": problems, "requests": requests}
+
+
+def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set):
+    """Both conditions (a working-set sweep's later levels: cached alone) at one level, once.
+    Returns (the pass's record, the one line that ends the sweep or None)."""
+    documents = workload.draws(level["num_prefixes"], level["num_requests"])
+    # cached and cold alternate in which goes first, so that neither always follows the other
+    order = ["cached"] if working_set and i else (["cached", "cold"] if (i + rep) % 2 == 0 else ["cold", "cached"])
+    run = {"repeat": rep, "order": order}
+    for condition in order:
+        try:
+            run[condition] = run_condition(engine, workload, documents, condition, namespace, level, opts,
+                                           opts.seed + 1000 * rep + i)
+        except ExperimentError as e:       # the server stopped answering between requests
+            return run, f"{level_name(level)}, {condition}: {e}"
+        failed = [r for r in run[condition]["requests"] if r["error"] and not r["error"].startswith("not sent")]
+        unsent = sum(1 for r in run[condition]["requests"] if r["error"] and r["error"].startswith("not sent"))
+        if run[condition]["server_error"]:
+            return run, f"{level_name(level)}, {condition}, after its requests: {run[condition]['server_error']}"
+        if failed:
+            return run, (f"{len(failed)} of {len(run[condition]['requests'])} {condition} requests failed at "
+                         f"{level_name(level)}{f' ({unsent} not sent after)' if unsent else ''} "
+                         f"(first: {failed[0]['error']})")
+    return run, None
+
+
+SUMMARY_FIGURES = (("ttft_ms", "mean"), ("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"),
+                   ("tpot_ms", "mean"), ("tpot_ms", "p50"), ("tpot_ms", "p90"), ("tpot_ms", "p99"),
+                   (None, "request_throughput"), (None, "output_throughput_tok_s"), (None, "goodput_req_s"),
+                   ("hit_rate", "requests"), ("hit_rate", "tokens"), (None, "client_cpu_busy"))
+
+
+def summarize_runs(runs):
+    """One condition's figures over its passes. With two or more, each figure is the mean of
+    the passes' values and its interval a t-interval over them (each pass one value, as
+    pyperf takes processes): it holds what differs from one pass to the next, such as the
+    state a closed loop settles into, which one pass's intervals cannot see. With one pass,
+    that pass's own intervals (order statistics, batch means)."""
+    if len(runs) == 1:
+        one = {key: value for key, value in runs[0].items() if key not in ("requests", "problems", "server_error")}
+        return {**one, "interval": "one pass: percentiles by order statistics, means and throughput by batch means"}
+    summary = {"num_requests": sum(r["num_requests"] for r in runs), "failed": sum(r["failed"] for r in runs),
+               "passes": len(runs),
+               "interval": f"over {len(runs)} passes: the passes' mean and a t-interval over their values"}
+    for group, key in SUMMARY_FIGURES:
+        values = [(r.get(group) or {}).get(key) if group else r.get(key) for r in runs]
+        if any(v is None for v in values):
+            continue
+        holder = summary.setdefault(group, {}) if group else summary
+        holder.update({key: float(np.mean(values)), f"{key}_ci95": mean_ci95(values), f"{key}_per_pass": values})
+    servers = [r.get("server") or {} for r in runs]
+    histograms = [key for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))]
+    totals = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
+              for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
+                          "prefill_tokens_computed", "preemptions", *histograms)}
+    summary["server"] = {key: value for key, value in totals.items() if key not in histograms}
+    # the passes' requests together: the histograms' sums over their counts; beside each, the
+    # passes' own means, its spread
+    summary["server"].update(server_times(totals))
+    summary["server"].update({f"{key}_per_pass": [s.get(key) for s in servers] for key, _ in SERVER_TIMES})
+    names = sorted({name for s in servers for name in (s.get("replicas") or {})})
+    summary["server"]["replicas"] = {name: {key: sum((s.get("replicas") or {}).get(name, {}).get(key) or 0 for s in servers)
+                                            for key in LOAD_COUNTERS} for name in names}
+    busy = [s.get("api_server_cpu_busy_max") for s in servers]
+    summary["server"]["api_server_cpu_busy_max"] = None if None in busy else float(np.mean(busy))
+    summary["server"]["api_server_cpu_busy_max_per_pass"] = busy
+    summary["server"]["kv_cache_usage_max"] = max((s.get("kv_cache_usage_max") for s in servers
+                                                   if s.get("kv_cache_usage_max") is not None), default=None)
+    return summary
+
+
+def run_load(engine, tokenizer, opts, env, unaudited):
+    """Every level of the sweep, --repeats times, cached against cold at the same load (a
+    working-set sweep measures cold at its first level only: nothing is cached there, so P
+    does not matter). Each pass of a level warms its documents in a cache namespace of its own.
+    Ends early, keeping what was measured, when requests fail. Returns the result dict."""
+    block = env["cache_block_size"]
+    # read now: after a failure the servers may not answer, and what was measured must still be written
+    capacity_tokens = engine.total_kv_capacity_tokens()
+    capacity_per_engine = engine.replica_capacities()
+    run_id = uuid.uuid4().hex[:12]
+    working_set = len(opts.num_prefixes) > 1
+    workload = LoadWorkload(tokenizer, opts.size_a, max(opts.num_prefixes), opts.prefix_skew, block, opts.seed, run_id)
+    levels = [{**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens,
+               "num_requests": requests_per_level(level, opts), "runs": []} for level in load_levels(opts)]
+    failure = None
+    schedule = sweep_schedule(len(levels), opts.repeats)
+    t0 = time.perf_counter()
+    for step, (rep, i) in enumerate(schedule):
+        level = levels[i]
+        elapsed_s = time.perf_counter() - t0
+        eta = f", about {elapsed_s / step * (len(schedule) - step) / 60:.1f} min left" if step else ""
+        print(f"\n--- {step + 1} of {len(schedule)}: {level_name(level)}, pass {rep + 1} of {opts.repeats}: "
+              f"{level['num_prefixes']} document(s) of {opts.size_a} tokens, {level['num_requests']} requests per "
+              f"condition ({elapsed_s:.0f} s so far{eta}) ---", flush=True)
+        run, failure = run_level_once(engine, workload, level, i, rep, opts, f"load-{run_id}-{i}-{rep}", working_set)
+        if any(c in run for c in ("cached", "cold")):
+            level["runs"].append(run)
+            print_level(level, run, capacity_tokens, len(capacity_per_engine))
+        if failure:
+            break
+    levels = [level for level in levels if level["runs"]]
+    for level in levels:
+        for condition in ("cached", "cold"):
+            # a pass a failure cut short is kept in runs but left out of the summary
+            done = [run[condition] for run in level["runs"] if condition in run and not run[condition]["failed"]]
+            if done:
+                level[condition] = summarize_runs(done)
+    requests = [r for level in levels for run in level["runs"] for c in ("cached", "cold") if c in run
+                for r in run[c]["requests"]]
+    problems = [p for level in levels for run in level["runs"] for c in ("cached", "cold") if c in run
+                for p in run[c]["problems"]]
+    return {
+        "phase": SERVER_PHASE,
+        "experiment": "working_set" if working_set else "load",
+        "model": opts.model,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"document_tokens": opts.size_a, "document_prompt_tokens": len(workload.documents[0]),
+                   "document_cached_tokens": workload.full_tokens, "query_tokens": QUERY_TOKENS,
+                   "max_output_tokens": opts.max_output_tokens, "num_requests": opts.num_requests,
+                   "repeats": opts.repeats, "num_prefixes": opts.num_prefixes, "prefix_skew": opts.prefix_skew,
+                   "warmup_concurrency": opts.warmup_concurrency,
+                   "load": "request_rate" if opts.request_rate else "concurrency",
+                   "slo_ttft_ms": opts.slo_ttft_ms, "seed": opts.seed},
+        "kv_capacity_tokens": capacity_tokens,
+        "kv_capacity_tokens_per_engine": capacity_per_engine,
+        "levels": levels,
+        "complete": failure is None,
+        "failure": failure,
+        "cache_audit": {"ok": None if unaudited else not problems, "problems": problems,
+                        "requests_checked": len(requests), **({"unaudited": unaudited} if unaudited else {})},
+        "environment": env,
+    }
+
+
+def ci_span(ci):
+    return "[" + ", ".join("-" if v is None else f"{v:.1f}" for v in ci) + "]"
+
+
+def print_level(level, run, capacity_tokens, engines=1):
+    """Console table of one pass of one load level."""
+    cache = f"the KV cache of {capacity_tokens}" + (f", {engines} engines together" if engines > 1 else "")
+    fits = "" if capacity_tokens is None else \
+        f" ({'fits in' if level['working_set_tokens'] <= capacity_tokens else 'exceeds'} {cache})"
+    print(f"working set {level['working_set_tokens']} tokens{fits}")
+    print(f"{'condition':<9} {'TTFT p50 ms [95% CI]':>24} {'p90':>8} {'p99':>8} {'mean':>8} {'TPOT ms':>8} "
+          f"{'req/s':>7} {'tok/s':>8} {'hit rate':>8} {'failed':>6}")
+    for c in ("cached", "cold"):
+        s = run.get(c)
+        if s is None:
+            continue
+        t = s.get("ttft_ms")
+        if not t:
+            print(f"{c:<9} every request failed")
+            continue
+        hit = s.get("hit_rate", {}).get("requests")
+        print(f"{c:<9} {t['p50']:>9.1f} {ci_span(t['p50_ci95']):>14} {t['p90']:>8.1f} {t['p99']:>8.1f} {t['mean']:>8.1f} "
+              f"{s['tpot_ms']['mean'] if s.get('tpot_ms') else float('nan'):>8.2f} {s['request_throughput'] or 0:>7.2f} "
+              f"{s['output_throughput_tok_s'] or 0:>8.1f} {'-' if hit is None else f'{hit:.0%}':>8} {s['failed']:>6}")
+    for c in ("cached", "cold"):
+        server = (run.get(c) or {}).get("server") or {}
+        if all(server.get(key) is not None for key, _ in SERVER_TIMES):
+            print(f"{c:<9} the server's own means: TTFT {server['server_ttft_mean_ms']:.1f} ms, of which the engine "
+                  f"queued {server['queue_time_mean_ms']:.1f} ms and prefilled {server['prefill_time_mean_ms']:.1f} ms")
+    for c in ("cached", "cold"):
+        s = run.get(c) or {}
+        api = (s.get("server") or {}).get("api_server_cpu_busy_max")
+        if s.get("client_cpu_busy") is not None:
+            print(f"{c:<9} CPU busy, as a share of one core: this client {s['client_cpu_busy']:.0%}"
+                  + ("" if api is None else f", the busiest server's API process {api:.0%}"))
+
+
+def finish_load(result, opts):
+    """Write a load run's JSON (also a sweep that requests' failures ended early: what was
+    measured is kept) and say how it ended. Returns the exit code."""
+    path = load_results_path(opts.results_dir, result)
+    write_result(path, result)
+    print(f"wrote {path}", flush=True)
+    for problem in result["cache_audit"]["problems"]:
+        print(f"!!!   {problem}", file=sys.stderr)
+    if result["failure"]:
+        print(f"{SERVER_PROG}: error: {result['failure']}; the levels measured before are in {path}", file=sys.stderr)
+        return EXIT_SETUP
+    if result["cache_audit"]["ok"] is False:
+        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
+        return EXIT_AUDIT
+    if result["cache_audit"].get("unaudited"):
+        print(f"!!! UNAUDITED: {result['cache_audit']['unaudited']}", file=sys.stderr)
+    return 0

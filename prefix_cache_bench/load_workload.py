@@ -1,0 +1,195 @@
+"""The load workload: P documents shared by many requests, a fresh query each, drawn uniformly
+or by Zipf; the closed-loop and Poisson senders; each request's record; one condition's figures
+at one level.
+"""
+import asyncio
+import json
+import random
+import time
+
+import numpy as np
+
+from .audit import cache_state
+from .defaults import LOAD_NUM_REQUESTS, LOAD_REQUESTS_PER_CLIENT
+from .errors import first_line
+from .intervals import batch_means_ci95, quantile_ci95, throughput_ci95
+from .prompts import generate_context, query_stream, special_prefix_ids
+
+
+def zipf_weights(num_prefixes, skew):
+    """How often each document is drawn: uniform at skew 0, else proportional to 1/rank**skew."""
+    weights = 1.0 / np.arange(1, num_prefixes + 1) ** skew
+    return weights / weights.sum()
+
+
+class LoadWorkload:
+    """P documents of A tokens. A request is [document, Q] with a fresh Q, its document drawn
+    uniformly (or by Zipf, skew > 0); cached requests share their level's cache namespace, a
+    cold request has a salt of its own."""
+
+    def __init__(self, tokenizer, size_a, num_prefixes, skew, block, seed, run_id):
+        self.tokenizer, self.block, self.run_id, self.skew = tokenizer, block, run_id, skew
+        special = special_prefix_ids(tokenizer)
+        self.documents = [special + tokenizer.encode(generate_context(size_a, f"Document {k} of {size_a}", tokenizer),
+                                                     add_special_tokens=False) for k in range(num_prefixes)]
+        self.full_tokens = len(self.documents[0]) // block * block      # what a hit finds: the document's full blocks
+        shared_len = block - len(self.documents[0]) % block
+        self.queries = query_stream(tokenizer, shared_len, random.Random(f"load:{seed}:{size_a}"))
+        self.rng = np.random.default_rng(seed)
+
+    def draws(self, num_prefixes, count):
+        return self.rng.choice(num_prefixes, size=count, p=zipf_weights(num_prefixes, self.skew)).tolist()
+
+    def requests(self, documents, condition, namespace):
+        """(token ids, cache salt, document) of every request, built before the clock starts."""
+        made = []
+        for k, doc in enumerate(documents):
+            q = self.tokenizer.encode(next(self.queries), add_special_tokens=False)
+            salt = namespace if condition == "cached" else f"{namespace}-cold-{k}"
+            made.append((self.documents[doc] + q, salt, doc))
+        return made
+
+
+def requests_per_level(level, opts):
+    """--num-requests if given, else LOAD_NUM_REQUESTS, or LOAD_REQUESTS_PER_CLIENT per client."""
+    if opts.num_requests:
+        return opts.num_requests
+    return max(LOAD_NUM_REQUESTS, LOAD_REQUESTS_PER_CLIENT * (level["concurrency"] or 0))
+
+
+def level_name(level):
+    if level["concurrency"] is not None:
+        return f"concurrency {level['concurrency']}"
+    return f"{level['request_rate']:g} req/s"
+
+
+def load_levels(opts):
+    """The sweep's levels: one per concurrency or rate at P documents, or (a working-set sweep)
+    one per P at one load."""
+    if opts.concurrency:
+        loads = [{"concurrency": c, "request_rate": None} for c in opts.concurrency]
+    elif opts.request_rate:
+        loads = [{"concurrency": None, "request_rate": r} for r in opts.request_rate]
+    else:
+        loads = [{"concurrency": 1, "request_rate": None}]
+    if len(opts.num_prefixes) > 1:
+        return [{**loads[0], "num_prefixes": p} for p in opts.num_prefixes]
+    return [{**load, "num_prefixes": opts.num_prefixes[0]} for load in loads]
+
+
+def sweep_schedule(num_levels, repeats):
+    """(repeat, level index) in the order they run: every level once per pass, the passes
+    alternating up and down, so that a drift over the sweep lands on every level alike."""
+    return [(rep, i) for rep in range(repeats)
+            for i in (range(num_levels) if rep % 2 == 0 else reversed(range(num_levels)))]
+
+
+async def send_all(client, session, model, prompts, level, max_tokens, seed, route=None):
+    """Every prompt of one condition at one load level: a closed loop of `concurrency` clients
+    sending back to back, or Poisson arrivals at `request_rate`. A failed request is recorded
+    with its error, not raised, and no request is sent after it (a server that stopped
+    answering must not hold the level for num_requests x --request-timeout). Returns (request
+    records, None for those never sent; the level's start in perf_counter s). route: document
+    k's requests go to route[k % len(route)] instead of the client's server."""
+    # every body is serialised before the clock starts, as stream() does
+    bodies = [json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
+                          "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
+                          "cache_salt": salt}).encode() for ids, salt, _ in prompts]
+    urls = [route[doc % len(route)] if route else None for _, _, doc in prompts]
+    records = [None] * len(prompts)
+    failed = asyncio.Event()
+
+    async def one(k):
+        started = time.perf_counter()
+        try:
+            sent, token_times, usage, ended = await client.stream_on(session, bodies[k], urls[k])
+            records[k] = (sent, token_times, usage, ended, None)
+        except Exception as e:          # one request's failure is a fact of the level, not the end of the run
+            records[k] = (started, [], None, time.perf_counter(), f"{type(e).__name__}: {first_line(e)}")
+            failed.set()
+
+    t0 = time.perf_counter()
+    if level["concurrency"] is not None:
+        queue = iter(range(len(prompts)))
+
+        async def client_loop():
+            for k in queue:
+                if failed.is_set():
+                    break
+                await one(k)
+        await asyncio.gather(*[client_loop() for _ in range(level["concurrency"])])
+    else:
+        arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / level["request_rate"], len(prompts)))
+        tasks = []
+        for k, at in enumerate(arrivals):
+            delay = t0 + at - time.perf_counter()
+            if delay > 0:
+                await asyncio.sleep(delay)
+            if failed.is_set():
+                break
+            tasks.append(asyncio.create_task(one(k)))
+        await asyncio.gather(*tasks)
+    return records, t0
+
+
+def request_record(k, prompt, record, t0, condition, full_tokens, audited):
+    ids, salt, doc = prompt
+    if record is None:
+        record = (t0, [], None, t0, "not sent: an earlier request of the level failed")
+    sent, token_times, usage, ended, error = record
+    usage = usage or {}
+    details = usage.get("prompt_tokens_details") or {}
+    cached = details.get("cached_tokens") if audited and error is None else None
+    output_tokens = usage.get("completion_tokens", len(token_times))
+    first = token_times[0] if token_times else None
+    if error is None and first is None:
+        error = "the stream ended without a token"
+    if error is None and not usage:
+        error = "no usage in the last chunk (stream_options.include_usage)"
+    return {
+        "index": k, "condition": condition, "document": doc, "start_s": sent - t0, "end_s": ended - t0,
+        "ttft_ms": (first - sent) * 1e3 if first is not None else None,
+        "e2e_ms": (ended - sent) * 1e3,
+        "tpot_ms": (token_times[-1] - first) * 1e3 / (output_tokens - 1) if first is not None and output_tokens > 1 else None,
+        "prompt_tokens": usage.get("prompt_tokens", len(ids)), "output_tokens": output_tokens if error is None else 0,
+        "cached_tokens": cached, "document_cached_tokens": full_tokens,
+        "cache_state": cache_state(cached, full_tokens) if cached is not None else None,
+        "error": error,
+    }
+
+
+def condition_stats(requests, slo_ttft_ms):
+    """Figures of one condition at one load level, each with its interval or spread."""
+    done = [r for r in requests if r["error"] is None]
+    ttft = [r["ttft_ms"] for r in sorted(done, key=lambda r: r["start_s"])]
+    tpot = [r["tpot_ms"] for r in done if r["tpot_ms"] is not None]
+    span_s = (max(r["end_s"] for r in done) - min(r["start_s"] for r in done)) if done else 0.0
+    stats = {"num_requests": len(requests), "failed": len(requests) - len(done), "duration_s": span_s}
+    if not done:
+        return stats
+    for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot)):
+        if values:
+            stats[name] = {"mean": float(np.mean(values)), "mean_ci95": batch_means_ci95(values),
+                           **{f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)},
+                           **{f"p{q}_ci95": quantile_ci95(values, q / 100) for q in (50, 90, 99)}}
+    output_tokens = sum(r["output_tokens"] for r in done)
+    stats.update({
+        "request_throughput": len(done) / span_s if span_s else None,
+        "request_throughput_ci95": throughput_ci95([r["start_s"] for r in done], [r["end_s"] for r in done]),
+        "output_throughput_tok_s": output_tokens / span_s if span_s else None,
+        "goodput_req_s": (sum(t <= slo_ttft_ms for t in ttft) / span_s if span_s else None) if slo_ttft_ms else None,
+    })
+    audited = [r for r in done if r["cached_tokens"] is not None]
+    if audited:
+        full = sum(r["document_cached_tokens"] for r in audited)
+        stats["hit_rate"] = {
+            "requests": sum(r["cache_state"] == "hit" for r in audited) / len(audited),
+            "tokens": sum(r["cached_tokens"] for r in audited) / full if full else None}
+        stats["by_cache_state"] = {}
+        for state in ("hit", "partial", "miss"):
+            found = [r["ttft_ms"] for r in audited if r["cache_state"] == state]
+            if found:
+                stats["by_cache_state"][state] = {
+                    "requests": len(found), "ttft_ms_mean": float(np.mean(found)),
+                    "ttft_ms_p50": float(np.percentile(found, 50)), "ttft_ms_p99": float(np.percentile(found, 99))}
+    return stats

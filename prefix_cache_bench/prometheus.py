@@ -1,0 +1,141 @@
+"""A vLLM server's /metrics (Prometheus text): the parser, the counters the audit and the load
+run read, the server's own TTFT / queue / prefill histograms, the API server's CPU time.
+"""
+import re
+
+import numpy as np
+
+
+METRIC_LINE = re.compile(r'^([a-zA-Z_:][a-zA-Z0-9_:]*)(?:\{(.*)\})?\s+(\S+)')
+
+
+LABEL = re.compile(r'(\w+)="((?:[^"\\]|\\.)*)"')
+
+
+def parse_metrics(text):
+    """{name: [(labels, value)]} from Prometheus text exposition."""
+    metrics = {}
+    for line in text.splitlines():
+        m = METRIC_LINE.match(line)
+        if m:
+            metrics.setdefault(m.group(1), []).append((dict(LABEL.findall(m.group(2) or "")), float(m.group(3))))
+    return metrics
+
+
+def metric_total(metrics, name):
+    """Sum of a metric over its label sets (engines, models); None if the server has no such metric."""
+    samples = metrics.get(name)
+    return sum(value for _, value in samples) if samples else None
+
+
+def server_counters(metrics):
+    """The prefix-cache counters for the audit, plus the server's own TTFT histogram totals."""
+    hits, queries = metric_total(metrics, "vllm:prefix_cache_hits_total"), metric_total(metrics, "vllm:prefix_cache_queries_total")
+    if hits is None or queries is None:
+        return None
+    return {"prefix_cache_queries": int(queries), "prefix_cache_hits": int(hits), "source": "/metrics",
+            "server_ttft": {"count": int(metric_total(metrics, "vllm:time_to_first_token_seconds_count") or 0),
+                            "sum_s": metric_total(metrics, "vllm:time_to_first_token_seconds_sum") or 0.0}}
+
+
+def cache_config(metrics):
+    """The labels of vllm:cache_config_info (block_size, num_gpu_blocks, ...) of the first engine, or {}."""
+    samples = metrics.get("vllm:cache_config_info")
+    return samples[0][0] if samples else {}
+
+
+def split_engines(url, metrics):
+    """[(name, metrics)]: the server's parsed /metrics as one engine, or one part per engine where
+    its samples are labelled by engine (--data-parallel-size), each with the unlabelled samples."""
+    engines = sorted({labels.get("engine") for labels, _ in metrics.get("vllm:prefix_cache_queries_total", [])
+                      if labels.get("engine") is not None})
+    if len(engines) <= 1:
+        return [(url, metrics)]
+    return [(f"{url} engine {e}", {name: [(labels, value) for labels, value in samples if labels.get("engine") in (None, e)]
+                                   for name, samples in metrics.items()}) for e in engines]
+
+
+def engine_cache_config(labels, engines_of_server):
+    """One engine's cache_config_info labels. A data-parallel server publishes under every
+    engine's label the sum of its engines' num_gpu_blocks (vLLM 0.26 and 0.32 add them up as the
+    engines report ready), so each engine is given its num_gpu_blocks_override where one was set
+    (every engine has exactly that many), else an even share of the sum (the engines' mean)."""
+    blocks = label_int(labels, "num_gpu_blocks")
+    if engines_of_server <= 1 or blocks is None:
+        return labels
+    per_engine = label_int(labels, "num_gpu_blocks_override") or blocks // engines_of_server
+    return {**labels, "num_gpu_blocks": str(per_engine)}
+
+
+def label_int(labels, key):
+    try:
+        return int(labels.get(key))
+    except (TypeError, ValueError):
+        return None
+
+
+LOAD_METRICS = {"kv_cache_usage": "vllm:kv_cache_usage_perc", "running": "vllm:num_requests_running",
+                "waiting": "vllm:num_requests_waiting"}
+
+
+LOAD_COUNTERS = {"requests": "vllm:request_success_total", "prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
+                 "prefix_cache_queries": "vllm:prefix_cache_queries_total",
+                 "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total",
+                 # the server's own histograms of where a request's TTFT goes: its sum (s) and count
+                 **{f"{part}_{key}": f"vllm:{name}_seconds_{end}" for part, name in
+                    (("ttft", "time_to_first_token"), ("queue_time", "request_queue_time"),
+                     ("prefill_time", "request_prefill_time")) for key, end in (("sum_s", "sum"), ("count", "count"))}}
+
+
+# (key, histogram) of server_times(): the server's TTFT counts from when its frontend took the
+# request in to its first token; the engine's queue time from then until first scheduled, its
+# prefill time from then to the first token (engine-core clock, apart from the frontend's)
+SERVER_TIMES = (("server_ttft_mean_ms", "ttft"), ("queue_time_mean_ms", "queue_time"),
+                ("prefill_time_mean_ms", "prefill_time"))
+
+
+# prometheus_client's process collector on a server's /metrics: the CPU time of the process that
+# answers it, the API server (HTTP, request parsing, detokenizing, streaming); the engine core
+# runs in a process of its own. Absent where several API server processes share /metrics.
+API_SERVER_CPU = "process_cpu_seconds_total"
+
+
+def busy_shares(cpu_before, cpu_after, wall_s):
+    """{url: CPU seconds used over wall_s, as a share of one core}; None where either reading is
+    missing or the counter went back (a restarted server, or another process answering)."""
+    shares = {}
+    for url, after in cpu_after.items():
+        before = cpu_before.get(url)
+        grown = None if before is None or after is None or wall_s <= 0 else after - before
+        shares[url] = grown / wall_s if grown is not None and grown >= 0 else None
+    return shares
+
+
+def server_times(counters):
+    """Mean server TTFT, engine queue time and prefill time (ms) from the growth of the server's
+    histograms over a condition, or None each where not reported."""
+    times = {}
+    for key, part in SERVER_TIMES:
+        total, count = counters.get(f"{part}_sum_s"), counters.get(f"{part}_count")
+        times[key] = total / count * 1e3 if total is not None and count else None
+    return times
+
+
+def load_counters(metrics):
+    return {key: metric_total(metrics, name) for key, name in LOAD_COUNTERS.items()}
+
+
+def total_counters(per_replica):
+    """The replicas' counters added up (None where any replica lacks one)."""
+    values = list(per_replica.values())
+    return {key: sum(v[key] for v in values) if all(v[key] is not None for v in values) else None
+            for key in LOAD_COUNTERS}
+
+
+def gauge_summary(samples):
+    summary = {"samples": len(samples)}
+    for key in LOAD_METRICS:
+        values = [s[key] for s in samples if s[key] is not None]
+        summary[f"{key}_max"] = max(values) if values else None
+        summary[f"{key}_mean"] = float(np.mean(values)) if values else None
+    return summary

@@ -1,0 +1,287 @@
+"""The trial protocol, against one engine interface (Engine below) that the offline engine
+(offline.OfflineEngine) and a server (server_engine.ServerEngine) both implement: warm the cache,
+run every config's conditions in rotated rounds, audit, summarize, print and write.
+"""
+import datetime
+import math
+import sys
+import time
+import uuid
+
+import numpy as np
+
+from .analysis import summarize
+from .audit import audit_counters, audit_report, audit_requests, requests_of
+from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, PAUSE_MS, QUERY_TOKENS,
+                       ROUND_ORDERS, WARMUP_TOKENS)
+from .errors import EXIT_AUDIT, ExperimentError
+from .prompts import ConfigPrompts
+from .results import results_path, write_result
+
+
+def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, max_output_tokens=MAX_OUTPUT_TOKENS):
+    """Pure measurement: TTFT (1-token request), pause, throughput (max_output_tokens request), pause.
+
+    request(prompt_ids, max_tokens, cache_salt) sends one request and returns its wall_ms and
+    counts; a streamed request also returns ttft_ms, otherwise the 1-token request's wall time
+    is the TTFT. Each prompt is (token ids, cache_salt), each with its own fresh query. The
+    pause after each request gives every timed request the same idle gap before it."""
+    first = request(ttft_prompt[0], 1, ttft_prompt[1])
+    time.sleep(pause_s)
+    full = request(throughput_prompt[0], max_output_tokens, throughput_prompt[1])
+    time.sleep(pause_s)
+    return {
+        "ttft_ms": first.client_ttft_ms,
+        "total_time_ms": full.wall_ms,
+        "throughput_tok_s": full.output_tokens / (full.wall_ms / 1e3),
+        "prompt_tokens": first.prompt_tokens,
+        "cached_tokens": first.cached_tokens,
+        "engine_ttft_ms": first.engine_ttft_ms,
+        "prefill_ms": first.prefill_ms,
+        "throughput_request": full.as_json(),
+    }
+
+
+def run_schedule(num_configs, rounds, block_order=False):
+    """Order of (config index, condition, round) for the given rounds of every config.
+
+    By default round r runs every config once, the configs' order rotated each round, and in
+    each config one trial of each condition in ROUND_ORDERS' order. So every config and every
+    condition is spread over the run's whole wall time, and a drift of the host lands on all
+    of them alike. block_order: the design's literal order, config after config, all hits,
+    then all misses, then all cold."""
+    if block_order:
+        return [(k, c, r) for k in range(num_configs) for c in CONDITIONS for r in rounds]
+    schedule = []
+    for r in rounds:
+        for j in range(num_configs):
+            schedule += [((r + j) % num_configs, CONDITIONS[i], r) for i in ROUND_ORDERS[r % len(ROUND_ORDERS)]]
+    return schedule
+
+
+def rounds_per_block(round_s, min_block_s):
+    """How many measured rounds each time block holds, when the run is sized by time: a block
+    lasts at least min_block_s, so that the blocks span drift that comes and goes over tens
+    of seconds; at least MIN_ROUNDS_PER_BLOCK."""
+    return max(MIN_ROUNDS_PER_BLOCK, math.ceil(min_block_s / max(round_s, 1e-9)))
+
+
+def block_of(measured_round, num_rounds, num_blocks):
+    """Time block of the measured_round-th measured round (0-based): even contiguous slices."""
+    return measured_round * num_blocks // num_rounds
+
+
+def check_cache_holds(kv_capacity, configs, max_output_tokens):
+    """The configs of one run share the engine's KV cache, kv_capacity = (blocks, block size)
+    or None: every warmed [A, B] must stay cached while a whole round of every config's
+    requests comes and goes (LRU evicts the blocks used longest ago). Raises if the cache is
+    too small to promise that."""
+    if not kv_capacity:
+        return
+    num_blocks, block_size = kv_capacity
+    capacity = num_blocks * block_size
+    blocks = lambda tokens: -(-tokens // block_size) * block_size
+    warm = sum(blocks(len(c.warmup_ids) + WARMUP_TOKENS) for c in configs)
+    one_round = sum(2 * (blocks(len(c.warmup_ids) + QUERY_TOKENS + max_output_tokens) * 2 +
+                         blocks(len(c.miss_ids) + QUERY_TOKENS + max_output_tokens)) for c in configs)
+    if warm + one_round > capacity:
+        raise ExperimentError(
+            f"these configs need about {warm + one_round} tokens of KV cache at once ({warm} for the warmed "
+            f"[A, B] prompts, {one_round} for one round of requests) but the engine has {capacity}: "
+            f"run fewer configs per invocation, or give the cache more memory (--gpu-memory-utilization)")
+
+
+def warm_cache(request, warmup_ids, pause_s, cache_salt=None):
+    """Step 3: the one-time [A, B] generation that fills the prefix cache; returns its request."""
+    warm = request(warmup_ids, WARMUP_TOKENS, cache_salt)
+    time.sleep(pause_s)
+    return warm
+
+
+def run_trials(request, schedule, configs, opts, clock, desc):
+    """Steps 4-5: every scheduled (config, condition, round) in order, all prompts built first
+    (nothing but the requests runs between requests). Each trial records its place in the run and its start
+    in seconds since the run began (clock)."""
+    from tqdm import tqdm
+
+    prompts = [configs[k].trial_prompts(condition, r) for k, condition, r in schedule]
+    trials = []
+    bar = tqdm(list(zip(schedule, prompts)), desc=desc, unit="trial", file=sys.stderr, dynamic_ncols=True,
+               mininterval=1.0)
+    for (k, condition, r), (ttft_prompt, throughput_prompt) in bar:
+        start_s = time.perf_counter() - clock
+        trial = run_trial(request, ttft_prompt, throughput_prompt, opts.pause_ms / 1e3, opts.max_output_tokens)
+        trials.append({"config": k, "condition": condition, "round": r, "start_s": start_s, **trial})
+    return trials
+
+
+def flush_engine_stats(request, prompt_ids):
+    """A salted 2-token request, untimed. vLLM's counters for a request travel with the
+    engine's next outputs (on a GPU with async scheduling, a step late): without a request
+    after the last trial, vllm:prefix_cache_hits was seen one hit short. This one must find
+    nothing cached, so it adds nothing to that counter (audit checks it)."""
+    return request(prompt_ids, 2, f"flush-{uuid.uuid4().hex}")
+
+
+def run_configs(engine, tokenizer, opts, env):
+    """Steps 2-6 for every (A, B) config on a loaded engine (OfflineEngine, or phase 1's
+    server), all configs interleaved in one run. Returns the result dicts, in the order of
+    opts.configs."""
+    block = env["cache_block_size"]
+    run_id = uuid.uuid4().hex[:12]
+    hit_salt = f"run-{run_id}" if engine.shared else None
+    configs = [ConfigPrompts(tokenizer, a, b, block, opts.seed, run_id, hit_salt) for a, b in opts.configs]  # 2
+    for c in configs:
+        if len(c.warmup_ids) < block:
+            print(f"WARNING: [A, B] of A={c.size_a} B={c.size_b} is {len(c.warmup_ids)} tokens, shorter than one "
+                  f"KV block ({block} tokens): nothing can be cached, every 'hit' is a miss.", file=sys.stderr)
+    if not opts.block_order:
+        check_cache_holds(engine.kv_capacity(), configs, opts.max_output_tokens)
+    # The run starts from an empty cache (or, on a server, a namespace of its own): nothing from before can hit.
+    if not engine.reset_prefix_cache():
+        raise ExperimentError("resetting the prefix cache failed: the cache could not be emptied")
+    counters_before = engine.counters()
+    clock, run_started_unix_s = time.perf_counter(), time.time()
+    warms = [warm_cache(engine.request, c.warmup_ids, opts.pause_ms / 1e3, hit_salt) for c in configs]   # 3
+    n = len(configs)
+    trials = []
+    if opts.warmup_trials:
+        t0 = time.perf_counter()
+        trials += run_trials(engine.request, run_schedule(n, range(opts.warmup_trials), opts.block_order), configs, opts,
+                             clock, "discarded rounds")
+        round_s = (time.perf_counter() - t0) / opts.warmup_trials
+    if opts.num_trials is not None:
+        num_rounds = opts.num_trials
+    else:
+        num_rounds = opts.num_blocks * rounds_per_block(round_s, opts.min_block_seconds)
+    # block order runs one config and condition at a time: there are no blocks that hold them all
+    num_blocks = 1 if opts.block_order else min(opts.num_blocks, num_rounds)
+    plan = {"configs": [f"{a}x{b}" for a, b in opts.configs], "min_block_s": opts.min_block_seconds,
+            "num_blocks": num_blocks, "rounds_per_block": num_rounds / num_blocks}
+    if opts.warmup_trials:
+        print(f"a round of {n} config(s) took {round_s:.2f} s: {num_rounds} measured rounds in {num_blocks} "
+              f"time block(s), about {num_rounds * round_s / 60:.1f} min", flush=True)
+    rounds = range(opts.warmup_trials, opts.warmup_trials + num_rounds)
+    trials += run_trials(engine.request, run_schedule(n, rounds, opts.block_order), configs, opts, clock,
+                         f"{num_rounds} rounds x {n} config(s)")                                   # 4-5
+    run_wall_s = time.perf_counter() - clock
+    for order, t in enumerate(trials):
+        t["order"] = order
+        if t["round"] >= opts.warmup_trials:
+            t["block"] = block_of(t["round"] - opts.warmup_trials, num_rounds, num_blocks)
+    flush = flush_engine_stats(engine.request, configs[0].warmup_ids)
+    per_config = [[t for t in trials if t["config"] == k] for k in range(n)]
+    engine_counters, run_problems = audit_counters(
+        [req for warm, own in zip(warms, per_config) for req in requests_of(warm, own)],
+        flush, counters_before, engine.counters(), engine.shared)
+
+    results = []
+    for c, warm, own in zip(configs, warms, per_config):
+        for t in own:
+            del t["config"]                 # one file per config
+        cache_audit = audit_report(audit_requests(warm, own, c.warmup_ids, block) + run_problems, len(own),
+                                   c.warmup_ids, block, engine_counters)
+        conditions, comparison, stability, method = summarize(own, opts, plan)                    # 6
+        overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for cond in CONDITIONS for t in conditions[cond]["trials"]
+                     if t["engine_ttft_ms"] is not None]
+        results.append({
+            "phase": engine.phase,
+            "model": opts.model,
+            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            "config": {
+                "context_size_a": c.size_a,
+                "context_size_b": c.size_b,
+                "max_output_tokens": opts.max_output_tokens,
+                "num_trials": num_rounds,
+                "warmup_trials": opts.warmup_trials,
+                "warmup_tokens": WARMUP_TOKENS,
+                "query_tokens": QUERY_TOKENS,
+                "pause_ms": opts.pause_ms,
+                "interleave": not opts.block_order,
+                "num_blocks": num_blocks,
+                "min_block_seconds": opts.min_block_seconds,
+                "seed": opts.seed,
+            },
+            "warmup_time_ms": warm.wall_ms,
+            "cache_hit": conditions["cache_hit"],
+            "cache_miss": conditions["cache_miss"],
+            "ttft_degradation_pct": comparison["ttft_degradation_pct"],
+            "ttft_degradation_ci95": comparison["ttft_degradation_ci95"],
+            "cache_cold": conditions["cache_cold"],
+            "ttft_saving_pct": comparison["ttft_saving_pct"],
+            "ttft_saving_ci95": comparison["ttft_saving_ci95"],
+            "ttft_saving_ms": comparison["ttft_saving_ms"],
+            "ttft_saving_ms_ci95": comparison["ttft_saving_ms_ci95"],
+            "interval": method,
+            "reproducibility": stability,
+            "harness_overhead_ms": float(np.median(overheads)) if overheads else None,
+            "cache_audit": cache_audit,
+            "warmup_prompt_tokens": len(c.warmup_ids),
+            "environment": {**env,
+                            "trial_order": [f"{cond}:{r}" for t in own for cond, r in [(t["condition"], t["round"])]],
+                            "config_wall_s": sum(t["ttft_ms"] + t["total_time_ms"] for t in own) / 1e3,
+                            "run_wall_s": run_wall_s,
+                            "run_started_unix_s": run_started_unix_s},
+        })
+    return results
+
+
+def print_summary(result):
+    """Console summary of one config (step 7)."""
+    cfg, audit_ = result["config"], result["cache_audit"]
+    print(f"\n=== A={cfg['context_size_a']} B={cfg['context_size_b']}  "
+          f"([A, B] = {result['warmup_prompt_tokens']} tokens, block {result['environment']['cache_block_size']}, "
+          f"hit expects {audit_['expected_hit_cached_tokens']} cached) ===")
+    print(f"{'condition':<11} {'prompt':>6} {'cached':>6} {'TTFT ms mean +- sd':>20} {'engine TTFT':>11} "
+          f"{'prefill':>8} {'tok/s':>8}")
+    ms = lambda value, width: f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
+    for c in CONDITIONS:
+        s = result[c]["stats"]
+        print(f"{c:<11} {s['prompt_tokens']:>6} {s['cached_tokens'] if s['cached_tokens'] is not None else '-':>6} "
+              f"{s['ttft_mean']:>11.2f} +- {s['ttft_stdev']:<6.2f} {ms(s['engine_ttft_mean'], 11)} "
+              f"{ms(s['prefill_mean'], 8)} {s['throughput_mean']:>8.1f}")
+    lo, hi = result["ttft_degradation_ci95"]
+    print(f"miss vs hit TTFT: {result['ttft_degradation_pct']:+.1f}% (95% CI {lo:+.1f} .. {hi:+.1f})")
+    saving, (lo, hi) = result["ttft_saving_pct"], result["ttft_saving_ci95"]
+    ms_lo, ms_hi = result["ttft_saving_ms_ci95"]
+    print(f"hit saves vs cold: {saving:.1f}% of TTFT (95% CI {lo:.1f} .. {hi:.1f}), {result['ttft_saving_ms']:.2f} ms "
+          f"(95% CI {ms_lo:.2f} .. {ms_hi:.2f})")
+    method = result["interval"]
+    units = {"process": f"{method['processes']} engine processes' means ({method['num_blocks']} time blocks "
+                        f"over {method['span_s']:.0f} s)",
+             "block": f"{method['num_blocks']} time blocks over {method['span_s']:.0f} s",
+             "round": f"{cfg['num_trials']} rounds", "trial": f"{cfg['num_trials']} trials a condition"}
+    print(f"  the interval is +-{(hi - lo) / 2:.1f} points, from the spread of {units[method['unit']]}")
+    stability = result["reproducibility"]
+    if stability["stable"] is False:
+        (h1, h2) = stability["halves"]
+        print(f"!!! UNSTABLE: the first half of the run says {h1['ttft_saving_pct']:.1f}% "
+              f"[{h1['ttft_saving_ci95'][0]:.1f}, {h1['ttft_saving_ci95'][1]:.1f}], the second "
+              f"{h2['ttft_saving_pct']:.1f}% [{h2['ttft_saving_ci95'][0]:.1f}, {h2['ttft_saving_ci95'][1]:.1f}]: "
+              f"the level moved during the run; a rerun may not land inside the interval", file=sys.stderr)
+    if result["harness_overhead_ms"] is not None:
+        print(f"harness overhead (wall - engine TTFT, median): {result['harness_overhead_ms']:.2f} ms")
+    if audit_.get("unaudited"):
+        print(f"!!! UNAUDITED: {audit_['unaudited']}", file=sys.stderr)
+    elif audit_["ok"]:
+        print(f"cache audit: OK, all {audit_['requests_checked']} requests as expected")
+    else:
+        print(f"\n!!! CACHE AUDIT FAILED: {len(audit_['problems'])} request(s) broke their condition; "
+              f"these numbers do not measure what they claim:", file=sys.stderr)
+        for p in audit_["problems"][:10]:
+            print(f"!!!   {p}", file=sys.stderr)
+
+
+def write_results(results, results_dir, phase=2):
+    """Steps 7-8: print and write every config's result (results_phase<phase>_a<A>_b<B>.json);
+    the exit code: EXIT_AUDIT where a config's cache audit failed (an unaudited one, ok None,
+    did not fail)."""
+    for result in results:
+        print_summary(result)                                                        # 7
+        path = results_path(results_dir, result["config"]["context_size_a"], result["config"]["context_size_b"], phase)
+        write_result(path, result)                                                   # 8
+        print(f"wrote {path}", flush=True)
+    if any(result["cache_audit"]["ok"] is False for result in results):
+        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
+        return EXIT_AUDIT
+    return 0

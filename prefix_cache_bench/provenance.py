@@ -1,0 +1,184 @@
+"""Where a result came from, written and read back: the command, the git commit, the hash of the
+entry script and of all the code (entry script plus this package), the machine; and, for a file
+read later, the commit whose code has that hash.
+"""
+import functools
+import hashlib
+import math
+import os
+import platform
+import re
+import shlex
+import subprocess
+import sys
+
+
+
+ENV_PREFIXES = ("VLLM_", "NCCL_", "NVSHMEM_", "TORCH_SYMM_MEM_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
+
+
+def engine_environment(environ):
+    """The environment variables that change what vLLM and its libraries do, for the JSON
+    (not keys or tokens)."""
+    return {k: v for k, v in sorted(environ.items())
+            if k.startswith(ENV_PREFIXES) and not re.search("KEY|TOKEN|SECRET|PASSWORD", k)}
+
+
+PACKAGE_DIR = os.path.dirname(os.path.abspath(__file__))
+REPO_DIR = os.path.dirname(PACKAGE_DIR)          # where the entry scripts and the package sit
+PACKAGE = os.path.basename(PACKAGE_DIR)
+
+
+def code_sha256(named_texts):
+    """One hash of the tool's code: [(path relative to the repository, bytes)] of the entry
+    script and every module of the package. Names are hashed with the texts, so a module
+    renamed or added changes it too."""
+    digest = hashlib.sha256()
+    for name, text in sorted(named_texts):
+        digest.update(f"{name}\0{hashlib.sha256(text).hexdigest()}\n".encode())
+    return digest.hexdigest()
+
+
+def code_files(script):
+    """[(name, bytes)] of the entry script and the package's modules, as they are on disk."""
+    paths = [(os.path.basename(script), os.path.abspath(script))]
+    paths += [(f"{PACKAGE}/{name}", os.path.join(PACKAGE_DIR, name))
+              for name in sorted(os.listdir(PACKAGE_DIR)) if name.endswith(".py")]
+    texts = []
+    for name, path in paths:
+        with open(path, "rb") as f:
+            texts.append((name, f.read()))
+    return texts
+
+
+def provenance(argv, prog, script):
+    """Where a result came from: the command as typed, and the tool's version: the git commit,
+    whether the tree differed from it, the entry script's own hash and the hash of all the code
+    (the entry script and the package), which name the code without git too."""
+    git = lambda *args: subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, text=True, timeout=10)
+    try:
+        commit = git("rev-parse", "HEAD")
+        dirty = git("status", "--porcelain", "--untracked-files=no")
+        commit, dirty = (commit.stdout.strip(), bool(dirty.stdout.strip())) if commit.returncode == 0 else (None, None)
+    except (OSError, subprocess.SubprocessError):           # no git here
+        commit, dirty = None, None
+    texts = code_files(script)
+    return {"command": shlex.join([os.path.basename(sys.executable), prog, *argv]),
+            "tool_version": {"git_commit": commit, "git_dirty": dirty,
+                             "script_sha256": hashlib.sha256(texts[0][1]).hexdigest(),
+                             "code_sha256": code_sha256(texts)}}
+
+
+def device_name():
+    """The GPU as torch names it, or the CPU's model name."""
+    import torch
+
+    if torch.cuda.is_available():
+        return torch.cuda.get_device_name(0)
+    try:
+        with open("/proc/cpuinfo") as f:
+            model = next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        model = None
+    return (model or platform.processor() or "cpu") + " (CPU)"
+
+
+def installed_version(package):
+    """A package's installed version, without importing it; None if it is not installed."""
+    import importlib.metadata
+    try:
+        return importlib.metadata.version(package)
+    except importlib.metadata.PackageNotFoundError:
+        return None
+
+
+SCRIPTS = {"phase1_server_api": "phase1_experiment.py", "phase2_python_api": "phase2_experiment.py"}
+
+
+def git_bytes(*args):
+    """What a git command in this repository printed, as bytes; raises OSError/SubprocessError."""
+    return subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, timeout=30, check=True).stdout
+
+
+@functools.lru_cache(maxsize=None)
+def script_commits(sha256, path="phase2_experiment.py"):
+    """The commits of this repository whose script at path has this sha256, newest first
+    (the last is the commit that made the file so): a result's script hash names the code that
+    made it, also where its git_commit could not. For files made before the package existed,
+    when the entry script was all the code."""
+    try:
+        found = []
+        for commit in git_bytes("log", "--format=%h", "--", path).decode().split():
+            try:
+                blob = git_bytes("show", f"{commit}:{path}")
+            except subprocess.CalledProcessError:
+                continue
+            if hashlib.sha256(blob).hexdigest() == sha256:
+                found.append(commit)
+        return tuple(found)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+
+
+@functools.lru_cache(maxsize=None)
+def code_commits(sha256, script):
+    """The commits whose entry script and package have this code_sha256, newest first."""
+    try:
+        found = []
+        for commit in git_bytes("log", "--format=%h", "--", script, PACKAGE).decode().split():
+            names = [name for name in git_bytes("ls-tree", "--name-only", f"{commit}:{PACKAGE}").decode().split()
+                     if name.endswith(".py")]
+            texts = [(script, git_bytes("show", f"{commit}:{script}"))]
+            texts += [(f"{PACKAGE}/{name}", git_bytes("show", f"{commit}:{PACKAGE}/{name}")) for name in names]
+            if code_sha256(texts) == sha256:
+                found.append(commit)
+        return tuple(found)
+    except (OSError, subprocess.SubprocessError):
+        return ()
+
+
+def parallel_sizes(environment):
+    """{'TP': n, 'PP': m} from the recorded engine flags (1 where a file does not say)."""
+    engine = environment.get("engine_args") or {}
+    return {"TP": engine.get("tensor_parallel_size") or 1, "PP": engine.get("pipeline_parallel_size") or 1}
+
+
+def gpus_used(environment):
+    """GPUs one engine runs on: tensor x pipeline parallel size."""
+    return math.prod(parallel_sizes(environment).values())
+
+
+def devices_label(environment):
+    """'NVIDIA H200', or '2 x NVIDIA H200 (TP=2)' for an engine spread over several GPUs."""
+    device = environment.get("device")
+    sizes = parallel_sizes(environment)
+    if device is None or gpus_used(environment) == 1:
+        return device
+    return f"{gpus_used(environment)} x {device} ({', '.join(f'{name}={n}' for name, n in sizes.items() if n > 1)})"
+
+
+def describe_provenance(data):
+    """Where one result came from, as short text: the command, the tool's version, machine, time."""
+    env = data.get("environment", {})
+    version = env.get("tool_version") or {}
+    sha = version.get("script_sha256")
+    script = SCRIPTS.get(data.get("phase"), "phase2_experiment.py")
+    if version.get("code_sha256"):
+        commits = code_commits(version["code_sha256"], script)
+        tool = (f"{script} and {PACKAGE}/ as of commit {commits[-1]}" if commits else
+                f"{script} and {PACKAGE}/, code sha256 {version['code_sha256'][:12]} (no commit here has it)")
+    elif sha:
+        commits = script_commits(sha, script)
+        tool = (f"{script} as of commit {commits[-1]}" if commits else
+                f"{script} sha256 {sha[:12]} (no commit here has it)")
+    else:
+        tool = "tool version not recorded (file made before provenance was recorded)"
+    machine = devices_label(env) or "device not recorded"
+    engines = len((env.get("fleet") or {}).get("kv_capacity_tokens_per_engine") or {})
+    if engines > 1:
+        machine = f"{engines} engines, each on {machine}"
+    return {"command": env.get("command") or "command not recorded",
+            "tool": tool,
+            # a server reached by --base-url has no torch version the client can know
+            "machine": f"{machine}, vLLM {env.get('vllm_version') or '?'}, torch {env.get('torch_version') or '?'}",
+            "when": data.get("timestamp") or "time not recorded"}

@@ -1,0 +1,212 @@
+"""Result files: one writer (write_result: atomic, floats rounded, schema version stamped), the
+readers next to it (read_json, load_result, discover_results, discover_load_results), the schema
+version, and the path rules (results_phase<N>_a<A>_b<B>.json, results_load_..., results_fleet_...).
+"""
+import fnmatch
+import glob
+import gzip
+import json
+import os
+import re
+import tempfile
+
+import numpy as np
+
+from .defaults import RESULTS_DIR
+from .errors import ExperimentError
+
+# The result files' schema, read back by read_result and discover_load_results. 0: files without
+# a "schema_version" key: the design's own (phase, model, config, cache_hit/cache_miss with
+# trials and stats, ttft_degradation_pct) and every kind this project wrote before the key (phase
+# 1 and 2 results, load, working-set and fleet files); all are still read. 1: the same keys, plus
+# "schema_version", and tool_version.code_sha256 (the hash of the entry script and the package).
+SCHEMA_VERSION = 1
+
+
+def rounded(obj, digits=3):
+    """obj with every float rounded: for the JSON only (in memory everything keeps full precision)."""
+    if isinstance(obj, float):
+        return round(obj, digits) if np.isfinite(obj) else None     # JSON has no infinity
+    if isinstance(obj, dict):
+        return {k: rounded(v, digits) for k, v in obj.items()}
+    if isinstance(obj, (list, tuple)):
+        return [rounded(v, digits) for v in obj]
+    return obj
+
+
+def write_json_atomic(path, obj):
+    """Temp file in the same folder + rename: readers see the old file or the whole new one."""
+    fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
+    try:
+        with os.fdopen(fd, "w") as f:
+            json.dump(obj, f, indent=2, default=str)
+            f.write("\n")
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_result(path, result):
+    """A result file: the result, its floats rounded, stamped with the schema version."""
+    write_json_atomic(path, rounded({"schema_version": SCHEMA_VERSION, **result}))
+
+
+def results_path(results_dir, size_a, size_b, phase=2):
+    return os.path.join(results_dir, f"results_phase{phase}_a{size_a}_b{size_b}.json")
+
+
+def check_writable_dir(path, flag, error=ExperimentError):
+    """Make the folder if it is not there and write a file in it; else raise error, one line
+    naming the flag that gave the folder. Checked before the run, not after its minutes."""
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise error(f"{flag} {path!r} is a file, not a folder")
+    try:
+        os.makedirs(path, exist_ok=True)
+        with tempfile.NamedTemporaryFile(dir=path, prefix=".write-test-"):
+            pass
+    except OSError as e:
+        raise error(f"{flag} {path!r} cannot be written: {e.strerror or e}")
+
+
+def check_results_dir(path):
+    check_writable_dir(path, "--results-dir")
+
+
+def note_existing_results(opts):
+    if opts.worker_output:
+        return
+    for a, b in opts.configs:
+        path = results_path(opts.results_dir, a, b)
+        if os.path.exists(path):
+            print(f"note: {path} exists; it is replaced only once the run completes")
+
+
+def load_results_path(results_dir, result):
+    cfg = result["config"]
+    if result.get("front"):
+        load = "rate" if cfg["load"] == "request_rate" else "concurrency"
+        sweep = f"p{'-'.join(map(str, cfg['num_prefixes']))}" if result["experiment"] == "working_set" else \
+            f"p{cfg['num_prefixes'][0]}"
+        return os.path.join(results_dir, f"results_fleet_{result['front']}_a{cfg['document_tokens']}_{sweep}_{load}.json")
+    if result["experiment"] == "working_set":
+        return os.path.join(results_dir, f"results_workingset_a{cfg['document_tokens']}.json")
+    return os.path.join(results_dir, f"results_load_a{cfg['document_tokens']}_p{cfg['num_prefixes'][0]}_{cfg['load'].replace('request_', '')}.json")
+
+
+FILE_PATTERN = "results_phase*_a*_b*.json"
+
+
+# Large runs may be stored gzipped beside the plain ones (results_phase2_a300_b200.json.gz).
+FILE_RE = re.compile(r"^results_(phase\d+)_a(\d+)_b(\d+)\.json(\.gz)?$")
+
+
+REQUIRED_STATS = ("ttft_mean", "throughput_mean")
+
+
+def read_result(path):
+    """A result file of any kind, parsed, or raise ValueError saying what is wrong with it: not
+    JSON, cut short, or written in a schema newer than this reader's."""
+    data = read_json(path)
+    version = data.get("schema_version", 0)
+    if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= SCHEMA_VERSION:
+        raise ValueError(f"schema_version {version!r}: this tool reads 0 to {SCHEMA_VERSION} "
+                         f"(a newer version of it wrote the file?)")
+    return data
+
+
+def load_result(path):
+    """A phase 1 or phase 2 result with what a chart needs (the design's cache_hit and cache_miss
+    stats), or raise ValueError saying what is wrong with it."""
+    data = read_result(path)
+    for cond in ("cache_hit", "cache_miss"):
+        stats = data.get(cond, {}).get("stats") if isinstance(data.get(cond), dict) else None
+        if not isinstance(stats, dict):
+            raise ValueError(f"no {cond}.stats")
+        missing = [k for k in REQUIRED_STATS if not isinstance(stats.get(k), (int, float))]
+        if missing:
+            raise ValueError(f"{cond}.stats lacks {', '.join(missing)}")
+    return data
+
+
+def read_json(path):
+    """A JSON object from a file (or a .gz of one), or raise ValueError saying what is wrong."""
+    try:
+        with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
+            data = json.load(f)
+    except json.JSONDecodeError as e:
+        raise ValueError(f"not valid JSON ({e.msg} at line {e.lineno})")
+    except (OSError, EOFError) as e:             # EOFError, gzip.BadGzipFile (an OSError): a broken .gz
+        raise ValueError(f"cannot be read ({getattr(e, 'strerror', None) or e})")
+    if not isinstance(data, dict):
+        raise ValueError("not a JSON object")
+    return data
+
+
+def discover_results(results_dir=RESULTS_DIR):
+    """{phase: {(A, B): data}} ordered numerically by (A, B), and [(path, why)] for skipped files."""
+    phases, skipped = {}, []
+    for path in sorted(glob.glob(os.path.join(results_dir, FILE_PATTERN)) +
+                       glob.glob(os.path.join(results_dir, FILE_PATTERN + ".gz"))):
+        m = FILE_RE.match(os.path.basename(path))
+        if not m:
+            skipped.append((path, "name is not results_phase<N>_a<A>_b<B>.json"))
+            continue
+        try:
+            data = load_result(path)
+        except ValueError as e:
+            skipped.append((path, str(e)))
+            continue
+        phases.setdefault(m.group(1), {})[(int(m.group(2)), int(m.group(3)))] = data
+    return {phase: dict(sorted(configs.items())) for phase, configs in sorted(phases.items())}, skipped
+
+
+LOAD_PATTERNS = ("results_load_*.json", "results_workingset_*.json", "results_fleet_*.json")
+
+
+FLEET_RE = re.compile(r"^results_fleet_(.+)_a(\d+)_(p[\d-]+)_(concurrency|rate)\.json(\.gz)?$")
+
+
+def discover_load_results(results_dir=RESULTS_DIR):
+    """[(path, data)] of the load and working-set files, and [(path, why)] for skipped ones."""
+    found, skipped = [], []
+    for path in sorted(p for pattern in LOAD_PATTERNS for suffix in ("", ".gz")
+                       for p in glob.glob(os.path.join(results_dir, pattern + suffix))):
+        try:
+            data = read_result(path)
+        except ValueError as e:
+            skipped.append((path, str(e)))
+            continue
+        if data.get("experiment") not in ("load", "working_set") or not data.get("levels"):
+            skipped.append((path, "no load levels in it"))
+            continue
+        found.append((path, data))
+    return found, skipped
+
+
+def check_out_dir(path):
+    check_writable_dir(path, "--out-dir", OSError)
+
+
+def folders_with_results(results_dir):
+    """The folders under results_dir (at any depth) that hold result files: those with the most
+    phase 1/2 result files first (what the grouped-bar charts draw), then by name."""
+    found = {}
+    for folder, _, names in os.walk(results_dir):
+        names = [name.removesuffix(".gz") for name in names]
+        if folder != results_dir and any(fnmatch.fnmatch(name, pattern) for name in names
+                                         for pattern in (FILE_PATTERN, *LOAD_PATTERNS)):
+            found[folder] = sum(fnmatch.fnmatch(name, FILE_PATTERN) for name in names)
+    return sorted(found, key=lambda folder: (-found[folder], folder))
+
+
+def folders_with_results_hint(results_dir):
+    """For a folder with no result files of its own: where under it some are, as the end of an
+    error line ('' where none are)."""
+    folders = folders_with_results(results_dir)
+    if not folders:
+        return ""
+    return (f"; {len(folders)} of its subfolders hold results (docs/results.md says what each is): plot one "
+            f"with --results-dir, e.g. --results-dir {folders[0]}")

@@ -1,0 +1,255 @@
+"""A vLLM server as the trial protocol drives an engine (ServerEngine), and the checks before
+a run through it: the served model, the tokenizer, the prompts' fit, the audit probe; what the
+JSON records of the server.
+"""
+import json
+import os
+import shlex
+import sys
+import time
+
+import numpy as np
+
+from .audit import sum_counters, wait_for_counters
+from .defaults import (CONDITIONS, CONNECTION, DETAILS_FLAG, EMBEDDED_KEEP_ALIVE_S, IDLE_RECONNECT_S,
+                       QUERY_TOKENS, REMOTE_DEVICE, SERVER_PHASE)
+from .engine_api import RequestResult
+from .errors import EXIT_USAGE, ExperimentError, first_line
+from .http_client import no_usage
+from .prometheus import (cache_config, engine_cache_config, label_int, parse_metrics, server_counters,
+                         split_engines)
+from .prompts import special_prefix_ids
+from .provenance import device_name, engine_environment, installed_version
+
+
+class ServerEngine:
+    """A vLLM server as phase2_experiment.run_configs drives an engine: request, counters,
+    kv_capacity, reset_prefix_cache. shared: other clients may use the server too."""
+    phase = SERVER_PHASE
+    shared = True
+
+    def __init__(self, client, model, audited=True, metrics_urls=None):
+        self.client, self.model, self.audited = client, model, audited
+        # the servers whose /metrics count this run's requests: the front itself, or the replicas behind a router
+        self.metrics_urls = metrics_urls or [client.base_url]
+        # the fleet policy ideal: document k's requests go straight to route[k % N]; None: all to the client's server
+        self.route = None
+        self._cache_configs = None
+        self.connections_before = client.connections_opened
+        self.last_end = 0.0
+
+    def server_engines(self):
+        """[[(name, parsed /metrics)] of each engine of a server] for every server behind the
+        front: one engine per server, or one per engine labelled apart (--data-parallel-size)."""
+        return [split_engines(url, parse_metrics(self.client.get_url(url + "/metrics"))) for url in self.metrics_urls]
+
+    def replica_metrics(self):
+        """[(name, parsed /metrics)] of every engine behind the front."""
+        return [engine for engines in self.server_engines() for engine in engines]
+
+    def request(self, prompt_ids, max_tokens, cache_salt=None):
+        body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
+                "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
+        if cache_salt is not None:
+            body["cache_salt"] = cache_salt
+        if time.perf_counter() - self.last_end > IDLE_RECONNECT_S:
+            self.client.ensure_connection()
+        opened = self.client.connections_opened
+        sent, token_times, usage, ended = self.client.stream(body)
+        self.last_end = ended
+        if usage is None:
+            raise no_usage(self.client.base_url)
+        details = usage.get("prompt_tokens_details") or {}
+        first = token_times[0] if token_times else ended
+        gaps = np.diff(token_times) * 1e3
+        output_tokens = usage.get("completion_tokens", len(token_times))
+        return RequestResult(
+            wall_ms=(ended - sent) * 1e3,
+            ttft_ms=(first - sent) * 1e3,
+            prompt_tokens=usage.get("prompt_tokens"),
+            cached_tokens=details.get("cached_tokens") if self.audited else None,
+            output_tokens=output_tokens,
+            # a server reports no per-request engine timings
+            engine_ttft_ms=None,
+            prefill_ms=None,
+            decode_ms=(token_times[-1] - first) * 1e3 if token_times else None,
+            tpot_ms=(token_times[-1] - first) * 1e3 / (output_tokens - 1) if output_tokens > 1 and token_times else None,
+            itl_ms=gaps.tolist() if max_tokens > 1 else None,
+            new_connection=self.client.connections_opened > opened,
+        )
+
+    def reset_prefix_cache(self):
+        """Nothing to reset: every run hits in a cache namespace of its own (run_configs gives a
+        shared engine's warmup and hits a run salt). A deployment's cache is left alone."""
+        return True
+
+    def counters(self):
+        if not self.audited:
+            return None
+        return sum_counters([server_counters(metrics) for _, metrics in self.replica_metrics()])
+
+    def kv_capacity(self):
+        """(KV blocks of the smallest engine, block size), or None: what any one request can
+        count on, wherever it lands (phase 2's check_cache_holds)."""
+        layouts = self.replica_layouts().values()
+        if not layouts or None in layouts:
+            return None
+        return min(layouts)
+
+    def total_kv_capacity_tokens(self):
+        """KV capacity in tokens of all engines together, or None if one does not say."""
+        capacities = self.replica_capacities().values()
+        return None if not capacities or None in capacities else sum(capacities)
+
+    def replica_capacities(self):
+        """{engine name: KV capacity in tokens (None if not reported)}."""
+        return {name: layout[0] * layout[1] if layout else None for name, layout in self.replica_layouts().items()}
+
+    def replica_layouts(self):
+        """{engine name: (KV blocks, block size), or None if not reported}."""
+        layouts = {}
+        for name, labels in self.cache_configs().items():
+            blocks, size = label_int(labels, "num_gpu_blocks"), label_int(labels, "block_size")
+            layouts[name] = (blocks, size) if blocks and size else None
+        return layouts
+
+    def cache_configs(self):
+        """{engine name: its vllm:cache_config_info labels}, read from each /metrics once: an
+        engine's cache layout does not change while it runs, and after a failure it may not answer."""
+        if self._cache_configs is None:
+            self._cache_configs = {name: engine_cache_config(cache_config(metrics), len(engines))
+                                   for engines in self.server_engines() for name, metrics in engines}
+        return self._cache_configs
+
+
+def served_model(client, wanted):
+    """The id to send as "model": wanted if the server serves it, else its only model."""
+    cards = client.get("/v1/models").get("data", [])
+    ids = [card["id"] for card in cards]
+    if wanted is None and len(ids) == 1:
+        return cards[0]
+    for card in cards:
+        if card["id"] == wanted:
+            return card
+    raise ExperimentError(f"{client.base_url} serves {ids}, not {wanted!r}: pass --model with one of them")
+
+
+def load_tokenizer(name, client, model):
+    """The local tokenizer, checked against the server's own /tokenize on a sample text."""
+    from transformers import AutoTokenizer
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(name)
+    except Exception as e:
+        raise ExperimentError(f"the tokenizer {name!r} cannot be loaded here ({first_line(e)}): pass --tokenizer "
+                              f"with the served model's folder or hub id")
+    sample = "Prefix caching reuses the KV blocks of a shared prompt prefix, 1234 times."
+    try:
+        served = client.post("/tokenize", {"model": model, "prompt": sample})["tokens"]
+    except ExperimentError:                     # a server without /tokenize: nothing to compare
+        return tokenizer
+    if served != tokenizer.encode(sample):
+        raise ExperimentError(f"the tokenizer {name!r} does not match the server's (/tokenize differs): pass "
+                              f"--tokenizer with the served model's")
+    return tokenizer
+
+
+def check_fits(configs, max_model_len, prefix_tokens, max_output_tokens):
+    """Every [A, B, Q] plus its output must fit the server's context: exit 2 before any request."""
+    fixed = prefix_tokens + QUERY_TOKENS + max_output_tokens
+    for a, b in configs:
+        if max_model_len and fixed + a + b > max_model_len:
+            raise ExperimentError(f"A={a} B={b} needs {fixed + a + b} tokens with its output, but the server's "
+                                  f"max_model_len is {max_model_len}: A + B must be at most {max_model_len - fixed}",
+                                  EXIT_USAGE)
+
+
+def prefix_cache_queries_growth(before, now):
+    """Tokens the prefix cache was queried for since before (0 while the server gives no
+    reading); None where there is nothing to wait for."""
+    if before is None:
+        return None
+    return now["prefix_cache_queries"] - before["prefix_cache_queries"] if now else 0
+
+
+def check_audit_possible(engine, tokenizer, allow_unaudited):
+    """One untimed request: does the server report cached tokens? Without them nothing can be
+    audited; that is refused unless allow_unaudited. Returns the reason a run is unaudited, or None."""
+    before = engine.counters()
+    probe = engine.request(special_prefix_ids(tokenizer) + tokenizer.encode("cache probe", add_special_tokens=False),
+                           1, f"probe-{os.getpid()}-{time.time()}")
+    if probe.cached_tokens is not None:
+        wait_for_counters(engine.counters, prefix_cache_queries_growth, before, probe.prompt_tokens)
+        return None
+    reason = (f"the server does not report cached tokens (usage.prompt_tokens_details): it runs without "
+              f"{DETAILS_FLAG}")
+    if not allow_unaudited:
+        raise ExperimentError(f"{reason}; restart it with that flag, or pass --allow-unaudited to measure it unaudited")
+    engine.audited = False
+    return reason + "; nothing says which requests really hit the cache"
+
+
+def prepare(client, opts, model_dir, metrics_urls=None):
+    """The checks before a run, on the server (or front) client talks to: the served model, the
+    tokenizer, the prompts' fit, the audit probe. Returns (engine, tokenizer, card, unaudited)."""
+    card = served_model(client, None if model_dir else opts.model)
+    opts.model = card["id"]
+    tokenizer = load_tokenizer(opts.tokenizer or model_dir or card.get("root") or card["id"], client, opts.model)
+    check_fits([(opts.size_a, 0)] if opts.load else opts.configs, card.get("max_model_len"),
+               len(special_prefix_ids(tokenizer)), opts.max_output_tokens)
+    engine = ServerEngine(client, opts.model, metrics_urls=metrics_urls)
+    unaudited = check_audit_possible(engine, tokenizer, opts.allow_unaudited)
+    return engine, tokenizer, card, unaudited
+
+
+def add_phase1_stats(result, unaudited):
+    """What phase 1 adds to phase 2's result: per condition the warmup TTFT (its discarded
+    rounds' mean), time per output token and inter-token latency of the throughput requests,
+    the server's own TTFT beside the client's, and the unaudited mark."""
+    for c in CONDITIONS:
+        discarded = [t["ttft_ms"] for t in result[c]["discarded_trials"]]
+        throughput = [t["throughput_request"] for t in result[c]["trials"]]
+        tpot = [r["tpot_ms"] for r in throughput if r["tpot_ms"] is not None]
+        itl = [gap for r in throughput for gap in (r["itl_ms"] or [])]
+        result[c]["stats"].update({
+            "warmup_time_mean": float(np.mean(discarded)) if discarded else None,
+            "tpot_mean": float(np.mean(tpot)) if tpot else None,
+            "itl_median": float(np.median(itl)) if itl else None,
+            "itl_p99": float(np.percentile(itl, 99)) if itl else None,
+        })
+    counters = result["cache_audit"]["engine_counters"]
+    if counters:
+        ttft = counters["server_ttft"]
+        counters["server_ttft"]["mean_ms"] = ttft["sum_s"] / ttft["count"] * 1e3 if ttft["count"] else None
+    if unaudited:
+        result["cache_audit"].update({"ok": None, "unaudited": unaudited, "problems": []})
+
+
+def server_environment(client, card, server, vllm_flags, engine):
+    """What the JSON records of the server: its vLLM version, cache layout, how it was reached.
+    Both are read from the first server behind the front (a router has no /metrics)."""
+    labels = next(iter(engine.cache_configs().values()))
+    block = label_int(labels, "block_size")
+    try:
+        version = json.loads(client.get_url(engine.metrics_urls[0] + "/version")).get("version")
+    except (ExperimentError, ValueError, AttributeError):
+        version = None
+    return {
+        "vllm_version": version,
+        # the embedded server runs in this Python; a server reached by --base-url may not
+        "torch_version": installed_version("torch") if server else None,
+        "device": device_name() if server else REMOTE_DEVICE,
+        "block_size": block,
+        # prefix-cache hits land on multiples of this (vLLM >= 0.30 can set it below block_size)
+        "cache_block_size": label_int(labels, "prefix_match_unit") or block,
+        "num_gpu_blocks": label_int(labels, "num_gpu_blocks"),
+        "max_model_len": card.get("max_model_len"),
+        "served_model": card["id"],
+        "server": {"base_url": client.base_url, "embedded": server is not None,
+                   "command": shlex.join(server.command) if server else None,
+                   "start_s": server.start_s if server else None, "log": server.log_path if server else None,
+                   "vllm_flags": vllm_flags,
+                   "keep_alive_s": EMBEDDED_KEEP_ALIVE_S if server else None},
+        "connection": CONNECTION,
+        "python_version": sys.version.split()[0],
+        "env_vars": engine_environment(os.environ),
+    }

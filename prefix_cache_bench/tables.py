@@ -1,0 +1,232 @@
+"""Markdown tables of phase 1 and phase 2 results (the console's and the READMEs'), what the
+server path adds, and --compare's lines across reruns. No vLLM, no torch.
+"""
+import os
+import re
+
+import numpy as np
+
+from .analysis import unit_means
+from .defaults import REMOTE_DEVICE
+from .intervals import agree, mean_ci95
+from .provenance import describe_provenance, devices_label
+from .results import discover_results
+
+
+# condition key -> (short name, legend label, colour)
+CONDITION_STYLES = {
+    "cache_hit": ("hit", "hit [A, B, Q], A+B cached", "#2a9d8f"),
+    "cache_miss": ("miss", "miss [B, Q], nothing cached", "#e76f51"),
+    "cache_cold": ("cold", "cold [A, B, Q], nothing cached", "#8d99ae"),
+}
+
+
+def by_model(configs):
+    """{model: {(A, B): data}}: a fit only makes sense within one model."""
+    groups = {}
+    for key, data in configs.items():
+        groups.setdefault(data.get("model"), {})[key] = data
+    return groups
+
+
+def conditions_present(configs):
+    return [c for c in CONDITION_STYLES if any(isinstance(d.get(c), dict) and "stats" in d[c] for d in configs.values())]
+
+
+def audit_ok(data):
+    return data.get("cache_audit", {}).get("ok", True) is not False
+
+
+def unaudited(data):
+    """A run whose cache state nobody checked (a server without --enable-prompt-tokens-details)."""
+    return bool(data.get("cache_audit", {}).get("unaudited"))
+
+
+def audit_word(data):
+    if unaudited(data):
+        return "UNAUDITED"
+    return {True: "ok", False: "FAILED"}.get(data.get("cache_audit", {}).get("ok"), "-")
+
+
+def bounded(ci):
+    """An interval as numbers: a side stored as null (unbounded) as -inf / inf."""
+    return [-np.inf if ci[0] is None else ci[0], np.inf if ci[1] is None else ci[1]]
+
+
+def ci_text(ci, digits=1):
+    """'[25.0, 35.0]'; an unbounded side (stored as null) as -inf / inf."""
+    low, high = ci
+    return (f"[{'-inf' if low is None else format(low, f'.{digits}f')}, "
+            f"{'inf' if high is None else format(high, f'.{digits}f')}]")
+
+
+def unstable(data):
+    """The run's two halves disagreed beyond their intervals (files from before that check: no)."""
+    return (data.get("reproducibility") or {}).get("stable") is False
+
+
+def comparison_note(data):
+    """'miss +5% vs hit / hit saves 30% [25, 35]' for the TTFT panel, where the file has them."""
+    notes = []
+    if isinstance(data.get("ttft_degradation_pct"), (int, float)):
+        notes.append(f"miss {data['ttft_degradation_pct']:+.0f}% vs hit")
+    if isinstance(data.get("ttft_saving_pct"), (int, float)):
+        ci = data.get("ttft_saving_ci95")
+        bounds = f" {ci_text(ci, 0)}" if isinstance(ci, list) and len(ci) == 2 else ""
+        notes.append(f"hit saves {data['ttft_saving_pct']:.0f}%{bounds}")
+    if unstable(data):
+        notes.append("UNSTABLE: halves disagree")
+    return "\n".join(notes)
+
+
+def describe_source(configs):
+    """'model · device · vLLM x' from the files, where they say it (and all agree)."""
+    parts = []
+    for getter in (lambda d: d.get("model"),
+                   lambda d: devices_label(d.get("environment", {})),
+                   lambda d: d.get("environment", {}).get("vllm_version")):
+        values = {getter(d) for d in configs.values()} - {None}
+        if len(values) == 1:
+            parts.append(values.pop())
+    if len(parts) == 3:
+        parts[2] = f"vLLM {parts[2]}"
+    return " · ".join(os.path.basename(str(p).rstrip("/")) if i == 0 else str(p) for i, p in enumerate(parts))
+
+
+def summary_table(configs):
+    """Markdown table of every config, for the console and READMEs."""
+    conds = conditions_present(configs)
+    head = ["config"] + [f"{CONDITION_STYLES[c][0]} TTFT ms" for c in conds] + ["miss vs hit"]
+    if "cache_cold" in conds:
+        head += ["hit saves vs cold (95% CI)"]
+    head += ["hit cached / prompt tokens", "audit"]
+    rows = ["| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+    for (a, b), d in configs.items():
+        cells = [f"A={a} / B={b}"]
+        for c in conds:
+            s = d.get(c, {}).get("stats", {})
+            cells.append(f"{s['ttft_mean']:.2f} ± {s.get('ttft_stdev', 0):.2f}" if "ttft_mean" in s else "-")
+        deg = d.get("ttft_degradation_pct")
+        cells.append(f"{deg:+.1f}%" if isinstance(deg, (int, float)) else "-")
+        if "cache_cold" in conds:
+            sav, ci = d.get("ttft_saving_pct"), d.get("ttft_saving_ci95")
+            cells.append((f"{sav:.1f}% {ci_text(ci)}" if isinstance(sav, (int, float)) and ci else "-")
+                         + (" UNSTABLE" if unstable(d) else ""))
+        hs = d["cache_hit"]["stats"]
+        cached = hs.get("cached_tokens", "?")
+        cells.append(f"{'-' if cached is None else cached} / {hs.get('prompt_tokens', '?')}")
+        cells.append(audit_word(d))
+        rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def independent_means(data, condition):
+    """One condition's TTFT per unit its run's interval treats as independent: engine processes
+    where there are several, else time blocks; per trial where there are fewer than 2 of either.
+    None where the file holds fewer than 2 trials with a TTFT (the design's schema names no
+    trial keys; its trials carry no condition of their own: they are the condition's)."""
+    trials = [{**t, "condition": condition} for t in data[condition].get("trials") or []
+              if isinstance(t, dict) and isinstance(t.get("ttft_ms"), (int, float))]
+    if len(trials) < 2:
+        return None
+    for unit in ("process", "block"):
+        if all(unit in t for t in trials) and len({t[unit] for t in trials}) >= 2:
+            return unit_means(trials, condition, unit)
+    return unit_means(trials, condition, "trial")
+
+
+def server_path_cost(phases):
+    """{(A, B): {condition: (phase 1 ms, phase 2 ms, added ms, [95% CI])}} for every config
+    that phase 1 (the server) and phase 2 (the offline engine) measured on the same model:
+    what the HTTP and streaming path adds to TTFT. Welch's interval over the units each run's
+    own interval treats as independent (processes, else time blocks), so each run's drift is in it."""
+    from scipy import stats
+    server, offline = phases.get("phase1", {}), phases.get("phase2", {})
+    name = lambda d: os.path.basename(str(d.get("model")).rstrip("/"))
+    costs = {}
+    for ab in sorted(set(server) & set(offline)):
+        d1, d2 = server[ab], offline[ab]
+        devices = {d.get("environment", {}).get("device") for d in (d1, d2)} - {None, REMOTE_DEVICE}
+        if name(d1) != name(d2) or len(devices) > 1:      # another model, or another machine
+            continue
+        row = {}
+        for c in CONDITION_STYLES:
+            x, y = (independent_means(d, c) if isinstance(d.get(c), dict) else None for d in (d1, d2))
+            if x is not None and y is not None:
+                ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval()
+                row[c] = (float(x.mean()), float(y.mean()), float(x.mean() - y.mean()), [float(ci.low), float(ci.high)])
+        if row:
+            costs[ab] = row
+    return costs
+
+
+def server_path_table(costs):
+    """Markdown: per config and condition, phase 2's TTFT, phase 1's, and what the server path adds."""
+    conds = [c for c in CONDITION_STYLES if any(c in row for row in costs.values())]
+    rows = ["| config | " + " | ".join(f"{CONDITION_STYLES[c][0]}: offline → server ms (added, 95% CI)" for c in conds) + " |",
+            "|---|" + "---|" * len(conds)]
+    for (a, b), row in costs.items():
+        cells = [f"{row[c][1]:.2f} → {row[c][0]:.2f} ({row[c][2]:+.2f} {ci_text(row[c][3], 2)})" if c in row else "-"
+                 for c in conds]
+        rows.append(f"| A={a} / B={b} | " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def interval_note(configs):
+    """One line on what the intervals of these files are taken over."""
+    intervals = [d.get("interval") for d in configs.values()]
+    if not all(intervals):
+        return "95% intervals: paired over rounds (files made before intervals were taken over time blocks)."
+    if len({m["unit"] for m in intervals}) != 1:
+        return "95% intervals: taken over different units in different files (see each file's interval.unit)."
+    m = intervals[0]
+    if m["unit"] == "process":
+        return (f"95% intervals: {m['statistic']}; {m['processes']} processes of {m['num_blocks'] // m['processes']} "
+                f"time blocks, configs {', '.join(m['interleaved_configs'])} interleaved.")
+    if m["unit"] == "block":
+        return (f"95% intervals: {m['statistic']}; {m['num_blocks']} blocks of {m['rounds_per_block']:g} rounds "
+                f"over about {max(i['span_s'] for i in intervals):.0f} s, configs {', '.join(m['interleaved_configs'])} interleaved.")
+    return f"95% intervals: {m['statistic']}."
+
+
+def compare_runs(run_dirs):
+    """Markdown table: each config's saving in every run, and whether every pair of runs agrees;
+    then where each run came from, so that a reader can see the runs are comparable."""
+    runs = [discover_results(d)[0] for d in run_dirs]
+    keys = sorted({(phase, ab) for r in runs for phase, configs in r.items() for ab in configs})
+    rows = ["| config | " + " | ".join(f"run {i + 1}" for i in range(len(runs))) +
+            " | pairs that agree | across runs (95% CI over runs) |",
+            "|---|" + "---|" * (len(runs) + 2)]
+    agreed = total = 0
+    several_phases = len({phase for phase, _ in keys}) > 1
+    for phase, (a, b) in keys:
+        found = [r.get(phase, {}).get((a, b)) for r in runs]
+        cells = [f"{d['ttft_saving_pct']:.1f}% {ci_text(d['ttft_saving_ci95'])}"
+                 + (" UNSTABLE" if unstable(d) else "") if d else "-" for d in found]
+        present = [d for d in found if d]
+        pairs = [agree(x["ttft_saving_pct"], bounded(x["ttft_saving_ci95"]), y["ttft_saving_pct"], bounded(y["ttft_saving_ci95"]))
+                 for i, x in enumerate(present) for y in present[i + 1:]]
+        agreed, total = agreed + sum(pairs), total + len(pairs)
+        label = f"{phase.replace('phase', 'phase ')}: A={a} / B={b}" if several_phases else f"A={a} / B={b}"
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} | "
+                    f"{across_runs([d['ttft_saving_pct'] for d in present])} |")
+    lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.", ""]
+    commands = set()
+    for i, (run_dir, r) in enumerate(zip(run_dirs, runs)):
+        first = next((d for configs in r.values() for d in configs.values()), {})
+        origin = describe_provenance(first)
+        lines.append(f"run {i + 1}: {run_dir}: {origin['when']}, {origin['machine']}, {origin['tool']}")
+        lines.append(f"    {origin['command']}")
+        commands.add(re.sub(r" --results-dir \S+", "", origin["command"]))
+    if len(commands) > 1:
+        lines.append("note: the runs' commands differ (beyond --results-dir): compare with care")
+    return "\n".join(lines)
+
+
+def across_runs(savings):
+    """The runs' mean saving with a Student's t interval over runs: each process one value, as
+    pyperf takes it. It holds what differs between processes, which one run cannot see."""
+    if len(savings) < 2:
+        return "-"
+    low, high = mean_ci95(savings)
+    return f"{np.mean(savings):.1f}% [{low:.1f}, {high:.1f}] (n={len(savings)})"

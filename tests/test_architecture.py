@@ -1,0 +1,72 @@
+"""The package's shape (docs/architecture.md): layers that import only downward, rooms of a few
+hundred lines, thin entry scripts, and the plotting and statistics that import no vLLM or torch."""
+import glob
+import os
+import re
+import subprocess
+import sys
+
+import pytest
+
+from conftest import ROOT
+
+PACKAGE = os.path.join(ROOT, "prefix_cache_bench")
+# docs/architecture.md's layer table: a module imports only modules of a lower layer
+LAYERS = {
+    0: ("errors", "defaults", "engine_api", "prometheus"),
+    1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers"),
+    2: ("analysis", "load_workload", "server_engine", "prefill_fit"),
+    3: ("protocol", "tables"),
+    4: ("offline", "processes", "load_run", "load_tables"),
+    5: ("charts",),
+    6: ("readmes",),
+}
+LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
+ENTRY_SCRIPT_LINES = {"phase2_experiment.py": 250, "phase1_experiment.py": 400, "plot_results.py": 200}
+
+
+def package_imports(module):
+    with open(os.path.join(PACKAGE, module + ".py")) as f:
+        text = f.read()
+    return set(re.findall(r"^\s*from \.(\w+) import", text, re.M)) | set(re.findall(r"^\s*from \. import (\w+)", text, re.M))
+
+
+def modules():
+    return sorted(os.path.basename(p)[:-3] for p in glob.glob(os.path.join(PACKAGE, "*.py"))
+                  if not p.endswith("__init__.py"))
+
+
+def test_every_module_has_a_layer_and_imports_only_lower_layers():
+    assert sorted(LAYER_OF) == modules(), "docs/architecture.md and LAYERS must list every module"
+    upward = [(m, d) for m in modules() for d in package_imports(m) if LAYER_OF[d] >= LAYER_OF[m]]
+    assert upward == []
+
+
+def test_no_module_passes_450_lines_and_the_entry_scripts_stay_thin():
+    for path in glob.glob(os.path.join(PACKAGE, "*.py")):
+        with open(path) as f:
+            assert len(f.readlines()) <= 450, path
+    for script, limit in ENTRY_SCRIPT_LINES.items():
+        with open(os.path.join(ROOT, script)) as f:
+            assert len(f.readlines()) <= limit, script
+
+
+def test_the_entry_scripts_are_the_only_callers_of_their_own_names():
+    """The package never imports an entry script: phase2_experiment.py is nobody's library."""
+    for path in glob.glob(os.path.join(PACKAGE, "*.py")):
+        with open(path) as f:
+            text = f.read()
+        assert not re.search(r"^\s*(import|from) (phase1_experiment|phase2_experiment|plot_results)\b", text, re.M), path
+
+
+@pytest.mark.parametrize("modules_imported", [
+    "plot_results",
+    "prefix_cache_bench.intervals, prefix_cache_bench.analysis, prefix_cache_bench.tables, prefix_cache_bench.load_tables",
+    "prefix_cache_bench.results, prefix_cache_bench.readmes, prefix_cache_bench.charts",
+])
+def test_plotting_and_statistics_import_neither_vllm_nor_torch(modules_imported):
+    code = (f"import sys; import {modules_imported}; "
+            f"print(sorted({{m.split('.')[0] for m in sys.modules}} & {{'vllm', 'torch', 'transformers'}}))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert out.returncode == 0, out.stderr[-2000:]
+    assert out.stdout.strip() == "[]"
