@@ -237,14 +237,14 @@ def run(opts, vllm_flags, argv):
                     result["environment"]["connections_opened"] = client.connections_opened - engine.connections_before
     if opts.load:
         return finish_load(result, opts)
-    code = write_results(results, opts.results_dir, phase=1)
     counters = results[0]["cache_audit"]["engine_counters"]
+    note = None
     if counters and counters.get("other_clients"):
-        print(f"note: the server's prefix-cache counters grew by more than this run's requests "
-              f"({counters['prefix_cache_queries']} tokens queried, {counters['sum_prompt_tokens']} sent by this run): "
-              f"another client used the server during the run. Each request's own audit still holds; its "
-              f"timings shared the server with that traffic.", file=sys.stderr)
-    return code
+        note = (f"note: the server's prefix-cache counters grew by more than this run's requests "
+                f"({counters['prefix_cache_queries']} tokens queried, {counters['sum_prompt_tokens']} sent by this run): "
+                f"another client used the server during the run. Each request's own audit still holds; its "
+                f"timings shared the server with that traffic.")
+    return write_results(results, opts.results_dir, phase=1, note=note)
 
 
 def run_fleet(opts, vllm_flags, argv):

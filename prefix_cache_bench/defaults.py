@@ -99,4 +99,4 @@ CONNECTION = ("one keep-alive HTTP/1.1 connection, opened by an untimed request 
               "TTFT runs from just before a request is sent to the first streamed chunk carrying a token")
 
 # what a result records as the device of a server reached by --base-url
-REMOTE_DEVICE = "unknown (a server reached by --base-url)"
+REMOTE_DEVICE = "unknown (a server reached by --base-url)"       # tables.server_path_cost matches this exact text

@@ -46,6 +46,17 @@ class RequestResult:
         return {"ttft_ms": record.pop("ttft_ms"), **record}
 
 
+@dataclasses.dataclass
+class StreamedResponse:
+    """One streamed completion as the HTTP client saw it, on this process's clock
+    (perf_counter seconds): what a server's RequestResult and a load request's record are made of."""
+    sent_s: float                           # just before the request was sent
+    token_times_s: list                     # the arrival of each chunk that carried a token
+    usage: Optional[dict]                   # the last chunk's usage (stream_options.include_usage); None if none came
+    ended_s: float                          # the end of the stream, or of the failure
+    error: Optional[str] = None             # why the request failed, in one line; None if it did not
+
+
 class Engine(Protocol):
     """What the trial protocol (protocol.run_configs) needs of an engine."""
     phase: str          # the result's "phase": phase2_python_api (offline) or phase1_server_api

@@ -5,6 +5,7 @@ import asyncio
 import json
 import time
 
+from .engine_api import StreamedResponse
 from .errors import ExperimentError, first_line
 
 
@@ -17,6 +18,7 @@ class HttpClient:
 
         self.base_url = base_url.rstrip("/")
         self.loop = asyncio.new_event_loop()
+        self.loop.set_exception_handler(quiet_on_interrupt)
         self.connections_opened = 0
         self.load_connections = 0
         trace = aiohttp.TraceConfig()
@@ -126,8 +128,8 @@ class HttpClient:
         return self.run(f"POST {path}", post())
 
     def stream(self, body):
-        """POST /v1/completions with stream on. Returns the arrival times (perf_counter s) of
-        the chunks that carry a token, the last chunk's usage, the send time and the end time.
+        """POST /v1/completions with stream on: its StreamedResponse (the send time, the arrival
+        of each chunk that carries a token, the last chunk's usage, the end; perf_counter s).
         Nothing but the request and reading its chunks is inside the timed region."""
         data = json.dumps(body).encode()        # serialised before the clock starts: the client's cost, not the server's
         return self.run("a completion request", self.stream_on(self.session, data))
@@ -153,7 +155,15 @@ class HttpClient:
                     token_times.append(arrived)
                 if chunk.get("usage"):
                     usage = chunk["usage"]
-        return sent, token_times, usage, time.perf_counter()
+        return StreamedResponse(sent, token_times, usage, time.perf_counter())
+
+
+def quiet_on_interrupt(loop, context):
+    """The loop's exception handler: a task that a signal broke off (Interrupted, a
+    KeyboardInterrupt) is reported as the run's one line, not again as a stray traceback when
+    the task is collected; anything else as asyncio would."""
+    if not isinstance(context.get("exception"), KeyboardInterrupt):
+        loop.default_exception_handler(context)
 
 
 def no_usage(server_url):

@@ -84,12 +84,12 @@ def warm_documents(engine, workload, docs, namespace, concurrency):
     records, _ = engine.client.run("the documents' warmup", send())
     found = []
     for doc, record in zip(docs, records):
-        if record is None or record[4]:
-            error = record[4].removeprefix("ExperimentError: ") if record else "not sent"
+        if record is None or record.error:
+            error = record.error.removeprefix("ExperimentError: ") if record else "not sent"
             raise ExperimentError(f"the warmup of document {doc} failed: {error}")
-        if record[2] is None:
+        if record.usage is None:
             raise no_usage(engine.route[doc % len(engine.route)] if engine.route else engine.client.base_url)
-        details = record[2].get("prompt_tokens_details") or {}
+        details = record.usage.get("prompt_tokens_details") or {}
         found.append(details.get("cached_tokens") if engine.audited else None)
     return found
 

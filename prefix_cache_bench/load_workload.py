@@ -11,6 +11,7 @@ import numpy as np
 
 from .audit import cache_state
 from .defaults import LOAD_NUM_REQUESTS, LOAD_REQUESTS_PER_CLIENT
+from .engine_api import StreamedResponse
 from .errors import first_line
 from .intervals import batch_means_ci95, quantile_ci95, throughput_ci95
 from .prompts import generate_context, query_stream, special_prefix_ids
@@ -88,9 +89,9 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
     """Every prompt of one condition at one load level: a closed loop of `concurrency` clients
     sending back to back, or Poisson arrivals at `request_rate`. A failed request is recorded
     with its error, not raised, and no request is sent after it (a server that stopped
-    answering must not hold the level for num_requests x --request-timeout). Returns (request
-    records, None for those never sent; the level's start in perf_counter s). route: document
-    k's requests go to route[k % len(route)] instead of the client's server."""
+    answering must not hold the level for num_requests x --request-timeout). Returns (each
+    request's StreamedResponse, None for those never sent; the level's start in perf_counter
+    s). route: document k's requests go to route[k % len(route)] instead of the client's server."""
     # every body is serialised before the clock starts, as stream() does
     bodies = [json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
                           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
@@ -102,10 +103,9 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
     async def one(k):
         started = time.perf_counter()
         try:
-            sent, token_times, usage, ended = await client.stream_on(session, bodies[k], urls[k])
-            records[k] = (sent, token_times, usage, ended, None)
+            records[k] = await client.stream_on(session, bodies[k], urls[k])
         except Exception as e:          # one request's failure is a fact of the level, not the end of the run
-            records[k] = (started, [], None, time.perf_counter(), f"{type(e).__name__}: {first_line(e)}")
+            records[k] = StreamedResponse(started, [], None, time.perf_counter(), f"{type(e).__name__}: {first_line(e)}")
             failed.set()
 
     t0 = time.perf_counter()
@@ -133,10 +133,13 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
 
 
 def request_record(k, prompt, record, t0, condition, full_tokens, audited):
+    """The JSON record of load request k (prompt: its ids, salt and document) from its
+    StreamedResponse (None: never sent), its times in s since the level began (t0)."""
     ids, salt, doc = prompt
     if record is None:
-        record = (t0, [], None, t0, "not sent: an earlier request of the level failed")
-    sent, token_times, usage, ended, error = record
+        record = StreamedResponse(t0, [], None, t0, "not sent: an earlier request of the level failed")
+    sent, token_times, usage, ended, error = (record.sent_s, record.token_times_s, record.usage, record.ended_s,
+                                              record.error)
     usage = usage or {}
     details = usage.get("prompt_tokens_details") or {}
     cached = details.get("cached_tokens") if audited and error is None else None

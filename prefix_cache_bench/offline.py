@@ -44,7 +44,7 @@ def timed_request(llm, prompt_ids, max_tokens, cache_salt=None):
 
 class OfflineEngine:
     """The offline LLM as run_configs drives it. Phase 1 drives a server through the same
-    four calls (phase1_experiment.ServerEngine)."""
+    four calls (server_engine.ServerEngine)."""
     phase = OFFLINE_PHASE
     shared = False                  # nothing but this run sends it requests
 

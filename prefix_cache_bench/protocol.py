@@ -272,15 +272,17 @@ def print_summary(result):
             print(f"!!!   {p}", file=sys.stderr)
 
 
-def write_results(results, results_dir, phase=2):
-    """Steps 7-8: print and write every config's result (results_phase<phase>_a<A>_b<B>.json);
-    the exit code: EXIT_AUDIT where a config's cache audit failed (an unaudited one, ok None,
-    did not fail)."""
+def write_results(results, results_dir, phase=2, note=None):
+    """Steps 7-8: print and write every config's result (results_phase<phase>_a<A>_b<B>.json),
+    then the note (stderr), if any; the exit code: EXIT_AUDIT where a config's cache audit
+    failed (an unaudited one, ok None, did not fail)."""
     for result in results:
         print_summary(result)                                                        # 7
         path = results_path(results_dir, result["config"]["context_size_a"], result["config"]["context_size_b"], phase)
         write_result(path, result)                                                   # 8
         print(f"wrote {path}", flush=True)
+    if note:
+        print(note, file=sys.stderr)
     if any(result["cache_audit"]["ok"] is False for result in results):
         print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
         return EXIT_AUDIT

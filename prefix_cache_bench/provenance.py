@@ -126,8 +126,11 @@ def code_commits(sha256, script):
     try:
         found = []
         for commit in git_bytes("log", "--format=%h", "--", script, PACKAGE).decode().split():
-            names = [name for name in git_bytes("ls-tree", "--name-only", f"{commit}:{PACKAGE}").decode().split()
-                     if name.endswith(".py")]
+            try:
+                names = [name for name in git_bytes("ls-tree", "--name-only", f"{commit}:{PACKAGE}").decode().split()
+                         if name.endswith(".py")]
+            except subprocess.CalledProcessError:          # a commit from before the package: older ones too
+                break
             texts = [(script, git_bytes("show", f"{commit}:{script}"))]
             texts += [(f"{PACKAGE}/{name}", git_bytes("show", f"{commit}:{PACKAGE}/{name}")) for name in names]
             if code_sha256(texts) == sha256:

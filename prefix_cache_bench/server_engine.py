@@ -23,7 +23,7 @@ from .provenance import device_name, engine_environment, installed_version
 
 
 class ServerEngine:
-    """A vLLM server as phase2_experiment.run_configs drives an engine: request, counters,
+    """A vLLM server as protocol.run_configs drives an engine: request, counters,
     kv_capacity, reset_prefix_cache. shared: other clients may use the server too."""
     phase = SERVER_PHASE
     shared = True
@@ -55,7 +55,8 @@ class ServerEngine:
         if time.perf_counter() - self.last_end > IDLE_RECONNECT_S:
             self.client.ensure_connection()
         opened = self.client.connections_opened
-        sent, token_times, usage, ended = self.client.stream(body)
+        response = self.client.stream(body)
+        sent, token_times, usage, ended = response.sent_s, response.token_times_s, response.usage, response.ended_s
         self.last_end = ended
         if usage is None:
             raise no_usage(self.client.base_url)
@@ -164,10 +165,7 @@ def check_fits(configs, max_model_len, prefix_tokens, max_output_tokens):
 
 
 def prefix_cache_queries_growth(before, now):
-    """Tokens the prefix cache was queried for since before (0 while the server gives no
-    reading); None where there is nothing to wait for."""
-    if before is None:
-        return None
+    """Tokens the prefix cache was queried for since before (0 while the server gives no reading)."""
     return now["prefix_cache_queries"] - before["prefix_cache_queries"] if now else 0
 
 
@@ -178,7 +176,8 @@ def check_audit_possible(engine, tokenizer, allow_unaudited):
     probe = engine.request(special_prefix_ids(tokenizer) + tokenizer.encode("cache probe", add_special_tokens=False),
                            1, f"probe-{os.getpid()}-{time.time()}")
     if probe.cached_tokens is not None:
-        wait_for_counters(engine.counters, prefix_cache_queries_growth, before, probe.prompt_tokens)
+        if before is not None:          # a server without prefix-cache counters: nothing to wait for
+            wait_for_counters(engine.counters, prefix_cache_queries_growth, before, probe.prompt_tokens)
         return None
     reason = (f"the server does not report cached tokens (usage.prompt_tokens_details): it runs without "
               f"{DETAILS_FLAG}")

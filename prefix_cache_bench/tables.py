@@ -123,11 +123,11 @@ def summary_table(configs):
 def independent_means(data, condition):
     """One condition's TTFT per unit its run's interval treats as independent: engine processes
     where there are several, else time blocks; per trial where there are fewer than 2 of either.
-    None where the file holds fewer than 2 trials with a TTFT (the design's schema names no
-    trial keys; its trials carry no condition of their own: they are the condition's)."""
+    None where no trial of the file has a TTFT (the design's schema names no trial keys; its
+    trials carry no condition of their own: they are the condition's)."""
     trials = [{**t, "condition": condition} for t in data[condition].get("trials") or []
               if isinstance(t, dict) and isinstance(t.get("ttft_ms"), (int, float))]
-    if len(trials) < 2:
+    if not trials:
         return None
     for unit in ("process", "block"):
         if all(unit in t for t in trials) and len({t[unit] for t in trials}) >= 2:

@@ -17,6 +17,12 @@ CPU_MEMORY_UTILIZATION = 0.5
 # for `vllm serve` of the tiny model), and the suite starts a dozen; what the tests check does
 # not depend on it.
 ENGINE_FLAGS = ["--gpu-memory-utilization", str(CPU_MEMORY_UTILIZATION), "--enforce-eager"]
+# tests/run_tests.sh runs two pytest-xdist workers. vLLM's CPU engine binds its compute thread to
+# core 0 unless told otherwise, so two workers' engines would share one core while the other
+# idles: each worker's engines (and the servers and scripts it starts) get a core of their own.
+XDIST_WORKER = os.environ.get("PYTEST_XDIST_WORKER")
+if XDIST_WORKER:
+    os.environ.setdefault("VLLM_CPU_OMP_THREADS_BIND", str(int(XDIST_WORKER.removeprefix("gw")) % (os.cpu_count() or 1)))
 
 from make_model import build_model  # noqa: E402
 
@@ -70,6 +76,21 @@ def vllm_server(tiny_model_dir):
     finally:
         server.stop()
         assert not session_processes(server.proc.pid), "the server left processes behind"
+
+
+@pytest.fixture(scope="session")
+def plain_server(tiny_model_dir):
+    """A real `vllm serve` as a user may have started it: without --enable-prompt-tokens-details,
+    and with vLLM's own keep-alive (VLLM_HTTP_TIMEOUT_KEEP_ALIVE, 5 s). Started on first use."""
+    from prefix_cache_bench.defaults import DETAILS_FLAG
+    from prefix_cache_bench.servers import EmbeddedServer, free_port
+    server = EmbeddedServer(tiny_model_dir, "127.0.0.1", free_port("127.0.0.1"), ENGINE_FLAGS + ["--max-model-len", "2048"])
+    server.command.remove(DETAILS_FLAG)
+    server.environment.pop("VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+    with server:
+        server.start(timeout_s=600)
+        yield server
+    assert not session_processes(server.proc.pid), "the server left processes behind"
 
 
 def session_processes(session_id):

@@ -1,5 +1,6 @@
 """A stand-in for `vllm serve`, for the faults a real server will not show on demand: HTTP
-errors, a server without --enable-prompt-tokens-details, a connection dropped mid-run.
+errors, an error inside a stream, a connection dropped mid-run, a /metrics without a process
+collector, requests held until several are in flight.
 It answers what phase1_experiment.py asks (/v1/models, /metrics, /version, streamed
 /v1/completions) and behaves as `mode` says."""
 import json
@@ -9,14 +10,13 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 
 
 class FakeServer:
-    """mode: "ok" (cached tokens reported), "no-details" (no prompt_tokens_details),
-    "http-500" (completions fail), "error-chunk" (an error inside a 200 stream),
+    """mode: "ok" (cached tokens reported), "http-500" (completions fail), "error-chunk" (an error inside a 200 stream),
     "drop-after-N" (the connection drops on the N-th completion)."""
 
-    def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048, idle_timeout_s=None):
+    def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048):
         self.mode, self.completions = mode, 0
         # completions in flight at once, at most. Each one of delay_max_tokens output tokens (all, if
-        # None) is held before its reply until hold_until_in_flight completions are in flight
+        # None) is held before its reply until hold_until_in_flight completions have been in flight
         # together, or delay_s has passed: a count, not a race against this machine's speed.
         self.in_flight = self.max_in_flight = 0
         self.delay_s, self.delay_max_tokens, self.hold_until_in_flight = 0.0, None, None
@@ -26,7 +26,6 @@ class FakeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
-            timeout = idle_timeout_s          # a kept connection idle this long is closed, as uvicorn does
 
             def log_message(self, *args):
                 pass
@@ -66,8 +65,10 @@ class FakeServer:
                 try:
                     if fake.delay_max_tokens in (None, body["max_tokens"]):
                         with fake.lock:
+                            # once as many were in flight together, all of them go on (the peak, not
+                            # the count now: the first to go on lowers the count before the others wake)
                             fake.arrived.wait_for(lambda: fake.hold_until_in_flight is not None
-                                                  and fake.in_flight >= fake.hold_until_in_flight, fake.delay_s)
+                                                  and fake.max_in_flight >= fake.hold_until_in_flight, fake.delay_s)
                     self.complete(body, number)
                 finally:
                     with fake.lock:
@@ -84,9 +85,8 @@ class FakeServer:
                     self.connection.shutdown(socket.SHUT_RDWR)      # no reply at all: the peer sees the socket close
                     return
                 usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
-                         "total_tokens": len(body["prompt"]) + body["max_tokens"]}
-                if fake.mode != "no-details":
-                    usage["prompt_tokens_details"] = {"cached_tokens": 0}
+                         "total_tokens": len(body["prompt"]) + body["max_tokens"],
+                         "prompt_tokens_details": {"cached_tokens": 0}}
                 chunks = [{"choices": [{"index": 0, "text": "x"}]} for _ in range(body["max_tokens"])]
                 chunks.append({"choices": [], "usage": usage})
                 self.reply(200, "".join(f"data: {json.dumps(c)}\n\n" for c in chunks).encode() + b"data: [DONE]\n\n",

