@@ -5,7 +5,6 @@ offline engine, the server and the load run alike.
 import time
 
 
-
 def expected_cached_tokens(condition, warmup_prompt_tokens, cache_block_size):
     """What num_cached_tokens must be: the hit reuses [A, B]'s full blocks, nothing else."""
     if condition == "cache_hit":

@@ -13,7 +13,6 @@ import subprocess
 import sys
 
 
-
 ENV_PREFIXES = ("VLLM_", "NCCL_", "NVSHMEM_", "TORCH_SYMM_MEM_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
 
