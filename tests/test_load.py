@@ -10,9 +10,9 @@ import pytest
 from scipy import stats
 
 import plot_results as pr
-from conftest import SERVER_KV_BLOCKS, run_script
+from conftest import SERVER_KV_BLOCKS, run_script, session_processes
 from prefix_cache_bench import (audit, charts, defaults, http_client, intervals, load_tables, load_workload,
-                                prometheus)
+                                prometheus, servers)
 from prefix_cache_bench import load_run as load_run_module
 
 
@@ -412,3 +412,24 @@ def test_tables_and_charts_of_incomplete_or_unaudited_working_set_files(tmp_path
     assert len([row for row in table.splitlines() if row.startswith("| ")]) == 1 + len(r["levels"]) - 1
     charts.plot_working_set(r, str(tmp_path / "ws.png"))
     assert os.path.exists(tmp_path / "ws.png")
+
+
+def test_replica_urls_behind_a_running_router_count_each_request_where_it_ran(vllm_server, tmp_path):
+    """--base-url a router someone else runs, --replica-urls the servers behind it: the counters,
+    the audit's cross-check and the per-replica split come from the servers, not the router."""
+    router = servers.RouterProcess([vllm_server.base_url], "round_robin", "127.0.0.1", servers.free_port("127.0.0.1"), [])
+    with router:
+        router.start(timeout_s=120)
+        proc = phase1("--base-url", router.base_url, "--replica-urls", vllm_server.base_url, "--concurrency", "2",
+                      "--num-prefixes", "2", "--num-requests", "8", "--repeats", "1", *LOAD_QUICK,
+                      "--results-dir", str(tmp_path))
+    assert not session_processes(router.proc.pid), "the router left processes behind"
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    r = json.load(open(tmp_path / "results_load_a355_p2_concurrency.json"))
+    assert r["cache_audit"]["ok"] is True and r["environment"]["server"]["base_url"] == router.base_url
+    for c in ("cached", "cold"):
+        run = r["levels"][0]["runs"][0][c]
+        assert list(run["server"]["replicas"]) == [vllm_server.base_url]
+        # every request (and the counters' flush) went through the router to that one server
+        assert run["server"]["replicas"][vllm_server.base_url]["requests"] == len(run["requests"]) + 1
+        assert run["server"]["prefix_cache_hits"] == sum(q["cached_tokens"] for q in run["requests"])
