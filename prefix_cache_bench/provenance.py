@@ -54,12 +54,10 @@ def provenance(argv, prog, script):
     """Where a result came from: the command as typed, and the tool's version: the git commit,
     whether the tree differed from it, the entry script's own hash and the hash of all the code
     (the entry script and the package), which name the code without git too."""
-    git = lambda *args: subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, text=True, timeout=10)
     try:
-        commit = git("rev-parse", "HEAD")
-        dirty = git("status", "--porcelain", "--untracked-files=no")
-        commit, dirty = (commit.stdout.strip(), bool(dirty.stdout.strip())) if commit.returncode == 0 else (None, None)
-    except (OSError, subprocess.SubprocessError):           # no git here
+        commit = git_bytes("rev-parse", "HEAD").decode().strip()
+        dirty = bool(git_bytes("status", "--porcelain", "--untracked-files=no").strip())
+    except (OSError, subprocess.SubprocessError):           # no git here, or not a checkout
         commit, dirty = None, None
     texts = code_files(script)
     return {"command": shlex.join([os.path.basename(sys.executable), prog, *argv]),

@@ -50,6 +50,25 @@ def llm(tiny_model_dir):
     engine.llm_engine.engine_core.shutdown()
 
 
+def start_script(script, args):
+    """A script as a job in a terminal: its own session (so a signal can reach the whole group),
+    output unbuffered, stderr into stdout."""
+    import subprocess
+    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
+
+
+def wait_for_line(proc, needle):
+    """start_script's output up to the first line holding needle (the test's time limit bounds
+    the wait: a read that blocks cannot be timed out from here)."""
+    seen = []
+    for line in proc.stdout:
+        seen.append(line)
+        if needle in line:
+            return "".join(seen)
+    pytest.fail(f"never saw {needle!r}; exit {proc.wait()}; last output:\n{''.join(seen[-30:])}")
+
+
 def run_script(args, timeout=600, **kwargs):
     """Run a project script as a user would: a new Python process, from the repo root."""
     import subprocess

@@ -7,33 +7,14 @@ import json
 import os
 import re
 import signal
-import subprocess
-import sys
 import time
 
 import psutil
 import pytest
 
-from conftest import ENGINE_FLAGS, ROOT, SERVER_KV_BLOCKS, run_script, session_processes
+from conftest import ENGINE_FLAGS, SERVER_KV_BLOCKS, run_script, session_processes, start_script, wait_for_line
 
 AUDIT_FAILED = "exit 3: a cache audit failed (see above); the JSON records which requests"
-
-
-def start(script, args):
-    """A script as a job in a terminal: its own session (so a signal can reach the whole group),
-    output unbuffered, stderr into stdout."""
-    return subprocess.Popen([sys.executable, script, *args], cwd=ROOT, env=dict(os.environ, PYTHONUNBUFFERED="1"),
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def wait_for(proc, needle):
-    """The output up to the first line holding needle (the test's time limit bounds the wait)."""
-    seen = []
-    for line in proc.stdout:
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    pytest.fail(f"never saw {needle!r}; exit {proc.wait()}; last output:\n{''.join(seen[-30:])}")
 
 
 def finish(proc, timeout=120):
@@ -97,10 +78,10 @@ def test_phase2_an_engine_process_killed_by_a_signal_exits_128_plus_n(tiny_model
     """--processes runs the script again per engine process; one killed by SIGKILL (9) ends the
     run with 137 and one line, and no file."""
     out = tmp_path / "results"
-    proc = start("phase2_experiment.py", ["--model", tiny_model_dir, "--processes", "2", "--num-trials", "2",
-                                          "--results-dir", str(out), *ENGINE_FLAGS])
+    proc = start_script("phase2_experiment.py", ["--model", tiny_model_dir, "--processes", "2", "--num-trials", "2",
+                                                 "--results-dir", str(out), *ENGINE_FLAGS])
     try:
-        wait_for(proc, "=== engine process 1 of 2 ===")
+        wait_for_line(proc, "=== engine process 1 of 2 ===")
         worker = None
         while worker is None and proc.poll() is None:
             worker = next((p for p in psutil.Process(proc.pid).children()
@@ -119,10 +100,10 @@ def test_phase2_an_engine_process_killed_by_a_signal_exits_128_plus_n(tiny_model
 
 
 def test_phase1_sigterm_mid_run_exits_143_and_writes_nothing(vllm_server, tmp_path):
-    proc = start("phase1_experiment.py", ["--base-url", vllm_server.base_url, "--size-a", "200", "--size-b", "100",
-                                          "--num-trials", "400", "--max-output-tokens", "4", "--results-dir",
-                                          str(tmp_path)])
-    wait_for(proc, "measured rounds in")
+    proc = start_script("phase1_experiment.py", ["--base-url", vllm_server.base_url, "--size-a", "200", "--size-b", "100",
+                                                 "--num-trials", "400", "--max-output-tokens", "4", "--results-dir",
+                                                 str(tmp_path)])
+    wait_for_line(proc, "measured rounds in")
     time.sleep(1.0)
     proc.send_signal(signal.SIGTERM)
     rest = finish(proc)
@@ -132,10 +113,10 @@ def test_phase1_sigterm_mid_run_exits_143_and_writes_nothing(vllm_server, tmp_pa
 
 
 def test_phase1_ctrl_c_during_a_load_run_exits_130_and_writes_nothing(vllm_server, tmp_path):
-    proc = start("phase1_experiment.py", ["--base-url", vllm_server.base_url, "--size-a", "300", "--num-prefixes", "2",
-                                          "--concurrency", "2", "--num-requests", "2000", "--max-output-tokens", "4",
-                                          "--repeats", "1", "--results-dir", str(tmp_path)])
-    wait_for(proc, "--- 1 of 1:")
+    proc = start_script("phase1_experiment.py", ["--base-url", vllm_server.base_url, "--size-a", "300", "--num-prefixes", "2",
+                                                 "--concurrency", "2", "--num-requests", "2000", "--max-output-tokens", "4",
+                                                 "--repeats", "1", "--results-dir", str(tmp_path)])
+    wait_for_line(proc, "--- 1 of 1:")
     time.sleep(2.0)
     os.killpg(proc.pid, signal.SIGINT)              # a terminal's Ctrl-C reaches the whole group
     rest = finish(proc)
@@ -149,9 +130,9 @@ def test_phase1_ctrl_c_during_a_load_run_exits_130_and_writes_nothing(vllm_serve
 
 @pytest.mark.timeout(600)
 def test_phase1_with_its_own_server_runs_to_the_end_exits_0_and_leaves_nothing(tiny_model_dir, tmp_path):
-    proc = start("phase1_experiment.py", ["--model", tiny_model_dir, "--size-a", "200", "--size-b", "100",
-                                          "--num-trials", "2", "--num-blocks", "1", "--max-output-tokens", "4",
-                                          "--results-dir", str(tmp_path), *ENGINE_FLAGS, "--max-model-len", "1024"])
+    proc = start_script("phase1_experiment.py", ["--model", tiny_model_dir, "--size-a", "200", "--size-b", "100",
+                                                 "--num-trials", "2", "--num-blocks", "1", "--max-output-tokens", "4",
+                                                 "--results-dir", str(tmp_path), *ENGINE_FLAGS, "--max-model-len", "1024"])
     output = finish(proc, timeout=540)
     assert proc.returncode == 0, output[-3000:]
     server_pid = int(re.search(r"starting the vLLM server \(pid (\d+)\)", output).group(1))

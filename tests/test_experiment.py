@@ -14,7 +14,7 @@ import types
 
 import pytest
 
-from conftest import ENGINE_FLAGS, ROOT, run_script, session_processes
+from conftest import ENGINE_FLAGS, ROOT, run_script, session_processes, start_script, wait_for_line
 from test_known_answers import T3, fieller
 from prefix_cache_bench import audit, defaults, offline, protocol, provenance
 
@@ -250,26 +250,6 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes(tmp_path)
     assert "hit saves vs cold" in proc.stdout and "rounds" in proc.stdout
 
 
-def _start(args):
-    env = dict(os.environ, PYTHONUNBUFFERED="1")
-    # its own process group, like a job in a terminal, so Ctrl-C can be sent to the whole group
-    return subprocess.Popen([sys.executable, "phase2_experiment.py", *args], cwd=ROOT, env=env,
-                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True, start_new_session=True)
-
-
-def _wait_for(proc, needle, timeout=300):
-    deadline, seen = time.time() + timeout, []
-    while time.time() < deadline:
-        line = proc.stdout.readline()
-        if not line and proc.poll() is not None:
-            break
-        seen.append(line)
-        if needle in line:
-            return "".join(seen)
-    proc.kill()
-    pytest.fail(f"never saw {needle!r}; last output:\n{''.join(seen[-30:])}")
-
-
 # SIGINT and SIGTERM take the same handler: SIGINT is tried as a terminal sends it, to the group.
 @pytest.mark.parametrize("sig,code,whole_group", [
     # kill <pid>, a batch scheduler's stop: passed on to the running engine process
@@ -282,10 +262,11 @@ def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tm
     out.mkdir()
     old = out / "results_phase2_a255_b128.json"
     old.write_text('{"earlier": "run"}\n')
-    proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "400",
-                   "--pause-ms", "5", "--max-output-tokens", "5", "--results-dir", str(out), *ENGINE_FLAGS])
+    proc = start_script("phase2_experiment.py", [
+        "--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "400", "--pause-ms", "5",
+        "--max-output-tokens", "5", "--results-dir", str(out), *ENGINE_FLAGS])
     try:
-        before = _wait_for(proc, "measured rounds in")        # the measured rounds are under way
+        before = wait_for_line(proc, "measured rounds in")        # the measured rounds are under way
         assert f"note: {old} exists; it is replaced only once the run completes" in before
         time.sleep(1.5)
         if whole_group:
@@ -335,14 +316,15 @@ def _kill_vllm_process(pid, name="VLLM::Worker", timeout=300):
 @pytest.mark.parametrize("when,processes", [("mid_run", []), ("at_start", ["--processes", "1"])], ids=["mid_run", "at_start"])
 def test_dead_engine_ends_the_run_with_one_line(tiny_model_dir, tmp_path, when, processes):
     out = tmp_path / "results"
-    proc = _start(["--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "400",
-                   "--max-output-tokens", "5", *processes, "--results-dir", str(out), *ENGINE_FLAGS])
+    proc = start_script("phase2_experiment.py", [
+        "--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "400", "--max-output-tokens", "5",
+        *processes, "--results-dir", str(out), *ENGINE_FLAGS])
     try:
         if when == "mid_run":
-            _wait_for(proc, "measured rounds in")
+            wait_for_line(proc, "measured rounds in")
             time.sleep(1.0)
         else:
-            _wait_for(proc, "starting vLLM engine")
+            wait_for_line(proc, "starting vLLM engine")
         killed_at = _kill_vllm_process(proc.pid)
         rest, _ = proc.communicate(timeout=120)
         ended_after_s = time.time() - killed_at
