@@ -56,6 +56,13 @@ def parse_args(argv):
     if opts.block_order and (opts.processes or 1) > 1:
         usage_error("--block-order runs in one process: drop --processes")
     resolve_run_shape(opts)
+    if not {"-h", "--help"} & set(engine_argv):
+        # What needs no vLLM is checked before its import (seconds): a model folder, the results folder.
+        model_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+        model_flag.error = usage_error
+        model_flag.add_argument("--model", default=MODEL_NAME)
+        check_model_folder(model_flag.parse_known_args(engine_argv)[0].model)
+        check_results_dir(opts.results_dir, make=False)
     try:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -73,7 +80,6 @@ def parse_args(argv):
         usage_error("prefix caching and engine stats are what this tool measures: they are always on "
                     "(drop --no-enable-prefix-caching / --disable-log-stats)")
     opts.model, opts.seed = engine_ns.model, engine_ns.seed
-    check_model_folder(opts.model)
     try:
         return opts, EngineArgs.from_cli_args(engine_ns)        # resolves the model: may look it up on the hub
     except Exception as e:

@@ -27,14 +27,16 @@ import argparse
 import os
 import sys
 
-from prefix_cache_bench.charts import SERVER_PATH_CHART, load_outputs, plot_context, plot_fleet, plot_phase, plot_server_path
+from prefix_cache_bench.charts import (SERVER_PATH_CHART, load_outputs, plot_anatomy, plot_context, plot_fleet, plot_phase,
+                                       plot_server_path)
 from prefix_cache_bench.defaults import RESULTS_DIR
 from prefix_cache_bench.load_tables import compare_load_runs, fleet_groups, fleet_table
 from prefix_cache_bench.prefill_fit import describe_fit, prefill_fit
 from prefix_cache_bench.readmes import reruns_readme, results_readme, write_readme
 from prefix_cache_bench.results import (FILE_PATTERN, LOAD_PATTERNS, check_out_dir, discover_load_results,
                                         discover_results, folders_with_results_hint)
-from prefix_cache_bench.tables import by_model, compare_runs, server_path_cost, server_path_table, summary_table
+from prefix_cache_bench.tables import (anatomy_table, by_model, compare_runs, server_path_cost, server_path_table,
+                                       summary_table)
 
 
 def build_parser():
@@ -93,6 +95,9 @@ def main(argv=None):
         outfile = os.path.join(out_dir, f"experiment1_all_configs_{phase}.png")
         plot_phase(configs, phase, label, outfile)
         print(f"\n## {label} ({len(configs)} configs)\n\n{summary_table(configs)}\n\nwrote {outfile}")
+        anatomy_file = os.path.join(out_dir, f"ttft_anatomy_{phase}.png")
+        if plot_anatomy(configs, label, anatomy_file):
+            print(f"\nwhere the TTFT goes (ms, means):\n\n{anatomy_table(configs)}\n\nwrote {anatomy_file}")
         models = by_model(configs)
         for model, group in models.items():
             fit = prefill_fit(group)

@@ -15,7 +15,7 @@ def compute_stats(trials):
     col = lambda key: np.array([t[key] for t in trials], dtype=float)
     ttft, total, tput = col("ttft_ms"), col("total_time_ms"), col("throughput_tok_s")
     sd = lambda xs: float(np.std(xs, ddof=1)) if len(xs) > 1 else 0.0
-    # engine-side timings exist offline only: a server reports none per request
+    # engine-side timings: None where the engine reported none (a server whose histograms could not be read)
     engine = lambda key, f: None if any(t[key] is None for t in trials) else float(f(col(key)))
     cached = [t["cached_tokens"] for t in trials] + [t["throughput_request"]["cached_tokens"] for t in trials]
     return {
@@ -39,7 +39,17 @@ def compute_stats(trials):
         "cached_tokens": None if None in cached else min(cached),
         "cached_tokens_max": None if None in cached else max(cached),
         "num_trials": len(trials),
+        "ttft_breakdown_mean_ms": breakdown_means(trials),
     }
+
+
+def breakdown_means(trials):
+    """Each part of the TTFT breakdown (engine_api.RequestResult.ttft_breakdown), averaged over
+    the trials: the parts' means add up to ttft_mean. None unless every trial has one."""
+    parts = [t.get("ttft_breakdown_ms") for t in trials]
+    if not parts or None in parts:
+        return None
+    return {key: float(np.mean([p[key] for p in parts])) for key in parts[0]}
 
 
 def unit_means(trials, condition, unit):

@@ -7,8 +7,8 @@ import numpy as np
 
 from .load_tables import interval_words, load_file_tables, load_title, load_value
 from .prefill_fit import predicted_ttft_ms
-from .tables import (CONDITION_STYLES, audit_ok, comparison_note, conditions_present, describe_source,
-                     unaudited, unstable)
+from .tables import (BREAKDOWN_PARTS, CONDITION_STYLES, anatomy_rows, audit_ok, comparison_note,
+                     conditions_present, describe_source, unaudited, unstable)
 
 
 # panel -> (stats prefix, bar label format, y label, title, head room above the tallest bar)
@@ -332,3 +332,41 @@ def load_outputs(path, data, out_dir):
     table = load_file_tables(data)
     note = "" if data.get("complete", True) else f"\n\n**Incomplete:** {data.get('failure')}"
     return chart, f"## {stem}: {load_title(data)}\n\n{table}{note}"
+
+
+ANATOMY_COLORS = ("#999999", "#f0a030", "#d04040", "#3070c0")
+
+
+def plot_anatomy(configs, phase_label, outfile):
+    """Stacked bars: each config's conditions, their mean TTFT split into the breakdown's parts,
+    the GPU's floor for that prefill marked on the bar. Returns the Figure, or None where no
+    file carries the breakdown."""
+    rows = anatomy_rows(configs)
+    if not rows:
+        return None
+    import matplotlib
+    matplotlib.use("Agg")
+    import matplotlib.pyplot as plt
+
+    fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(rows) + 2), 5.4))
+    x = np.arange(len(rows))
+    bottom = np.zeros(len(rows))
+    for (key, label), color in zip(BREAKDOWN_PARTS, ANATOMY_COLORS):
+        heights = np.array([stats["ttft_breakdown_mean_ms"][key] for _, _, stats, _ in rows])
+        ax.bar(x, heights, 0.7, bottom=bottom, color=color, label=label)
+        bottom += heights
+    floors = [(i, floor["floor_ms"]) for i, (_, _, _, floor) in enumerate(rows) if floor]
+    if floors:
+        ax.scatter([i for i, _ in floors], [ms for _, ms in floors], marker="_", s=900, color="black", zorder=3,
+                   label="GPU floor (bytes at HBM bandwidth, or FLOPs at peak)")
+    ax.set_xticks(x, [f"{label}\n{condition.removeprefix('cache_')}" for label, condition, _, _ in rows],
+                  fontsize=7, rotation=0)
+    ax.set_ylabel("mean TTFT (ms), split where it goes")
+    if bottom.max() / max(bottom.min(), 1e-9) > 20:
+        ax.set_yscale("log")
+    ax.legend(fontsize=8, frameon=False)
+    source = describe_source(configs)
+    ax.set_title(f"Where the TTFT goes: {phase_label}" + (f"\n{source}" if source else ""), fontsize=10)
+    fig.tight_layout()
+    fig.savefig(outfile, dpi=130)
+    return fig

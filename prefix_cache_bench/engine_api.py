@@ -13,8 +13,9 @@ STREAM_FIELDS = ("ttft_ms", "tpot_ms", "itl_ms", "new_connection")
 @dataclasses.dataclass
 class RequestResult:
     """One request as an engine's request() returns it. Times in ms: wall_ms and the streamed
-    fields on this process's clock (perf_counter), engine_ttft_ms and prefill_ms on the engine
-    core's (offline only: a server reports none per request). Never mix the two clocks."""
+    fields on this process's clock (perf_counter); engine_ttft_ms, queue_ms and prefill_ms are the
+    engine's own durations (offline: RequestOutput.metrics; a server: the growth of its TTFT, queue
+    and prefill histograms across this one request). Durations only: never mix the clocks' stamps."""
     wall_ms: float                          # from just before the request is sent to its last output
     prompt_tokens: Optional[int]
     cached_tokens: Optional[int]            # None where the engine does not say (an unaudited server)
@@ -26,6 +27,22 @@ class RequestResult:
     tpot_ms: Optional[float] = None
     itl_ms: Optional[list] = None
     new_connection: Optional[bool] = None   # streamed: did it open a connection of its own
+    queue_ms: Optional[float] = None        # the engine core's queued to scheduled
+
+    def ttft_breakdown(self):
+        """Where this request's TTFT went, in ms: parts that add up to client_ttft_ms. None where
+        the engine did not report its times.
+          outside_engine_ms  TTFT minus the engine's own TTFT: offline, LLM.generate's work around
+                             the engine; through a server, the client and HTTP
+          frontend_ipc_ms    the engine's TTFT minus queue and prefill step: its frontend (input and
+                             output processing) and the IPC to the engine core and back
+          queue_ms           queued to scheduled in the engine core
+          prefill_step_ms    scheduled to first token: the step's forward pass and its host work"""
+        if None in (self.engine_ttft_ms, self.queue_ms, self.prefill_ms):
+            return None
+        return {"outside_engine_ms": self.client_ttft_ms - self.engine_ttft_ms,
+                "frontend_ipc_ms": self.engine_ttft_ms - self.queue_ms - self.prefill_ms,
+                "queue_ms": self.queue_ms, "prefill_step_ms": self.prefill_ms}
 
     @property
     def streamed(self):

@@ -10,6 +10,7 @@ import threading
 import time
 
 from .engine_api import RequestResult
+from .host import machine_info
 from .defaults import OFFLINE_PHASE, OFFLINE_PROG, QUERY_TOKENS
 from .errors import ERROR_LINE, EXIT_AUDIT, EXIT_SETUP, EXIT_USAGE, ExperimentError, first_line
 from .prompts import special_prefix_ids
@@ -39,6 +40,7 @@ def timed_request(llm, prompt_ids, max_tokens, cache_salt=None):
         engine_ttft_ms=m.first_token_latency * 1e3,
         prefill_ms=(m.first_token_ts - m.scheduled_ts) * 1e3,
         decode_ms=(m.last_token_ts - m.first_token_ts) * 1e3,
+        queue_ms=(m.scheduled_ts - m.queued_ts) * 1e3,
     )
 
 
@@ -330,6 +332,7 @@ def run_experiment(opts, engine_args):
     from vllm import LLM
 
     note_existing_results(opts)
+    machine = machine_info()                # the host's speed while no engine runs beside it
 
     # 1. load the model (prefix caching and engine stats on)
     print(f"starting vLLM engine for {engine_args.model} ...", flush=True)
@@ -341,7 +344,7 @@ def run_experiment(opts, engine_args):
         llm = LLM.from_engine_args(engine_args)
         engine_start_s = time.perf_counter() - t0
         print(f"engine ready in {engine_start_s:.1f} s", flush=True)
-        env = {**environment_info(llm, engine_args, engine_start_s), **opts.provenance}
+        env = {**environment_info(llm, engine_args, engine_start_s), "machine": machine, **opts.provenance}
         phase = "run"
         results = run_configs(OfflineEngine(llm), llm.get_tokenizer(), opts, env)    # steps 2-6
     except ExperimentError:

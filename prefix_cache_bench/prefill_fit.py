@@ -4,12 +4,57 @@ and MFU it implies, and the FLOPs of a prefill from the model's recorded shape.
 
 import numpy as np
 
-from .provenance import gpus_used
+from .provenance import gpus_used, parallel_sizes
 
 
 # Dense bf16/fp16 tensor peak (TFLOP/s, no sparsity), from the vendors' datasheets, for MFU.
 # Matched against the recorded device name, in this order; other devices get no MFU.
 PEAK_TFLOPS = (("H100 PCIe", 756), ("H200", 989), ("H100", 989), ("A100", 312), ("L40S", 362), ("L4", 121))
+
+
+# HBM bandwidth (TB/s) from the same datasheets (H200 SXM 4.8, H100 SXM 3.35, H100 PCIe 2.0,
+# A100 80GB SXM 2.039, L40S 0.864, L4 0.3), matched like PEAK_TFLOPS.
+MEMORY_TB_S = (("H100 PCIe", 2.0), ("H200", 4.8), ("H100", 3.35), ("A100", 2.039), ("L40S", 0.864), ("L4", 0.3))
+DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+
+
+def memory_tb_s(device):
+    return next((tb_s for name, tb_s in MEMORY_TB_S if name in (device or "")), None)
+
+
+def gpu_floor(shape, device, new_tokens, cached_tokens=0, gpus=1):
+    """The least time the GPU(s) need for one prefill step of new_tokens behind cached_tokens:
+    the bytes it must read at the memory bandwidth, or its FLOPs at the dense peak, whichever is
+    longer. The bytes: every weight once (of the token embedding only a few rows: the non-
+    embedding weights plus the LM head, hidden x vocab) and the K and V of every token the
+    attention reads (cached and new). gpus: tensor parallel GPUs, which share both. None where
+    the device is not in the tables or the file records no model shape."""
+    bandwidth, peak = memory_tb_s(device), peak_tflops(device)
+    needed = ("num_parameters", "num_embedding_parameters", "hidden_size", "vocab_size", "num_layers",
+              "num_attention_heads", "num_kv_heads", "head_dim")
+    if not bandwidth or not peak or not shape or any(shape.get(key) is None for key in needed):
+        return None
+    width = DTYPE_BYTES.get(shape.get("dtype"), 2)
+    weights = shape["num_parameters"] - shape["num_embedding_parameters"] + shape["hidden_size"] * shape["vocab_size"]
+    kv_per_token = 2 * shape["num_layers"] * shape["num_kv_heads"] * shape["head_dim"]
+    bytes_read = width * (weights + kv_per_token * (cached_tokens + new_tokens))
+    flops = prefill_flops(shape, new_tokens, cached_tokens)
+    memory_ms = bytes_read / (bandwidth * 1e12 * gpus) * 1e3
+    compute_ms = flops / (peak * 1e12 * gpus) * 1e3
+    return {"floor_ms": max(memory_ms, compute_ms), "memory_ms": memory_ms, "compute_ms": compute_ms,
+            "bytes_read": bytes_read, "flops": flops, "bound": "memory" if memory_ms >= compute_ms else "compute",
+            "memory_tb_s": bandwidth * gpus, "peak_tflops": peak * gpus}
+
+
+def condition_floor(data, condition):
+    """gpu_floor of one condition of a result file: its prompt and cached tokens, the file's
+    device, model shape and tensor parallel size; None where any is not known."""
+    env, stats = data.get("environment", {}), data.get(condition, {}).get("stats", {})
+    prompt, cached = stats.get("prompt_tokens"), stats.get("cached_tokens")
+    if prompt is None or cached is None:
+        return None
+    return gpu_floor(env.get("model_shape"), env.get("device"), prompt - cached, cached,
+                     parallel_sizes(env)["TP"])
 
 
 def prefill_flops(shape, new_tokens, cached_tokens=0):

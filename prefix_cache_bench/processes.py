@@ -140,6 +140,8 @@ def merge_processes(results, order_offsets, opts, run_wall_s):
     merged["environment"].update({
         **opts.provenance,
         "engine_start_s_per_process": [r["environment"]["engine_start_s"] for r in results],
+        "host_python_loop_ms_per_process": [r["environment"].get("machine", {}).get("host_python_loop_ms")
+                                            for r in results],
         "trial_order": [f"{t['condition']}:{t['round']}" for t in sorted(
             (t for c in CONDITIONS for kind in ("discarded_trials", "trials") for t in conditions[c][kind]),
             key=lambda t: t["order"])],

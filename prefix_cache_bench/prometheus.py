@@ -38,6 +38,42 @@ def server_counters(metrics):
                             "sum_s": metric_total(metrics, "vllm:time_to_first_token_seconds_sum") or 0.0}}
 
 
+# The server's own times of each request, as histograms: RequestResult field -> histogram name.
+REQUEST_TIME_HISTOGRAMS = {"engine_ttft_ms": "vllm:time_to_first_token_seconds",
+                           "queue_ms": "vllm:request_queue_time_seconds",
+                           "prefill_ms": "vllm:request_prefill_time_seconds"}
+# and its token counts, which tell whose request a reading holds
+REQUEST_TOKEN_HISTOGRAMS = {"prompt_tokens": "vllm:request_prompt_tokens", "output_tokens": "vllm:request_generation_tokens"}
+
+
+def request_time_totals(metrics_of_engines):
+    """{field: (observations, sum in s)} of the server's TTFT, queue and prefill histograms,
+    summed over its engines; a field is missing where no engine has that histogram."""
+    totals = {}
+    for field, name in {**REQUEST_TIME_HISTOGRAMS, **REQUEST_TOKEN_HISTOGRAMS}.items():
+        counts = [metric_total(m, name + "_count") for m in metrics_of_engines]
+        sums = [metric_total(m, name + "_sum") for m in metrics_of_engines]
+        if None not in counts and None not in sums and counts:
+            totals[field] = (int(sum(counts)), sum(sums))
+    return totals
+
+
+def one_request_times(before, after, prompt_tokens, output_tokens):
+    """{field: ms} that exactly one request added to each histogram between two
+    request_time_totals: that request's own times as the server measured them. None unless
+    every histogram is there and grew by exactly one observation, whose prompt and output
+    token counts are this request's (else it may be another client's request)."""
+    fields = {**REQUEST_TIME_HISTOGRAMS, **REQUEST_TOKEN_HISTOGRAMS}
+    if set(before) != set(fields) or set(after) != set(before):
+        return None
+    if any(after[field][0] - before[field][0] != 1 for field in before):
+        return None
+    tokens = {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens}
+    if any(after[field][1] - before[field][1] != tokens[field] for field in REQUEST_TOKEN_HISTOGRAMS):
+        return None
+    return {field: (after[field][1] - before[field][1]) * 1e3 for field in REQUEST_TIME_HISTOGRAMS}
+
+
 def cache_config(metrics):
     """The labels of vllm:cache_config_info (block_size, num_gpu_blocks, ...) of the first engine, or {}."""
     samples = metrics.get("vllm:cache_config_info")

@@ -12,7 +12,7 @@ import numpy as np
 
 from .analysis import summarize
 from .audit import audit_counters, audit_report, audit_requests, requests_of
-from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, PAUSE_MS, QUERY_TOKENS,
+from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, OFFLINE_PHASE, PAUSE_MS, QUERY_TOKENS,
                        ROUND_ORDERS, WARMUP_TOKENS)
 from .errors import EXIT_AUDIT, ExperimentError
 from .prompts import ConfigPrompts
@@ -38,7 +38,9 @@ def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, m
         "cached_tokens": first.cached_tokens,
         "engine_ttft_ms": first.engine_ttft_ms,
         "prefill_ms": first.prefill_ms,
+        "queue_ms": first.queue_ms,
         "throughput_request": full.as_json(),
+        "ttft_breakdown_ms": first.ttft_breakdown(),
     }
 
 
@@ -100,7 +102,7 @@ def warm_cache(request, warmup_ids, pause_s, cache_salt=None):
 
 def run_trials(request, schedule, configs, opts, clock, desc):
     """Steps 4-5: every scheduled (config, condition, round) in order, all prompts built first
-    (nothing but the requests runs between requests). Each trial records its place in the run and its start
+    (between requests, nothing of this tool runs but a server engine's one /metrics read). Each trial records its place in the run and its start
     in seconds since the run began (clock)."""
     from tqdm import tqdm
 
@@ -260,7 +262,9 @@ def print_summary(result):
               f"{h2['ttft_saving_pct']:.1f}% [{h2['ttft_saving_ci95'][0]:.1f}, {h2['ttft_saving_ci95'][1]:.1f}]: "
               f"the level moved during the run; a rerun may not land inside the interval", file=sys.stderr)
     if result["harness_overhead_ms"] is not None:
-        print(f"harness overhead (wall - engine TTFT, median): {result['harness_overhead_ms']:.2f} ms")
+        what = "wall - engine TTFT" if result["phase"] == OFFLINE_PHASE else "client TTFT - the server's own TTFT"
+        print(f"harness overhead ({what}, median): {result['harness_overhead_ms']:.2f} ms")
+    print_breakdown(result)
     if audit_.get("unaudited"):
         print(f"!!! UNAUDITED: {audit_['unaudited']}", file=sys.stderr)
     elif audit_["ok"]:
@@ -270,6 +274,20 @@ def print_summary(result):
               f"these numbers do not measure what they claim:", file=sys.stderr)
         for p in audit_["problems"][:10]:
             print(f"!!!   {p}", file=sys.stderr)
+
+
+BREAKDOWN_PARTS = (("outside_engine_ms", "outside engine"), ("frontend_ipc_ms", "frontend+IPC"),
+                   ("queue_ms", "queue"), ("prefill_step_ms", "prefill step"))
+
+
+def print_breakdown(result):
+    """Where each condition's mean TTFT went (engine_api.RequestResult.ttft_breakdown), if known."""
+    means = {c: result[c]["stats"].get("ttft_breakdown_mean_ms") for c in CONDITIONS}
+    if None in means.values():
+        return
+    print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>14}" for _, label in BREAKDOWN_PARTS))
+    for c in CONDITIONS:
+        print(f"  {c:<30} " + " ".join(f"{means[c][key]:>14.2f}" for key, _ in BREAKDOWN_PARTS))
 
 
 def write_results(results, results_dir, phase=2, note=None):

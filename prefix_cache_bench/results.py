@@ -71,8 +71,19 @@ def check_writable_dir(path, flag, error=ExperimentError):
         raise error(f"{flag} {path!r} cannot be written: {e.strerror or e}")
 
 
-def check_results_dir(path):
-    check_writable_dir(path, "--results-dir")
+def check_results_dir(path, make=True):
+    """check_writable_dir of --results-dir; make=False: only what can be told without making the
+    folder (a file in its place, or its nearest existing folder not writable)."""
+    if make:
+        return check_writable_dir(path, "--results-dir")
+    if os.path.exists(path) and not os.path.isdir(path):
+        raise ExperimentError(f"--results-dir {path!r} is a file, not a folder")
+    nearest = os.path.abspath(path)
+    while not os.path.exists(nearest):
+        nearest = os.path.dirname(nearest)
+    if not os.path.isdir(nearest) or not os.access(nearest, os.W_OK):
+        raise ExperimentError(f"--results-dir {path!r} cannot be written: {nearest!r} is "
+                              f"{'not a folder' if not os.path.isdir(nearest) else 'not writable'}")
 
 
 def note_existing_results(opts):

@@ -16,8 +16,9 @@ from .defaults import (CONDITIONS, CONNECTION, DETAILS_FLAG, EMBEDDED_KEEP_ALIVE
 from .engine_api import RequestResult
 from .errors import EXIT_USAGE, ExperimentError, first_line
 from .http_client import no_usage
-from .prometheus import (cache_config, engine_cache_config, label_int, parse_metrics, server_counters,
-                         split_engines)
+from .host import machine_info
+from .prometheus import (cache_config, engine_cache_config, label_int, one_request_times, parse_metrics,
+                         request_time_totals, server_counters, split_engines)
 from .prompts import special_prefix_ids
 from .provenance import device_name, engine_environment, installed_version
 
@@ -37,6 +38,13 @@ class ServerEngine:
         self._cache_configs = None
         self.connections_before = client.connections_opened
         self.last_end = 0.0
+        # the server's TTFT / queue / prefill histograms as they stood after the last request
+        # (read outside the timed region; the next request's own times are what it adds); False
+        # once a request's reading never came: the rest of the run reads none. Read only where the
+        # front publishes them itself, over the one kept connection (behind a router the replicas'
+        # /metrics would need connections of their own between timed requests)
+        self.times_after_last = None
+        self.request_times_readable = self.metrics_urls == [client.base_url]
 
     def server_engines(self):
         """[[(name, parsed /metrics)] of each engine of a server] for every server behind the
@@ -52,32 +60,64 @@ class ServerEngine:
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         if cache_salt is not None:
             body["cache_salt"] = cache_salt
+        times_before = (self.times_after_last or self.request_times()) if self.request_times_readable else {}
         if time.perf_counter() - self.last_end > IDLE_RECONNECT_S:
             self.client.ensure_connection()
         opened = self.client.connections_opened
         response = self.client.stream(body)
         sent, token_times, usage, ended = response.sent_s, response.token_times_s, response.usage, response.ended_s
-        self.last_end = ended
         if usage is None:
             raise no_usage(self.client.base_url)
         details = usage.get("prompt_tokens_details") or {}
         first = token_times[0] if token_times else ended
         gaps = np.diff(token_times) * 1e3
         output_tokens = usage.get("completion_tokens", len(token_times))
+        own_times = self.own_request_times(times_before, usage.get("prompt_tokens"), output_tokens)
+        if own_times and own_times["engine_ttft_ms"] > (first - sent) * 1e3:
+            own_times = None                # the server's TTFT cannot exceed the client's: not this request's
+        self.last_end = time.perf_counter()
         return RequestResult(
             wall_ms=(ended - sent) * 1e3,
             ttft_ms=(first - sent) * 1e3,
             prompt_tokens=usage.get("prompt_tokens"),
             cached_tokens=details.get("cached_tokens") if self.audited else None,
             output_tokens=output_tokens,
-            # a server reports no per-request engine timings
-            engine_ttft_ms=None,
-            prefill_ms=None,
+            # the server's own TTFT, queue and prefill time of this request (None: not readable)
+            engine_ttft_ms=own_times and own_times["engine_ttft_ms"],
+            prefill_ms=own_times and own_times["prefill_ms"],
+            queue_ms=own_times and own_times["queue_ms"],
             decode_ms=(token_times[-1] - first) * 1e3 if token_times else None,
             tpot_ms=(token_times[-1] - first) * 1e3 / (output_tokens - 1) if output_tokens > 1 and token_times else None,
             itl_ms=gaps.tolist() if max_tokens > 1 else None,
             new_connection=self.client.connections_opened > opened,
         )
+
+    def request_times(self):
+        """The server's TTFT / queue / prefill histogram totals over every engine behind the front;
+        {} where /metrics cannot be read (the breakdown is optional: a run goes on without it)."""
+        try:
+            return request_time_totals([metrics for _, metrics in self.replica_metrics()])
+        except ExperimentError:
+            return {}
+
+    def own_request_times(self, before, prompt_tokens, output_tokens, wait_s=2.0):
+        """What the request just ended added to the server's histograms (prometheus.one_request_times),
+        read once the server has recorded it (it records a request as the request finishes, at
+        about the time its last chunk is sent); None where no single request's times can be read.
+        A reading that never comes (an engine this run cannot see served it) ends the readings."""
+        if not before:
+            self.times_after_last = None
+            return None
+        deadline = time.perf_counter() + wait_s
+        while True:
+            after = self.request_times()
+            grown = set(after) == set(before) and all(after[f][0] > before[f][0] for f in before)
+            if grown or time.perf_counter() > deadline:
+                break
+            time.sleep(0.005)
+        self.request_times_readable = grown
+        self.times_after_last = after if grown else None
+        return one_request_times(before, after, prompt_tokens, output_tokens)
 
     def reset_prefix_cache(self):
         """Nothing to reset: every run hits in a cache namespace of its own (run_configs gives a
@@ -251,4 +291,6 @@ def server_environment(client, card, server, vllm_flags, engine):
         "connection": CONNECTION,
         "python_version": sys.version.split()[0],
         "env_vars": engine_environment(os.environ),
+        # the host this process ran on: the server's too where it is embedded
+        "machine": machine_info(),
     }

@@ -9,6 +9,7 @@ import numpy as np
 from .analysis import unit_means
 from .defaults import REMOTE_DEVICE
 from .intervals import agree, mean_ci95
+from .prefill_fit import condition_floor
 from .provenance import describe_provenance, devices_label
 from .results import discover_results
 
@@ -199,28 +200,57 @@ def compare_runs(run_dirs):
             "|---|" + "---|" * (len(runs) + 2)]
     agreed = total = 0
     several_phases = len({phase for phase, _ in keys}) > 1
+    hosts = [host_loop_ms(r) for r in runs]
+    host_notes = []
     for phase, (a, b) in keys:
         found = [r.get(phase, {}).get((a, b)) for r in runs]
         cells = [f"{d['ttft_saving_pct']:.1f}% {ci_text(d['ttft_saving_ci95'])}"
                  + (" UNSTABLE" if unstable(d) else "") if d else "-" for d in found]
-        present = [d for d in found if d]
-        pairs = [agree(x["ttft_saving_pct"], bounded(x["ttft_saving_ci95"]), y["ttft_saving_pct"], bounded(y["ttft_saving_ci95"]))
-                 for i, x in enumerate(present) for y in present[i + 1:]]
-        agreed, total = agreed + sum(pairs), total + len(pairs)
+        present = [i for i, d in enumerate(found) if d]
+        pairs = {(i, j): agree(found[i]["ttft_saving_pct"], bounded(found[i]["ttft_saving_ci95"]),
+                               found[j]["ttft_saving_pct"], bounded(found[j]["ttft_saving_ci95"]))
+                 for k, i in enumerate(present) for j in present[k + 1:]}
+        agreed, total = agreed + sum(pairs.values()), total + len(pairs)
         label = f"{phase.replace('phase', 'phase ')}: A={a} / B={b}" if several_phases else f"A={a} / B={b}"
-        rows.append(f"| {label} | " + " | ".join(cells) + f" | {sum(pairs)} of {len(pairs)} | "
-                    f"{across_runs([d['ttft_saving_pct'] for d in present])} |")
-    lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.", ""]
+        rows.append(f"| {label} | " + " | ".join(cells) + f" | {sum(pairs.values())} of {len(pairs)} | "
+                    f"{across_runs([found[i]['ttft_saving_pct'] for i in present])} |")
+        host_notes += [f"{label}: runs {i + 1} and {j + 1} disagree; {host_difference(hosts[i], hosts[j], i, j)}"
+                       for (i, j), agreeing in pairs.items() if not agreeing]
+    lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.", *host_notes, ""]
     commands = set()
     for i, (run_dir, r) in enumerate(zip(run_dirs, runs)):
         first = next((d for configs in r.values() for d in configs.values()), {})
         origin = describe_provenance(first)
-        lines.append(f"run {i + 1}: {run_dir}: {origin['when']}, {origin['machine']}, {origin['tool']}")
+        host = f", host figure {hosts[i]:.1f} ms" if hosts[i] else ""
+        lines.append(f"run {i + 1}: {run_dir}: {origin['when']}, {origin['machine']}{host}, {origin['tool']}")
         lines.append(f"    {origin['command']}")
         commands.add(re.sub(r" --results-dir \S+", "", origin["command"]))
     if len(commands) > 1:
         lines.append("note: the runs' commands differ (beyond --results-dir): compare with care")
     return "\n".join(lines)
+
+
+def host_loop_ms(run):
+    """A run's host-speed figure (host.python_loop_ms; the median over its engine processes),
+    or None where its files predate it."""
+    first = next((d for configs in run.values() for d in configs.values()), {})
+    env = first.get("environment", {})
+    per_process = [ms for ms in env.get("host_python_loop_ms_per_process") or [] if ms]
+    if per_process:
+        return float(np.median(per_process))
+    return (env.get("machine") or {}).get("host_python_loop_ms")
+
+
+def host_difference(ms_i, ms_j, i, j):
+    """How two runs' hosts differ, in words, for a pair of runs that disagree."""
+    if not ms_i or not ms_j:
+        return "a run's files do not record its host-speed figure"
+    slower, faster = (i, j) if ms_i > ms_j else (j, i)
+    ratio = max(ms_i, ms_j) / min(ms_i, ms_j)
+    if ratio < 1.005:
+        return f"their hosts ran the fixed Python workload equally fast ({ms_i:.1f} ms)"
+    return (f"run {slower + 1}'s host ran the fixed Python workload {100 * (ratio - 1):.0f}% slower than run "
+            f"{faster + 1}'s ({max(ms_i, ms_j):.1f} ms against {min(ms_i, ms_j):.1f} ms)")
 
 
 def across_runs(savings):
@@ -230,3 +260,33 @@ def across_runs(savings):
         return "-"
     low, high = mean_ci95(savings)
     return f"{np.mean(savings):.1f}% [{low:.1f}, {high:.1f}] (n={len(savings)})"
+
+
+# engine_api.RequestResult.ttft_breakdown's parts, in the order they stack, with their labels
+BREAKDOWN_PARTS = (("outside_engine_ms", "outside the engine"), ("frontend_ipc_ms", "frontend + IPC"),
+                   ("queue_ms", "queue"), ("prefill_step_ms", "prefill step"))
+
+
+def anatomy_rows(configs):
+    """[(config label, condition, stats, floor or None)] of every condition whose file carries the
+    TTFT breakdown, in config order."""
+    return [(f"A={a} / B={b}", c, data[c]["stats"], condition_floor(data, c))
+            for (a, b), data in sorted(configs.items()) for c in conditions_present({(a, b): data})
+            if data[c]["stats"].get("ttft_breakdown_mean_ms")]
+
+
+def anatomy_table(configs):
+    """Markdown: where each condition's mean TTFT goes, and the GPU's floor for that prefill
+    (prefill_fit.gpu_floor), with the TTFT as a multiple of it. None where no file has the breakdown."""
+    rows = anatomy_rows(configs)
+    if not rows:
+        return None
+    lines = ["| config | condition | TTFT ms | " + " | ".join(label for _, label in BREAKDOWN_PARTS) +
+             " | GPU floor ms | TTFT / floor |", "|---|---|" + "---:|" * (len(BREAKDOWN_PARTS) + 3)]
+    for label, condition, stats, floor in rows:
+        parts = stats["ttft_breakdown_mean_ms"]
+        floor_cells = (f"{floor['floor_ms']:.2f} ({floor['bound']}) | {stats['ttft_mean'] / floor['floor_ms']:.1f}x"
+                       if floor else "- | -")
+        lines.append(f"| {label} | {condition.removeprefix('cache_')} | {stats['ttft_mean']:.2f} | " +
+                     " | ".join(f"{parts[key]:.2f}" for key, _ in BREAKDOWN_PARTS) + f" | {floor_cells} |")
+    return "\n".join(lines)

@@ -26,6 +26,59 @@ if XDIST_WORKER:
 
 from make_model import build_model  # noqa: E402
 
+# Work units for the two pytest-xdist workers (tests/run_tests.sh: --dist loadgroup): every test
+# that uses the session's engine, or one of its servers, runs on the worker that already has it,
+# so each starts once per run instead of once per worker; any other test stays with its file (a
+# file's module fixtures are shared by its tests). Units go out heaviest first, so the workers
+# end together: the order is from --durations on this 2-core machine (the session's servers
+# ~300 s, the offline CLI runs ~270 s, the fleets ~150 s); the rest keep their file order.
+# xdist's own loadgroup cannot be used: it renames tests with a suffix that pytest 9.2 no longer
+# reads. So the workers write each test's unit to a file, and the controller schedules by it.
+SHARED_FIXTURE_GROUPS = {"vllm_server": "server", "plain_server": "server", "llm": "engine"}
+HEAVIEST_FIRST = ["server", "tests/test_experiment.py", "tests/test_fleet.py", "tests/test_phase1.py",
+                  "tests/test_exit_codes.py", "engine"]
+UNITS_FILE = "PREFIX_CACHE_BENCH_TEST_UNITS"
+
+
+def work_unit(item):
+    """A test's work unit: the session resource it uses (fixtures it needs, directly or through
+    a module fixture), else its file."""
+    shared = sorted({SHARED_FIXTURE_GROUPS[f] for f in item.fixturenames if f in SHARED_FIXTURE_GROUPS})
+    return shared[-1] if shared else item.nodeid.split("::")[0]     # a test with both goes with the server
+
+
+def pytest_configure(config):
+    if not XDIST_WORKER and config.getoption("dist", "no") == "loadgroup":
+        import tempfile
+        os.environ[UNITS_FILE] = os.path.join(tempfile.mkdtemp(prefix="test-units-"), "units.json")
+
+
+def pytest_collection_modifyitems(config, items):
+    rank = {unit: i for i, unit in enumerate(HEAVIEST_FIRST)}
+    items.sort(key=lambda item: rank.get(work_unit(item), len(rank)))      # stable: file order within
+    if XDIST_WORKER and os.environ.get(UNITS_FILE):
+        from prefix_cache_bench.results import write_json_atomic
+        write_json_atomic(os.environ[UNITS_FILE], {item.nodeid: work_unit(item) for item in items})
+
+
+def pytest_xdist_make_scheduler(config, log):
+    """--dist loadgroup: xdist's scope scheduler, its scopes being this file's work units."""
+    if config.getoption("dist") != "loadgroup":
+        return None
+    import json
+    from xdist.scheduler import LoadScopeScheduling
+
+    class WorkUnitScheduling(LoadScopeScheduling):
+        units = None
+
+        def _split_scope(self, nodeid):
+            if self.units is None:              # read once every worker has collected
+                with open(os.environ[UNITS_FILE]) as f:
+                    self.units = json.load(f)
+            return self.units.get(nodeid) or nodeid.split("::")[0]
+
+    return WorkUnitScheduling(config, log)
+
 
 @pytest.fixture(scope="session")
 def tiny_model_dir(tmp_path_factory):

@@ -47,17 +47,21 @@ def main_error(argv):
     (["--block-order", "--processes", "2"], "--block-order"),
 ])
 def test_bad_flags_exit_2_in_one_line_before_any_import_of_vllm(tmp_path, args, flag):
-    # A stand-in vllm package that leaves a mark if anything imports it: the experiment's own
-    # flags are checked before vLLM (seconds to import) and the engine (minutes) are touched.
+    out = tmp_path / "results"
+    proc = run_without_vllm(tmp_path, ["phase2_experiment.py", *args, "--results-dir", str(out)])
+    check_one_line_error(proc, 2, flag)
+    assert not out.exists()
+
+
+def run_without_vllm(tmp_path, argv):
+    """Run a script with a stand-in vllm package that fails the test if anything imports it:
+    what needs no vLLM is checked before vLLM (seconds to import) and the engine (minutes)."""
     fake = tmp_path / "fake"
     fake.mkdir()
     (fake / "vllm.py").write_text(f"open({str(tmp_path / 'imported')!r}, 'w').close()\n")
-    out = tmp_path / "results"
-    proc = run_script(["phase2_experiment.py", *args, "--results-dir", str(out)], timeout=60,
-                      env=dict(os.environ, PYTHONPATH=str(fake)))
-    check_one_line_error(proc, 2, flag)
-    assert not (tmp_path / "imported").exists()
-    assert not out.exists()
+    proc = run_script(argv, timeout=60, env=dict(os.environ, PYTHONPATH=str(fake)))
+    assert not (tmp_path / "imported").exists(), "vLLM was imported"
+    return proc
 
 
 @pytest.mark.parametrize("args,needle", [
@@ -86,11 +90,15 @@ def test_max_model_len_flag_lowers_the_limit(tiny_model_dir, tmp_path):
 
 @pytest.mark.parametrize("kind", ["folder", "hub_id"])
 def test_missing_model_exits_1(tmp_path, kind):
-    model, why = ((str(tmp_path / "no-such-model"), "no such model folder") if kind == "folder"
-                  else ("no-such-org/no-such-model", "cannot be loaded"))
-    proc = run_script(["phase2_experiment.py", "--model", model, "--results-dir", str(tmp_path / "r")],
-                      timeout=120, env=dict(os.environ, HF_HUB_OFFLINE="1"))
-    check_one_line_error(proc, 1, "--model", "no-such-model", why)
+    argv = ["phase2_experiment.py", "--results-dir", str(tmp_path / "r")]
+    if kind == "folder":            # a path: checked before vLLM is imported, and no results folder made
+        proc = run_without_vllm(tmp_path, [*argv, "--model", str(tmp_path / "no-such-model")])
+        check_one_line_error(proc, 1, "--model", "no-such-model", "no such model folder")
+    else:                           # a hub id: only vLLM can resolve it
+        proc = run_script([*argv, "--model", "no-such-org/no-such-model"], timeout=120,
+                          env=dict(os.environ, HF_HUB_OFFLINE="1"))
+        check_one_line_error(proc, 1, "--model", "no-such-model", "cannot be loaded")
+    assert not (tmp_path / "r").exists()        # the results folder is made only once all is checked
 
 
 def test_remote_code_is_never_run_without_trust_remote_code(tmp_path):
@@ -112,7 +120,7 @@ def test_results_dir_that_cannot_be_written_exits_1(tmp_path, make):
     blocker = tmp_path / "a-file"
     blocker.write_text("not a folder")
     target = blocker if make == "file" else blocker / "results"
-    proc = run_script(["phase2_experiment.py", "--results-dir", str(target)], timeout=60)
+    proc = run_without_vllm(tmp_path, ["phase2_experiment.py", "--results-dir", str(target)])
     check_one_line_error(proc, 1, "--results-dir")
     assert blocker.read_text() == "not a folder"
 

@@ -8,6 +8,7 @@ also in any t table (12.706, 4.303, 3.182, 2.776); df 1 and 2 have closed forms:
 t(p, 1) = tan(pi (p - 1/2)), t(p, 2) = (2p - 1) / sqrt(2 p (1 - p)).
 """
 import math
+import os
 import types
 
 import pytest
@@ -22,14 +23,17 @@ REL = 1e-9
 approx = lambda x: pytest.approx(x, rel=REL, abs=1e-12)
 
 
-def fieller(mn, md, vn, vd, cov, t):
+def fieller(mn, md, vn, vd, cov, t, finite=True):
     """Fieller's 95% interval of mn / md, step by step: the r with (mn - r md)^2 <= t^2 (vn - 2 r cov
-    + r^2 vd), i.e. a r^2 - 2 b r + c <= 0; vn, vd, cov are the variances / covariance of the means."""
+    + r^2 vd), i.e. a r^2 - 2 b r + c <= 0; vn, vd, cov are the variances / covariance of the means.
+    With finite=False, a denominator not clearly above 0 (a <= 0) or no real root gives (-inf, inf)."""
     t2 = t * t
     a = md * md - t2 * vd
     b = mn * md - t2 * cov
     c = mn * mn - t2 * vn
     disc = b * b - a * c
+    if not finite and (a <= 0 or disc < 0):
+        return -math.inf, math.inf
     assert a > 0 and disc >= 0, "the hand example must have a finite interval"
     low, high = (b - math.sqrt(disc)) / a, (b + math.sqrt(disc)) / a
     for r in (low, high):             # self-check: each bound sits where the pivot equals t^2
@@ -253,3 +257,99 @@ def test_merge_three_processes_and_an_unbounded_two():
     merged = processes.merge_processes(ps, [0, 9], OPTS, 100.0)
     assert merged["ttft_saving_pct"] == approx((1 - 10.5 / 35) * 100)
     assert merged["ttft_saving_ci95"] == [-math.inf, math.inf]
+
+
+def test_ttft_breakdown_parts_add_up_to_the_ttft():
+    from prefix_cache_bench.engine_api import RequestResult
+    # offline, a 1-token request: wall 10.0 ms, the engine's TTFT 9.0, queue 0.5, prefill step 6.0:
+    # outside the engine 10.0 - 9.0 = 1.0, frontend and IPC 9.0 - 0.5 - 6.0 = 2.5; 1.0 + 2.5 + 0.5 + 6.0 = 10.0
+    offline = RequestResult(wall_ms=10.0, prompt_tokens=9, cached_tokens=0, output_tokens=1,
+                            engine_ttft_ms=9.0, prefill_ms=6.0, queue_ms=0.5)
+    assert offline.ttft_breakdown() == {"outside_engine_ms": 1.0, "frontend_ipc_ms": 2.5, "queue_ms": 0.5,
+                                        "prefill_step_ms": 6.0}
+    # streamed: from the client's TTFT (12.0), not the whole request (30.0): outside 12.0 - 9.0 = 3.0
+    streamed = RequestResult(wall_ms=30.0, ttft_ms=12.0, prompt_tokens=9, cached_tokens=0, output_tokens=4,
+                             engine_ttft_ms=9.0, prefill_ms=6.0, queue_ms=0.5)
+    assert streamed.ttft_breakdown()["outside_engine_ms"] == 3.0
+    assert RequestResult(wall_ms=1.0, prompt_tokens=9, cached_tokens=0, output_tokens=1).ttft_breakdown() is None
+    # a condition's means: (1.0 + 3.0) / 2 = 2.0 outside, the other parts equal; they add up to the mean TTFT 11.0
+    trials = [{"ttft_ms": 10.0, "ttft_breakdown_ms": offline.ttft_breakdown()},
+              {"ttft_ms": 12.0, "ttft_breakdown_ms": streamed.ttft_breakdown()}]
+    means = analysis.breakdown_means(trials)
+    assert means == {"outside_engine_ms": 2.0, "frontend_ipc_ms": 2.5, "queue_ms": 0.5, "prefill_step_ms": 6.0}
+    assert sum(means.values()) == approx(11.0)
+    assert analysis.breakdown_means(trials + [{"ttft_ms": 5.0, "ttft_breakdown_ms": None}]) is None
+
+
+def test_one_request_s_own_times_from_the_server_s_histograms():
+    from prefix_cache_bench import prometheus
+    # two engines' /metrics: counts and sums (s, tokens) add up over engines: 3 + 1 = 4 observations,
+    # TTFT 0.06 + 0.04 = 0.10 s, prompt tokens 300 + 100 = 400, output tokens 30 + 10 = 40
+    text = "".join(f"{name}_count{{{{engine=\"{{e}}\"}}}} {{n}}\n{name}_sum{{{{engine=\"{{e}}\"}}}} {{{key}}}\n"
+                   for name, key in (("vllm:time_to_first_token_seconds", "t"), ("vllm:request_queue_time_seconds", "q"),
+                                     ("vllm:request_prefill_time_seconds", "p"), ("vllm:request_prompt_tokens", "pt"),
+                                     ("vllm:request_generation_tokens", "ot")))
+    engines = [prometheus.parse_metrics(text.format(e=0, n=3, t=0.06, q=0.0015, p=0.03, pt=300, ot=30)),
+               prometheus.parse_metrics(text.format(e=1, n=1, t=0.04, q=0.0005, p=0.01, pt=100, ot=10))]
+    before = prometheus.request_time_totals(engines)
+    assert before == {"engine_ttft_ms": (4, approx(0.10)), "queue_ms": (4, approx(0.002)), "prefill_ms": (4, approx(0.04)),
+                      "prompt_tokens": (4, 400), "output_tokens": (4, 40)}
+    # one request more, of 785 prompt and 8 output tokens: TTFT 0.1125 - 0.100 = 12.5 ms, queue
+    # 0.0025 - 0.002 = 0.5 ms, prefill 0.048 - 0.040 = 8.0 ms
+    after = {"engine_ttft_ms": (5, 0.1125), "queue_ms": (5, 0.0025), "prefill_ms": (5, 0.048),
+             "prompt_tokens": (5, 1185), "output_tokens": (5, 48)}
+    times = prometheus.one_request_times(before, after, 785, 8)
+    assert times == {"engine_ttft_ms": approx(12.5), "queue_ms": approx(0.5), "prefill_ms": approx(8.0)}
+    # another client's one request in between, of other lengths: not ours
+    assert prometheus.one_request_times(before, after, 273, 8) is None
+    assert prometheus.one_request_times(before, after, 785, 1) is None
+    # two requests in between, or a server without one of the histograms: no single request's times
+    assert prometheus.one_request_times(before, {**after, "queue_ms": (6, 0.003)}, 785, 8) is None
+    missing = {k: v for k, v in before.items() if k != "queue_ms"}
+    assert prometheus.one_request_times(missing, {k: v for k, v in after.items() if k != "queue_ms"}, 785, 8) is None
+    assert prometheus.request_time_totals([{}]) == {}
+
+
+def test_host_speed_figure_is_a_best_of_fixed_work(monkeypatch):
+    from prefix_cache_bench import host
+    # the best of the repeats: perf_counter advances 5, 3, 4 s across the three repeats -> 3000 ms
+    ticks = iter([0.0, 5.0, 10.0, 13.0, 20.0, 24.0])
+    monkeypatch.setattr(host.time, "perf_counter", lambda: next(ticks))
+    assert host.python_loop_ms(iterations=10, repeats=3) == 3000.0
+    monkeypatch.undo()
+    info = host.machine_info()
+    assert info["host_python_loop_ms"] > 0 and info["host_python_loop_iterations"] == host.HOST_LOOP_ITERATIONS
+    assert info["cpu_logical_cores"] == os.cpu_count()
+
+
+# a small shape: 1000 parameters, 200 of them embedding; hidden 10, vocab 20, 2 layers, 2 heads,
+# 1 KV head of 4 dims, bf16 (2 bytes)
+SHAPE = {"num_parameters": 1000, "num_embedding_parameters": 200, "hidden_size": 10, "vocab_size": 20,
+         "num_layers": 2, "num_attention_heads": 2, "num_kv_heads": 1, "head_dim": 4, "dtype": "bfloat16"}
+
+
+def test_gpu_floor_by_hand():
+    from prefix_cache_bench.prefill_fit import gpu_floor
+    # 3 new tokens behind 5 cached. Bytes: weights 1000 - 200 + 10 x 20 = 1000, K and V 2 x 2 layers
+    # x 1 x 4 = 16 a token for 8 tokens = 128; 2 x 1128 = 2256 bytes. FLOPs: 2 x 800 x 3 = 4800, attention
+    # keys 3 x 5 + 3 x 4 / 2 = 21, 4 x 2 x 2 x 4 x 21 = 1344, LM head 2 x 10 x 20 = 400: 6544.
+    floor = gpu_floor(SHAPE, "NVIDIA H200", 3, 5)
+    assert floor["bytes_read"] == 2256 and floor["flops"] == 6544
+    assert floor["memory_ms"] == approx(2256 / 4.8e12 * 1e3) and floor["compute_ms"] == approx(6544 / 989e12 * 1e3)
+    assert floor["bound"] == "memory" and floor["floor_ms"] == floor["memory_ms"]
+    # two tensor-parallel GPUs share both; an unknown device or no shape: no floor
+    assert gpu_floor(SHAPE, "NVIDIA H200", 3, 5, gpus=2)["floor_ms"] == approx(floor["floor_ms"] / 2)
+    assert gpu_floor(SHAPE, "AMD EPYC (CPU)", 3, 5) is None and gpu_floor(None, "NVIDIA H200", 3, 5) is None
+
+
+def test_anatomy_table_cells():
+    parts = {"outside_engine_ms": 1.0, "frontend_ipc_ms": 2.5, "queue_ms": 0.5, "prefill_step_ms": 6.0}
+    data = {"environment": {"device": "NVIDIA H200", "model_shape": SHAPE},
+            "cache_hit": {"stats": {"ttft_mean": 10.0, "prompt_tokens": 8, "cached_tokens": 5,
+                                    "ttft_breakdown_mean_ms": parts}}}
+    table = tables.anatomy_table({(4, 3): data}).splitlines()
+    assert table[0] == ("| config | condition | TTFT ms | outside the engine | frontend + IPC | queue | prefill step "
+                        "| GPU floor ms | TTFT / floor |")
+    # floor 2256 bytes / 4.8 TB/s = 4.7e-7 ms, shown to 2 decimals; 10.0 / 4.7e-7 = 21276595.7x
+    assert table[2] == "| A=4 / B=3 | hit | 10.00 | 1.00 | 2.50 | 0.50 | 6.00 | 0.00 (memory) | 21276595.7x |"
+    assert tables.anatomy_table({(4, 3): {"cache_hit": {"stats": {"ttft_mean": 10.0}}}}) is None

@@ -132,7 +132,16 @@ def test_the_json_has_the_design_keys_and_what_the_server_path_adds(server_run):
         # the warmup panel's number: the mean TTFT of the condition's discarded round
         assert stats["warmup_time_mean"] == pytest.approx(r[c]["discarded_trials"][0]["ttft_ms"], abs=1e-3)
         assert stats["tpot_mean"] > 0 and stats["itl_median"] > 0
-        assert stats["engine_ttft_mean"] is None                    # a server reports no engine timings
+        # the server's own TTFT, queue and prefill of each request (its histograms' growth across that
+        # request alone): the client's TTFT holds the server's, and the breakdown's parts add up to it
+        assert 0 < stats["engine_ttft_mean"] < stats["ttft_mean"]
+        for t in r[c]["trials"]:
+            parts = t["ttft_breakdown_ms"]
+            assert sum(parts.values()) == pytest.approx(t["ttft_ms"], abs=1e-2)      # 4 parts rounded to 1e-3
+            assert parts["outside_engine_ms"] > 0 and parts["prefill_step_ms"] > 0 and parts["queue_ms"] >= 0
+            assert parts["frontend_ipc_ms"] >= 0        # the server's TTFT holds its queue and prefill
+            assert parts["outside_engine_ms"] == pytest.approx(t["ttft_ms"] - t["engine_ttft_ms"], abs=1e-2)
+        assert sum(stats["ttft_breakdown_mean_ms"].values()) == pytest.approx(stats["ttft_mean"], abs=1e-2)
         for t in r[c]["trials"]:
             request = t["throughput_request"]
             assert request["output_tokens"] == 8 and 0 < request["ttft_ms"] <= t["total_time_ms"]
@@ -140,6 +149,8 @@ def test_the_json_has_the_design_keys_and_what_the_server_path_adds(server_run):
     env = r["environment"]
     assert env["server"]["embedded"] is False and env["connection"].startswith("one keep-alive")
     assert env["torch_version"] is None            # a server reached by --base-url may run another Python
+    assert env["machine"]["host_python_loop_ms"] > 0 and env["machine"]["cpu_logical_cores"] >= 1
+    assert r["harness_overhead_ms"] > 0            # client TTFT - the server's own, median
     assert env["connections_opened"] == 0          # every timed request reused the connection
     assert env["tool_version"]["script_sha256"] and env["command"].startswith("python phase1_experiment.py")
     assert (env["cache_block_size"], env["max_model_len"], env["vllm_version"]) == (128, 2048, "0.32.0")

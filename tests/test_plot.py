@@ -174,6 +174,12 @@ def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
         r = extended_result(512, 256)
         r["ttft_saving_pct"], r["ttft_saving_ci95"] = saving, ci
         r["environment"]["command"] = f"python phase2_experiment.py --size-a 512 --results-dir run{k + 1}"
+        # the host-speed figure: run 1's one process, none in run 2 (a file from before it), run 3's
+        # three processes (their median, 25.0 ms)
+        if k == 0:
+            r["environment"]["machine"] = {"host_python_loop_ms": 20.0}
+        if k == 2:
+            r["environment"]["host_python_loop_ms_per_process"] = [24.0, 30.0, 25.0]
         write(run, "results_phase2_a512_b256.json", r)
         runs.append(str(run))
     table = tables.compare_runs(runs).splitlines()
@@ -183,9 +189,14 @@ def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
     assert table[2] == ("| A=512 / B=256 | 40.0% [35.0, 45.0] | 33.0% [28.0, 38.0] | 20.0% [18.0, 22.0] | 1 of 3 | "
                         "31.0% [5.8, 56.2] (n=3) |")
     assert table[3] == "1 of 3 pairs of runs agree within their intervals."
+    # beside each pair that does not agree, how their hosts differ: 25.0 / 20.0 = 1.25
+    assert table[4] == ("A=512 / B=256: runs 1 and 3 disagree; run 3's host ran the fixed Python workload 25% "
+                        "slower than run 1's (25.0 ms against 20.0 ms)")
+    assert table[5] == "A=512 / B=256: runs 2 and 3 disagree; a run's files do not record its host-speed figure"
     # where each run came from; the commands differ only in --results-dir, so no warning
-    assert table[5].startswith(f"run 1: {runs[0]}: 2026-11-27T00:00:00, NVIDIA H200, vLLM 0.26.0")
-    assert table[6] == "    python phase2_experiment.py --size-a 512 --results-dir run1"
+    assert table[7].startswith(f"run 1: {runs[0]}: 2026-11-27T00:00:00, NVIDIA H200, vLLM 0.26.0, torch ?, host figure 20.0 ms, ")
+    assert table[8] == "    python phase2_experiment.py --size-a 512 --results-dir run1"
+    assert table[9].startswith(f"run 2: {runs[1]}: 2026-11-27T00:00:00, NVIDIA H200, vLLM 0.26.0, torch ?, tool")
     assert not any("differ" in line for line in table)
     proc = run_script(["plot_results.py", "--compare", *runs])
     assert proc.returncode == 0 and "1 of 3 pairs" in proc.stdout
@@ -526,3 +537,29 @@ def test_plotting_the_results_folder_itself_names_the_subfolders_that_hold_resul
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
     error = [l for l in proc.stderr.splitlines() if "error:" in l]
     assert len(error) == 1 and "--results-dir results/h200" in error[0], proc.stderr
+
+
+def test_the_anatomy_chart_stacks_the_breakdown_and_marks_the_floor(tmp_path):
+    from prefix_cache_bench import charts
+    shape = {"num_parameters": 8_030_261_248, "num_embedding_parameters": 1_050_673_152, "hidden_size": 4096,
+             "vocab_size": 128256, "num_layers": 32, "num_attention_heads": 32, "num_kv_heads": 8, "head_dim": 128,
+             "dtype": "bfloat16"}
+    r = extended_result(8192, 256)
+    r["environment"]["model_shape"] = shape
+    for c, cached in (("cache_hit", 8448), ("cache_miss", 0), ("cache_cold", 0)):
+        r[c]["stats"].update(prompt_tokens=8465 if c != "cache_miss" else 273, cached_tokens=cached,
+                             ttft_breakdown_mean_ms={"outside_engine_ms": 0.5, "frontend_ipc_ms": 1.0, "queue_ms": 0.1,
+                                                     "prefill_step_ms": r[c]["stats"]["ttft_mean"] - 1.6})
+    fig = charts.plot_anatomy({(8192, 256): r}, "phase 2", str(tmp_path / "anatomy.png"))
+    ax = fig.axes[0]
+    # four stacked parts, three bars each; the bars' tops are the conditions' mean TTFTs (10, 12, 15 ms)
+    assert bar_heights(ax) == [[0.5] * 3, [1.0] * 3, [0.1] * 3, [8.4, 10.4, 13.4]]
+    tops = [sum(bars[i].get_height() for bars in bar_groups(ax)) for i in range(3)]
+    assert tops == [pytest.approx(10.0), pytest.approx(12.0), pytest.approx(15.0)]
+    # the floor marks: a hit reads the 16.1 GB of weights and KV at 4.8 TB/s: about 3.36 ms
+    floors = ax.collections[0].get_offsets()[:, 1]
+    assert floors[0] == pytest.approx(3.358, abs=1e-3)
+    write(tmp_path, "results_phase2_a8192_b256.json", r)
+    proc = run_script(["plot_results.py", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
+    assert proc.returncode == 0 and (tmp_path / "out" / "ttft_anatomy_phase2.png").exists()
+    assert "| A=8192 / B=256 | hit | 10.00 | 0.50 | 1.00 | 0.10 | 8.40 | 3.36 (memory) | 3.0x |" in proc.stdout

@@ -1,0 +1,72 @@
+"""The machine a result came from, and how fast its host runs Python.
+
+Much of a cache hit's TTFT is host work, not GPU work: the frontend, the scheduler, the IPC
+between them. So two machines with the same GPU give different hit TTFTs when their hosts
+differ. host_speed() is a fixed pure-Python workload, the same instructions on every machine,
+whose time says how fast this host runs code of that kind. Imports neither vLLM nor torch.
+"""
+import os
+import shutil
+import subprocess
+import time
+
+# The workload: integer arithmetic and dict updates, as a scheduler's bookkeeping does. Fixed,
+# so that its time is comparable across machines and runs (about 20 ms on a 2024 server core).
+HOST_LOOP_ITERATIONS = 200_000
+HOST_LOOP_REPEATS = 7
+
+
+def python_loop_ms(iterations=HOST_LOOP_ITERATIONS, repeats=HOST_LOOP_REPEATS):
+    """The fixed workload's best time of `repeats`, in ms. The best, not the mean: it is the
+    host's speed with the least interference from whatever else ran at that moment."""
+    best_s = float("inf")
+    for _ in range(repeats):
+        counts = {}
+        start = time.perf_counter()
+        for i in range(iterations):
+            key = i & 1023
+            counts[key] = counts.get(key, 0) + i * i
+        best_s = min(best_s, time.perf_counter() - start)
+    return best_s * 1e3
+
+
+def cpu_model():
+    """The CPU's model name from /proc/cpuinfo, or None where there is none."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return next((line.split(":", 1)[1].strip() for line in f if line.startswith("model name")), None)
+    except OSError:
+        return None
+
+
+def gpu_clocks():
+    """Each GPU's name, driver and clocks (MHz, now and at most) as nvidia-smi reports them;
+    None where there is no nvidia-smi or it fails."""
+    if not shutil.which("nvidia-smi"):
+        return None
+    fields = ["name", "driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem"]
+    try:
+        out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
+                             capture_output=True, text=True, timeout=20, check=True).stdout
+    except (OSError, subprocess.SubprocessError):
+        return None
+    keys = ["name", "driver_version", "sm_clock_mhz", "max_sm_clock_mhz", "memory_clock_mhz", "max_memory_clock_mhz"]
+    return [dict(zip(keys, (value.strip() for value in line.split(",")))) for line in out.strip().splitlines()]
+
+
+def machine_info():
+    """What a result records of its machine: the CPU, the cores this process may use, the
+    host-speed figure, and the GPUs' driver and clocks where readable."""
+    return {
+        "cpu_model": cpu_model(),
+        "cpu_logical_cores": os.cpu_count(),
+        "cpu_usable_cores": len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else None,
+        "host_python_loop_ms": round(python_loop_ms(), 3),
+        "host_python_loop_iterations": HOST_LOOP_ITERATIONS,
+        "gpus": gpu_clocks(),
+    }
+
+
+def host_speed_ratio(slow_ms, fast_ms):
+    """How much slower one host runs the fixed workload than another (1.10: 10% slower)."""
+    return slow_ms / fast_ms
