@@ -5,9 +5,10 @@ import os
 
 import numpy as np
 
+from .engine_api import BREAKDOWN_PARTS
 from .load_tables import interval_words, load_file_tables, load_title, load_value
 from .prefill_fit import predicted_ttft_ms
-from .tables import (BREAKDOWN_PARTS, CONDITION_STYLES, anatomy_rows, audit_ok, comparison_note,
+from .tables import (CONDITION_STYLES, anatomy_rows, audit_ok, comparison_note,
                      conditions_present, describe_source, unaudited, unstable)
 
 

@@ -10,6 +10,11 @@ from typing import Optional, Protocol
 STREAM_FIELDS = ("ttft_ms", "tpot_ms", "itl_ms", "new_connection")
 
 
+# RequestResult.ttft_breakdown's parts, in the order they stack, with their labels
+BREAKDOWN_PARTS = (("outside_engine_ms", "outside the engine"), ("frontend_ipc_ms", "frontend + IPC"),
+                   ("queue_ms", "queue"), ("prefill_step_ms", "prefill step"))
+
+
 @dataclasses.dataclass
 class RequestResult:
     """One request as an engine's request() returns it. Times in ms: wall_ms and the streamed

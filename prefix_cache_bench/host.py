@@ -65,8 +65,3 @@ def machine_info():
         "host_python_loop_iterations": HOST_LOOP_ITERATIONS,
         "gpus": gpu_clocks(),
     }
-
-
-def host_speed_ratio(slow_ms, fast_ms):
-    """How much slower one host runs the fixed workload than another (1.10: 10% slower)."""
-    return slow_ms / fast_ms

@@ -14,6 +14,7 @@ from .analysis import summarize
 from .audit import audit_counters, audit_report, audit_requests, requests_of
 from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, OFFLINE_PHASE, PAUSE_MS, QUERY_TOKENS,
                        ROUND_ORDERS, WARMUP_TOKENS)
+from .engine_api import BREAKDOWN_PARTS
 from .errors import EXIT_AUDIT, ExperimentError
 from .prompts import ConfigPrompts
 from .results import results_path, write_result
@@ -276,18 +277,14 @@ def print_summary(result):
             print(f"!!!   {p}", file=sys.stderr)
 
 
-BREAKDOWN_PARTS = (("outside_engine_ms", "outside engine"), ("frontend_ipc_ms", "frontend+IPC"),
-                   ("queue_ms", "queue"), ("prefill_step_ms", "prefill step"))
-
-
 def print_breakdown(result):
     """Where each condition's mean TTFT went (engine_api.RequestResult.ttft_breakdown), if known."""
     means = {c: result[c]["stats"].get("ttft_breakdown_mean_ms") for c in CONDITIONS}
     if None in means.values():
         return
-    print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>14}" for _, label in BREAKDOWN_PARTS))
+    print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>18}" for _, label in BREAKDOWN_PARTS))
     for c in CONDITIONS:
-        print(f"  {c:<30} " + " ".join(f"{means[c][key]:>14.2f}" for key, _ in BREAKDOWN_PARTS))
+        print(f"  {c:<30} " + " ".join(f"{means[c][key]:>18.2f}" for key, _ in BREAKDOWN_PARTS))
 
 
 def write_results(results, results_dir, phase=2, note=None):

@@ -8,6 +8,7 @@ import numpy as np
 
 from .analysis import unit_means
 from .defaults import REMOTE_DEVICE
+from .engine_api import BREAKDOWN_PARTS
 from .intervals import agree, mean_ci95
 from .prefill_fit import condition_floor
 from .provenance import describe_provenance, devices_label
@@ -260,11 +261,6 @@ def across_runs(savings):
         return "-"
     low, high = mean_ci95(savings)
     return f"{np.mean(savings):.1f}% [{low:.1f}, {high:.1f}] (n={len(savings)})"
-
-
-# engine_api.RequestResult.ttft_breakdown's parts, in the order they stack, with their labels
-BREAKDOWN_PARTS = (("outside_engine_ms", "outside the engine"), ("frontend_ipc_ms", "frontend + IPC"),
-                   ("queue_ms", "queue"), ("prefill_step_ms", "prefill step"))
 
 
 def anatomy_rows(configs):
