@@ -55,6 +55,7 @@ from prefix_cache_bench.provenance import provenance
 from prefix_cache_bench.results import check_results_dir
 from prefix_cache_bench.server_engine import add_phase1_stats, prepare, server_environment
 from prefix_cache_bench.servers import EmbeddedServer, Fleet, check_port_free, fleet_environment, free_port
+from prefix_cache_bench.tiers import check_tier_can_start, flag_value, tier_from_flags
 
 
 def add_load_flags(parser):
@@ -210,7 +211,13 @@ def run(opts, vllm_flags, argv):
         model = check_model_folder(opts.model or MODEL_NAME)
         if opts.port:
             check_port_free(opts.host, opts.port)
-        server = EmbeddedServer(model, opts.host, opts.port or free_port(opts.host), vllm_flags)
+        tier = tier_from_flags(vllm_flags)
+        if tier:                            # one line now, not a failed start a minute later
+            check_tier_can_start(flag_value(vllm_flags, "--kv-offloading-size"),
+                                 flag_value(vllm_flags, "--kv-offloading-backend"))
+        # the tier condition empties the GPU prefix cache through vLLM's dev-mode endpoint
+        server = EmbeddedServer(model, opts.host, opts.port or free_port(opts.host), vllm_flags,
+                                extra_env={"VLLM_SERVER_DEV_MODE": "1"} if tier else None)
     # stopped at the end, on error and on Ctrl-C: the client first, then the server
     with server or contextlib.nullcontext():
         if server:
@@ -219,6 +226,8 @@ def run(opts, vllm_flags, argv):
             try:
                 engine, tokenizer, card, unaudited = prepare(client, opts, server.model if server else None,
                                                              opts.replica_urls)
+                if server:
+                    engine.tier_description = tier_from_flags(vllm_flags)
                 env = {**server_environment(client, card, server, vllm_flags, engine),
                        **provenance(argv, PROG, __file__)}
                 if opts.load:

@@ -36,7 +36,7 @@ from prefix_cache_bench.readmes import reruns_readme, results_readme, write_read
 from prefix_cache_bench.results import (FILE_PATTERN, LOAD_PATTERNS, check_out_dir, discover_load_results,
                                         discover_results, folders_with_results_hint)
 from prefix_cache_bench.tables import (anatomy_table, by_model, compare_runs, server_path_cost, server_path_table,
-                                       summary_table)
+                                       summary_table, tier_table)
 
 
 def build_parser():
@@ -95,6 +95,9 @@ def main(argv=None):
         outfile = os.path.join(out_dir, f"experiment1_all_configs_{phase}.png")
         plot_phase(configs, phase, label, outfile)
         print(f"\n## {label} ({len(configs)} configs)\n\n{summary_table(configs)}\n\nwrote {outfile}")
+        tiers = tier_table(configs)
+        if tiers:
+            print(f"\na hit from the second tier:\n\n{tiers}")
         anatomy_file = os.path.join(out_dir, f"ttft_anatomy_{phase}.png")
         if plot_anatomy(configs, label, anatomy_file):
             print(f"\nwhere the TTFT goes (ms, means):\n\n{anatomy_table(configs)}\n\nwrote {anatomy_file}")

@@ -5,7 +5,7 @@ independent, and whether the run's two halves agree. No engine: plot_results rea
 
 import numpy as np
 
-from .defaults import CONDITIONS
+from .defaults import CONDITIONS, TIER_CONDITION
 from .intervals import agree, degradation_pct, mean_ci95, ratio_ci95, saving_pct
 
 
@@ -40,7 +40,25 @@ def compute_stats(trials):
         "cached_tokens_max": None if None in cached else max(cached),
         "num_trials": len(trials),
         "ttft_breakdown_mean_ms": breakdown_means(trials),
+        **source_stats(trials),
     }
+
+
+def source_stats(trials):
+    """Where the cached tokens came from (HBM, the tier; the least over every request: the audit
+    checks each), and the tier's load rate, where the engine said. Empty where it never did."""
+    requests = [r for t in trials for r in (t, t["throughput_request"])]
+    hbm, tier = ([r.get(key) for r in requests] for key in ("hbm_cached_tokens", "tier_cached_tokens"))
+    if not requests or None in hbm or None in tier:
+        return {}
+    from .tiers import load_rate
+    return {"hbm_cached_tokens": min(hbm), "tier_cached_tokens": min(tier), "tier_load": load_rate(trials)}
+
+
+def conditions_in(trials):
+    """The conditions a run measured, in the result's order: the design's three, and the tier's."""
+    present = {t["condition"] for t in trials}
+    return [c for c in (*CONDITIONS, TIER_CONDITION) if c in present]
 
 
 def breakdown_means(trials):
@@ -77,12 +95,32 @@ def compare(trials, unit):
     miss_to_hit, miss_to_hit_ci = ratio_ci95(miss, hit, paired)
     saved_ms = stats.ttest_rel(cold, hit) if paired else stats.ttest_ind(cold, hit, equal_var=False)
     return {
+        **(compare_tier(trials, unit, hit, cold) if any(t["condition"] == TIER_CONDITION for t in trials) else {}),
         "ttft_saving_ms": float(np.mean(cold) - np.mean(hit)),
         "ttft_saving_ms_ci95": [float(x) for x in saved_ms.confidence_interval()],
         "ttft_saving_pct": float(saving_pct(hit_to_cold)),
         "ttft_saving_ci95": sorted(float(saving_pct(r)) for r in hit_to_cold_ci),
         "ttft_degradation_pct": float(degradation_pct(miss_to_hit)),
         "ttft_degradation_ci95": sorted(float(degradation_pct(r)) for r in miss_to_hit_ci),
+    }
+
+
+def compare_tier(trials, unit, hit, cold):
+    """A tier hit against cold (its saving, as the HBM hit's) and against an HBM hit (how much
+    longer it takes: ttft_degradation_pct's measure, tier over hit), each with its interval."""
+    from scipy import stats
+    paired = unit != "trial"
+    tier = unit_means(trials, TIER_CONDITION, unit)
+    tier_to_cold, tier_to_cold_ci = ratio_ci95(tier, cold, paired)
+    tier_to_hit, tier_to_hit_ci = ratio_ci95(tier, hit, paired)
+    saved_ms = stats.ttest_rel(cold, tier) if paired else stats.ttest_ind(cold, tier, equal_var=False)
+    return {
+        "tier_ttft_saving_pct": float(saving_pct(tier_to_cold)),
+        "tier_ttft_saving_ci95": sorted(float(saving_pct(r)) for r in tier_to_cold_ci),
+        "tier_ttft_saving_ms": float(np.mean(cold) - np.mean(tier)),
+        "tier_ttft_saving_ms_ci95": [float(x) for x in saved_ms.confidence_interval()],
+        "tier_over_hit_pct": float(degradation_pct(tier_to_hit)),
+        "tier_over_hit_ci95": sorted(float(degradation_pct(r)) for r in tier_to_hit_ci),
     }
 
 
@@ -151,7 +189,7 @@ def summarize(trials, opts, plan):
     """Step 6: stats per condition over the measured rounds, the comparisons, the run's stability."""
     measured = [t for t in trials if t["round"] >= opts.warmup_trials]
     conditions = {}
-    for c in CONDITIONS:
+    for c in conditions_in(trials):
         kept = [t for t in measured if t["condition"] == c]
         conditions[c] = {
             "trials": kept,

@@ -4,12 +4,29 @@ offline engine, the server and the load run alike.
 """
 import time
 
+from .defaults import TIER_CONDITION
+
 
 def expected_cached_tokens(condition, warmup_prompt_tokens, cache_block_size):
-    """What num_cached_tokens must be: the hit reuses [A, B]'s full blocks, nothing else."""
-    if condition == "cache_hit":
+    """What num_cached_tokens must be: the hit (from HBM or from the tier) reuses [A, B]'s full
+    blocks, nothing else."""
+    if condition in ("cache_hit", TIER_CONDITION):
         return warmup_prompt_tokens // cache_block_size * cache_block_size
     return 0
+
+
+def source_problem(condition, request):
+    """Where a request's cached tokens came from, against its condition: an HBM hit must not come
+    from the tier, a tier hit not from HBM. A line, or None. For the tier condition, a request
+    whose sources the engine did not say cannot be told from an HBM hit: that is a problem too."""
+    hbm, tier = request.get("hbm_cached_tokens"), request.get("tier_cached_tokens")
+    if hbm is None or tier is None:
+        return "the engine did not say where its cached tokens came from" if condition == TIER_CONDITION else None
+    if condition == TIER_CONDITION and hbm:
+        return f"{hbm} cached tokens came from HBM, which was emptied before it: expected all from the tier"
+    if condition != TIER_CONDITION and tier:
+        return f"{tier} cached tokens came from the tier, expected none"
+    return None
 
 
 def audit_requests(warm, trials, warmup_ids, block):
@@ -20,16 +37,21 @@ def audit_requests(warm, trials, warmup_ids, block):
         problems.append(f"warmup [A, B]: cached_tokens={warm.cached_tokens}, expected 0")
     for t in trials:
         want = expected_cached_tokens(t["condition"], len(warmup_ids), block)
-        for request, got in (("ttft", t["cached_tokens"]), ("throughput", t["throughput_request"]["cached_tokens"])):
+        for kind, request in (("ttft", t), ("throughput", t["throughput_request"])):
+            got = request["cached_tokens"]
             if got != want:
-                problems.append(f"{t['condition']} trial {t['round']} {request} request: cached_tokens={got}, "
-                                f"expected {want}")
+                recomputed = " (the tier's prefix was recomputed)" if t["condition"] == TIER_CONDITION and not got else ""
+                problems.append(f"{t['condition']} trial {t['round']} {kind} request: cached_tokens={got}, "
+                                f"expected {want}{recomputed}")
+            elif (source := source_problem(t["condition"], request)) is not None:
+                problems.append(f"{t['condition']} trial {t['round']} {kind} request: {source}")
     return problems
 
 
 def audit_counters(requests, flush, counters_before, counters_after, shared=False):
-    """The engine's own prefix-cache hit counter (prefix_cache_counters) must have grown by the
-    sum of the requests' num_cached_tokens. Counters are engine-wide, so this covers every
+    """The engine's own prefix-cache hit counters (prefix_cache_counters: HBM's, plus the tier's
+    external_prefix_cache_hits where there is one) must have grown by the sum of the requests'
+    num_cached_tokens, the tier's alone by their tier_cached_tokens. Counters are engine-wide, so this covers every
     request of the run (all configs). shared: other clients may send the engine requests too
     (a server): growth beyond this run's own is then recorded as theirs (other_clients), not
     a problem; growth short of it still is. Returns (engine_counters or None, problems)."""
@@ -43,14 +65,20 @@ def audit_counters(requests, flush, counters_before, counters_after, shared=Fals
     engine_counters["scope"] = "every request of the run, all configs"
     engine_counters["sum_prompt_tokens"] = sum(r["prompt_tokens"] for r in requests)
     engine_counters["sum_cached_tokens"] = sum(r["cached_tokens"] for r in requests)
+    hits = engine_counters["prefix_cache_hits"] + (engine_counters.get("external_prefix_cache_hits") or 0)
     if shared:
-        engine_counters["other_clients"] = (engine_counters["prefix_cache_hits"] > engine_counters["sum_cached_tokens"]
+        engine_counters["other_clients"] = (hits > engine_counters["sum_cached_tokens"]
                                             or engine_counters["prefix_cache_queries"] > engine_counters["sum_prompt_tokens"])
-    short = engine_counters["prefix_cache_hits"] < engine_counters["sum_cached_tokens"]
-    if short or (engine_counters["prefix_cache_hits"] != engine_counters["sum_cached_tokens"] and not shared):
-        problems.append(f"the engine's prefix-cache hit counter ({engine_counters['source']}) grew by "
-                        f"{engine_counters['prefix_cache_hits']}, "
+    short = hits < engine_counters["sum_cached_tokens"]
+    if short or (hits != engine_counters["sum_cached_tokens"] and not shared):
+        problems.append(f"the engine's prefix-cache hit counters ({engine_counters['source']}) grew by {hits}, "
                         f"but the requests report {engine_counters['sum_cached_tokens']} cached tokens")
+    tiers = [r.get("tier_cached_tokens") for r in requests]
+    if engine_counters.get("external_prefix_cache_hits") is not None and None not in tiers:
+        engine_counters["sum_tier_cached_tokens"] = sum(tiers)
+        if engine_counters["external_prefix_cache_hits"] != sum(tiers) and not engine_counters.get("other_clients"):
+            problems.append(f"the tier's hit counter grew by {engine_counters['external_prefix_cache_hits']}, but the "
+                            f"requests report {sum(tiers)} tokens from the tier")
     return engine_counters, problems
 
 
@@ -59,22 +87,23 @@ def audit(warm, trials, flush, warmup_ids, block, counters_before, counters_afte
     engine_counters, counter_problems = audit_counters(requests_of(warm, trials), flush,
                                                        counters_before, counters_after)
     return audit_report(audit_requests(warm, trials, warmup_ids, block) + counter_problems,
-                        len(trials), warmup_ids, block, engine_counters)
+                        warm, trials, warmup_ids, block, engine_counters)
 
 
-def audit_report(problems, num_trials, warmup_ids, block, engine_counters):
+def audit_report(problems, warm, trials, warmup_ids, block, engine_counters):
     return {
         "ok": not problems,
         "expected_hit_cached_tokens": expected_cached_tokens("cache_hit", len(warmup_ids), block),
-        "requests_checked": 2 + 2 * num_trials,          # the warmup and the stats flush, then 2 a trial
+        "requests_checked": len(requests_of(warm, trials)) + 1,      # and the stats flush
         "problems": problems,
         "engine_counters": engine_counters,
     }
 
 
 def requests_of(warm, trials):
-    """Every request of one config, as the files record them: the warmup, then each trial's two."""
-    return [warm.as_json()] + [req for t in trials for req in (t, t["throughput_request"])]
+    """Every request of one config, as the files record them: the warmup, then each trial's two
+    (and a tier trial's untimed ones, tiers.TierRequest)."""
+    return [warm.as_json()] + [req for t in trials for req in (t, t["throughput_request"], *t.get("restore_requests", ()))]
 
 
 def counter_growth(before, after):
@@ -119,16 +148,18 @@ def load_problems(requests, block):
 
 
 def counter_problems(counters, sent):
-    """/metrics' prefix-cache hits must have grown by the cached tokens the requests report (and
-    by more only where another client's queries show in the counters too). Fills in the sums."""
+    """/metrics' prefix-cache hits (HBM's, plus a second tier's) must have grown by the cached
+    tokens the requests report (and by more only where another client's queries show in the
+    counters too). Fills in the sums."""
     if counters["prefix_cache_hits"] is None:
         return []
     own = sum(r["cached_tokens"] or 0 for r in sent)
     counters["sum_cached_tokens"], counters["sum_prompt_tokens"] = own, sum(r["prompt_tokens"] for r in sent)
     counters["other_clients"] = (counters["prefix_cache_queries"] or 0) > counters["sum_prompt_tokens"]
-    if counters["prefix_cache_hits"] < own or (counters["prefix_cache_hits"] != own and not counters["other_clients"]):
-        return [f"/metrics vllm:prefix_cache_hits_total grew by {counters['prefix_cache_hits']:.0f}, but the "
-                f"requests report {own} cached tokens"]
+    hits = counters["prefix_cache_hits"] + (counters.get("external_prefix_cache_hits") or 0)
+    if hits < own or (hits != own and not counters["other_clients"]):
+        return [f"/metrics vllm:prefix_cache_hits_total (and the tier's external_prefix_cache_hits_total) grew by "
+                f"{hits:.0f}, but the requests report {own} cached tokens"]
     return []
 
 

@@ -274,6 +274,7 @@ def plot_working_set(data, outfile):
         values = [lv["cached"]["ttft_ms"][q] for lv in levels]
         ax_ttft.errorbar(x, values, yerr=_errors(values, [lv["cached"]["ttft_ms"][f"{q}_ci95"] for lv in levels]),
                          fmt=style, color=LOAD_COLOURS["cached"], capsize=3, label=f"cached, {q}")
+    plot_tier_split(ax_hit, ax_ttft, levels, x)
     cold = data["levels"][0].get("cold")
     if cold and cold.get("ttft_ms"):
         ax_ttft.axhline(cold["ttft_ms"]["p50"], color=LOAD_COLOURS["cold"], linestyle=":", label="cold, p50")
@@ -294,6 +295,23 @@ def plot_working_set(data, outfile):
     fig.tight_layout()
     fig.savefig(outfile, dpi=120)
     plt.close(fig)
+
+
+TIER_COLOURS = {"hbm": "#264653", "tier": "#e9c46a"}
+
+
+def plot_tier_split(ax_hit, ax_ttft, levels, x):
+    """With a second tier: the document tokens found in each, and the p50 TTFT of the requests
+    whose prefix came from each (where every level says)."""
+    for source, label in (("hbm", "HBM"), ("tier", "the tier")):
+        series = hit_rate_series(levels, f"{source}_tokens")
+        if series:
+            ax_hit.errorbar(x, series[0], yerr=series[1], fmt=":^", color=TIER_COLOURS[source], capsize=3,
+                            label=f"tokens found in {label}")
+        groups = [(xs, (lv["cached"].get("by_source") or {}).get(source)) for xs, lv in zip(x, levels)]
+        points = [(xs, g["ttft_ms_p50"]) for xs, g in groups if g]
+        if points:
+            ax_ttft.plot(*zip(*points), ":^", color=TIER_COLOURS[source], label=f"hits from {label}, p50")
 
 
 def plot_fleet(fronts, outfile):

@@ -40,10 +40,18 @@ SEED = 0
 OFFLINE_PROG = "phase2_experiment.py"
 OFFLINE_PHASE = "phase2_python_api"
 CONDITIONS = ("cache_hit", "cache_miss", "cache_cold")
+# A fourth condition where the engine has a second cache tier (host memory, disk: a KV connector):
+# [A, B, Q] whose [A, B] is gone from HBM but held by the tier (docs/tiers.md).
+TIER_CONDITION = "cache_tier"
 
 # A Williams design for 3 conditions: over 6 rounds each one comes first twice and, inside
 # a round, follows each other one twice.
 ROUND_ORDERS = ((0, 1, 2), (1, 2, 0), (2, 0, 1), (2, 1, 0), (0, 2, 1), (1, 0, 2))
+# and for 4 (with the tier): one Williams square, each condition first once and after each other once
+TIER_ROUND_ORDERS = ((0, 1, 3, 2), (1, 2, 0, 3), (2, 3, 1, 0), (3, 0, 2, 1))
+# A tier condition's request first empties HBM's prefix cache; the reset fails while blocks are
+# still held (an offload to the tier in flight), so it is retried for up to this long.
+HBM_RESET_TIMEOUT_S = 30.0
 
 # phase 1: the server
 SERVER_HOST = "127.0.0.1"

@@ -33,6 +33,12 @@ class RequestResult:
     itl_ms: Optional[list] = None
     new_connection: Optional[bool] = None   # streamed: did it open a connection of its own
     queue_ms: Optional[float] = None        # the engine core's queued to scheduled
+    # where the cached tokens came from, where the engine says (None where it does not): its GPU
+    # prefix cache (HBM) or a second tier (a KV connector); they add up to cached_tokens
+    hbm_cached_tokens: Optional[int] = None
+    tier_cached_tokens: Optional[int] = None
+    tier_load_bytes: Optional[float] = None  # KV bytes the connector copied from the tier into HBM
+    tier_load_ms: Optional[float] = None     # and how long its copies took
 
     def ttft_breakdown(self):
         """Where this request's TTFT went, in ms: parts that add up to client_ttft_ms. None where
@@ -89,6 +95,12 @@ class Engine(Protocol):
 
     def reset_prefix_cache(self) -> bool:
         """Empty the prefix cache (a server: nothing to do, the run's namespace is new); False if it failed."""
+
+    def empty_hbm_prefix_cache(self) -> bool:
+        """Empty the GPU prefix cache and keep the tier's (the cache_tier condition); False if refused."""
+
+    def tier(self) -> Optional[dict]:
+        """The engine's second cache tier as a result records it (tiers.describe_tier), or None."""
 
     def counters(self) -> Optional[dict]:
         """The engine's prefix-cache counters (prefix_cache_queries, prefix_cache_hits, source), or None."""

@@ -39,19 +39,31 @@ def cpu_model():
         return None
 
 
-def gpu_clocks():
-    """Each GPU's name, driver and clocks (MHz, now and at most) as nvidia-smi reports them;
-    None where there is no nvidia-smi or it fails."""
+def nvidia_smi(fields, keys):
+    """[{key: value} per GPU] of an nvidia-smi query; None where there is no nvidia-smi, or it
+    fails (a field this driver does not know fails the whole query)."""
     if not shutil.which("nvidia-smi"):
         return None
-    fields = ["name", "driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem"]
     try:
         out = subprocess.run(["nvidia-smi", f"--query-gpu={','.join(fields)}", "--format=csv,noheader,nounits"],
                              capture_output=True, text=True, timeout=20, check=True).stdout
     except (OSError, subprocess.SubprocessError):
         return None
-    keys = ["name", "driver_version", "sm_clock_mhz", "max_sm_clock_mhz", "memory_clock_mhz", "max_memory_clock_mhz"]
     return [dict(zip(keys, (value.strip() for value in line.split(",")))) for line in out.strip().splitlines()]
+
+
+def gpu_clocks():
+    """Each GPU's name, driver and clocks (MHz, now and at most), and its host link (PCIe
+    generation and width, now and at most: what bounds a copy from a host-memory tier; an idle
+    GPU may show a lower generation now), as nvidia-smi reports them; None where it cannot."""
+    gpus = nvidia_smi(["name", "driver_version", "clocks.sm", "clocks.max.sm", "clocks.mem", "clocks.max.mem"],
+                      ["name", "driver_version", "sm_clock_mhz", "max_sm_clock_mhz", "memory_clock_mhz",
+                       "max_memory_clock_mhz"])
+    links = nvidia_smi(["pcie.link.gen.current", "pcie.link.gen.max", "pcie.link.width.current", "pcie.link.width.max"],
+                       ["pcie_gen", "max_pcie_gen", "pcie_width", "max_pcie_width"])
+    if gpus and links and len(links) == len(gpus):
+        gpus = [{**gpu, **link} for gpu, link in zip(gpus, links)]
+    return gpus
 
 
 def machine_info():

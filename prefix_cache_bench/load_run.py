@@ -16,11 +16,11 @@ from .defaults import (FLUSH_PROMPT_TOKENS, METRICS_POLL_S, QUERY_TOKENS, SERVER
 from .errors import EXIT_AUDIT, EXIT_SETUP, ExperimentError
 from .http_client import no_usage
 from .intervals import mean_ci95
-from .load_workload import (LoadWorkload, condition_stats, level_name, load_levels, request_record,
-                            requests_per_level, send_all, sweep_schedule)
+from .load_workload import (LoadWorkload, cache_source, condition_stats, level_name, load_levels, request_record,
+                            requests_per_level, send_all, sweep_schedule, ttft_by)
 from .prometheus import (API_SERVER_CPU, LOAD_COUNTERS, LOAD_METRICS, SERVER_TIMES, busy_shares,
-                         gauge_summary, load_counters, metric_total, parse_metrics, server_times,
-                         total_counters)
+                         gauge_summary, load_counters, metric_total, one_request_sources, parse_metrics, server_times,
+                         source_totals, total_counters)
 from .protocol import flush_engine_stats
 from .results import load_results_path, write_result
 
@@ -65,6 +65,32 @@ async def sample_gauges(client, urls, samples, stop):
             pass
 
 
+def tracks_sources(engine, level):
+    """Can each request's sources (HBM, the tier, computed) be told apart? Only where the server
+    has a tier, one client sends one request at a time, and one /metrics counts them all."""
+    return bool(engine.audited and engine.tier() and level["concurrency"] == 1 and not engine.route
+                and engine.metrics_urls == [engine.client.base_url])
+
+
+def source_tracker(client, session, start, wait_s=2.0):
+    """send_all's after_each for a closed loop of one client: after each request, /metrics'
+    prompt tokens by source, read until they have grown by that request's prompt (the server
+    counts a request as it ends). Returns (after_each, {request index: its sources})."""
+    sources, state = {}, {"last": start}
+
+    async def after_each(k, record):
+        prompt_tokens = (record.usage or {}).get("prompt_tokens")
+        deadline = time.perf_counter() + wait_s
+        while True:
+            now = source_totals([parse_metrics(await client.get_async(client.base_url + "/metrics", session))])
+            found = one_request_sources(state["last"], now, prompt_tokens)
+            if found or time.perf_counter() > deadline:
+                break
+            await asyncio.sleep(0.005)
+        sources[k], state["last"] = found, now
+    return after_each, sources
+
+
 def warm_documents(engine, workload, docs, namespace, concurrency):
     """Each document sent once, untimed, in the cached condition's namespace: one at a time, or
     `concurrency` at a time as first requests that arrive together would (behind a router, where
@@ -102,9 +128,11 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
     docs = sorted(set(documents))
     warms = warm_documents(engine, workload, docs, namespace, opts.warmup_concurrency) if condition == "cached" else []
     before = replica_load_counters(engine)
-    samples, records = [], None
+    samples, records, sources = [], None, None
+    track = tracks_sources(engine, level)
 
     async def measure():
+        nonlocal sources
         session = client.load_session()
         try:
             # the level's connections are opened before its first timed request (to each server it sends to)
@@ -112,6 +140,10 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
                                    for _ in range(level["concurrency"] or 1)])
             # read before the connections are counted: a fleet's replicas get connections of their own
             cpu_before = await api_server_cpu_s(client, engine.metrics_urls, session)
+            after_each = None
+            if track:
+                start = source_totals([parse_metrics(await client.get_async(client.base_url + "/metrics", session))])
+                after_each, sources = source_tracker(client, session, start)
             opened = client.load_connections
             stop = asyncio.Event()
             sampler = asyncio.create_task(sample_gauges(client, engine.metrics_urls, samples, stop))
@@ -120,7 +152,7 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
             wall_s, client_cpu_s = time.perf_counter(), time.process_time()
             try:
                 result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed,
-                                        engine.route)
+                                        engine.route, after_each)
             finally:
                 wall_s, client_cpu_s = time.perf_counter() - wall_s, time.process_time() - client_cpu_s
                 stop.set()
@@ -131,7 +163,8 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
         finally:
             await session.close()
     (records, t0), connections_during, client_cpu_busy, busy = client.run("a load level", measure())
-    requests = [request_record(k, prompt, record, t0, condition, workload.full_tokens, engine.audited)
+    requests = [request_record(k, prompt, record, t0, condition, workload.full_tokens, engine.audited,
+                               sources.get(k, {}) if sources is not None else None)
                 for k, (prompt, record) in enumerate(zip(prompts, records))]
     problems = load_problems(requests, workload.block) if engine.audited else []
     problems += [f"warmup of document {doc}: cached_tokens={cached}, expected 0"
@@ -165,7 +198,8 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
                        **server_times(counters or {}),
                        # the condition's own requests: the untimed flush (nothing cached) left out
                        "prefill_tokens_computed": (counters["prompt_tokens"] - counters["flush_prompt_tokens"]
-                                                   - counters["prefix_cache_hits"])
+                                                   - counters["prefix_cache_hits"]
+                                                   - (counters.get("external_prefix_cache_hits") or 0))
                        if counters and counters["prompt_tokens"] is not None and counters["prefix_cache_hits"] is not None else None},
             "connections_opened_while_timed": connections_during,
             "problems": problems, "requests": requests}
@@ -198,7 +232,8 @@ def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set
 SUMMARY_FIGURES = (("ttft_ms", "mean"), ("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"),
                    ("tpot_ms", "mean"), ("tpot_ms", "p50"), ("tpot_ms", "p90"), ("tpot_ms", "p99"),
                    (None, "request_throughput"), (None, "output_throughput_tok_s"), (None, "goodput_req_s"),
-                   ("hit_rate", "requests"), ("hit_rate", "tokens"), (None, "client_cpu_busy"))
+                   ("hit_rate", "requests"), ("hit_rate", "tokens"), ("hit_rate", "hbm_tokens"), ("hit_rate", "tier_tokens"),
+                   (None, "client_cpu_busy"))
 
 
 def summarize_runs(runs):
@@ -222,7 +257,8 @@ def summarize_runs(runs):
     servers = [r.get("server") or {} for r in runs]
     histograms = [key for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))]
     totals = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
-              for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "prompt_tokens",
+              for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "external_prefix_cache_hits",
+                          "prompt_tokens",
                           "prefill_tokens_computed", "preemptions", *histograms)}
     summary["server"] = {key: value for key, value in totals.items() if key not in histograms}
     # the passes' requests together: the histograms' sums over their counts; beside each, the
@@ -235,6 +271,10 @@ def summarize_runs(runs):
     busy = [s.get("api_server_cpu_busy_max") for s in servers]
     summary["server"]["api_server_cpu_busy_max"] = None if None in busy else float(np.mean(busy))
     summary["server"]["api_server_cpu_busy_max_per_pass"] = busy
+    sourced = [{**r, "source": cache_source(r)} for run in runs for r in run["requests"]
+               if r["error"] is None and cache_source(r) is not None]
+    if sourced:                             # where each request's prefix came from: all passes' requests together
+        summary["by_source"] = ttft_by(sourced, "source", ("hbm", "tier", "computed"))
     summary["server"]["kv_cache_usage_max"] = max((s.get("kv_cache_usage_max") for s in servers
                                                    if s.get("kv_cache_usage_max") is not None), default=None)
     return summary
@@ -300,7 +340,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
         "failure": failure,
         "cache_audit": {"ok": None if unaudited else not problems, "problems": problems,
                         "requests_checked": len(requests), **({"unaudited": unaudited} if unaudited else {})},
-        "environment": env,
+        "environment": {**env, "tier": engine.tier()},
     }
 
 
@@ -328,6 +368,14 @@ def print_level(level, run, capacity_tokens, engines=1):
         print(f"{c:<9} {t['p50']:>9.1f} {ci_span(t['p50_ci95']):>14} {t['p90']:>8.1f} {t['p99']:>8.1f} {t['mean']:>8.1f} "
               f"{s['tpot_ms']['mean'] if s.get('tpot_ms') else float('nan'):>8.2f} {s['request_throughput'] or 0:>7.2f} "
               f"{s['output_throughput_tok_s'] or 0:>8.1f} {'-' if hit is None else f'{hit:.0%}':>8} {s['failed']:>6}")
+    for c in ("cached", "cold"):
+        by_source, rate = (run.get(c) or {}).get("by_source"), (run.get(c) or {}).get("hit_rate") or {}
+        if by_source:
+            print(f"{c:<9} by where the prefix came from: " + "; ".join(
+                f"{source} {g['requests']} requests, TTFT p50 {g['ttft_ms_p50']:.1f} ms, p99 {g['ttft_ms_p99']:.1f} ms"
+                for source, g in by_source.items())
+                + (f" (tokens: {rate['hbm_tokens']:.0%} from HBM, {rate['tier_tokens']:.0%} from the tier)"
+                   if "tier_tokens" in rate else ""))
     for c in ("cached", "cold"):
         server = (run.get(c) or {}).get("server") or {}
         if all(server.get(key) is not None for key, _ in SERVER_TIMES):

@@ -211,12 +211,40 @@ def working_set_table(data):
                     f"{with_ci(t.get('p50'), t.get('p50_ci95'))} | {with_ci(t.get('p99'), t.get('p99_ci95'))} | "
                     f"{with_ci(t.get('mean'), t.get('mean_ci95'))} |")
     rows[-1] += interval_line(data)
+    rows += tier_rows(data)
     cold = data["levels"][0].get("cold")
     if cold and cold.get("ttft_ms"):
         rows.append(f"\nCold (every request salted, nothing cached): TTFT p50 "
                     f"{with_ci(cold['ttft_ms']['p50'], cold['ttft_ms']['p50_ci95'])} ms, "
                     f"p99 {with_ci(cold['ttft_ms']['p99'], cold['ttft_ms']['p99_ci95'])} ms.")
     return "\n".join(rows)
+
+
+def tier_rows(data):
+    """Markdown rows, where the server had a second tier and each request's source is known: per
+    number of documents, the document tokens found in HBM and in the tier, and the TTFT of the
+    requests whose prefix came from each (all passes' requests together)."""
+    levels = [lv for lv in data["levels"] if (lv.get("cached") or {}).get("by_source")]
+    if not levels:
+        return []
+    tier = (data["environment"].get("tier") or {})
+    size = f", {tier['size_gib']:g} GiB" if tier.get("size_gib") else ""
+    rows = [f"\nWhere each cached request's prefix came from (the tier: {tier.get('connector', '?')}{size}):\n",
+            "| documents | tokens from HBM | tokens from the tier | HBM hits: TTFT p50 / p99 ms | "
+            "tier hits: TTFT p50 / p99 ms | recomputed: TTFT p50 / p99 ms |", "|---|---|---|---|---|---|"]
+    for level in levels:
+        s, rate = level["cached"], level["cached"].get("hit_rate") or {}
+        by = s["by_source"]
+        group = lambda source: (f"{by[source]['ttft_ms_p50']:.1f} / {by[source]['ttft_ms_p99']:.1f} "
+                                f"({by[source]['requests']})" if source in by else "-")
+        rows.append(f"| {level['num_prefixes']} | {percent(rate.get('hbm_tokens'))} | {percent(rate.get('tier_tokens'))} | "
+                    f"{group('hbm')} | {group('tier')} | {group('computed')} |")
+    rows.append("\n(requests) beside each TTFT: how many requests it is over.")
+    return rows
+
+
+def percent(share):
+    return "-" if share is None else f"{share:.0%}"
 
 
 def fleet_groups(loads):

@@ -85,13 +85,14 @@ def sweep_schedule(num_levels, repeats):
             for i in (range(num_levels) if rep % 2 == 0 else reversed(range(num_levels)))]
 
 
-async def send_all(client, session, model, prompts, level, max_tokens, seed, route=None):
+async def send_all(client, session, model, prompts, level, max_tokens, seed, route=None, after_each=None):
     """Every prompt of one condition at one load level: a closed loop of `concurrency` clients
     sending back to back, or Poisson arrivals at `request_rate`. A failed request is recorded
     with its error, not raised, and no request is sent after it (a server that stopped
     answering must not hold the level for num_requests x --request-timeout). Returns (each
     request's StreamedResponse, None for those never sent; the level's start in perf_counter
-    s). route: document k's requests go to route[k % len(route)] instead of the client's server."""
+    s). route: document k's requests go to route[k % len(route)] instead of the client's server.
+    after_each(k, record): awaited after each request of a closed loop, before its client's next."""
     # every body is serialised before the clock starts, as stream() does
     bodies = [json.dumps({"model": model, "prompt": ids, "max_tokens": max_tokens, "temperature": 0.0,
                           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
@@ -117,6 +118,8 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
                 if failed.is_set():
                     break
                 await one(k)
+                if after_each is not None and records[k].error is None:
+                    await after_each(k, records[k])
         await asyncio.gather(*[client_loop() for _ in range(level["concurrency"])])
     else:
         arrivals = np.cumsum(np.random.default_rng(seed).exponential(1.0 / level["request_rate"], len(prompts)))
@@ -132,9 +135,10 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
     return records, t0
 
 
-def request_record(k, prompt, record, t0, condition, full_tokens, audited):
+def request_record(k, prompt, record, t0, condition, full_tokens, audited, sources=None):
     """The JSON record of load request k (prompt: its ids, salt and document) from its
-    StreamedResponse (None: never sent), its times in s since the level began (t0)."""
+    StreamedResponse (None: never sent), its times in s since the level began (t0); sources:
+    where its cached tokens came from (prometheus.one_request_sources), where known."""
     ids, salt, doc = prompt
     if record is None:
         record = StreamedResponse(t0, [], None, t0, "not sent: an earlier request of the level failed")
@@ -158,7 +162,18 @@ def request_record(k, prompt, record, t0, condition, full_tokens, audited):
         "cached_tokens": cached, "document_cached_tokens": full_tokens,
         "cache_state": cache_state(cached, full_tokens) if cached is not None else None,
         "error": error,
+        **({key: (sources or {}).get(key) for key in ("hbm_cached_tokens", "tier_cached_tokens")} if sources is not None
+           else {}),
     }
+
+
+def cache_source(request):
+    """Where a request's prefix came from: "tier" if any of it came from the second tier, "hbm"
+    if it was found in HBM alone, "computed" if nothing was cached; None where unknown."""
+    hbm, tier = request.get("hbm_cached_tokens"), request.get("tier_cached_tokens")
+    if hbm is None or tier is None:
+        return None
+    return "tier" if tier else "hbm" if hbm else "computed"
 
 
 def condition_stats(requests, slo_ttft_ms):
@@ -188,11 +203,22 @@ def condition_stats(requests, slo_ttft_ms):
         stats["hit_rate"] = {
             "requests": sum(r["cache_state"] == "hit" for r in audited) / len(audited),
             "tokens": sum(r["cached_tokens"] for r in audited) / full if full else None}
-        stats["by_cache_state"] = {}
-        for state in ("hit", "partial", "miss"):
-            found = [r["ttft_ms"] for r in audited if r["cache_state"] == state]
-            if found:
-                stats["by_cache_state"][state] = {
-                    "requests": len(found), "ttft_ms_mean": float(np.mean(found)),
-                    "ttft_ms_p50": float(np.percentile(found, 50)), "ttft_ms_p99": float(np.percentile(found, 99))}
+        stats["by_cache_state"] = ttft_by(audited, "cache_state", ("hit", "partial", "miss"))
+        sourced = [r for r in audited if cache_source(r) is not None]
+        if sourced and len(sourced) == len(audited):
+            stats["hit_rate"].update({f"{source}_tokens": sum(r[f"{source}_cached_tokens"] for r in sourced) / full
+                                      for source in ("hbm", "tier")} if full else {})
+            stats["by_source"] = ttft_by([{**r, "source": cache_source(r)} for r in sourced], "source",
+                                         ("hbm", "tier", "computed"))
     return stats
+
+
+def ttft_by(requests, key, values):
+    """{value: requests, TTFT mean, p50 and p99} of the requests grouped by request[key]."""
+    groups = {}
+    for value in values:
+        found = [r["ttft_ms"] for r in requests if r[key] == value]
+        if found:
+            groups[value] = {"requests": len(found), "ttft_ms_mean": float(np.mean(found)),
+                             "ttft_ms_p50": float(np.percentile(found, 50)), "ttft_ms_p99": float(np.percentile(found, 99))}
+    return groups

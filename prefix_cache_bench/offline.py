@@ -17,6 +17,7 @@ from .prompts import special_prefix_ids
 from .protocol import run_configs, write_results
 from .provenance import device_name, engine_environment
 from .results import note_existing_results, write_json_atomic
+from .tiers import check_tier_can_start, connector_load, describe_tier
 
 
 def timed_request(llm, prompt_ids, max_tokens, cache_salt=None):
@@ -28,10 +29,17 @@ def timed_request(llm, prompt_ids, max_tokens, cache_salt=None):
     if cache_salt is not None:
         prompt["cache_salt"] = cache_salt
     params = SamplingParams(max_tokens=max_tokens, ignore_eos=True, temperature=0.0)
+    tap = scheduler_stats_tap(llm)
+    if tap is not None:
+        tap["prefills"].clear()
+        loaded_before = (tap["tier_load_bytes"], tap["tier_load_s"])
     t0 = time.perf_counter()
     out = llm.generate(prompt, params, use_tqdm=False)[0]
     wall_ms = (time.perf_counter() - t0) * 1e3
     m = out.metrics  # RequestStateStats: engine-core timestamps (s), present with log stats on
+    # where its cached tokens came from: the one prefill this request's call saw (the engine
+    # handles one request at a time here), as the scheduler counted it
+    hbm, tier = tap["prefills"][0] if tap is not None and len(tap["prefills"]) == 1 else (None, None)
     return RequestResult(
         wall_ms=wall_ms,
         prompt_tokens=len(out.prompt_token_ids),
@@ -41,6 +49,10 @@ def timed_request(llm, prompt_ids, max_tokens, cache_salt=None):
         prefill_ms=(m.first_token_ts - m.scheduled_ts) * 1e3,
         decode_ms=(m.last_token_ts - m.first_token_ts) * 1e3,
         queue_ms=(m.scheduled_ts - m.queued_ts) * 1e3,
+        hbm_cached_tokens=hbm,
+        tier_cached_tokens=tier,
+        tier_load_bytes=tap["tier_load_bytes"] - loaded_before[0] if tap is not None else None,
+        tier_load_ms=(tap["tier_load_s"] - loaded_before[1]) * 1e3 if tap is not None else None,
     )
 
 
@@ -58,6 +70,12 @@ class OfflineEngine:
 
     def reset_prefix_cache(self):
         return self.llm.reset_prefix_cache()
+
+    def empty_hbm_prefix_cache(self):
+        return self.llm.reset_prefix_cache()         # reset_connector=False: the tier keeps its blocks
+
+    def tier(self):
+        return describe_tier(self.llm.llm_engine.vllm_config)
 
     def counters(self):
         return prefix_cache_counters(self.llm)
@@ -77,7 +95,7 @@ def prefix_cache_counters(llm):
     metrics = vllm_metrics_counters(llm)
     if tap is None and metrics is None:
         return None
-    counters = dict(tap or metrics)
+    counters = {key: value for key, value in (tap or metrics).items() if key != "prefills"}
     counters["source"] = "scheduler stats messages" if tap is not None else "LLM.get_metrics()"
     if metrics is not None:
         counters["vllm_metrics"] = metrics
@@ -110,20 +128,37 @@ def scheduler_stats_tap(llm):
     if core is None or not callable(getattr(core, "get_output", None)):
         return None
     if not hasattr(core, "prefix_cache_tap"):
-        totals = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "hits_in_messages_without_outputs": 0}
+        totals = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "hits_in_messages_without_outputs": 0,
+                  # a second tier's: what the connector was asked for and found, what it copied into HBM
+                  "external_prefix_cache_queries": 0, "external_prefix_cache_hits": 0,
+                  "tier_load_bytes": 0, "tier_load_s": 0.0}
+        prefills = []                       # (HBM, tier) cached tokens of each prefill, in order
         get_output = core.get_output
 
         def get_output_counted():
             out = get_output()
-            stats = getattr(getattr(out, "scheduler_stats", None), "prefix_cache_stats", None)
+            scheduler_stats = getattr(out, "scheduler_stats", None)
+            stats = getattr(scheduler_stats, "prefix_cache_stats", None)
             if stats is not None:
                 totals["prefix_cache_queries"] += stats.queries
                 totals["prefix_cache_hits"] += stats.hits
                 if not out.outputs:
                     totals["hits_in_messages_without_outputs"] += stats.hits
+            external = getattr(scheduler_stats, "connector_prefix_cache_stats", None)
+            if external is not None:
+                totals["external_prefix_cache_queries"] += external.queries
+                totals["external_prefix_cache_hits"] += external.hits
+            loaded_bytes, loaded_s = connector_load(getattr(scheduler_stats, "kv_connector_stats", None))
+            totals["tier_load_bytes"] += loaded_bytes
+            totals["tier_load_s"] += loaded_s
+            for output in getattr(out, "outputs", None) or ():
+                prefill = getattr(output, "prefill_stats", None)
+                if prefill is not None:
+                    prefills.append((prefill.num_local_cached_tokens, prefill.num_external_cached_tokens))
             return out
 
         core.get_output = get_output_counted
+        totals["prefills"] = prefills
         core.prefix_cache_tap = totals
     return core.prefix_cache_tap
 
@@ -272,6 +307,7 @@ def environment_info(llm, engine_args, engine_start_s):
         "engine_args": json.loads(json.dumps(engine, default=str)),
         "env_vars": engine_environment(os.environ),
         "engine_start_s": engine_start_s,
+        "tier": describe_tier(llm.llm_engine.vllm_config),     # a second cache tier, or None
     }
 
 
@@ -306,6 +342,8 @@ def check_model_fits(opts, engine_args):
     if current_platform.is_unspecified():
         raise ExperimentError("vLLM found no device to run on (no CUDA GPU visible?): check `nvidia-smi` and "
                               "CUDA_VISIBLE_DEVICES, or install the vLLM build for your hardware")
+    check_tier_can_start(getattr(engine_args, "kv_offloading_size", None),
+                         getattr(engine_args, "kv_offloading_backend", None))
     try:
         model_config = engine_args.create_model_config()
         tokenizer = AutoTokenizer.from_pretrained(model_config.tokenizer, trust_remote_code=engine_args.trust_remote_code)

@@ -16,7 +16,7 @@ import numpy as np
 
 from .analysis import compare, compute_stats, interval_method, reproducibility
 from .audit import sum_counters
-from .defaults import CONDITIONS, OFFLINE_PROG
+from .defaults import CONDITIONS, OFFLINE_PROG, TIER_CONDITION
 from .errors import EXIT_AUDIT, EXIT_SETUP, Interrupted
 from .protocol import write_results
 from .results import note_existing_results
@@ -51,8 +51,8 @@ def run_processes(opts, argv, script):
                   f"{left_s / 60:.1f} min left", flush=True)
         run_wall_s = time.perf_counter() - t0
         # a process's trials are numbered across its configs: the next process's start after them all
-        trials_per_process = [sum(len(r[c][kind]) for r in p for c in CONDITIONS for kind in ("trials", "discarded_trials"))
-                              for p in per_process]
+        trials_per_process = [sum(len(r[c][kind]) for r in p for c in (*CONDITIONS, TIER_CONDITION) if c in r
+                                  for kind in ("trials", "discarded_trials")) for p in per_process]
         order_offsets = [sum(trials_per_process[:k]) for k in range(len(per_process))]
         results = [merge_processes([p[i] for p in per_process], order_offsets, opts, run_wall_s)
                    for i in range(len(opts.configs))]
@@ -93,11 +93,12 @@ def merge_processes(results, order_offsets, opts, run_wall_s):
     statistics over all measured trials, the interval over the processes' means (unit
     "process"). discarded_trials holds every process's discarded rounds."""
     merged = copy.deepcopy(results[0])
-    conditions = {c: {"trials": [], "discarded_trials": []} for c in CONDITIONS}
+    measured_conditions = [c for c in (*CONDITIONS, TIER_CONDITION) if c in results[0]]
+    conditions = {c: {"trials": [], "discarded_trials": []} for c in measured_conditions}
     round_offset = block_offset = 0
     for k, (r, order_offset) in enumerate(zip(results, order_offsets)):
         clock_s = r["environment"]["run_started_unix_s"] - results[0]["environment"]["run_started_unix_s"]
-        for c in CONDITIONS:
+        for c in measured_conditions:
             for kind in ("discarded_trials", "trials"):
                 for t in r[c][kind]:
                     t = {**t, "process": k, "round": t["round"] + round_offset, "order": t["order"] + order_offset,
@@ -107,8 +108,8 @@ def merge_processes(results, order_offsets, opts, run_wall_s):
                     conditions[c][kind].append(t)
         round_offset += r["config"]["warmup_trials"] + r["config"]["num_trials"]
         block_offset += r["config"]["num_blocks"]
-    measured = [t for c in CONDITIONS for t in conditions[c]["trials"]]
-    for c in CONDITIONS:
+    measured = [t for c in measured_conditions for t in conditions[c]["trials"]]
+    for c in measured_conditions:
         conditions[c]["trials"].sort(key=lambda t: t["order"])
         conditions[c]["stats"] = compute_stats(conditions[c]["trials"])
         merged[c] = conditions[c]
@@ -143,7 +144,7 @@ def merge_processes(results, order_offsets, opts, run_wall_s):
         "host_python_loop_ms_per_process": [r["environment"].get("machine", {}).get("host_python_loop_ms")
                                             for r in results],
         "trial_order": [f"{t['condition']}:{t['round']}" for t in sorted(
-            (t for c in CONDITIONS for kind in ("discarded_trials", "trials") for t in conditions[c][kind]),
+            (t for c in measured_conditions for kind in ("discarded_trials", "trials") for t in conditions[c][kind]),
             key=lambda t: t["order"])],
         "config_wall_s": sum(r["environment"]["config_wall_s"] for r in results),
         "run_wall_s": run_wall_s,

@@ -33,7 +33,11 @@ def server_counters(metrics):
     hits, queries = metric_total(metrics, "vllm:prefix_cache_hits_total"), metric_total(metrics, "vllm:prefix_cache_queries_total")
     if hits is None or queries is None:
         return None
+    external = {key: metric_total(metrics, f"vllm:{key}_total")
+                for key in ("external_prefix_cache_queries", "external_prefix_cache_hits")}
     return {"prefix_cache_queries": int(queries), "prefix_cache_hits": int(hits), "source": "/metrics",
+            # a second tier's (a KV connector's) lookups; None where the server has no connector
+            **{key: int(value) if value is not None else None for key, value in external.items()},
             "server_ttft": {"count": int(metric_total(metrics, "vllm:time_to_first_token_seconds_count") or 0),
                             "sum_s": metric_total(metrics, "vllm:time_to_first_token_seconds_sum") or 0.0}}
 
@@ -64,14 +68,53 @@ def one_request_times(before, after, prompt_tokens, output_tokens):
     every histogram is there and grew by exactly one observation, whose prompt and output
     token counts are this request's (else it may be another client's request)."""
     fields = {**REQUEST_TIME_HISTOGRAMS, **REQUEST_TOKEN_HISTOGRAMS}
-    if set(before) != set(fields) or set(after) != set(before):
+    if not set(fields) <= set(before) or not set(fields) <= set(after):
         return None
-    if any(after[field][0] - before[field][0] != 1 for field in before):
+    if any(after[field][0] - before[field][0] != 1 for field in fields):
         return None
     tokens = {"prompt_tokens": prompt_tokens, "output_tokens": output_tokens}
     if any(after[field][1] - before[field][1] != tokens[field] for field in REQUEST_TOKEN_HISTOGRAMS):
         return None
     return {field: (after[field][1] - before[field][1]) * 1e3 for field in REQUEST_TIME_HISTOGRAMS}
+
+
+# Where a server's prompt tokens came from (vLLM >= 0.26): its own prefix cache, a KV connector
+# (the second tier), or computed; and what the native tier's connector copied into HBM.
+PROMPT_SOURCES = "vllm:prompt_tokens_by_source_total"
+SOURCES = {"hbm_cached_tokens": "local_cache_hit", "tier_cached_tokens": "external_kv_transfer",
+           "computed_tokens": "local_compute"}
+TIER_LOADS = {"tier_load_bytes": "vllm:kv_offload_load_bytes_total", "tier_load_s": "vllm:kv_offload_load_time_total"}
+
+
+def source_totals(metrics_of_engines):
+    """{RequestResult field: tokens} of the server's prompt tokens by source, and the tier's load
+    counters ({} each where not published), summed over engines."""
+    totals = {}
+    for field, source in SOURCES.items():
+        values = [value for m in metrics_of_engines for labels, value in m.get(PROMPT_SOURCES, []) if labels.get("source") == source]
+        if values:
+            totals[field] = int(sum(values))
+    for field, name in TIER_LOADS.items():
+        values = [metric_total(m, name) for m in metrics_of_engines]
+        if values and None not in values:
+            totals[field] = sum(values)
+    return totals
+
+
+def one_request_sources(before, after, prompt_tokens):
+    """{hbm_cached_tokens, tier_cached_tokens, tier_load_bytes, tier_load_ms} that one request added
+    between two source_totals, or {} where the server does not publish them or the sources do
+    not add up to this request's prompt tokens (another request's counts are in the reading)."""
+    if not set(SOURCES) <= set(before) or not set(SOURCES) <= set(after):
+        return {}
+    grown = {field: after[field] - before[field] for field in SOURCES}
+    if sum(grown.values()) != prompt_tokens:
+        return {}
+    sources = {"hbm_cached_tokens": grown["hbm_cached_tokens"], "tier_cached_tokens": grown["tier_cached_tokens"]}
+    if set(TIER_LOADS) <= set(before) and set(TIER_LOADS) <= set(after):
+        sources.update(tier_load_bytes=after["tier_load_bytes"] - before["tier_load_bytes"],
+                       tier_load_ms=(after["tier_load_s"] - before["tier_load_s"]) * 1e3)
+    return sources
 
 
 def cache_config(metrics):
@@ -117,6 +160,9 @@ LOAD_METRICS = {"kv_cache_usage": "vllm:kv_cache_usage_perc", "running": "vllm:n
 LOAD_COUNTERS = {"requests": "vllm:request_success_total", "prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
                  "prefix_cache_queries": "vllm:prefix_cache_queries_total",
                  "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total",
+                 # a second tier's lookups and what it served (0 without a KV connector)
+                 "external_prefix_cache_queries": "vllm:external_prefix_cache_queries_total",
+                 "external_prefix_cache_hits": "vllm:external_prefix_cache_hits_total",
                  # the server's own histograms of where a request's TTFT goes: its sum (s) and count
                  **{f"{part}_{key}": f"vllm:{name}_seconds_{end}" for part, name in
                     (("ttft", "time_to_first_token"), ("queue_time", "request_queue_time"),

@@ -6,7 +6,7 @@ import functools
 import itertools
 import random
 
-from .defaults import QUERY_TOKENS
+from .defaults import QUERY_TOKENS, TIER_CONDITION
 from .errors import ExperimentError
 
 
@@ -139,12 +139,13 @@ class ConfigPrompts:
                 raise ExperimentError(f"internal error: the {condition} prompt differs from its message builder's")
 
     def prompt(self, condition, name):
-        """[A, B, Q] for hit and cold, [B, Q] for miss, Q fresh. The ids are those of
+        """[A, B, Q] for hit, tier and cold, [B, Q] for miss, Q fresh. The ids are those of
         build_prompt_from_messages (the special prefix, then each message's ids), with A and B
         encoded once instead of per request. A salt puts a request in a cache namespace of its
         own: it can reuse nothing."""
         ids = self.ids(condition, next(self.queries))
-        salt = self.hit_salt if condition == "cache_hit" else f"{self.run_id}-{self.size_a}x{self.size_b}-{name}"
+        reuses = condition in ("cache_hit", TIER_CONDITION)        # [A, B] from HBM, or from the tier
+        salt = self.hit_salt if reuses else f"{self.run_id}-{self.size_a}x{self.size_b}-{name}"
         return ids, salt
 
     def ids(self, condition, query):

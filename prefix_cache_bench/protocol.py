@@ -13,11 +13,12 @@ import numpy as np
 from .analysis import summarize
 from .audit import audit_counters, audit_report, audit_requests, requests_of
 from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, OFFLINE_PHASE, PAUSE_MS, QUERY_TOKENS,
-                       ROUND_ORDERS, WARMUP_TOKENS)
+                       ROUND_ORDERS, TIER_CONDITION, TIER_ROUND_ORDERS, WARMUP_TOKENS)
 from .engine_api import BREAKDOWN_PARTS
 from .errors import EXIT_AUDIT, ExperimentError
 from .prompts import ConfigPrompts
 from .results import results_path, write_result
+from .tiers import TierRequest
 
 
 def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, max_output_tokens=MAX_OUTPUT_TOKENS):
@@ -40,25 +41,30 @@ def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, m
         "engine_ttft_ms": first.engine_ttft_ms,
         "prefill_ms": first.prefill_ms,
         "queue_ms": first.queue_ms,
+        "hbm_cached_tokens": first.hbm_cached_tokens,
+        "tier_cached_tokens": first.tier_cached_tokens,
+        "tier_load_bytes": first.tier_load_bytes,
+        "tier_load_ms": first.tier_load_ms,
         "throughput_request": full.as_json(),
         "ttft_breakdown_ms": first.ttft_breakdown(),
     }
 
 
-def run_schedule(num_configs, rounds, block_order=False):
+def run_schedule(num_configs, rounds, block_order=False, conditions=CONDITIONS):
     """Order of (config index, condition, round) for the given rounds of every config.
 
     By default round r runs every config once, the configs' order rotated each round, and in
     each config one trial of each condition in ROUND_ORDERS' order. So every config and every
     condition is spread over the run's whole wall time, and a drift of the host lands on all
     of them alike. block_order: the design's literal order, config after config, all hits,
-    then all misses, then all cold."""
+    then all misses, then all cold. conditions: CONDITIONS, or with the tier's (TIER_ROUND_ORDERS)."""
     if block_order:
-        return [(k, c, r) for k in range(num_configs) for c in CONDITIONS for r in rounds]
+        return [(k, c, r) for k in range(num_configs) for c in conditions for r in rounds]
+    orders = TIER_ROUND_ORDERS if len(conditions) == len(TIER_ROUND_ORDERS[0]) else ROUND_ORDERS
     schedule = []
     for r in rounds:
         for j in range(num_configs):
-            schedule += [((r + j) % num_configs, CONDITIONS[i], r) for i in ROUND_ORDERS[r % len(ROUND_ORDERS)]]
+            schedule += [((r + j) % num_configs, conditions[i], r) for i in orders[r % len(orders)]]
     return schedule
 
 
@@ -101,10 +107,11 @@ def warm_cache(request, warmup_ids, pause_s, cache_salt=None):
     return warm
 
 
-def run_trials(request, schedule, configs, opts, clock, desc):
+def run_trials(engine, schedule, configs, opts, clock, desc, hit_salt=None):
     """Steps 4-5: every scheduled (config, condition, round) in order, all prompts built first
-    (between requests, nothing of this tool runs but a server engine's one /metrics read). Each trial records its place in the run and its start
-    in seconds since the run began (clock)."""
+    (between requests, nothing of this tool runs but a server engine's one /metrics read, and a
+    tier condition's untimed steps: tiers.TierRequest). Each trial records its place in the run
+    and its start in seconds since the run began (clock)."""
     from tqdm import tqdm
 
     prompts = [configs[k].trial_prompts(condition, r) for k, condition, r in schedule]
@@ -112,8 +119,11 @@ def run_trials(request, schedule, configs, opts, clock, desc):
     bar = tqdm(list(zip(schedule, prompts)), desc=desc, unit="trial", file=sys.stderr, dynamic_ncols=True,
                mininterval=1.0)
     for (k, condition, r), (ttft_prompt, throughput_prompt) in bar:
+        request = TierRequest(engine, configs, k, hit_salt) if condition == TIER_CONDITION else engine.request
         start_s = time.perf_counter() - clock
         trial = run_trial(request, ttft_prompt, throughput_prompt, opts.pause_ms / 1e3, opts.max_output_tokens)
+        if condition == TIER_CONDITION:
+            trial["restore_requests"] = request.restores
         trials.append({"config": k, "condition": condition, "round": r, "start_s": start_s, **trial})
     return trials
 
@@ -132,7 +142,11 @@ def run_configs(engine, tokenizer, opts, env):
     opts.configs."""
     block = env["cache_block_size"]
     run_id = uuid.uuid4().hex[:12]
-    hit_salt = f"run-{run_id}" if engine.shared else None
+    tier = engine.tier()
+    conditions = CONDITIONS + ((TIER_CONDITION,) if tier else ())
+    # A server, or a tier that may outlive the engine (a store on disk), keeps other runs' blocks:
+    # the warmup and the hits (and tier hits) then get a cache namespace of the run's own.
+    hit_salt = f"run-{run_id}" if engine.shared or tier else None
     configs = [ConfigPrompts(tokenizer, a, b, block, opts.seed, run_id, hit_salt) for a, b in opts.configs]  # 2
     for c in configs:
         if len(c.warmup_ids) < block:
@@ -150,8 +164,8 @@ def run_configs(engine, tokenizer, opts, env):
     trials = []
     if opts.warmup_trials:
         t0 = time.perf_counter()
-        trials += run_trials(engine.request, run_schedule(n, range(opts.warmup_trials), opts.block_order), configs, opts,
-                             clock, "discarded rounds")
+        trials += run_trials(engine, run_schedule(n, range(opts.warmup_trials), opts.block_order, conditions), configs,
+                             opts, clock, "discarded rounds", hit_salt)
         round_s = (time.perf_counter() - t0) / opts.warmup_trials
     if opts.num_trials is not None:
         num_rounds = opts.num_trials
@@ -165,8 +179,8 @@ def run_configs(engine, tokenizer, opts, env):
         print(f"a round of {n} config(s) took {round_s:.2f} s: {num_rounds} measured rounds in {num_blocks} "
               f"time block(s), about {num_rounds * round_s / 60:.1f} min", flush=True)
     rounds = range(opts.warmup_trials, opts.warmup_trials + num_rounds)
-    trials += run_trials(engine.request, run_schedule(n, rounds, opts.block_order), configs, opts, clock,
-                         f"{num_rounds} rounds x {n} config(s)")                                   # 4-5
+    trials += run_trials(engine, run_schedule(n, rounds, opts.block_order, conditions), configs, opts, clock,
+                         f"{num_rounds} rounds x {n} config(s)", hit_salt)                         # 4-5
     run_wall_s = time.perf_counter() - clock
     for order, t in enumerate(trials):
         t["order"] = order
@@ -182,11 +196,11 @@ def run_configs(engine, tokenizer, opts, env):
     for c, warm, own in zip(configs, warms, per_config):
         for t in own:
             del t["config"]                 # one file per config
-        cache_audit = audit_report(audit_requests(warm, own, c.warmup_ids, block) + run_problems, len(own),
+        cache_audit = audit_report(audit_requests(warm, own, c.warmup_ids, block) + run_problems, warm, own,
                                    c.warmup_ids, block, engine_counters)
-        conditions, comparison, stability, method = summarize(own, opts, plan)                    # 6
-        overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for cond in CONDITIONS for t in conditions[cond]["trials"]
-                     if t["engine_ttft_ms"] is not None]
+        stats, comparison, stability, method = summarize(own, opts, plan)                         # 6
+        overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for t in own if t["round"] >= opts.warmup_trials
+                     and t["engine_ttft_ms"] is not None]
         results.append({
             "phase": engine.phase,
             "model": opts.model,
@@ -206,11 +220,11 @@ def run_configs(engine, tokenizer, opts, env):
                 "seed": opts.seed,
             },
             "warmup_time_ms": warm.wall_ms,
-            "cache_hit": conditions["cache_hit"],
-            "cache_miss": conditions["cache_miss"],
+            "cache_hit": stats["cache_hit"],
+            "cache_miss": stats["cache_miss"],
             "ttft_degradation_pct": comparison["ttft_degradation_pct"],
             "ttft_degradation_ci95": comparison["ttft_degradation_ci95"],
-            "cache_cold": conditions["cache_cold"],
+            "cache_cold": stats["cache_cold"],
             "ttft_saving_pct": comparison["ttft_saving_pct"],
             "ttft_saving_ci95": comparison["ttft_saving_ci95"],
             "ttft_saving_ms": comparison["ttft_saving_ms"],
@@ -218,9 +232,11 @@ def run_configs(engine, tokenizer, opts, env):
             "interval": method,
             "reproducibility": stability,
             "harness_overhead_ms": float(np.median(overheads)) if overheads else None,
+            **({TIER_CONDITION: stats[TIER_CONDITION], **{key: comparison[key] for key in comparison if
+                                                         key.startswith("tier_")}} if tier else {}),
             "cache_audit": cache_audit,
             "warmup_prompt_tokens": len(c.warmup_ids),
-            "environment": {**env,
+            "environment": {**env, "tier": tier,
                             "trial_order": [f"{cond}:{r}" for t in own for cond, r in [(t["condition"], t["round"])]],
                             "config_wall_s": sum(t["ttft_ms"] + t["total_time_ms"] for t in own) / 1e3,
                             "run_wall_s": run_wall_s,
@@ -238,7 +254,7 @@ def print_summary(result):
     print(f"{'condition':<11} {'prompt':>6} {'cached':>6} {'TTFT ms mean +- sd':>20} {'engine TTFT':>11} "
           f"{'prefill':>8} {'tok/s':>8}")
     ms = lambda value, width: f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
-    for c in CONDITIONS:
+    for c in result_conditions(result):
         s = result[c]["stats"]
         print(f"{c:<11} {s['prompt_tokens']:>6} {s['cached_tokens'] if s['cached_tokens'] is not None else '-':>6} "
               f"{s['ttft_mean']:>11.2f} +- {s['ttft_stdev']:<6.2f} {ms(s['engine_ttft_mean'], 11)} "
@@ -249,6 +265,12 @@ def print_summary(result):
     ms_lo, ms_hi = result["ttft_saving_ms_ci95"]
     print(f"hit saves vs cold: {saving:.1f}% of TTFT (95% CI {lo:.1f} .. {hi:.1f}), {result['ttft_saving_ms']:.2f} ms "
           f"(95% CI {ms_lo:.2f} .. {ms_hi:.2f})")
+    if TIER_CONDITION in result:
+        tier, (lo, hi), (over_lo, over_hi) = result["environment"]["tier"], result["tier_ttft_saving_ci95"], result["tier_over_hit_ci95"]
+        load = result[TIER_CONDITION]["stats"].get("tier_load")
+        print(f"a tier hit ({tier['connector']}) saves vs cold: {result['tier_ttft_saving_pct']:.1f}% (95% CI {lo:.1f} .. "
+              f"{hi:.1f}); it takes {result['tier_over_hit_pct']:+.1f}% (95% CI {over_lo:+.1f} .. {over_hi:+.1f}) "
+              f"against an HBM hit" + (f"; loaded at {load['gb_s']:.1f} GB/s" if load else ""))
     method = result["interval"]
     units = {"process": f"{method['processes']} engine processes' means ({method['num_blocks']} time blocks "
                         f"over {method['span_s']:.0f} s)",
@@ -279,12 +301,17 @@ def print_summary(result):
 
 def print_breakdown(result):
     """Where each condition's mean TTFT went (engine_api.RequestResult.ttft_breakdown), if known."""
-    means = {c: result[c]["stats"].get("ttft_breakdown_mean_ms") for c in CONDITIONS}
+    means = {c: result[c]["stats"].get("ttft_breakdown_mean_ms") for c in result_conditions(result)}
     if None in means.values():
         return
     print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>18}" for _, label in BREAKDOWN_PARTS))
-    for c in CONDITIONS:
+    for c in means:
         print(f"  {c:<30} " + " ".join(f"{means[c][key]:>18.2f}" for key, _ in BREAKDOWN_PARTS))
+
+
+def result_conditions(result):
+    """The conditions one result holds: the design's three, and the tier's where it measured one."""
+    return [c for c in (*CONDITIONS, TIER_CONDITION) if c in result]
 
 
 def write_results(results, results_dir, phase=2, note=None):

@@ -12,13 +12,14 @@ import numpy as np
 
 from .audit import sum_counters, wait_for_counters
 from .defaults import (CONDITIONS, CONNECTION, DETAILS_FLAG, EMBEDDED_KEEP_ALIVE_S, IDLE_RECONNECT_S,
-                       QUERY_TOKENS, REMOTE_DEVICE, SERVER_PHASE)
+                       QUERY_TOKENS, REMOTE_DEVICE, SERVER_PHASE, TIER_CONDITION)
 from .engine_api import RequestResult
 from .errors import EXIT_USAGE, ExperimentError, first_line
 from .http_client import no_usage
 from .host import machine_info
-from .prometheus import (cache_config, engine_cache_config, label_int, one_request_times, parse_metrics,
-                         request_time_totals, server_counters, split_engines)
+from .prometheus import (REQUEST_TIME_HISTOGRAMS, REQUEST_TOKEN_HISTOGRAMS, cache_config, engine_cache_config, label_int,
+                         one_request_sources, one_request_times, parse_metrics, request_time_totals, server_counters,
+                         source_totals, split_engines)
 from .prompts import special_prefix_ids
 from .provenance import device_name, engine_environment, installed_version
 
@@ -45,6 +46,7 @@ class ServerEngine:
         # /metrics would need connections of their own between timed requests)
         self.times_after_last = None
         self.request_times_readable = self.metrics_urls == [client.base_url]
+        self.tier_description = None        # the server's second cache tier (tier()), where known
 
     def server_engines(self):
         """[[(name, parsed /metrics)] of each engine of a server] for every server behind the
@@ -75,6 +77,9 @@ class ServerEngine:
         own_times = self.own_request_times(times_before, usage.get("prompt_tokens"), output_tokens)
         if own_times and own_times["engine_ttft_ms"] > (first - sent) * 1e3:
             own_times = None                # the server's TTFT cannot exceed the client's: not this request's
+        # where its cached tokens came from, read from the same /metrics as its times
+        sources = one_request_sources(times_before.get("sources", {}), self.times_after_last.get("sources", {}),
+                                      usage.get("prompt_tokens")) if own_times and self.times_after_last else {}
         self.last_end = time.perf_counter()
         return RequestResult(
             wall_ms=(ended - sent) * 1e3,
@@ -90,15 +95,17 @@ class ServerEngine:
             tpot_ms=(token_times[-1] - first) * 1e3 / (output_tokens - 1) if output_tokens > 1 and token_times else None,
             itl_ms=gaps.tolist() if max_tokens > 1 else None,
             new_connection=self.client.connections_opened > opened,
+            **(sources if self.audited else {}),
         )
 
     def request_times(self):
         """The server's TTFT / queue / prefill histogram totals over every engine behind the front;
         {} where /metrics cannot be read (the breakdown is optional: a run goes on without it)."""
         try:
-            return request_time_totals([metrics for _, metrics in self.replica_metrics()])
+            engines = [metrics for _, metrics in self.replica_metrics()]
         except ExperimentError:
             return {}
+        return {**request_time_totals(engines), "sources": source_totals(engines)}
 
     def own_request_times(self, before, prompt_tokens, output_tokens, wait_s=2.0):
         """What the request just ended added to the server's histograms (prometheus.one_request_times),
@@ -111,7 +118,8 @@ class ServerEngine:
         deadline = time.perf_counter() + wait_s
         while True:
             after = self.request_times()
-            grown = set(after) == set(before) and all(after[f][0] > before[f][0] for f in before)
+            fields = [f for f in (*REQUEST_TIME_HISTOGRAMS, *REQUEST_TOKEN_HISTOGRAMS) if f in before]
+            grown = set(after) == set(before) and all(after[f][0] > before[f][0] for f in fields)
             if grown or time.perf_counter() > deadline:
                 break
             time.sleep(0.005)
@@ -123,6 +131,33 @@ class ServerEngine:
         """Nothing to reset: every run hits in a cache namespace of its own (run_configs gives a
         shared engine's warmup and hits a run salt). A deployment's cache is left alone."""
         return True
+
+    def empty_hbm_prefix_cache(self):
+        """The cache_tier condition: POST /reset_prefix_cache, which empties the GPU prefix cache
+        and keeps the tier's (reset_external defaults to false). vLLM serves it only with
+        VLLM_SERVER_DEV_MODE=1, which phase 1 sets on a server it starts with a tier."""
+        try:
+            return bool(self.client.post("/reset_prefix_cache", {}).get("success", True))
+        except ExperimentError as e:
+            raise ExperimentError(f"the {TIER_CONDITION} condition empties the server's GPU prefix cache before each "
+                                  f"of its requests, and POST /reset_prefix_cache failed ({first_line(e)}): start "
+                                  f"the server with VLLM_SERVER_DEV_MODE=1")
+
+    def tier(self):
+        """The server's second cache tier, or None: tier_description, set from its flags where phase 1
+        starts it; for a server reached by --base-url, a KV connector that has been asked for prefixes
+        (vllm:external_prefix_cache_queries grew: the audit probe asks it), with
+        vllm:cache_config_info's kv_offloading_size where that is the native tier."""
+        if self.tier_description is None and len(self.metrics_urls) == 1:
+            counters = self.counters() or {}
+            if counters.get("external_prefix_cache_queries"):
+                labels = next(iter(self.cache_configs().values()), {})
+                size = labels.get("kv_offloading_size")
+                native = size not in (None, "", "None")
+                self.tier_description = {"connector": "OffloadingConnector" if native else "a KV connector",
+                                         "backend": labels.get("kv_offloading_backend") if native else None,
+                                         "size_gib": float(size) if native else None, "extra_config": {}}
+        return self.tier_description
 
     def counters(self):
         if not self.audited:
@@ -244,7 +279,9 @@ def add_phase1_stats(result, unaudited):
     """What phase 1 adds to phase 2's result: per condition the warmup TTFT (its discarded
     rounds' mean), time per output token and inter-token latency of the throughput requests,
     the server's own TTFT beside the client's, and the unaudited mark."""
-    for c in CONDITIONS:
+    for c in (*CONDITIONS, TIER_CONDITION):
+        if c not in result:
+            continue
         discarded = [t["ttft_ms"] for t in result[c]["discarded_trials"]]
         throughput = [t["throughput_request"] for t in result[c]["trials"]]
         tpot = [r["tpot_ms"] for r in throughput if r["tpot_ms"] is not None]

@@ -20,6 +20,7 @@ CONDITION_STYLES = {
     "cache_hit": ("hit", "hit [A, B, Q], A+B cached", "#2a9d8f"),
     "cache_miss": ("miss", "miss [B, Q], nothing cached", "#e76f51"),
     "cache_cold": ("cold", "cold [A, B, Q], nothing cached", "#8d99ae"),
+    "cache_tier": ("tier hit", "tier hit [A, B, Q], A+B from the second tier", "#e9c46a"),
 }
 
 
@@ -119,6 +120,32 @@ def summary_table(configs):
         cells.append(f"{'-' if cached is None else cached} / {hs.get('prompt_tokens', '?')}")
         cells.append(audit_word(d))
         rows.append("| " + " | ".join(cells) + " |")
+    return "\n".join(rows)
+
+
+def tier_table(configs):
+    """Markdown: per config with a tier condition, a hit from the tier against an HBM hit and
+    cold, and what was loaded; None where no config measured one."""
+    tiered = {key: d for key, d in configs.items() if isinstance(d.get("cache_tier"), dict)}
+    if not tiered:
+        return None
+    rows = ["| config | tier hit TTFT ms | HBM hit TTFT ms | cold TTFT ms | tier hit saves vs cold (95% CI) | "
+            "tier hit vs HBM hit (95% CI) | tokens from the tier | KV loaded per request | load rate |",
+            "|" + "---|" * 9]
+    for (a, b), d in tiered.items():
+        stats = d["cache_tier"]["stats"]
+        load = stats.get("tier_load")
+        cells = [f"A={a} / B={b}", *(f"{d[c]['stats']['ttft_mean']:.2f}" for c in ("cache_tier", "cache_hit", "cache_cold")),
+                 f"{d['tier_ttft_saving_pct']:.1f}% {ci_text(d['tier_ttft_saving_ci95'])}",
+                 f"{d['tier_over_hit_pct']:+.1f}% {ci_text(d['tier_over_hit_ci95'])}",
+                 str(stats.get("tier_cached_tokens", "-")),
+                 f"{load['bytes_per_request'] / 1e9:.2f} GB" if load else "-",
+                 f"{load['gb_s']:.1f} GB/s" if load else "-"]
+        rows.append("| " + " | ".join(cells) + " |")
+    tier = next(iter(tiered.values()))["environment"].get("tier") or {}
+    size = f", {tier['size_gib']:g} GiB" if tier.get("size_gib") else ""
+    rows.append(f"\nThe tier: {tier.get('connector', '?')} ({tier.get('backend')}{size}). The load rate: the "
+                f"connector's own copy time (vllm:kv_offload_load_time), all requests together.")
     return "\n".join(rows)
 
 

@@ -34,8 +34,8 @@ from make_model import build_model  # noqa: E402
 # ~300 s, the offline CLI runs ~270 s, the fleets ~150 s); the rest keep their file order.
 # xdist's own loadgroup cannot be used: it renames tests with a suffix that pytest 9.2 no longer
 # reads. So the workers write each test's unit to a file, and the controller schedules by it.
-SHARED_FIXTURE_GROUPS = {"vllm_server": "server", "plain_server": "server", "llm": "engine"}
-HEAVIEST_FIRST = ["server", "tests/test_experiment.py", "tests/test_fleet.py", "tests/test_phase1.py",
+SHARED_FIXTURE_GROUPS = {"vllm_server": "server", "plain_server": "server", "llm": "engine", "tier_server": "tier"}
+HEAVIEST_FIRST = ["server", "tests/test_experiment.py", "tests/test_fleet.py", "tests/test_phase1.py", "tier",
                   "tests/test_exit_codes.py", "engine"]
 UNITS_FILE = "PREFIX_CACHE_BENCH_TEST_UNITS"
 
@@ -159,6 +159,46 @@ def plain_server(tiny_model_dir):
     server = EmbeddedServer(tiny_model_dir, "127.0.0.1", free_port("127.0.0.1"), ENGINE_FLAGS + ["--max-model-len", "2048"])
     server.command.remove(DETAILS_FLAG)
     server.environment.pop("VLLM_HTTP_TIMEOUT_KEEP_ALIVE")
+    with server:
+        server.start(timeout_s=600)
+        yield server
+    assert not session_processes(server.proc.pid), "the server left processes behind"
+
+
+TESTS_DIR = os.path.dirname(os.path.abspath(__file__))
+
+
+def kv_transfer_config(store_dir):
+    """The --kv-transfer-config of tests/tier_connector.py's tier, a store in store_dir."""
+    import json
+    return json.dumps({"kv_connector": "SaltedExampleConnector", "kv_role": "kv_both",
+                       "kv_connector_module_path": "tier_connector",
+                       "kv_connector_extra_config": {"shared_storage_path": str(store_dir)}})
+
+
+def with_tier_connector(environ):
+    """An environment in which vLLM finds tests/tier_connector.py (kv_connector_module_path)."""
+    return {**environ, "PYTHONPATH": os.pathsep.join(p for p in (TESTS_DIR, environ.get("PYTHONPATH")) if p)}
+
+
+# The tier server's HBM: 48 blocks of 128 tokens, enough for two configs' rounds of 300-400 token
+# prompts (phase 1), and for 24 documents of 300 tokens (2 full blocks each).
+TIER_SERVER_KV_BLOCKS = 48
+
+
+@pytest.fixture(scope="session")
+def tier_server(tiny_model_dir, tmp_path_factory):
+    """A real `vllm serve` of the tiny model with a second cache tier (tests/tier_connector.py: vLLM's
+    ExampleConnector, a store on disk) and the dev-mode reset the tier condition needs, as phase 1
+    starts one given --kv-transfer-config: the server, with its store folder as .tier_store."""
+    from prefix_cache_bench.servers import EmbeddedServer, free_port
+    store = tmp_path_factory.mktemp("tier-store")
+    server = EmbeddedServer(tiny_model_dir, "127.0.0.1", free_port("127.0.0.1"),
+                            ENGINE_FLAGS + ["--max-model-len", "2048", "--num-gpu-blocks-override", str(TIER_SERVER_KV_BLOCKS),
+                                            "--kv-transfer-config", kv_transfer_config(store)],
+                            extra_env={"VLLM_SERVER_DEV_MODE": "1"})
+    server.environment = with_tier_connector(server.environment)
+    server.tier_store = store
     with server:
         server.start(timeout_s=600)
         yield server

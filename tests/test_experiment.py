@@ -14,7 +14,8 @@ import types
 
 import pytest
 
-from conftest import ENGINE_FLAGS, ROOT, run_script, session_processes, start_script, wait_for_line
+from conftest import (ENGINE_FLAGS, ROOT, kv_transfer_config, run_script, session_processes, start_script, wait_for_line,
+                      with_tier_connector)
 from test_known_answers import T3, fieller
 from prefix_cache_bench import audit, defaults, offline, protocol, provenance
 
@@ -205,16 +206,19 @@ def test_audit_reports_requests_that_break_their_condition(llm, block):
 
 # ----------------------------------------------------------------------------- the CLI
 
-def test_cli_writes_one_audited_json_per_config_over_several_processes(tmp_path):
+def test_cli_writes_one_audited_json_per_config_over_several_processes_with_a_tier(tmp_path):
     """Two engine processes of a config-only folder (tests/make_model.py --shape), run with
-    vLLM's --load-format dummy: a real architecture's shape without its weights."""
+    vLLM's --load-format dummy: a real architecture's shape without its weights. The engine has a
+    second cache tier (tests/tier_connector.py, one store on disk for both processes), so a fourth
+    condition, cache_tier, is measured and audited by tier."""
     from make_model import build_shape
-    model, out = str(tmp_path / "llama-tiny"), tmp_path / "results"
+    model, out, store = str(tmp_path / "llama-tiny"), tmp_path / "results", tmp_path / "store"
     build_shape(model, "llama-tiny")
+    store.mkdir()
     args = ["--model", model, "--load-format", "dummy", "--sizes", "200x100,255x128", "--processes", "2",
             "--num-blocks", "3", "--min-block-seconds", "0.2", "--pause-ms", "5", "--max-output-tokens", "5",
-            "--results-dir", str(out), "--seed", "7", *ENGINE_FLAGS]
-    proc = run_script(["phase2_experiment.py", *args])
+            "--results-dir", str(out), "--seed", "7", *ENGINE_FLAGS, "--kv-transfer-config", kv_transfer_config(store)]
+    proc = run_script(["phase2_experiment.py", *args], env=with_tier_connector(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "=== engine process 2 of 2 ===" in proc.stdout and "engine process 1 of 2 done after" in proc.stdout
     # each process sizes its measured rounds from its discarded round's time: 3 blocks of >= 0.2 s, >= 2 rounds each
@@ -248,7 +252,23 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes(tmp_path)
         assert all(ms > 0 for ms in r["environment"]["host_python_loop_ms_per_process"])
         assert r["environment"]["machine"]["cpu_logical_cores"] == os.cpu_count()
         counters = r["cache_audit"]["engine_counters"]
-        assert counters["prefix_cache_hits"] == counters["sum_cached_tokens"] and "2 processes" in counters["scope"]
+        assert counters["prefix_cache_hits"] + counters["external_prefix_cache_hits"] == counters["sum_cached_tokens"]
+        assert counters["external_prefix_cache_hits"] == counters["sum_tier_cached_tokens"] > 0
+        assert "2 processes" in counters["scope"]
+        # the tier condition: every request found [A, B] in the tier and none of it in HBM, each
+        # process in a namespace of its own (the store outlives the first process)
+        hit_tokens = r["cache_audit"]["expected_hit_cached_tokens"]
+        assert r["environment"]["tier"]["connector"] == "SaltedExampleConnector"
+        assert {t["process"] for t in r["cache_tier"]["trials"]} == {0, 1}
+        for t in r["cache_tier"]["trials"] + r["cache_tier"]["discarded_trials"]:
+            for request in (t, t["throughput_request"]):
+                assert (request["cached_tokens"], request["hbm_cached_tokens"], request["tier_cached_tokens"]) == \
+                    (hit_tokens, 0, hit_tokens)
+            assert len(t["restore_requests"]) == 2          # the other config's [A, B], after each request
+        for t in r["cache_hit"]["trials"]:
+            assert (t["hbm_cached_tokens"], t["tier_cached_tokens"]) == (hit_tokens, 0)
+        lo, hi = r["tier_ttft_saving_ci95"]         # None: unbounded (Fieller over 2 processes)
+        assert (lo is None or lo <= r["tier_ttft_saving_pct"]) and (hi is None or r["tier_ttft_saving_pct"] <= hi)
         assert r["environment"]["command"] == shlex.join([os.path.basename(sys.executable), "phase2_experiment.py",
                                                           *args])
         version = r["environment"]["tool_version"]
@@ -259,6 +279,7 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes(tmp_path)
         assert r["schema_version"] == 1
     assert "A=200 B=100" in proc.stdout and "cache audit: OK" in proc.stdout
     assert "hit saves vs cold" in proc.stdout and "rounds" in proc.stdout
+    assert proc.stdout.count("a tier hit (SaltedExampleConnector) saves vs cold") == 2
 
 
 # SIGINT and SIGTERM take the same handler: SIGINT is tried as a terminal sends it, to the group.

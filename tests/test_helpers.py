@@ -295,7 +295,7 @@ def test_audit_fails_when_the_engine_counter_disagrees_with_the_requests():
     trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
     result = audit.audit(engine_request(0), trials, engine_request(0), list(range(301)), 16, before, offline.prefix_cache_counters(llm))
     assert result["ok"] is False                             # ... the requests claim two
-    assert result["problems"] == ["the engine's prefix-cache hit counter (scheduler stats messages) grew by 288, "
+    assert result["problems"] == ["the engine's prefix-cache hit counters (scheduler stats messages) grew by 288, "
                                   "but the requests report 576 cached tokens"]
 
 

@@ -49,6 +49,7 @@ vllm:cache_config_info{block_size="16",num_gpu_blocks="8192",prefix_match_unit="
 def test_metrics_are_summed_over_engines():
     metrics = prometheus.parse_metrics(METRICS)
     assert prometheus.server_counters(metrics) == {"prefix_cache_queries": 1000, "prefix_cache_hits": 384, "source": "/metrics",
+                                           "external_prefix_cache_queries": None, "external_prefix_cache_hits": None,
                                            "server_ttft": {"count": 4, "sum_s": 0.5}}
     labels = prometheus.cache_config(metrics)
     assert (prometheus.label_int(labels, "num_gpu_blocks"), prometheus.label_int(labels, "block_size")) == (8192, 16)

@@ -1,0 +1,119 @@
+"""A second cache tier behind the GPU's prefix cache (vLLM's native host-memory tier, LMCache, any
+KV connector that serves prefixes): what the engine has, the refusal of a tier that cannot run
+here, the connector's load counters, and the cache_tier condition's request: HBM's prefix cache
+emptied, the request, the other configs' [A, B] loaded back. No vLLM import at module level.
+"""
+import json
+import time
+
+from .defaults import HBM_RESET_TIMEOUT_S, TIER_CONDITION
+from .errors import ExperimentError
+
+# vLLM's flags that give an engine a tier (vllm serve and EngineArgs alike)
+TIER_FLAGS = ("--kv-offloading-size", "--kv-offloading-backend", "--kv-transfer-config")
+# OffloadingConnectorStats' counters (vLLM 0.26): bytes and seconds of the tier -> HBM copies
+LOAD_BYTES, LOAD_TIME_S = "vllm:kv_offload_load_bytes", "vllm:kv_offload_load_time"
+
+
+def describe_tier(vllm_config):
+    """What a result records of the engine's tier, or None where it has no KV connector."""
+    transfer = vllm_config.kv_transfer_config
+    if transfer is None or not transfer.kv_connector:
+        return None
+    cache = vllm_config.cache_config
+    size_gib = getattr(cache, "kv_offloading_size", None)
+    return {"connector": transfer.kv_connector,
+            "backend": getattr(cache, "kv_offloading_backend", None) if size_gib else "--kv-transfer-config",
+            "size_gib": size_gib,
+            "extra_config": json.loads(json.dumps(transfer.kv_connector_extra_config or {}, default=str))}
+
+
+def flag_value(flags, name):
+    """The value of --name in a flag list (--name VALUE or --name=VALUE), or None."""
+    for k, flag in enumerate(flags):
+        if flag == name and k + 1 < len(flags):
+            return flags[k + 1]
+        if flag.startswith(name + "="):
+            return flag.split("=", 1)[1]
+    return None
+
+
+def tier_from_flags(vllm_flags):
+    """What a result records of an embedded server's tier, from its vLLM flags; None without one."""
+    size, config = flag_value(vllm_flags, "--kv-offloading-size"), flag_value(vllm_flags, "--kv-transfer-config")
+    if size is None and config is None:
+        return None
+    extra = json.loads(config) if config else {}
+    return {"connector": extra.get("kv_connector") or "OffloadingConnector",
+            "backend": (flag_value(vllm_flags, "--kv-offloading-backend") or "native") if size else "--kv-transfer-config",
+            "size_gib": float(size) if size else None,
+            "extra_config": extra.get("kv_connector_extra_config", {})}
+
+
+def check_tier_can_start(kv_offloading_size, kv_offloading_backend):
+    """One line, before any engine starts, for a tier that cannot run on this machine (vLLM
+    itself fails only once its workers start, after a minute of setup)."""
+    if kv_offloading_size is None:
+        return
+    from vllm.platforms import current_platform
+    if (kv_offloading_backend or "native") == "native" and current_platform.is_cpu():
+        raise ExperimentError("--kv-offloading-size: vLLM's native host-memory tier runs on CUDA and XPU GPUs only, "
+                              "not on this CPU engine; on a CPU give a tier with --kv-transfer-config (docs/tiers.md)")
+    if kv_offloading_backend == "lmcache":
+        import importlib.util
+        if importlib.util.find_spec("lmcache") is None:
+            raise ExperimentError("--kv-offloading-backend lmcache: LMCache is not installed here (pip install lmcache)")
+
+
+def connector_load(payload):
+    """(bytes, seconds) that one kv_connector_stats payload of the engine's stats messages says
+    were loaded from the tier into HBM; (0, 0) where the connector reports no such counters."""
+    data = (payload or {}).get("data") if isinstance(payload, dict) else None
+    if not isinstance(data, dict):
+        return 0, 0.0
+    total = lambda name: sum(v for v in (data.get(name) or {}).values() if isinstance(v, (int, float)))
+    return total(LOAD_BYTES), float(total(LOAD_TIME_S))
+
+
+def empty_hbm(engine, timeout_s=HBM_RESET_TIMEOUT_S):
+    """Empty the GPU prefix cache and keep the tier's (engine.empty_hbm_prefix_cache). vLLM
+    refuses while blocks are held, as by an offload to the tier still in flight: retried."""
+    deadline = time.monotonic() + timeout_s
+    while not engine.empty_hbm_prefix_cache():
+        if time.monotonic() > deadline:
+            raise ExperimentError(f"the GPU prefix cache could not be emptied for the {TIER_CONDITION} condition "
+                                  f"within {timeout_s:.0f} s (blocks still held)")
+        time.sleep(0.01)
+
+
+class TierRequest:
+    """The cache_tier condition's request for config k: HBM's prefix cache is emptied (untimed),
+    so the request must find [A, B] in the tier; then every other config's [A, B] is requested
+    once more (untimed, each a tier hit), so that HBM holds what the other conditions expect.
+    Config k's own [A, B] is back in HBM by the request itself. The untimed requests are kept
+    (restores) for the audit."""
+
+    def __init__(self, engine, configs, k, hit_salt):
+        self.engine, self.others, self.hit_salt = engine, [c for j, c in enumerate(configs) if j != k], hit_salt
+        self.restores = []
+
+    def __call__(self, prompt_ids, max_tokens, cache_salt=None):
+        empty_hbm(self.engine)
+        result = self.engine.request(prompt_ids, max_tokens, cache_salt)
+        for c in self.others:
+            self.restores.append(self.engine.request(c.warmup_ids, 1, self.hit_salt).as_json())
+        return result
+
+
+def load_rate(trials):
+    """The tier's load rate over a condition's requests: {bytes, seconds, gb_s}, or None where the
+    connector reports no loads."""
+    requests = [r for t in trials for r in (t, t["throughput_request"])]
+    loaded = [(r.get("tier_load_bytes"), r.get("tier_load_ms")) for r in requests]
+    if not loaded or any(b is None or ms is None for b, ms in loaded):
+        return None
+    total_bytes, total_s = sum(b for b, _ in loaded), sum(ms for _, ms in loaded) / 1e3
+    if not total_bytes or not total_s:
+        return None
+    return {"bytes": total_bytes, "seconds": total_s, "gb_s": total_bytes / total_s / 1e9,
+            "bytes_per_request": total_bytes / len(requests)}
