@@ -7,7 +7,7 @@ import json
 import time
 
 from .defaults import HBM_RESET_TIMEOUT_S, TIER_CONDITION
-from .errors import ExperimentError
+from .errors import EXIT_USAGE, ExperimentError
 
 # vLLM's flags that give an engine a tier (vllm serve and EngineArgs alike)
 TIER_FLAGS = ("--kv-offloading-size", "--kv-offloading-backend", "--kv-transfer-config")
@@ -43,11 +43,17 @@ def tier_from_flags(vllm_flags):
     size, config = flag_value(vllm_flags, "--kv-offloading-size"), flag_value(vllm_flags, "--kv-transfer-config")
     if size is None and config is None:
         return None
-    extra = json.loads(config) if config else {}
+    try:
+        extra = json.loads(config) if config else {}
+        size_gib = float(size) if size else None
+    except ValueError as e:
+        raise ExperimentError(f"--kv-offloading-size must be a number of GiB and --kv-transfer-config JSON: {e}",
+                              EXIT_USAGE)
+    if not isinstance(extra, dict):
+        raise ExperimentError(f"--kv-transfer-config must be a JSON object, got {config!r}", EXIT_USAGE)
     return {"connector": extra.get("kv_connector") or "OffloadingConnector",
             "backend": (flag_value(vllm_flags, "--kv-offloading-backend") or "native") if size else "--kv-transfer-config",
-            "size_gib": float(size) if size else None,
-            "extra_config": extra.get("kv_connector_extra_config", {})}
+            "size_gib": size_gib, "extra_config": extra.get("kv_connector_extra_config", {})}
 
 
 def check_tier_can_start(kv_offloading_size, kv_offloading_backend):

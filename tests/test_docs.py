@@ -92,6 +92,19 @@ def test_server_page_table_is_the_shipped_files_table():
     assert costs and tables.server_path_table(costs) in open(os.path.join(ROOT, "docs", "server.md")).read()
 
 
+def test_tiers_page_table_and_readme_figures_are_the_shipped_files():
+    phases, skipped = results.discover_results(os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-tier"))
+    assert not skipped
+    configs = phases["phase2"]
+    table = tables.tier_table(configs).split("\n\n")[0]
+    assert table in open(os.path.join(ROOT, "docs", "tiers.md")).read()
+    ms = lambda a, c: configs[(a, 256)][c]["stats"]["ttft_mean"]
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    assert (f"{ms(8192, 'cache_tier'):.1f} ms at 8k and {ms(65536, 'cache_tier'):.0f} ms at 64k, against "
+            f"{ms(8192, 'cache_hit'):.1f} and {ms(65536, 'cache_hit'):.1f} ms from HBM, {ms(8192, 'cache_cold'):.0f} ms and "
+            f"{ms(65536, 'cache_cold') / 1e3:.2f} s cold") in readme
+
+
 @pytest.mark.parametrize("path", DOCS, ids=lambda path: os.path.relpath(path, ROOT))
 def test_docs_state_facts_not_development_history(path):
     text = open(path).read()

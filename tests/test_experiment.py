@@ -216,16 +216,16 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes_with_a_ti
     build_shape(model, "llama-tiny")
     store.mkdir()
     args = ["--model", model, "--load-format", "dummy", "--sizes", "200x100,255x128", "--processes", "2",
-            "--num-blocks", "3", "--min-block-seconds", "0.2", "--pause-ms", "5", "--max-output-tokens", "5",
+            "--num-blocks", "2", "--min-block-seconds", "0.2", "--pause-ms", "5", "--max-output-tokens", "5",
             "--results-dir", str(out), "--seed", "7", *ENGINE_FLAGS, "--kv-transfer-config", kv_transfer_config(store)]
     proc = run_script(["phase2_experiment.py", *args], env=with_tier_connector(os.environ))
     assert proc.returncode == 0, proc.stderr[-3000:]
     assert "=== engine process 2 of 2 ===" in proc.stdout and "engine process 1 of 2 done after" in proc.stdout
-    # each process sizes its measured rounds from its discarded round's time: 3 blocks of >= 0.2 s, >= 2 rounds each
-    sized = re.findall(r"a round of 2 config\(s\) took ([0-9.]+) s: (\d+) measured rounds in 3 time block", proc.stdout)
+    # each process sizes its measured rounds from its discarded round's time: 2 blocks of >= 0.2 s, >= 2 rounds each
+    sized = re.findall(r"a round of 2 config\(s\) took ([0-9.]+) s: (\d+) measured rounds in 2 time block", proc.stdout)
     assert len(sized) == 2, proc.stdout[-2000:]
     for round_s, rounds in ((float(s), int(r)) for s, r in sized):
-        assert rounds == 3 * max(2, math.ceil(0.2 / round_s)) or abs(round_s - 0.2 / (rounds // 3)) < 0.01
+        assert rounds == 2 * max(2, math.ceil(0.2 / round_s)) or abs(round_s - 0.2 / (rounds // 2)) < 0.01
     rounds = sum(int(r) for _, r in sized)
     assert sorted(os.listdir(out)) == ["results_phase2_a200_b100.json", "results_phase2_a255_b128.json"]
     for name, a, b in (("results_phase2_a200_b100.json", 200, 100), ("results_phase2_a255_b128.json", 255, 128)):
@@ -241,7 +241,7 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes_with_a_ti
         assert r["environment"]["engine_args"]["enable_prefix_caching"] is True
         assert r["environment"]["engine_args"]["disable_log_stats"] is False
         assert r["environment"]["engine_args"]["gpu_memory_utilization"] == 0.5    # vLLM flags pass through
-        assert r["config"]["num_trials"] == rounds and r["interval"]["num_blocks"] == 6
+        assert r["config"]["num_trials"] == rounds and r["interval"]["num_blocks"] == 4
         # one interval over the two processes' means; every trial says which process ran it
         assert r["interval"]["unit"] == "process" and r["interval"]["processes"] == 2
         assert {t["process"] for t in r["cache_hit"]["trials"]} == {0, 1}

@@ -11,7 +11,7 @@ import pytest
 
 import phase1_experiment as p1
 from conftest import ENGINE_FLAGS, kv_transfer_config, run_script
-from prefix_cache_bench import analysis, audit, prometheus, protocol, tiers
+from prefix_cache_bench import analysis, audit, errors, prometheus, protocol, tiers
 from prefix_cache_bench.defaults import CONDITIONS, TIER_CONDITION
 from prefix_cache_bench.engine_api import RequestResult
 
@@ -138,6 +138,10 @@ def test_the_tier_of_a_server_is_read_from_its_flags():
     assert tiers.tier_from_flags(["--kv-offloading-size=8", "--kv-offloading-backend", "lmcache"])["backend"] == "lmcache"
     tier = tiers.tier_from_flags(["--kv-transfer-config", kv_transfer_config("/s")])
     assert tier["connector"] == "SaltedExampleConnector" and tier["extra_config"] == {"shared_storage_path": "/s"}
+    for flags in (["--kv-transfer-config", "{not json"], ["--kv-transfer-config", "[1]"], ["--kv-offloading-size", "many"]):
+        with pytest.raises(errors.ExperimentError) as e:
+            tiers.tier_from_flags(flags)
+        assert e.value.exit_code == errors.EXIT_USAGE
 
 
 # ----------------------------------------------------------------------------- figures
@@ -261,12 +265,12 @@ def test_load_requests_are_split_by_where_their_prefix_came_from():
 
 
 def test_past_hbm_a_working_set_is_served_from_the_tier_and_each_request_says_from_where(tier_server, tmp_path):
-    """Documents of 300 tokens (2 full blocks of 128 cached) against 48 blocks of HBM: 4 fit; 60
-    requests drawn from 64 (each level warms the documents its requests draw, about 39) do not.
+    """Documents of 300 tokens (2 full blocks of 128 cached) against 48 blocks of HBM: 2 fit; 40
+    requests drawn from 64 (each level warms the documents its requests draw, about 30) do not.
     One client, so each request's sources are read from /metrics after it."""
     out = tmp_path / "out"
     proc = run_script(["phase1_experiment.py", "--base-url", tier_server.base_url, "--size-a", "300",
-                       "--num-prefixes", "4,64", "--concurrency", "1", "--num-requests", "60", "--repeats", "1",
+                       "--num-prefixes", "2,64", "--concurrency", "1", "--num-requests", "40", "--repeats", "1",
                        "--max-output-tokens", "4", "--results-dir", str(out)])
     assert proc.returncode == 0, proc.stderr[-3000:]
     r = json.load(open(out / "results_workingset_a300.json"))
