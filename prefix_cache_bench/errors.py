@@ -34,12 +34,23 @@ def usage_error(message):
     raise ExperimentError(message, EXIT_USAGE)
 
 
+_received = []                  # the signal stop_on_signal took, if any
+
+
 def stop_on_signal(signum, frame):
     # once: a second signal (a terminal's Ctrl-C reaches every process of the group, and
     # --processes passes it on too) must not break off the engine's shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    _received.append(signum)
     raise Interrupted(signum)
+
+
+def interruption():
+    """The Interrupted of a signal already taken, or None. Code that cleans up in a `finally` can
+    raise an error of its own while our Interrupted passes through (vLLM 0.32's tokenizer pool
+    then raises UnboundLocalError), so a failure after a signal is told as the signal."""
+    return Interrupted(_received[0]) if _received else None
 
 
 ERROR_LINE = re.compile(rb"\bERROR\b|^\w*(Error|Exception): ")

@@ -12,7 +12,7 @@ import time
 from .engine_api import RequestResult
 from .host import machine_info
 from .defaults import OFFLINE_PHASE, OFFLINE_PROG, QUERY_TOKENS
-from .errors import ERROR_LINE, EXIT_AUDIT, EXIT_SETUP, EXIT_USAGE, ExperimentError, first_line
+from .errors import ERROR_LINE, EXIT_AUDIT, EXIT_SETUP, EXIT_USAGE, ExperimentError, first_line, interruption
 from .prompts import special_prefix_ids
 from .protocol import run_configs, write_results
 from .provenance import device_name, engine_environment
@@ -388,6 +388,8 @@ def run_experiment(opts, engine_args):
     except ExperimentError:
         raise
     except Exception as e:                  # the engine or one of its processes failed
+        if (stopped := interruption()) is not None:
+            raise stopped from e            # ... or a signal's exception was replaced on its way out
         cause = first_error[0] if first_error else f"{type(e).__name__}: {first_line(e)}"
         raise ExperimentError(f"the vLLM engine failed during its {phase}: {cause}")
     finally:

@@ -342,3 +342,24 @@ def test_compute_stats_leaves_cached_tokens_empty_where_the_engine_reports_none(
     trials = [{**_trial(10.0, 100.0), "cached_tokens": None, "throughput_request": {"cached_tokens": None}}]
     s = analysis.compute_stats(trials)
     assert (s["cached_tokens"], s["cached_tokens_max"]) == (None, None)
+
+
+def test_a_failure_that_replaced_a_signal_s_exception_is_told_as_the_signal(monkeypatch):
+    """vLLM 0.32's tokenizer pool puts back a tokenizer in a `finally`; a signal that lands
+    before it has one turns our Interrupted into UnboundLocalError on its way out."""
+    import signal as signals
+    monkeypatch.setattr(errors, "_received", [])
+    monkeypatch.setattr(signals, "signal", lambda *args: None)          # stop_on_signal ignores further signals
+    assert errors.interruption() is None
+
+    def borrow():
+        try:
+            errors.stop_on_signal(signals.SIGINT, None)
+            tok = "a tokenizer"
+        finally:
+            print(tok)                                                  # noqa: F821 (unbound: the point)
+
+    with pytest.raises(UnboundLocalError):
+        borrow()
+    stopped = errors.interruption()
+    assert isinstance(stopped, errors.Interrupted) and stopped.exit_code == 130
