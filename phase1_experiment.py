@@ -227,7 +227,7 @@ def run(opts, vllm_flags, argv):
                 engine, tokenizer, card, unaudited = prepare(client, opts, server.model if server else None,
                                                              opts.replica_urls)
                 if server:
-                    engine.tier_description = tier_from_flags(vllm_flags)
+                    engine.tier_description = tier_from_flags(vllm_flags) or False
                 env = {**server_environment(client, card, server, vllm_flags, engine),
                        **provenance(argv, PROG, __file__)}
                 if opts.load:

@@ -15,13 +15,14 @@ def expected_cached_tokens(condition, warmup_prompt_tokens, cache_block_size):
     return 0
 
 
-def source_problem(condition, request):
+def source_problem(condition, request, tiered=False):
     """Where a request's cached tokens came from, against its condition: an HBM hit must not come
-    from the tier, a tier hit not from HBM. A line, or None. For the tier condition, a request
-    whose sources the engine did not say cannot be told from an HBM hit: that is a problem too."""
+    from the tier, a tier hit not from HBM. A line, or None. In a run with a tier (tiered), a hit
+    whose sources the engine did not say cannot be told from the other kind: a problem too."""
     hbm, tier = request.get("hbm_cached_tokens"), request.get("tier_cached_tokens")
     if hbm is None or tier is None:
-        return "the engine did not say where its cached tokens came from" if condition == TIER_CONDITION else None
+        unknown = tiered and condition in ("cache_hit", TIER_CONDITION) and request.get("cached_tokens")
+        return "the engine did not say where its cached tokens came from" if unknown else None
     if condition == TIER_CONDITION and hbm:
         return f"{hbm} cached tokens came from HBM, which was emptied before it: expected all from the tier"
     if condition != TIER_CONDITION and tier:
@@ -35,6 +36,7 @@ def audit_requests(warm, trials, warmup_ids, block):
     problems = []
     if warm.cached_tokens != 0:
         problems.append(f"warmup [A, B]: cached_tokens={warm.cached_tokens}, expected 0")
+    tiered = any(t["condition"] == TIER_CONDITION for t in trials)
     for t in trials:
         want = expected_cached_tokens(t["condition"], len(warmup_ids), block)
         for kind, request in (("ttft", t), ("throughput", t["throughput_request"])):
@@ -43,8 +45,14 @@ def audit_requests(warm, trials, warmup_ids, block):
                 recomputed = " (the tier's prefix was recomputed)" if t["condition"] == TIER_CONDITION and not got else ""
                 problems.append(f"{t['condition']} trial {t['round']} {kind} request: cached_tokens={got}, "
                                 f"expected {want}{recomputed}")
-            elif (source := source_problem(t["condition"], request)) is not None:
+            elif (source := source_problem(t["condition"], request, tiered)) is not None:
                 problems.append(f"{t['condition']} trial {t['round']} {kind} request: {source}")
+        for k, restore in enumerate(t.get("restore_requests", ())):
+            if restore["hbm_cached_tokens"] or not restore["tier_cached_tokens"] or \
+                    restore["tier_cached_tokens"] != restore["cached_tokens"]:
+                problems.append(f"{t['condition']} trial {t['round']} restore {k}: {restore['hbm_cached_tokens']} "
+                                f"tokens from HBM, {restore['tier_cached_tokens']} from the tier, expected all of "
+                                f"another config's [A, B] from the tier")
     return problems
 
 

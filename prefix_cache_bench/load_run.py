@@ -84,7 +84,7 @@ def source_tracker(client, session, start, wait_s=2.0):
         while True:
             now = source_totals([parse_metrics(await client.get_async(client.base_url + "/metrics", session))])
             found = one_request_sources(state["last"], now, prompt_tokens)
-            if found or time.perf_counter() > deadline:
+            if found or not now or time.perf_counter() > deadline:    # not now: the server publishes none
                 break
             await asyncio.sleep(0.005)
         sources[k], state["last"] = found, now
@@ -288,6 +288,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     block = env["cache_block_size"]
     # read now: after a failure the servers may not answer, and what was measured must still be written
     capacity_tokens = engine.total_kv_capacity_tokens()
+    tier = engine.tier()
     capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
     working_set = len(opts.num_prefixes) > 1
@@ -340,7 +341,7 @@ def run_load(engine, tokenizer, opts, env, unaudited):
         "failure": failure,
         "cache_audit": {"ok": None if unaudited else not problems, "problems": problems,
                         "requests_checked": len(requests), **({"unaudited": unaudited} if unaudited else {})},
-        "environment": {**env, "tier": engine.tier()},
+        "environment": {**env, "tier": tier},
     }
 
 

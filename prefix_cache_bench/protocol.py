@@ -18,7 +18,7 @@ from .engine_api import BREAKDOWN_PARTS
 from .errors import EXIT_AUDIT, ExperimentError
 from .prompts import ConfigPrompts
 from .results import results_path, write_result
-from .tiers import TierRequest
+from .tiers import TierRequest, empty_hbm
 
 
 def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, max_output_tokens=MAX_OUTPUT_TOKENS):
@@ -157,6 +157,8 @@ def run_configs(engine, tokenizer, opts, env):
     # The run starts from an empty cache (or, on a server, a namespace of its own): nothing from before can hit.
     if not engine.reset_prefix_cache():
         raise ExperimentError("resetting the prefix cache failed: the cache could not be emptied")
+    if tier:                                # the tier condition's reset, tried before any warmup: fails now or never
+        empty_hbm(engine)
     counters_before = engine.counters()
     clock, run_started_unix_s = time.perf_counter(), time.time()
     warms = [warm_cache(engine.request, c.warmup_ids, opts.pause_ms / 1e3, hit_salt) for c in configs]   # 3

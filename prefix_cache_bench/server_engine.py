@@ -46,7 +46,7 @@ class ServerEngine:
         # /metrics would need connections of their own between timed requests)
         self.times_after_last = None
         self.request_times_readable = self.metrics_urls == [client.base_url]
-        self.tier_description = None        # the server's second cache tier (tier()), where known
+        self.tier_description = None        # the server's second cache tier (tier()); False: it has none
 
     def server_engines(self):
         """[[(name, parsed /metrics)] of each engine of a server] for every server behind the
@@ -148,8 +148,9 @@ class ServerEngine:
         starts it; for a server reached by --base-url, a KV connector that has been asked for prefixes
         (vllm:external_prefix_cache_queries grew: the audit probe asks it), with
         vllm:cache_config_info's kv_offloading_size where that is the native tier."""
-        if self.tier_description is None and len(self.metrics_urls) == 1:
-            counters = self.counters() or {}
+        if self.tier_description is None:           # asked once: a server that died later is not asked again
+            self.tier_description = False
+            counters = (self.counters() or {}) if len(self.metrics_urls) == 1 else {}
             if counters.get("external_prefix_cache_queries"):
                 labels = next(iter(self.cache_configs().values()), {})
                 size = labels.get("kv_offloading_size")
@@ -157,7 +158,7 @@ class ServerEngine:
                 self.tier_description = {"connector": "OffloadingConnector" if native else "a KV connector",
                                          "backend": labels.get("kv_offloading_backend") if native else None,
                                          "size_gib": float(size) if native else None, "extra_config": {}}
-        return self.tier_description
+        return self.tier_description or None
 
     def counters(self):
         if not self.audited:

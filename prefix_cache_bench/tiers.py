@@ -9,8 +9,6 @@ import time
 from .defaults import HBM_RESET_TIMEOUT_S, TIER_CONDITION
 from .errors import EXIT_USAGE, ExperimentError
 
-# vLLM's flags that give an engine a tier (vllm serve and EngineArgs alike)
-TIER_FLAGS = ("--kv-offloading-size", "--kv-offloading-backend", "--kv-transfer-config")
 # OffloadingConnectorStats' counters (vLLM 0.26): bytes and seconds of the tier -> HBM copies
 LOAD_BYTES, LOAD_TIME_S = "vllm:kv_offload_load_bytes", "vllm:kv_offload_load_time"
 
@@ -51,8 +49,9 @@ def tier_from_flags(vllm_flags):
                               EXIT_USAGE)
     if not isinstance(extra, dict):
         raise ExperimentError(f"--kv-transfer-config must be a JSON object, got {config!r}", EXIT_USAGE)
-    return {"connector": extra.get("kv_connector") or "OffloadingConnector",
-            "backend": (flag_value(vllm_flags, "--kv-offloading-backend") or "native") if size else "--kv-transfer-config",
+    backend = (flag_value(vllm_flags, "--kv-offloading-backend") or "native") if size else None
+    return {"connector": extra.get("kv_connector") or {"native": "OffloadingConnector", "lmcache": "LMCache"}.get(backend),
+            "backend": backend or "--kv-transfer-config",
             "size_gib": size_gib, "extra_config": extra.get("kv_connector_extra_config", {})}
 
 

@@ -62,8 +62,24 @@ def test_a_request_that_broke_its_tier_is_a_problem(t, problem):
     assert len(problems) == 2 and all(problem in p for p in problems), problems     # its ttft and throughput requests
 
 
-def test_a_hit_whose_sources_the_engine_did_not_say_is_audited_by_its_count_alone():
+def test_a_hit_whose_sources_the_engine_did_not_say_is_audited_by_its_count_alone_without_a_tier():
     assert audit.audit_requests(WARM, [trial("cache_hit", 256, None, None)], WARMUP_IDS, BLOCK) == []
+    # with a tier it cannot be told from a tier hit
+    problems = audit.audit_requests(WARM, [trial("cache_hit", 256, None, None), trial("cache_tier", 256, 0, 256)],
+                                    WARMUP_IDS, BLOCK)
+    assert problems == [f"cache_hit trial 0 {kind} request: the engine did not say where its cached tokens came from"
+                        for kind in ("ttft", "throughput")]
+
+
+def test_a_restore_that_did_not_come_from_the_tier_is_a_problem():
+    good = {"cached_tokens": 128, "hbm_cached_tokens": 0, "tier_cached_tokens": 128}
+    for restore, ok in ((good, True), ({**good, "cached_tokens": 0, "tier_cached_tokens": 0}, False),
+                        ({**good, "hbm_cached_tokens": 128, "tier_cached_tokens": 0}, False),
+                        ({**good, "hbm_cached_tokens": None, "tier_cached_tokens": None}, False)):
+        t = {**trial("cache_tier", 256, 0, 256), "restore_requests": [restore]}
+        problems = audit.audit_requests(WARM, [t], WARMUP_IDS, BLOCK)
+        assert (problems == []) == ok, problems
+        assert ok or problems[0].startswith("cache_tier trial 0 restore 0: ")
 
 
 def test_the_tier_counter_must_grow_by_the_tokens_the_requests_took_from_the_tier():
