@@ -170,11 +170,7 @@ def build_parser():
 
 def api_server_count(vllm_flags):
     """The value of vLLM's --api-server-count (or -asc) among the flags, as given; None if absent."""
-    for k, flag in enumerate(vllm_flags):
-        name, _, value = flag.partition("=")
-        if name.replace("_", "-") in ("--api-server-count", "-asc"):
-            return value or (vllm_flags[k + 1] if k + 1 < len(vllm_flags) else "")
-    return None
+    return flag_value(vllm_flags, "--api-server-count", "-asc")
 
 
 def parse_args(argv):

@@ -307,7 +307,6 @@ def environment_info(llm, engine_args, engine_start_s):
         "engine_args": json.loads(json.dumps(engine, default=str)),
         "env_vars": engine_environment(os.environ),
         "engine_start_s": engine_start_s,
-        "tier": describe_tier(llm.llm_engine.vllm_config),     # a second cache tier, or None
     }
 
 

@@ -26,13 +26,13 @@ def describe_tier(vllm_config):
             "extra_config": json.loads(json.dumps(transfer.kv_connector_extra_config or {}, default=str))}
 
 
-def flag_value(flags, name):
-    """The value of --name in a flag list (--name VALUE or --name=VALUE), or None."""
+def flag_value(flags, *names):
+    """The value of a vLLM flag in a flag list, under any of its names (--name VALUE or
+    --name=VALUE; vLLM takes _ for -): as given, "" where the flag ends the list, None if absent."""
     for k, flag in enumerate(flags):
-        if flag == name and k + 1 < len(flags):
-            return flags[k + 1]
-        if flag.startswith(name + "="):
-            return flag.split("=", 1)[1]
+        name, _, value = flag.partition("=")
+        if name.replace("_", "-") in names:
+            return value or (flags[k + 1] if k + 1 < len(flags) else "")
     return None
 
 
