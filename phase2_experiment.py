@@ -38,8 +38,9 @@ import sys
 # values, with why, are in prefix_cache_bench/defaults.py; command-line flags override them.
 from prefix_cache_bench.defaults import (CONTEXT_SIZE_A, CONTEXT_SIZE_B, MAX_OUTPUT_TOKENS, MODEL_NAME,  # noqa: F401
                                          NUM_TRIALS, SEED, WARMUP_TOKENS, WARMUP_TRIALS)
-from prefix_cache_bench.defaults import OFFLINE_PROG as PROG
-from prefix_cache_bench.cli import check_model_folder, check_run_flags, experiment_parser, resolve_run_shape
+from prefix_cache_bench.defaults import OFFLINE_PROG as PROG, PROFILED_REQUESTS
+from prefix_cache_bench.cli import (check_model_folder, check_run_flags, experiment_parser, non_negative_int,
+                                    resolve_run_shape)
 from prefix_cache_bench.errors import ExperimentError, Interrupted, first_line, stop_on_signal, usage_error
 from prefix_cache_bench.offline import check_model_fits, keep_multicast_off, restore_output, run_experiment
 from prefix_cache_bench.processes import run_processes
@@ -51,6 +52,10 @@ def parse_args(argv):
     """Our flags first (checked before vLLM is imported), then the rest through vLLM's own
     parser into EngineArgs. Returns (opts, engine_args)."""
     ours = experiment_parser()
+    ours.add_argument("--profiled-requests", type=non_negative_int, default=PROFILED_REQUESTS,
+                      help="after the measured rounds, this many requests of each condition and config, each "
+                           "timed on the GPU's own clock (a profiler window: never inside the measured rounds; "
+                           "CUDA only; 0: none; default %(default)s)")
     opts, engine_argv = ours.parse_known_args(argv)
     check_run_flags(opts)
     if opts.block_order and (opts.processes or 1) > 1:

@@ -354,12 +354,13 @@ def load_outputs(path, data, out_dir):
 
 
 ANATOMY_COLORS = ("#999999", "#f0a030", "#d04040", "#3070c0")
+GPU_BUSY_COLOR = "#103070"
 
 
 def plot_anatomy(configs, phase_label, outfile):
-    """Stacked bars: each config's conditions, their mean TTFT split into the breakdown's parts,
-    the GPU's floor for that prefill marked on the bar. Returns the Figure, or None where no
-    file carries the breakdown."""
+    """Stacked bars: each config's conditions, their mean TTFT split into the breakdown's parts
+    (the prefill step's GPU-busy part darker, where the file has it), the GPU's floor for that
+    prefill marked on the bar. Returns the Figure, or None where no file carries the breakdown."""
     rows = anatomy_rows(configs)
     if not rows:
         return None
@@ -371,14 +372,19 @@ def plot_anatomy(configs, phase_label, outfile):
     x = np.arange(len(rows))
     bottom = np.zeros(len(rows))
     for (key, label), color in zip(BREAKDOWN_PARTS, ANATOMY_COLORS):
-        heights = np.array([stats["ttft_breakdown_mean_ms"][key] for _, _, stats, _ in rows])
+        heights = np.array([stats["ttft_breakdown_mean_ms"][key] for _, _, stats, _, _ in rows])
         ax.bar(x, heights, 0.7, bottom=bottom, color=color, label=label)
         bottom += heights
-    floors = [(i, floor["floor_ms"]) for i, (_, _, _, floor) in enumerate(rows) if floor]
+    busy = np.array([split[0] if split else 0.0 for *_, split in rows])
+    if busy.any():                          # drawn over the prefill step, from its bottom
+        step_bottom = bottom - np.array([stats["ttft_breakdown_mean_ms"]["prefill_step_ms"] for _, _, stats, _, _ in rows])
+        ax.bar(x, busy, 0.4, bottom=step_bottom, color=GPU_BUSY_COLOR,
+               label="of the prefill step: GPU busy (profiled)")
+    floors = [(i, floor["floor_ms"]) for i, (_, _, _, floor, _) in enumerate(rows) if floor]
     if floors:
         ax.scatter([i for i, _ in floors], [ms for _, ms in floors], marker="_", s=900, color="black", zorder=3,
                    label="GPU floor (bytes at HBM bandwidth, or FLOPs at peak)")
-    ax.set_xticks(x, [f"{label}\n{condition.removeprefix('cache_')}" for label, condition, _, _ in rows],
+    ax.set_xticks(x, [f"{label}\n{condition.removeprefix('cache_')}" for label, condition, *_ in rows],
                   fontsize=7, rotation=0)
     ax.set_ylabel("mean TTFT (ms), split where it goes")
     if bottom.max() / max(bottom.min(), 1e-9) > 20:

@@ -25,6 +25,7 @@ def checked(cast, ok, what):
 
 
 positive_int = checked(int, lambda v: v > 0, "a positive integer")
+non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 
 
 def size_list(text):
@@ -63,7 +64,7 @@ def experiment_parser():
     g.add_argument("--min-block-seconds", type=checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),
                    help=f"each block lasts at least this long (default {MIN_BLOCK_SECONDS:g}; "
                         f"{ONE_PROCESS_MIN_BLOCK_SECONDS:g} with one process)")
-    g.add_argument("--warmup-trials", type=checked(int, lambda v: v >= 0, "an integer >= 0"),
+    g.add_argument("--warmup-trials", type=non_negative_int,
                    default=WARMUP_TRIALS, help="discarded rounds first (default %(default)s)")
     g.add_argument("--max-output-tokens", type=positive_int, default=MAX_OUTPUT_TOKENS)
     g.add_argument("--pause-ms", type=checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0"),

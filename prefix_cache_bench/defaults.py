@@ -36,6 +36,11 @@ PAUSE_MS = 0
 RESULTS_DIR = "results"
 SEED = 0
 
+# Requests of each condition and config in the GPU-busy segment after the measured rounds (per
+# engine process; gpu_busy.py). The GPU's work for one prompt varies little, so a few suffice;
+# each costs a profiler window (tens of ms of host work), outside the measured rounds.
+PROFILED_REQUESTS = 3
+
 # what the results and messages call the offline experiment
 OFFLINE_PROG = "phase2_experiment.py"
 OFFLINE_PHASE = "phase2_python_api"

@@ -107,3 +107,9 @@ class Engine(Protocol):
 
     def kv_capacity(self) -> Optional[tuple]:
         """(KV blocks, tokens a block) that any one request can count on, or None."""
+
+    def gpu_busy_unavailable(self) -> Optional[str]:
+        """Why this engine cannot time a request's GPU work on the GPU's clock (gpu_busy), or None where it can."""
+
+    def gpu_busy_request(self, prompt_ids, max_tokens, cache_salt=None) -> tuple:
+        """request() inside a GPU-busy window: (RequestResult, {gpu_busy_ms, gpu_span_ms, device_activities})."""

@@ -10,6 +10,7 @@ import threading
 import time
 
 from .engine_api import RequestResult
+from .gpu_busy import NOT_ON_THIS_ENGINE, WORKER_EXTENSION
 from .host import machine_info
 from .defaults import OFFLINE_PHASE, OFFLINE_PROG, QUERY_TOKENS
 from .errors import ERROR_LINE, EXIT_AUDIT, EXIT_SETUP, EXIT_USAGE, ExperimentError, first_line, interruption
@@ -84,6 +85,28 @@ class OfflineEngine:
         """(KV blocks, tokens a block), or None if the engine does not say."""
         cc = self.llm.llm_engine.vllm_config.cache_config
         return (cc.num_gpu_blocks, cc.block_size) if cc.num_gpu_blocks else None
+
+    def gpu_busy_unavailable(self):
+        """Why this engine cannot time a request's GPU work (gpu_busy.GpuBusyWorker on a CUDA
+        worker), or None where it can. Opens and closes one empty window to find out, so that the
+        profiler's start-up is in no request's window."""
+        if self.llm.llm_engine.vllm_config.parallel_config.worker_extension_cls != WORKER_EXTENSION:
+            return NOT_ON_THIS_ENGINE
+        opened = self.llm.collective_rpc("pcb_gpu_busy_start")
+        self.llm.collective_rpc("pcb_gpu_busy_stop")
+        if all(answer is True for answer in opened):
+            return None
+        why = [answer for answer in opened if isinstance(answer, str)]
+        return f"the profiler did not start: {why[0]}" if why else NOT_ON_THIS_ENGINE
+
+    def gpu_busy_request(self, prompt_ids, max_tokens, cache_salt=None):
+        """One request inside a GPU-busy window on every worker; the first worker's (rank 0) activity."""
+        self.llm.collective_rpc("pcb_gpu_busy_start")
+        try:
+            result = self.request(prompt_ids, max_tokens, cache_salt)
+        finally:
+            activity = self.llm.collective_rpc("pcb_gpu_busy_stop")
+        return result, activity[0]
 
 
 def prefix_cache_counters(llm):
@@ -377,6 +400,8 @@ def run_experiment(opts, engine_args):
     stop_watch = watch_engine(first_error)
     llm, phase = None, "start"
     try:
+        if opts.profiled_requests and not engine_args.worker_extension_cls:
+            engine_args.worker_extension_cls = WORKER_EXTENSION     # the GPU-busy segment's window
         t0 = time.perf_counter()
         llm = LLM.from_engine_args(engine_args)
         engine_start_s = time.perf_counter() - t0

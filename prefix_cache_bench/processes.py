@@ -18,6 +18,7 @@ from .analysis import compare, compute_stats, interval_method, reproducibility
 from .audit import sum_counters
 from .defaults import CONDITIONS, OFFLINE_PROG, TIER_CONDITION
 from .errors import EXIT_AUDIT, EXIT_SETUP, Interrupted
+from .gpu_busy import merge_segments
 from .protocol import write_results
 from .results import note_existing_results
 
@@ -127,6 +128,7 @@ def merge_processes(results, order_offsets, opts, run_wall_s):
     merged["warmup_time_ms_per_process"] = [r["warmup_time_ms"] for r in results]
     overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for t in measured if t["engine_ttft_ms"] is not None]
     merged["harness_overhead_ms"] = float(np.median(overheads)) if overheads else None
+    merged["gpu_busy"] = merge_segments([r.get("gpu_busy") for r in results])
     audits = [r["cache_audit"] for r in results]
     merged["cache_audit"] = {
         "ok": all(a["ok"] for a in audits),

@@ -16,6 +16,7 @@ from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, OFFL
                        ROUND_ORDERS, TIER_CONDITION, TIER_ROUND_ORDERS, WARMUP_TOKENS)
 from .engine_api import BREAKDOWN_PARTS
 from .errors import EXIT_AUDIT, ExperimentError
+from .gpu_busy import profiled_segment, segment_summary, step_split
 from .prompts import ConfigPrompts
 from .results import results_path, write_result
 from .tiers import TierRequest, empty_hbm
@@ -136,6 +137,17 @@ def flush_engine_stats(request, prompt_ids):
     return request(prompt_ids, 2, f"flush-{uuid.uuid4().hex}")
 
 
+def gpu_busy_segments(engine, configs, conditions, opts, first_round, block, hit_salt):
+    """The GPU-busy segment after the measured rounds (gpu_busy.profiled_segment), where asked
+    for (--profiled-requests) and the engine can: per config, (its "gpu_busy", its problems)."""
+    count = getattr(opts, "profiled_requests", 0)
+    why = engine.gpu_busy_unavailable() if count or engine.shared else "--profiled-requests 0"
+    if why:
+        return [({"not_measured": why}, []) for _ in configs]
+    out = profiled_segment(engine, configs, conditions, count, first_round, block, hit_salt, opts.pause_ms / 1e3)
+    return [(segment_summary(records, count), problems) for records, problems in out]
+
+
 def run_configs(engine, tokenizer, opts, env):
     """Steps 2-6 for every (A, B) config on a loaded engine (OfflineEngine, or phase 1's
     server), all configs interleaved in one run. Returns the result dicts, in the order of
@@ -193,13 +205,15 @@ def run_configs(engine, tokenizer, opts, env):
     engine_counters, run_problems = audit_counters(
         [req for warm, own in zip(warms, per_config) for req in requests_of(warm, own)],
         flush, counters_before, engine.counters(), engine.shared)
+    segments = gpu_busy_segments(engine, configs, conditions, opts, opts.warmup_trials + num_rounds, block,
+                                 hit_salt)
 
     results = []
-    for c, warm, own in zip(configs, warms, per_config):
+    for c, warm, own, (segment, segment_problems) in zip(configs, warms, per_config, segments):
         for t in own:
             del t["config"]                 # one file per config
-        cache_audit = audit_report(audit_requests(warm, own, c.warmup_ids, block) + run_problems, warm, own,
-                                   c.warmup_ids, block, engine_counters)
+        cache_audit = audit_report(audit_requests(warm, own, c.warmup_ids, block) + run_problems + segment_problems,
+                                   warm, own, c.warmup_ids, block, engine_counters)
         stats, comparison, stability, method = summarize(own, opts, plan)                         # 6
         overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for t in own if t["round"] >= opts.warmup_trials
                      and t["engine_ttft_ms"] is not None]
@@ -236,6 +250,7 @@ def run_configs(engine, tokenizer, opts, env):
             "harness_overhead_ms": float(np.median(overheads)) if overheads else None,
             **({TIER_CONDITION: stats[TIER_CONDITION], **{key: comparison[key] for key in comparison if
                                                          key.startswith("tier_")}} if tier else {}),
+            "gpu_busy": segment,
             "cache_audit": cache_audit,
             "warmup_prompt_tokens": len(c.warmup_ids),
             "environment": {**env, "tier": tier,
@@ -306,9 +321,15 @@ def print_breakdown(result):
     means = {c: result[c]["stats"].get("ttft_breakdown_mean_ms") for c in result_conditions(result)}
     if None in means.values():
         return
-    print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>18}" for _, label in BREAKDOWN_PARTS))
+    splits = {c: step_split(result[c]["stats"], result.get("gpu_busy"), c) for c in means}
+    split_labels = ("step: GPU busy", "step: the rest") if any(splits.values()) else ()
+    print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>18}" for label in
+                                                          [label for _, label in BREAKDOWN_PARTS] + list(split_labels)))
     for c in means:
-        print(f"  {c:<30} " + " ".join(f"{means[c][key]:>18.2f}" for key, _ in BREAKDOWN_PARTS))
+        split_cells = [f"{ms:>18.2f}" for ms in splits[c]] if splits[c] else [f"{'-':>18}"] * len(split_labels)
+        print(f"  {c:<30} " + " ".join([f"{means[c][key]:>18.2f}" for key, _ in BREAKDOWN_PARTS] + split_cells))
+    if split_labels:
+        print("  (the prefill step split by the GPU-busy time of the profiled requests after the rounds, on the GPU's clock)")
 
 
 def result_conditions(result):

@@ -23,6 +23,10 @@ from .prometheus import (REQUEST_TIME_HISTOGRAMS, REQUEST_TOKEN_HISTOGRAMS, cach
 from .prompts import special_prefix_ids
 from .provenance import device_name, engine_environment, installed_version
 
+# Why a server's run has no GPU-busy segment (gpu_busy.py): vLLM's profiler writes its traces on the
+# server's own disk, which a client may not reach
+GPU_BUSY_NOT_THROUGH_A_SERVER = "not measured through a server (the GPU's clock is read offline only: phase 2)"
+
 
 class ServerEngine:
     """A vLLM server as protocol.run_configs drives an engine: request, counters,
@@ -172,6 +176,9 @@ class ServerEngine:
         if not layouts or None in layouts:
             return None
         return min(layouts)
+
+    def gpu_busy_unavailable(self):
+        return GPU_BUSY_NOT_THROUGH_A_SERVER
 
     def total_kv_capacity_tokens(self):
         """KV capacity in tokens of all engines together, or None if one does not say."""

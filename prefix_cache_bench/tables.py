@@ -10,6 +10,7 @@ from .analysis import unit_means
 from .defaults import REMOTE_DEVICE
 from .engine_api import BREAKDOWN_PARTS
 from .intervals import agree, mean_ci95
+from .gpu_busy import step_split
 from .prefill_fit import condition_floor
 from .provenance import describe_provenance, devices_label
 from .results import discover_results
@@ -291,25 +292,31 @@ def across_runs(savings):
 
 
 def anatomy_rows(configs):
-    """[(config label, condition, stats, floor or None)] of every condition whose file carries the
-    TTFT breakdown, in config order."""
-    return [(f"A={a} / B={b}", c, data[c]["stats"], condition_floor(data, c))
+    """[(config label, condition, stats, floor or None, (GPU busy, step's rest) or None)] of every
+    condition whose file carries the TTFT breakdown, in config order."""
+    return [(f"A={a} / B={b}", c, data[c]["stats"], condition_floor(data, c), step_split(data[c]["stats"], data.get("gpu_busy"), c))
             for (a, b), data in sorted(configs.items()) for c in conditions_present({(a, b): data})
             if data[c]["stats"].get("ttft_breakdown_mean_ms")]
 
 
 def anatomy_table(configs):
     """Markdown: where each condition's mean TTFT goes, and the GPU's floor for that prefill
-    (prefill_fit.gpu_floor), with the TTFT as a multiple of it. None where no file has the breakdown."""
+    (prefill_fit.gpu_floor), with the TTFT as a multiple of it. Where the file has the GPU-busy
+    segment (gpu_busy), the prefill step's GPU-busy part and the share of the TTFT that is not
+    GPU work. None where no file has the breakdown."""
     rows = anatomy_rows(configs)
     if not rows:
         return None
-    lines = ["| config | condition | TTFT ms | " + " | ".join(label for _, label in BREAKDOWN_PARTS) +
-             " | GPU floor ms | TTFT / floor |", "|---|---|" + "---:|" * (len(BREAKDOWN_PARTS) + 3)]
-    for label, condition, stats, floor in rows:
+    busy_columns = any(split for *_, split in rows)
+    extra = ["step: GPU busy", "not GPU work"] if busy_columns else []
+    lines = ["| config | condition | TTFT ms | " + " | ".join([label for _, label in BREAKDOWN_PARTS] + extra) +
+             " | GPU floor ms | TTFT / floor |", "|---|---|" + "---:|" * (len(BREAKDOWN_PARTS) + len(extra) + 3)]
+    for label, condition, stats, floor, split in rows:
         parts = stats["ttft_breakdown_mean_ms"]
         floor_cells = (f"{floor['floor_ms']:.2f} ({floor['bound']}) | {stats['ttft_mean'] / floor['floor_ms']:.1f}x"
                        if floor else "- | -")
+        busy_cells = ([f"{split[0]:.2f}", f"{100 * (1 - split[0] / stats['ttft_mean']):.0f}%"] if split else ["-", "-"]) \
+            if busy_columns else []
         lines.append(f"| {label} | {condition.removeprefix('cache_')} | {stats['ttft_mean']:.2f} | " +
-                     " | ".join(f"{parts[key]:.2f}" for key, _ in BREAKDOWN_PARTS) + f" | {floor_cells} |")
+                     " | ".join([f"{parts[key]:.2f}" for key, _ in BREAKDOWN_PARTS] + busy_cells) + f" | {floor_cells} |")
     return "\n".join(lines)

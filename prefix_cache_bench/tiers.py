@@ -96,15 +96,16 @@ class TierRequest:
     so the request must find [A, B] in the tier; then every other config's [A, B] is requested
     once more (untimed, each a tier hit), so that HBM holds what the other conditions expect.
     Config k's own [A, B] is back in HBM by the request itself. The untimed requests are kept
-    (restores) for the audit."""
+    (restores) for the audit. send: what sends the request itself (default engine.request)."""
 
-    def __init__(self, engine, configs, k, hit_salt):
+    def __init__(self, engine, configs, k, hit_salt, send=None):
         self.engine, self.others, self.hit_salt = engine, [c for j, c in enumerate(configs) if j != k], hit_salt
+        self.send = send or engine.request
         self.restores = []
 
     def __call__(self, prompt_ids, max_tokens, cache_salt=None):
         empty_hbm(self.engine)
-        result = self.engine.request(prompt_ids, max_tokens, cache_salt)
+        result = self.send(prompt_ids, max_tokens, cache_salt)
         for c in self.others:
             self.restores.append(self.engine.request(c.warmup_ids, 1, self.hit_salt).as_json())
         return result

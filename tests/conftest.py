@@ -97,8 +97,10 @@ def tiny_tokenizer(tiny_model_dir):
 def llm(tiny_model_dir):
     """The real engine: prefix caching on, engine stats on (RequestOutput.metrics)."""
     from vllm import LLM
+    from prefix_cache_bench.gpu_busy import WORKER_EXTENSION
     engine = LLM(model=tiny_model_dir, enable_prefix_caching=True, disable_log_stats=False, seed=0,
-                 max_model_len=2048, gpu_memory_utilization=CPU_MEMORY_UTILIZATION, enforce_eager=True)
+                 max_model_len=2048, gpu_memory_utilization=CPU_MEMORY_UTILIZATION, enforce_eager=True,
+                 worker_extension_cls=WORKER_EXTENSION)         # as phase2_experiment.py starts it
     yield engine
     engine.llm_engine.engine_core.shutdown()
 

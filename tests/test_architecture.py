@@ -15,7 +15,7 @@ PACKAGE = os.path.join(ROOT, "prefix_cache_bench")
 LAYERS = {
     0: ("errors", "defaults", "engine_api", "prometheus", "host"),
     1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers", "tiers"),
-    2: ("analysis", "load_workload", "server_engine", "prefill_fit"),
+    2: ("analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit"),
     3: ("protocol", "tables"),
     4: ("offline", "processes", "load_run", "load_tables"),
     5: ("charts",),

@@ -17,7 +17,7 @@ import pytest
 from conftest import (ENGINE_FLAGS, ROOT, kv_transfer_config, run_script, session_processes, start_script, wait_for_line,
                       with_tier_connector)
 from test_known_answers import T3, fieller
-from prefix_cache_bench import audit, defaults, offline, protocol, provenance
+from prefix_cache_bench import audit, defaults, gpu_busy, offline, protocol, provenance
 
 
 SEED_TOP_KEYS = ("phase", "model", "timestamp", "config", "warmup_time_ms", "cache_hit", "cache_miss",
@@ -241,6 +241,9 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes_with_a_ti
         assert r["environment"]["engine_args"]["enable_prefix_caching"] is True
         assert r["environment"]["engine_args"]["disable_log_stats"] is False
         assert r["environment"]["engine_args"]["gpu_memory_utilization"] == 0.5    # vLLM flags pass through
+        # the GPU-busy segment's worker extension ran in both engines, and said there is no CUDA device here
+        assert r["environment"]["engine_args"]["worker_extension_cls"] == gpu_busy.WORKER_EXTENSION
+        assert r["gpu_busy"] == {"not_measured": gpu_busy.NOT_ON_THIS_ENGINE}
         assert r["config"]["num_trials"] == rounds and r["interval"]["num_blocks"] == 4
         # one interval over the two processes' means; every trial says which process ran it
         assert r["interval"]["unit"] == "process" and r["interval"]["processes"] == 2

@@ -127,6 +127,7 @@ def test_the_json_has_the_design_keys_and_what_the_server_path_adds(server_run):
     _, r, _ = server_run
     assert all(k in r for k in SEED_TOP_KEYS) and all(k in r["config"] for k in SEED_CONFIG_KEYS)
     assert r["phase"] == "phase1_server_api" and r["model"].endswith("tiny-opt")
+    assert r["gpu_busy"] == {"not_measured": server_engine.GPU_BUSY_NOT_THROUGH_A_SERVER}        # offline only, and said so
     for c in defaults.CONDITIONS:
         stats = r[c]["stats"]
         assert all(k in stats for k in SEED_STATS_KEYS)

@@ -1,0 +1,166 @@
+"""How much of a prefill step the GPU is busy, on the GPU's own clock: a profiled segment of its
+own after the measured rounds (profiling perturbs a request's timing, so it never runs inside
+them). A vLLM worker extension (GpuBusyWorker, --worker-extension-cls) opens a torch profiler
+window on the worker around one request, tracing only the device's activities (CUPTI: kernels,
+copies, memsets, each as the GPU timed it); their union is the request's GPU-busy time. The
+measured rounds' prefill step (scheduled to first token) minus it is what the step spent
+waiting on the host. Imports neither vLLM nor torch at module level: the worker imports torch.
+"""
+import time
+
+import numpy as np
+
+from .audit import expected_cached_tokens, source_problem
+from .defaults import TIER_CONDITION
+from .tiers import TierRequest
+
+# The qualified name vLLM resolves in its worker processes (ParallelConfig.worker_extension_cls)
+WORKER_EXTENSION = "prefix_cache_bench.gpu_busy.GpuBusyWorker"
+
+# What a result says of a segment it did not measure, by reason
+NOT_ON_THIS_ENGINE = "the engine runs on no CUDA device, or without this tool's worker extension"
+
+METHOD = ("after the measured rounds, each request alone inside a torch profiler window on the worker that "
+          "traces only the GPU's activities (CUPTI); GPU busy = the union of their [start, end] on the GPU's "
+          "clock, span = first start to last end; requests whose cached tokens broke their condition are left out")
+
+
+def device_busy_ms(spans_ns):
+    """(busy ms, span ms) of device activities [(start_ns, end_ns)]: busy is the length of their
+    union (activities on streams that overlap count once), span from the first start to the
+    last end. (0.0, 0.0) where there are none."""
+    busy_ns, current = 0, None
+    for start, end in sorted(spans_ns):
+        if current is None or start > current[1]:
+            if current is not None:
+                busy_ns += current[1] - current[0]
+            current = [start, end]
+        else:
+            current[1] = max(current[1], end)
+    if current is None:
+        return 0.0, 0.0
+    busy_ns += current[1] - current[0]
+    return busy_ns / 1e6, (max(end for _, end in spans_ns) - min(start for start, _ in spans_ns)) / 1e6
+
+
+class GpuBusyWorker:
+    """Mixed into vLLM's worker (worker_extension_cls); called through LLM.collective_rpc. The
+    profiler traces the device only (no CPU ops recorded): the host work it adds is CUPTI's
+    callbacks, and it never runs inside a measured round."""
+
+    def pcb_gpu_busy_start(self):
+        """Open the window: True, False where the worker has no CUDA device (nothing to trace),
+        or why the profiler could not start (a line)."""
+        import torch
+
+        self.pcb_profiler = None
+        if not torch.cuda.is_available():
+            return False
+        try:
+            from torch.profiler import ProfilerActivity, profile
+            torch.cuda.synchronize()
+            self.pcb_profiler = profile(activities=[ProfilerActivity.CUDA])
+            self.pcb_profiler.start()
+        except Exception as e:              # no CUPTI, a profiler already running: the run goes on without
+            self.pcb_profiler = None
+            return f"{type(e).__name__}: {e}".splitlines()[0]
+        return True
+
+    def pcb_gpu_busy_stop(self):
+        """Close the window: {gpu_busy_ms, gpu_span_ms, device_activities}, {"error": why}, or None
+        where none was open."""
+        import torch
+
+        profiler, self.pcb_profiler = getattr(self, "pcb_profiler", None), None
+        if profiler is None:
+            return None
+        try:
+            from torch.autograd import DeviceType
+            torch.cuda.synchronize()
+            profiler.stop()
+            spans = [(e.start_ns(), e.end_ns()) for e in profiler.profiler.kineto_results.events()
+                     if e.device_type() == DeviceType.CUDA]
+        except Exception as e:
+            return {"gpu_busy_ms": None, "error": f"{type(e).__name__}: {e}".splitlines()[0]}
+        busy_ms, span_ms = device_busy_ms(spans)
+        return {"gpu_busy_ms": busy_ms, "gpu_span_ms": span_ms, "device_activities": len(spans)}
+
+
+class ProfiledRequest:
+    """engine.gpu_busy_request as a request function (what TierRequest and run_trial call); keeps
+    the last request's device activity."""
+
+    def __init__(self, engine):
+        self.engine, self.activity = engine, None
+
+    def __call__(self, prompt_ids, max_tokens, cache_salt=None):
+        result, self.activity = self.engine.gpu_busy_request(prompt_ids, max_tokens, cache_salt)
+        return result
+
+
+def profiled_segment(engine, configs, conditions, count, first_round, block, hit_salt, pause_s):
+    """count TTFT requests of every config's every condition, each alone in a GPU-busy window,
+    in rounds after the measured ones (first_round on: fresh queries). The cache holds what the
+    rounds left, so each condition's request finds what it promises; the audit's expectation is
+    checked on each. Returns, per config, (records, problems)."""
+    out = [([], []) for _ in configs]
+    for r in range(first_round, first_round + count):
+        for k, c in enumerate(configs):
+            for condition in conditions:
+                (prompt_ids, salt), _ = c.trial_prompts(condition, r)
+                profiled = ProfiledRequest(engine)
+                request = TierRequest(engine, configs, k, hit_salt, send=profiled) if condition == TIER_CONDITION \
+                    else profiled
+                result = request(prompt_ids, 1, salt)
+                time.sleep(pause_s)
+                want = expected_cached_tokens(condition, len(c.warmup_ids), block)
+                records, problems = out[k]
+                records.append({"condition": condition, "round": r, "prompt_tokens": result.prompt_tokens,
+                                "cached_tokens": result.cached_tokens, "expected_cached_tokens": want,
+                                "hbm_cached_tokens": result.hbm_cached_tokens,
+                                "tier_cached_tokens": result.tier_cached_tokens,
+                                "ttft_ms_profiled": result.client_ttft_ms, "prefill_step_ms_profiled": result.prefill_ms,
+                                **(profiled.activity or {"gpu_busy_ms": None})})
+                if result.cached_tokens != want:
+                    problems.append(f"{condition} profiled request {r}: cached_tokens={result.cached_tokens}, "
+                                    f"expected {want}")
+                    records[-1]["broke_its_condition"] = True
+                elif (source := source_problem(condition, records[-1], TIER_CONDITION in conditions)) is not None:
+                    problems.append(f"{condition} profiled request {r}: {source}")
+                    records[-1]["broke_its_condition"] = True
+    return out
+
+
+def segment_summary(records, requests_per_condition):
+    """A result's "gpu_busy": the method, every profiled request, and per condition the GPU-busy
+    mean (min, max) and span mean over the requests that found what they promised."""
+    by_condition = {}
+    for condition in dict.fromkeys(x["condition"] for x in records):
+        good = [x for x in records if x["condition"] == condition and x["gpu_busy_ms"] is not None
+                and x["cached_tokens"] == x["expected_cached_tokens"] and not x.get("broke_its_condition")]
+        if good:
+            busy = [x["gpu_busy_ms"] for x in good]
+            by_condition[condition] = {"requests": len(good), "gpu_busy_mean_ms": float(np.mean(busy)),
+                                       "gpu_busy_min_ms": min(busy), "gpu_busy_max_ms": max(busy),
+                                       "gpu_span_mean_ms": float(np.mean([x["gpu_span_ms"] for x in good]))}
+    return {"method": METHOD, "requests_per_condition": requests_per_condition, "by_condition": by_condition,
+            "requests": records}
+
+
+def merge_segments(segments):
+    """One config's segments from several engine processes as one: every request tagged with its process."""
+    measured = [s for s in segments if s and "requests" in s]
+    if not measured:
+        return segments[0]
+    records = [{**x, "process": k} for k, s in enumerate(segments) if s and "requests" in s for x in s["requests"]]
+    return segment_summary(records, measured[0]["requests_per_condition"])
+
+
+def step_split(stats, segment, condition):
+    """The measured prefill step's mean split into (GPU busy, the rest): the profiled GPU-busy mean,
+    and the step's mean minus it. None where the segment did not measure the condition."""
+    busy = ((segment or {}).get("by_condition") or {}).get(condition)
+    parts = stats.get("ttft_breakdown_mean_ms")
+    if not busy or not parts:
+        return None
+    return busy["gpu_busy_mean_ms"], parts["prefill_step_ms"] - busy["gpu_busy_mean_ms"]
