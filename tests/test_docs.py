@@ -12,7 +12,7 @@ import phase1_experiment as p1
 import phase2_experiment as p
 import plot_results
 from conftest import ROOT
-from prefix_cache_bench import load_tables, results, tables
+from prefix_cache_bench import load_tables, prefill_fit, results, tables
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = ("phase1_experiment.py", "phase2_experiment.py", "plot_results.py", "tests/make_model.py", "tests/run_tests.sh")
@@ -78,11 +78,39 @@ def test_every_link_and_image_exists(path):
         assert os.path.exists(os.path.join(os.path.dirname(path), target.split("#")[0])), target
 
 
-def test_readme_headline_table_is_the_shipped_files_table():
-    folder = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-sweep")
+def test_readme_headline_table_and_where_a_hit_goes_are_the_shipped_files():
+    folder = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-anatomy")
     phases, skipped = results.discover_results(folder)
     assert not skipped
-    assert tables.summary_table(phases["phase2"]) in open(os.path.join(ROOT, "README.md")).read()
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert tables.summary_table(phases["phase2"]) in readme
+    hit = phases["phase2"][(8192, 256)]["cache_hit"]["stats"]
+    parts, busy = hit["ttft_breakdown_mean_ms"], phases["phase2"][(8192, 256)]["gpu_busy"]["by_condition"]["cache_hit"]
+    floor = prefill_fit.condition_floor(phases["phase2"][(8192, 256)], "cache_hit")
+    outside = parts["outside_engine_ms"] + parts["frontend_ipc_ms"]
+    hit_32k = phases["phase2"][(32768, 256)]
+    not_gpu_32k = 1 - hit_32k["gpu_busy"]["by_condition"]["cache_hit"]["gpu_busy_mean_ms"] / hit_32k["cache_hit"]["stats"]["ttft_mean"]
+    said = " ".join(readme.split())
+    assert (f"At 8k its {hit['ttft_mean']:.1f} ms hold {busy['gpu_busy_mean_ms']:.1f} ms of GPU work" in said and
+            f"the floor is {floor['floor_ms']:.1f} ms), {outside:.1f} ms of `LLM.generate`, front end and IPC, and "
+            f"{parts['prefill_step_ms'] - busy['gpu_busy_mean_ms']:.1f} ms of the prefill step spent on the host; at 32k, "
+            f"{100 * not_gpu_32k:.0f}% of the hit's {hit_32k['cache_hit']['stats']['ttft_mean']:.1f} ms is not GPU work" in said)
+    # the anatomy table, GPU-busy columns and all, is what plot_results.py prints for the folder
+    assert "| step: GPU busy | not GPU work |" in tables.anatomy_table(phases["phase2"])
+
+
+def test_reproducibility_tables_are_what_compare_prints_over_the_shipped_runs():
+    page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
+    runs = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-processes")
+    five = tables.compare_runs([os.path.join(runs, run) for run in
+                                ("lease1-run1", "lease2-run1", "lease2-run2", "lease3-run1", "lease4-run1")])
+    six = tables.compare_runs([os.path.join(ROOT, "results", folder) for folder in
+                               ("h200-llama3.1-8b-shape-sweep", "h200-llama3.1-8b-shape-sweep-rerun",
+                                "h200-llama3.1-8b-shape-anatomy")])
+    assert five.split("\n")[0] in page and all(row in page for row in five.split("\n")[2:5])
+    assert "21 of 30 pairs of runs agree" in five
+    assert all(row in page for row in six.split("\n") if row.startswith("| phase 2:"))
+    assert "16 of 18 pairs of runs agree" in six
 
 
 def test_server_page_table_is_the_shipped_files_table():
@@ -138,8 +166,26 @@ def h200_fleet_fronts():
 def test_fleet_tables_are_the_shipped_files_tables():
     fronts = h200_fleet_fronts()
     assert load_tables.fleet_table(fronts).split("\n\n")[0] in open(os.path.join(ROOT, "docs", "fleet.md")).read()
-    table_at_8_clients = load_tables.fleet_table(fronts, load=8).split("\n\n")[0]
-    assert table_at_8_clients.count("\n") == 6 and table_at_8_clients in open(os.path.join(ROOT, "README.md")).read()
+    # the README's sentence: each front's hit rate and TTFT p50 at 8 clients
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    at_8 = {front: next(level["cached"] for level in data["levels"] if level["concurrency"] == 8) for front, data in fronts}
+    p50 = lambda front: at_8[front]["ttft_ms"]["p50"]
+    rate = lambda front: f"{at_8[front]['hit_rate']['requests']:.0%}"
+    assert f"`ideal` hit {rate('ideal')} (TTFT p50 {p50('ideal'):.1f} ms)" in readme
+    assert (f"`cache_aware` {rate('cache_aware, first requests together')} ({p50('cache_aware, first requests together'):.1f} ms) "
+            f"when the documents' first requests arrived together, {rate('cache_aware')} ({p50('cache_aware'):.0f} ms, all on "
+            f"one replica)") in readme
+    assert (f"`round_robin` and `dp` {rate('dp')[:-1]}-{rate('round_robin')} ({p50('round_robin'):.0f}-{p50('dp'):.0f} ms)"
+            in readme)
+
+
+def test_tiers_working_set_table_is_the_shipped_file_s():
+    loads, skipped = results.discover_load_results(os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-tier-working-set"))
+    (_, data), = loads
+    assert not skipped and data["cache_audit"]["ok"] is True and data["environment"]["tier"]["size_gib"] == 32
+    assert load_tables.working_set_table(data) in open(os.path.join(ROOT, "docs", "tiers.md")).read()
+    rates = [level["cached"]["hit_rate"]["requests"] for level in data["levels"]]
+    assert rates[:2] == [1.0, 1.0] and rates[2] < 0.6     # high past HBM (8.2 documents), falling past HBM + tier
 
 
 H200_LOAD = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-load")
