@@ -27,14 +27,15 @@ SEED_STATS_KEYS = ("ttft_mean", "ttft_median", "ttft_stdev", "total_time_mean", 
                    "throughput_mean", "throughput_stdev", "prompt_tokens")
 
 
-def run_many(llm, configs, env=None, **overrides):
-    """run_configs on the session's engine, with the CLI's defaults but short and quick."""
+def run_many(llm, configs, env=None, engine=None, **overrides):
+    """run_configs on the session's engine (or on engine, one that wraps it), with the CLI's
+    defaults but short and quick."""
     opts = types.SimpleNamespace(**{**dict(configs=configs, seed=0, pause_ms=5.0, warmup_trials=1, num_trials=4,
                                            num_blocks=4, min_block_seconds=0.0, block_order=False,
                                            max_output_tokens=8, model="tiny"), **overrides})
     environment = {**offline.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
                    **provenance.provenance(["--test"], defaults.OFFLINE_PROG, os.path.join(ROOT, "phase2_experiment.py")), **(env or {})}
-    return protocol.run_configs(offline.OfflineEngine(llm), llm.get_tokenizer(), opts, environment)
+    return protocol.run_configs(engine or offline.OfflineEngine(llm), llm.get_tokenizer(), opts, environment)
 
 
 def run_one(llm, size_a, size_b, env=None, **overrides):

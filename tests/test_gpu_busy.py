@@ -95,12 +95,7 @@ def test_the_worker_extension_answers_through_the_real_engine(llm):
 
 
 def run_profiled(llm, engine, **overrides):
-    original = offline.OfflineEngine
-    offline.OfflineEngine = lambda llm_: engine
-    try:
-        return run_many(llm, [(200, 100)], num_trials=2, max_output_tokens=4, **overrides)[0]
-    finally:
-        offline.OfflineEngine = original
+    return run_many(llm, [(200, 100)], engine=engine, num_trials=2, max_output_tokens=4, **overrides)[0]
 
 
 def test_after_the_rounds_each_condition_is_profiled_in_the_cache_state_it_promises(llm):
