@@ -1,10 +1,13 @@
 """The user documentation says what the code does: its commands parse, its links resolve, its
 headline table is the shipped files' table, and it tells no development history."""
 import glob
+import importlib.util
+import json
 import os
 import re
 import shlex
 
+import numpy as np
 import pytest
 
 import make_model
@@ -15,7 +18,8 @@ from conftest import ROOT
 from prefix_cache_bench import load_tables, prefill_fit, results, tables
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
-SCRIPTS = ("phase1_experiment.py", "phase2_experiment.py", "plot_results.py", "tests/make_model.py", "tests/run_tests.sh")
+SCRIPTS = ("phase1_experiment.py", "phase2_experiment.py", "plot_results.py", "tests/make_model.py", "tests/run_tests.sh",
+           "tools/compare_bench_serve.py", "tools/bench_serve_table.py")
 
 
 def commands(path):
@@ -60,6 +64,9 @@ def test_every_documented_command_is_accepted_by_the_real_parser(path, words, ti
         plot_results.build_parser().parse_args(args)
     elif script == "tests/make_model.py":
         make_model.build_parser().parse_args(args)
+    elif script == "tools/compare_bench_serve.py":
+        opts = load_tool("compare_bench_serve").parse_args(args)
+        assert opts.model and opts.out
     else:
         assert os.path.exists(os.path.join(ROOT, script)) and args == []
 
@@ -99,18 +106,52 @@ def test_readme_headline_table_and_where_a_hit_goes_are_the_shipped_files():
     assert "| step: GPU busy | not GPU work |" in tables.anatomy_table(phases["phase2"])
 
 
+THREE_CONFIG_RUNS = ("lease1-run1", "lease2-run1", "lease2-run2", "lease3-run1", "lease4-run1", "lease5-run1")
+
+
 def test_reproducibility_tables_are_what_compare_prints_over_the_shipped_runs():
     page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
     runs = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-processes")
-    five = tables.compare_runs([os.path.join(runs, run) for run in
-                                ("lease1-run1", "lease2-run1", "lease2-run2", "lease3-run1", "lease4-run1")])
+    all_runs = tables.compare_runs([os.path.join(runs, run) for run in THREE_CONFIG_RUNS])
     six = tables.compare_runs([os.path.join(ROOT, "results", folder) for folder in
                                ("h200-llama3.1-8b-shape-sweep", "h200-llama3.1-8b-shape-sweep-rerun",
                                 "h200-llama3.1-8b-shape-anatomy")])
-    assert five.split("\n")[0] in page and all(row in page for row in five.split("\n")[2:5])
-    assert "21 of 30 pairs of runs agree" in five
+    assert all_runs.split("\n")[0] in page and all(row in page for row in all_runs.split("\n")[2:5])
+    assert "36 of 45 pairs of runs agree" in all_runs and "36 of 45 pairs" in page
     assert all(row in page for row in six.split("\n") if row.startswith("| phase 2:"))
     assert "16 of 18 pairs of runs agree" in six
+
+
+def three_config_runs():
+    """{run folder: {A: its phase 2 result}} of the 3-config command's shipped runs."""
+    runs = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-processes")
+    return {run: {a: json.load(open(os.path.join(runs, run, f"results_phase2_a{a}_b256.json"))) for a in (512, 2048, 8192)}
+            for run in THREE_CONFIG_RUNS}
+
+
+def test_readme_and_reproducibility_say_what_the_runs_of_one_code_on_two_leases_measured():
+    runs = three_config_runs()
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+    page = " ".join(open(os.path.join(ROOT, "docs", "reproducibility.md")).read().split())
+    savings = {a: [r[a]["ttft_saving_pct"] for r in runs.values()] for a in (512, 2048, 8192)}
+    low_mid_high = [f"{min(v):.1f}-{max(v):.1f}%" for v in savings.values()]
+    said = f"gave {low_mid_high[0]}, {low_mid_high[1]} and {low_mid_high[2]}"
+    assert said in readme and said.replace("%,", "% at 512/256,").replace("% and", "% at 2048/256 and") in page
+    # runs 5 and 6 share the code (one code_sha256); run 6's hits were slower by this much
+    fifth, sixth = runs["lease4-run1"], runs["lease5-run1"]
+    assert {r[512]["environment"]["tool_version"]["code_sha256"] for r in (fifth, sixth)} == {
+        fifth[512]["environment"]["tool_version"]["code_sha256"]}
+    slower = [sixth[a]["cache_hit"]["stats"]["ttft_mean"] - fifth[a]["cache_hit"]["stats"]["ttft_mean"] for a in (512, 2048, 8192)]
+    assert f"{min(slower):.1f}-{max(slower):.1f} ms slower" in readme and f"{min(slower):.1f}-{max(slower):.1f} ms slower" in page
+    hosts = sixth[512]["environment"]["host_python_loop_ms_per_process"]
+    assert "were " + ", ".join(f"{ms:.1f}" for ms in hosts[:-1]) + f" and {hosts[-1]:.1f} ms" in page
+    # the two slow-host processes had the run's slowest hits, at every size
+    for a in (512, 2048, 8192):
+        trials = sixth[a]["cache_hit"]["trials"]
+        hit_ms = [np.mean([t["ttft_ms"] for t in trials if t["process"] == p]) for p in range(5)]
+        slow = sorted(range(5), key=lambda p: -hosts[p])[:2]
+        assert sorted(range(5), key=lambda p: -hit_ms[p])[:2] == sorted(slow, key=lambda p: -hit_ms[p])
+        assert f"{hit_ms[1]:.1f} and {hit_ms[2]:.1f} ms at {a}" in page
 
 
 def test_server_page_table_is_the_shipped_files_table():
@@ -217,3 +258,44 @@ def test_the_busy_shares_the_docs_state_are_the_shipped_file_s():
     assert (f"cached, the API server used {span('cached', api)} of one core and this client {span('cached', client)}; "
             f"cold, {span('cold', api)} and {span('cold', client)}.") in load_page
     assert f"the API server process was {span('cached', api)} busy and this client {span('cached', client)}." in readme
+
+
+def load_tool(name):
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def test_load_page_bench_serve_comparison_is_the_shipped_files():
+    table = load_tool("bench_serve_table")
+    page = open(os.path.join(ROOT, "docs", "load.md")).read()
+    flat = " ".join(page.split())
+    folder = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-bench-serve")
+    compared = {c: json.load(open(os.path.join(folder, f"concurrency{c}", "comparison.json"))) for c in (1, 4)}
+    for c, comparison in compared.items():
+        assert table.table(comparison) in page
+        assert open(os.path.join(folder, f"concurrency{c}", "README.md")).read() == table.readme(comparison, f"concurrency{c}")
+
+    def before_engine(comparison, view):
+        s = comparison["summary"][view]
+        return [a - b for a, b in zip(s["server_ttft_mean_ms"]["per_round"], s["prefill_time_mean_ms"]["per_round"])]
+
+    def span(values, digits=1):
+        return f"{min(values):.{digits}f}-{max(values):.{digits}f}"
+    one, four = compared[1], compared[4]
+    assert (f"was {span(before_engine(one, 'bench'))} ms a request for the bench against "
+            f"{span(before_engine(one, 'tool_cached'))} ms for the tool at 1 client, and "
+            f"{span(before_engine(four, 'bench'))} against {span(before_engine(four, 'tool_cached'))} ms at 4") in flat
+    busy = [100 * r["bench"]["api_server_cpu_busy"] for r in four["rounds"]]
+    tool_busy = [100 * r["tool"]["cached"]["api_server_cpu_busy"] for r in four["rounds"]]
+    assert f"busy {span(busy, 0)}% of the time against {span(tool_busy, 0)}% for the tool's" in flat
+    assert all(r["tool"]["cache_audit_ok"] for c in compared.values() for r in c["rounds"])
+    cpu = json.load(open(os.path.join(ROOT, "results", "cpu-tiny-bench-serve", "concurrency1", "comparison.json")))
+    assert (f"{span(before_engine(cpu, 'bench'))} ms before the engine for the bench, "
+            f"{span(before_engine(cpu, 'tool_cached'))} ms for the tool") in flat
+    tool_p50 = [r["tool"]["cached"]["ttft_p50_ms"] for r in cpu["rounds"]]
+    server = [r["tool"]["cached"]["server_ttft_mean_ms"] for r in cpu["rounds"]]
+    assert (f"{tool_p50[0]:.1f} ms in the first round but {tool_p50[1]:.1f} and {tool_p50[2]:.1f} ms in the other "
+            f"two, while the server's own TTFT mean stayed at {span(server)} ms") in flat
+    assert f"The bench's hits had a p50 of {cpu['summary']['bench_hits']['ttft_p50_ms']['mean']:.1f} ms" in flat
