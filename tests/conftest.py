@@ -124,6 +124,15 @@ def wait_for_line(proc, needle):
     pytest.fail(f"never saw {needle!r}; exit {proc.wait()}; last output:\n{''.join(seen[-30:])}")
 
 
+def load_tool(name):
+    """A script of tools/ as a module (tools/ is no package: its scripts are run by path)."""
+    import importlib.util
+    spec = importlib.util.spec_from_file_location(name, os.path.join(ROOT, "tools", f"{name}.py"))
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
 def run_script(args, timeout=600, **kwargs):
     """Run a project script as a user would: a new Python process, from the repo root."""
     import subprocess

@@ -1,16 +1,12 @@
 """tools/compare_bench_serve.py's arithmetic, on known answers (no engine, no server)."""
-import importlib.util
 import json
-import os
 
 import numpy as np
 import pytest
 
-from conftest import ROOT, run_script
+from conftest import load_tool, run_script
 
-spec = importlib.util.spec_from_file_location("compare_bench_serve", os.path.join(ROOT, "tools", "compare_bench_serve.py"))
-compare = importlib.util.module_from_spec(spec)
-spec.loader.exec_module(compare)
+compare = load_tool("compare_bench_serve")
 
 
 def test_a_request_finds_its_document_only_after_an_earlier_one_had_its_first_token():
