@@ -30,6 +30,16 @@ Each request's cached tokens are recorded against its document; a hit is no long
 audit failure. Writes results_load_a{A}_p{P}_{concurrency|rate}.json, or for a sweep of P
 results_workingset_a{A}.json. Requests that fail end the sweep; the levels measured are kept.
 
+A production trace (Mooncake format), replayed open loop at its own times: a cached arm (one
+cache namespace a pass, warmed with the trace's earlier requests) against a cold one, each
+request's cached tokens set against what an infinite cache and an LRU model of the server's
+cache would find; or, with no server, the window's reusable share at several cache sizes:
+
+    python phase1_experiment.py --model /path/to/model --trace conversation_trace.jsonl.gz --trace-start-s 600 --trace-duration-s 120
+    python phase1_experiment.py --trace conversation_trace.jsonl.gz --simulate-capacities 0.5x,1x,2x,4x,16x --kv-capacity-tokens 400000
+
+Writes results_trace_{trace}_s{start}_n{requests}.json (results_capacity_... for a curve).
+
 Exit codes: 0 ok, 1 set-up or server problem (or, under load, failed requests), 2 bad
 arguments, 3 a cache audit failed (the JSON is still written), 130/143 interrupted (no file
 written).
@@ -50,12 +60,14 @@ from prefix_cache_bench.defaults import SERVER_PROG as PROG
 from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signal, usage_error
 from prefix_cache_bench.http_client import HttpClient
 from prefix_cache_bench.load_run import finish_load, run_load
+from prefix_cache_bench.trace_replay import finish_trace, run_trace
 from prefix_cache_bench.protocol import run_configs, write_results
 from prefix_cache_bench.provenance import provenance
 from prefix_cache_bench.results import check_results_dir
 from prefix_cache_bench.server_engine import add_phase1_stats, prepare, server_environment
 from prefix_cache_bench.servers import EmbeddedServer, Fleet, check_port_free, fleet_environment, free_port
 from prefix_cache_bench.tiers import check_tier_can_start, flag_value, tier_from_flags
+from prefix_cache_bench.trace_cli import add_trace_flags, check_trace_flags, simulate
 
 
 def add_load_flags(parser):
@@ -165,6 +177,7 @@ def build_parser():
                    help=f"measure a server without {DETAILS_FLAG}: no request's cache state is checked, and the "
                         f"JSON, table and chart say so")
     add_load_flags(parser)
+    add_trace_flags(parser)
     return parser
 
 
@@ -179,6 +192,9 @@ def parse_args(argv):
     check_run_flags(opts)
     check_load_flags(opts)
     check_fleet_flags(opts)
+    check_trace_flags(opts, vllm_flags)
+    if opts.trace:
+        opts.configs = []                   # a replay's requests are the trace's: no A/B config to fit
     if opts.processes != 1 or opts.worker_output:
         usage_error("--processes: phase 1 measures one server; its interval is over the server's time blocks")
     if opts.base_url:
@@ -226,7 +242,13 @@ def run(opts, vllm_flags, argv):
                     engine.tier_description = tier_from_flags(vllm_flags) or False
                 env = {**server_environment(client, card, server, vllm_flags, engine),
                        **provenance(argv, PROG, __file__)}
-                if opts.load:
+                if opts.trace:
+                    result = run_trace(engine, tokenizer, opts, env, unaudited, opts.trace_requests,
+                                       server.model if server else None)
+                    death = server.death() if server and result["failure"] else None
+                    if death:
+                        result["failure"] = f"{result['failure']}; {death}"
+                elif opts.load:
                     result = run_load(engine, tokenizer, opts, env, unaudited)
                     death = server.death() if server and result["failure"] else None
                     if death:
@@ -236,10 +258,12 @@ def run(opts, vllm_flags, argv):
             except ExperimentError as e:
                 death = server.death() if server else None
                 raise ExperimentError(death) if death else e
-            if not opts.load:
+            if not opts.load and not opts.trace:
                 for result in results:
                     add_phase1_stats(result, unaudited)
                     result["environment"]["connections_opened"] = client.connections_opened - engine.connections_before
+    if opts.trace:
+        return finish_trace(result, opts)
     if opts.load:
         return finish_load(result, opts)
     counters = results[0]["cache_audit"]["engine_counters"]
@@ -290,6 +314,8 @@ def run_fleet(opts, vllm_flags, argv):
 def main(argv):
     opts, vllm_flags = parse_args(argv)         # exit 2 on a bad flag, before anything starts
     check_results_dir(opts.results_dir)
+    if opts.simulate_capacities:                # no server: the model of its cache alone
+        return simulate(opts, provenance(argv, PROG, __file__))
     return run(opts, vllm_flags, argv)
 
 

@@ -22,6 +22,10 @@ load, cached against cold (load_<...>.png), and its working-set sweeps
 (results_workingset_*.json) a chart of hit rate and TTFT against the working set with the KV
 capacity marked (workingset_<...>.png), each with a Markdown table. --compare also lines up
 the load files that several runs share, figure by figure.
+
+Trace replays (results_trace_*.json) get a chart of each arm's TTFT CDF and the hit share over
+the window, and capacity curves (results_capacity_*.json) a chart of the reusable share
+against capacity with the same trace's replays on it, each with a Markdown table.
 """
 import argparse
 import os
@@ -35,6 +39,7 @@ from prefix_cache_bench.prefill_fit import describe_fit, prefill_fit
 from prefix_cache_bench.readmes import reruns_readme, results_readme, write_readme
 from prefix_cache_bench.results import (FILE_PATTERN, LOAD_PATTERNS, check_out_dir, discover_load_results,
                                         discover_results, folders_with_results_hint)
+from prefix_cache_bench.trace_charts import has_trace_results, trace_outputs
 from prefix_cache_bench.tables import (anatomy_table, by_model, compare_runs, server_path_cost, server_path_table,
                                        summary_table, tier_table)
 
@@ -80,7 +85,7 @@ def main(argv=None):
     loads, skipped_loads = discover_load_results(args.results_dir)
     for path, why in skipped + skipped_loads:
         print(f"skipped {path}: {why}", file=sys.stderr)
-    if not phases and not loads:
+    if not phases and not loads and not has_trace_results(args.results_dir):
         print(f"plot_results.py: error: no usable {FILE_PATTERN} (or {', '.join(LOAD_PATTERNS)}) in "
               f"{args.results_dir!r}{folders_with_results_hint(args.results_dir)}", file=sys.stderr)
         return 1
@@ -111,6 +116,8 @@ def main(argv=None):
                 context_file = os.path.join(out_dir, f"ttft_vs_context_{phase}.png")
                 plot_context(group, fit, label, context_file)
                 print(f"wrote {context_file}")
+    for text, chart in trace_outputs(args.results_dir, out_dir):
+        print(f"\n{text}\n\nwrote {chart}")
     for path, data in loads:
         chart, text = load_outputs(path, data, out_dir)
         print(f"\n{text}\n\nwrote {chart}")

@@ -107,6 +107,23 @@ def load_results_path(results_dir, result):
     return os.path.join(results_dir, f"results_load_a{cfg['document_tokens']}_p{cfg['num_prefixes'][0]}_{cfg['load'].replace('request_', '')}.json")
 
 
+def trace_stem(trace_path):
+    """A trace file's name without its folder and .jsonl(.gz)."""
+    name = os.path.basename(trace_path)
+    for suffix in (".gz", ".jsonl", ".json"):
+        name = name.removesuffix(suffix)
+    return name
+
+
+def trace_results_path(results_dir, result):
+    """results_trace_{trace}_s{start}_n{requests}.json of a replay, results_capacity_{trace}_s{start}_n{requests}.json
+    of a --simulate-capacities curve."""
+    kind = "capacity" if result["experiment"] == "capacity_curve" else "trace"
+    window = result["window"]
+    return os.path.join(results_dir, f"results_{kind}_{trace_stem(result['config']['trace'])}"
+                                     f"_s{window['start_s']:g}_n{window['requests']}.json")
+
+
 FILE_PATTERN = "results_phase*_a*_b*.json"
 
 

@@ -14,11 +14,13 @@ PACKAGE = os.path.join(ROOT, "prefix_cache_bench")
 # docs/architecture.md's layer table: a module imports only modules of a lower layer
 LAYERS = {
     0: ("errors", "defaults", "engine_api", "prometheus", "host"),
-    1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers", "tiers"),
-    2: ("analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit"),
+    1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers", "tiers",
+        "traces", "raw_stream"),
+    2: ("analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit", "trace_figures", "trace_tables",
+        "trace_cli", "open_loop"),
     3: ("protocol", "tables"),
     4: ("offline", "processes", "load_run", "load_tables"),
-    5: ("charts",),
+    5: ("charts", "trace_replay", "trace_charts"),
     6: ("readmes",),
 }
 LAYER_OF = {module: layer for layer, modules in LAYERS.items() for module in modules}
@@ -66,6 +68,8 @@ def test_the_entry_scripts_are_the_only_callers_of_their_own_names():
     "plot_results",
     "prefix_cache_bench.intervals, prefix_cache_bench.analysis, prefix_cache_bench.tables, prefix_cache_bench.load_tables",
     "prefix_cache_bench.results, prefix_cache_bench.readmes, prefix_cache_bench.charts",
+    "prefix_cache_bench.traces, prefix_cache_bench.trace_figures, prefix_cache_bench.trace_tables, "
+    "prefix_cache_bench.trace_charts, prefix_cache_bench.trace_cli",
 ])
 def test_plotting_and_statistics_import_neither_vllm_nor_torch(modules_imported):
     code = (f"import sys; import {modules_imported}; "

@@ -1,0 +1,182 @@
+"""The trace replay's sender path: a streamed /v1/completions written as prebuilt bytes on an
+idle keep-alive connection (asyncio streams), its chunked SSE answer read back.
+
+Why not aiohttp, as every other request of the tool: aiohttp spends 0.5-1 ms of Python on a
+request before its first byte leaves (URL, headers, cookies, the connector). The conversation
+trace sends most of its requests in bursts of about ten with one timestamp, so in a burst the
+tenth left 5-10 ms late (tools/trace_sender_bench.py: send lag p99 9.5-11.4 ms over 60 s here).
+Here the request line, headers and body are built before the send time, and sending is one
+write (docs/traces.md, the sender).
+"""
+import asyncio
+import json
+import time
+import urllib.parse
+
+from .engine_api import StreamedResponse
+from .errors import ExperimentError, first_line
+
+IDLE_REUSE_S = 3.0      # an idle connection is reused only this soon (vLLM closes them after 5 s by default)
+
+
+def request_bytes(base_url, path, body):
+    """The whole HTTP/1.1 POST of a JSON body, ready to write."""
+    url = urllib.parse.urlsplit(base_url)
+    head = (f"POST {url.path.rstrip('/')}{path} HTTP/1.1\r\nHost: {url.netloc}\r\nContent-Type: application/json\r\n"
+            f"Accept: text/event-stream\r\nConnection: keep-alive\r\nContent-Length: {len(body)}\r\n\r\n")
+    return head.encode() + body
+
+
+class ConnectionPool:
+    """Kept-alive connections to one server: an idle one if it was used recently enough, else
+    a new one. Every connection is closed by close()."""
+
+    def __init__(self, base_url):
+        url = urllib.parse.urlsplit(base_url)
+        self.host, self.port = url.hostname, url.port or 80
+        self.idle, self.all = [], set()
+        self.opened = 0
+
+    async def open(self):
+        reader, writer = await asyncio.open_connection(self.host, self.port)
+        self.opened += 1
+        self.all.add(writer)
+        return reader, writer
+
+    async def warm(self, count):
+        """count connections opened now, idle, before any timed request."""
+        for reader, writer in await asyncio.gather(*[self.open() for _ in range(count)]):
+            self.idle.append((reader, writer, time.perf_counter()))
+
+    def take(self):
+        """An idle connection used recently enough, at once, or None."""
+        now = time.perf_counter()
+        while self.idle:
+            reader, writer, last = self.idle.pop()
+            if now - last < IDLE_REUSE_S and not writer.is_closing() and not reader.at_eof():
+                return reader, writer
+            self.discard(writer)
+        return None
+
+    async def get(self):
+        return self.take() or await self.open()
+
+    async def top_up(self, count, timeout_s):
+        """Open connections until count are idle and fresh, within timeout_s (those still
+        connecting then are given up)."""
+        now = time.perf_counter()
+        fresh = sum(1 for _, writer, last in self.idle if now - last < IDLE_REUSE_S and not writer.is_closing())
+        if fresh >= count or timeout_s <= 0:
+            return
+        opening = [asyncio.ensure_future(self.open()) for _ in range(count - fresh)]
+        done, pending = await asyncio.wait(opening, timeout=timeout_s)
+        for task in pending:
+            task.cancel()
+        for task in done:
+            if task.exception() is None:
+                self.put(*task.result())
+
+    def put(self, reader, writer):
+        self.idle.append((reader, writer, time.perf_counter()))
+
+    def discard(self, writer):
+        self.all.discard(writer)
+        writer.close()
+
+    def close(self):
+        for writer in list(self.all):
+            self.discard(writer)
+        self.idle = []
+
+
+async def read_head(reader):
+    """(status, {header: value}) of a response."""
+    status_line = await reader.readline()
+    if not status_line:
+        raise ConnectionError("the server closed the connection before answering")
+    status = int(status_line.split()[1])
+    headers = {}
+    while True:
+        line = await reader.readline()
+        if line in (b"\r\n", b"\n", b""):
+            return status, headers
+        name, _, value = line.decode("latin-1").partition(":")
+        headers[name.strip().lower()] = value.strip()
+
+
+async def chunks(reader, headers):
+    """The body's pieces as they arrive: chunked transfer encoding, or Content-Length bytes."""
+    if headers.get("transfer-encoding", "").lower() == "chunked":
+        while True:
+            size = int((await reader.readline()).split(b";")[0], 16)
+            if size == 0:
+                await reader.readline()
+                return
+            data = await reader.readexactly(size + 2)
+            yield data[:-2]
+    else:
+        yield await reader.readexactly(int(headers.get("content-length", 0)))
+
+
+def error_message(status, body):
+    try:
+        error = json.loads(body)
+        message = error.get("error", error).get("message") if isinstance(error, dict) else body
+    except (ValueError, AttributeError):
+        message = body
+    return f"HTTP {status}: {first_line(message or status)}"
+
+
+def send(connection, data):
+    """Write a prebuilt request on a connection; returns the send time (perf_counter s)."""
+    sent = time.perf_counter()
+    connection[1].write(data)
+    return sent
+
+
+async def stream_raw(pool, data, base_url):
+    """One streamed completion of prebuilt request bytes on a pooled (or new) connection: its
+    StreamedResponse (see receive)."""
+    connection = await pool.get()
+    return await receive(pool, connection, send(connection, data), base_url)
+
+
+async def receive(pool, connection, sent, base_url):
+    """The answer to a request written at sent: its StreamedResponse (the send time, the
+    arrival of each chunk that carries a token, the usage, the end). A connection whose
+    exchange broke off (an error, a cancel) is closed, never reused."""
+    try:
+        return await read_stream(pool, *connection, sent, base_url)
+    except BaseException:
+        pool.discard(connection[1])
+        raise
+
+
+async def read_stream(pool, reader, writer, sent, base_url):
+    status, headers = await read_head(reader)
+    token_times, usage, pending = [], None, b""
+    if status >= 400:
+        body = b"".join([piece async for piece in chunks(reader, headers)])
+        pool.put(reader, writer)
+        raise ExperimentError(f"{base_url} answered POST /v1/completions with {error_message(status, body.decode())}")
+    async for piece in chunks(reader, headers):
+        arrived = time.perf_counter()
+        pending += piece
+        *lines, pending = pending.split(b"\n")
+        for line in lines:
+            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+                continue
+            chunk = json.loads(line[6:])
+            if chunk.get("error"):          # vLLM reports a failure mid-stream with HTTP 200
+                error = chunk["error"]
+                raise ExperimentError(f"{base_url} failed a completion request mid-stream: "
+                                      f"{first_line(error.get('message', error) if isinstance(error, dict) else error)}")
+            if chunk.get("choices"):
+                token_times.append(arrived)
+            if chunk.get("usage"):
+                usage = chunk["usage"]
+    if headers.get("connection", "").lower() == "close":
+        pool.discard(writer)
+    else:
+        pool.put(reader, writer)
+    return StreamedResponse(sent, token_times, usage, time.perf_counter())

@@ -1,0 +1,132 @@
+"""Phase 1's trace flags: reading and checking a trace before any server starts, and
+--simulate-capacities, the capacity curve of a window without a server (no vLLM import).
+"""
+import datetime
+import time
+
+from .cli import checked, positive_int
+from .errors import usage_error
+from .results import trace_results_path, write_result
+from .traces import check_block_sizes, parse_capacities, read_trace, select_window, simulate_capacities
+
+TRACE_BLOCK_TOKENS = 512        # Mooncake traces hash 512-token blocks
+GPU_BLOCK_TOKENS = 16           # vLLM's KV block on a GPU: the simulation's default engine block
+TRACE_DRAIN_S = 60.0            # after an arm's last send, its requests get this long to end
+MAX_IN_FLIGHT = 1024            # an arm with more requests in flight is overloaded and stops sending
+
+
+def add_trace_flags(parser):
+    g = parser.add_argument_group("replaying a production trace (Mooncake format: timestamp, input_length, "
+                                  "output_length, hash_ids)")
+    seconds = checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
+    g.add_argument("--trace", help="replay this .jsonl or .jsonl.gz trace: a cached arm against a cold one at "
+                                   "the trace's arrival times (docs/traces.md)")
+    g.add_argument("--trace-block-size", type=positive_int, default=TRACE_BLOCK_TOKENS,
+                   help="tokens per hash ID (default %(default)s); a multiple of the engine's KV block")
+    g.add_argument("--trace-start-s", type=seconds, default=0.0, help="the window starts this far into the trace (s)")
+    g.add_argument("--trace-duration-s", type=checked(float, lambda v: 0 < v < float("inf"), "a number > 0"),
+                   help="the window's length in trace seconds (default: to the trace's end)")
+    g.add_argument("--trace-num-requests", type=positive_int, help="the window's first N requests at most")
+    g.add_argument("--time-scale", type=checked(float, lambda v: 0 < v < float("inf"), "a number > 0"), default=1.0,
+                   help="arrival gaps times this (2: half the trace's rate; default %(default)s)")
+    g.add_argument("--trace-max-output-tokens", type=positive_int,
+                   help="cap each request's output tokens (default: the trace's output_length)")
+    g.add_argument("--max-input-tokens", type=positive_int,
+                   help="skip (and count) requests with more input tokens; the server's context caps it too")
+    g.add_argument("--history-tokens", type=checked(int, lambda v: v >= 0, "an integer >= 0"),
+                   help="warm start: the requests before the window, as many as hold this many distinct "
+                        "prompt tokens, sent untimed first (default: the server's KV capacity; 0: none)")
+    g.add_argument("--trace-drain-s", type=checked(float, lambda v: 0 < v < float("inf"), "a number > 0"),
+                   default=TRACE_DRAIN_S, help="after an arm's last send, its requests get this long to end; "
+                                               "those still running are cancelled, the arm overloaded (default %(default)s)")
+    g.add_argument("--max-in-flight", type=positive_int, default=MAX_IN_FLIGHT,
+                   help="an arm with this many requests in flight stops sending, overloaded (default %(default)s)")
+    g.add_argument("--simulate-capacities", type=str,
+                   help="no server: the window's reusable share at each KV capacity (0.5x,1x,4x of "
+                        "--kv-capacity-tokens, or tokens: 200k,1M) against the ideal")
+    g.add_argument("--kv-capacity-tokens", type=positive_int, help="1x of --simulate-capacities: a server's KV "
+                                                                   "capacity (a trace result's kv_capacity_tokens)")
+    g.add_argument("--engine-block-size", type=positive_int, default=GPU_BLOCK_TOKENS,
+                   help="--simulate-capacities: the engine's KV block (default %(default)s, vLLM on a GPU)")
+
+
+LOAD_FLAGS = ("concurrency", "request_rate", "num_prefixes", "sizes", "size_a", "size_b", "replicas")
+
+
+def check_trace_flags(opts, vllm_flags):
+    """--trace's companions; the trace read and its window checked (exit 2 on bad input, before
+    any server starts). Sets opts.trace_requests."""
+    opts.trace_requests = None
+    if not opts.trace:
+        if opts.simulate_capacities:
+            usage_error("--simulate-capacities needs --trace")
+        return
+    given = [name for name in LOAD_FLAGS if getattr(opts, name, None)]
+    if given:
+        usage_error(f"--{given[0].replace('_', '-')}: a trace replay sends the trace's own requests at its own times")
+    block = flag_block_size(vllm_flags)
+    if block:
+        check_block_sizes(opts.trace_block_size, block, opts.trace)
+    opts.trace_requests = read_trace(opts.trace, opts.trace_block_size)
+    window_of(opts, opts.trace_requests, opts.max_input_tokens, None)     # an empty window: exit 2 now
+
+
+def flag_block_size(vllm_flags):
+    """vLLM's --block-size among the flags for the embedded server, or None."""
+    for k, flag in enumerate(vllm_flags):
+        value = flag.split("=", 1)[1] if flag.startswith("--block-size=") else \
+            (vllm_flags[k + 1] if flag == "--block-size" and k + 1 < len(vllm_flags) else None)
+        if value is not None:
+            try:
+                return int(value)
+            except ValueError:
+                usage_error(f"--block-size {value!r}: expected an integer")
+    return None
+
+
+def window_of(opts, requests, max_input_tokens, history_tokens):
+    return select_window(requests, opts.trace, opts.trace_start_s, opts.trace_duration_s, opts.trace_num_requests,
+                         max_input_tokens, history_tokens=history_tokens,
+                         trace_block_size=opts.trace_block_size)
+
+
+def simulate(opts, provenance):
+    """--simulate-capacities: the window's simulated reusable share at each capacity, printed
+    and written. The warm start holds as much history as the largest capacity (or --history-tokens)."""
+    check_block_sizes(opts.trace_block_size, opts.engine_block_size, opts.trace)
+    capacities = parse_capacities(opts.simulate_capacities, opts.kv_capacity_tokens)
+    started = time.perf_counter()
+    history = opts.history_tokens if opts.history_tokens is not None else max(tokens for _, tokens in capacities)
+    window = window_of(opts, opts.trace_requests, opts.max_input_tokens, history)
+    curve = simulate_capacities(window, capacities, opts.engine_block_size, opts.trace_block_size)
+    elapsed_s = time.perf_counter() - started
+    result = {
+        "experiment": "capacity_curve",
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"trace": opts.trace, "trace_block_size": opts.trace_block_size,
+                   "engine_block_size": opts.engine_block_size, "trace_start_s": opts.trace_start_s,
+                   "trace_duration_s": opts.trace_duration_s, "trace_num_requests": opts.trace_num_requests,
+                   "max_input_tokens": opts.max_input_tokens, "history_tokens": history,
+                   "kv_capacity_tokens": opts.kv_capacity_tokens, "capacities": opts.simulate_capacities},
+        "window": {"requests": len(window.measured), "skipped": len(window.skipped),
+                   "history_requests": len(window.history), "start_s": window.start_s,
+                   "trace_span_s": window.duration_s},
+        "curve": curve, "simulation_s": elapsed_s,
+        "environment": provenance,
+    }
+    path = trace_results_path(opts.results_dir, result)
+    write_result(path, result)
+    print_curve(result)
+    print(f"wrote {path}", flush=True)
+    return 0
+
+
+def print_curve(result):
+    curve, window = result["curve"], result["window"]
+    print(f"{window['requests']} requests ({window['skipped']} skipped, {window['history_requests']} of history "
+          f"first), {curve['input_tokens']} input tokens; an infinite cache reuses {curve['ideal_share']:.1%} of them")
+    print(f"{'capacity':>10} {'tokens':>12} {'reused':>8} {'of ideal':>9}")
+    for point in curve["capacities"]:
+        print(f"{point['label']:>10} {point['capacity_tokens']:>12} {point['share']:>8.1%} {point['share_of_ideal']:>9.1%}")
+    print(f"simulated in {result['simulation_s']:.1f} s")
+

@@ -1,0 +1,386 @@
+"""A production trace replayed against a server: the window's requests sent open loop at the
+trace's times (never waiting for an earlier response), a cached arm (one cache namespace a pass,
+warmed with the trace's preceding requests) against a cold arm (a salt per request) at the same
+times, over several passes; each request's ledger (ideal, simulated, measured cached tokens) and
+its audit; the figures, the console table, the file.
+"""
+import datetime
+import json
+import os
+import resource
+import sys
+import time
+import uuid
+
+from .audit import counter_growth, counter_problems, wait_for_counters
+from .defaults import FLUSH_PROMPT_TOKENS, SERVER_PHASE, SERVER_PROG
+from .engine_api import StreamedResponse
+from .errors import EXIT_AUDIT, EXIT_SETUP, ExperimentError
+from .load_run import prompt_tokens_growth, replica_load_counters
+from .load_workload import send_all
+from .prometheus import server_times, total_counters
+from .protocol import flush_engine_stats
+from .open_loop import OpenLoopSender
+from .raw_stream import request_bytes
+from .results import trace_results_path, write_result
+from .trace_figures import arm_stats, cache_buys, ledger_problems, summarize_passes
+from .traces import (IdealLedger, PrefixCacheSimulator, PromptMaker, check_block_sizes, ordinary_token_ids,
+                     prefix_keys, select_window, unique_tokens)
+
+SEND_LAG_LIMIT_MS = 5.0         # a sender whose p99 send lag passes this did not keep to the trace's times
+FIDELITY_WARNING = 0.9          # under this share of requests within a trace block of the model: a warning
+WARM_START_TOKENS = 1           # tokens the untimed warm-start requests generate
+
+
+def client_rss_mb():
+    """This process's peak resident memory, MB."""
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+class TracePlan:
+    """What one replay sends: the window, its warm-start history, each request's scheduled time
+    (trace seconds from the window's start, times --time-scale) and output tokens, and the
+    prompts, built from hash IDs when they are sent."""
+
+    def __init__(self, window, time_scale, max_output_tokens, vocab_ids, seed, trace_block_size):
+        self.window, self.trace_block_size = window, trace_block_size
+        start_ms = window.measured[0].timestamp_ms
+        self.scheduled_s = [(r.timestamp_ms - start_ms) / 1e3 * time_scale for r in window.measured]
+        self.max_tokens = [max(1, min(r.output_length, max_output_tokens or r.output_length)) for r in window.measured]
+        self.maker = PromptMaker(vocab_ids, seed, trace_block_size)
+
+    def body(self, model, request, max_tokens, salt):
+        """The serialised /v1/completions body of one request (its prompt's JSON from the blocks'
+        cached JSON: PromptMaker.prompt_json)."""
+        rest = json.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
+                           "stream": True, "stream_options": {"include_usage": True}, "cache_salt": salt})
+        return b'{"prompt": ' + self.maker.prompt_json(request) + b", " + rest[1:].encode()
+
+
+def ledger(window, engine_block_size, capacity_tokens, trace_block_size):
+    """[(ideal, simulated) reusable tokens] of each measured request of a cached pass: the warm
+    start's history first, then the window in trace order, through an infinite cache and
+    through the LRU model of the server's cache at its capacity."""
+    ideal = IdealLedger(engine_block_size, trace_block_size)
+    model = PrefixCacheSimulator(capacity_tokens, engine_block_size, trace_block_size)
+    for r in window.history:
+        ideal.observe(r)
+        model.observe(r, prefix_keys(r.hash_ids))
+    return [(ideal.observe(r), model.observe(r, prefix_keys(r.hash_ids))) for r in window.measured]
+
+
+async def send_open_loop(base_url, plan, model, salts, drain_s, max_in_flight):
+    """The window's requests, open loop at their scheduled times (open_loop.OpenLoopSender),
+    each with its cache salt (salts(k)). Returns (records, the arm's start in perf_counter s,
+    the overload or None, the most requests in flight)."""
+    def build(k):
+        return request_bytes(base_url, "/v1/completions",
+                             plan.body(model, plan.window.measured[k], plan.max_tokens[k], salts(k)))
+    sender = OpenLoopSender(base_url, plan.scheduled_s, build, [r.input_length for r in plan.window.measured],
+                            max_in_flight)
+    return await sender.run(drain_s)
+
+
+def request_record(k, request, record, scheduled_s, t0, max_tokens, audited, ideal, simulated):
+    """The JSON record of window request k: its times (s since the arm's clock began), send lag,
+    TTFT, and its ledger (ideal, simulated and measured cached tokens)."""
+    if record is None:
+        record = StreamedResponse(None, [], None, None, "not sent: an earlier request failed or the arm was overloaded")
+    usage = record.usage or {}
+    error = record.error
+    first = record.token_times_s[0] if record.token_times_s else None
+    if error is None and first is None:
+        error = "the stream ended without a token"
+    if error is None and not usage:
+        error = "no usage in the last chunk (stream_options.include_usage)"
+    output_tokens = usage.get("completion_tokens", len(record.token_times_s))
+    sent = record.sent_s
+    cached = (usage.get("prompt_tokens_details") or {}).get("cached_tokens") if audited and error is None else None
+    return {
+        "index": k, "line": request.line, "scheduled_s": scheduled_s,
+        "start_s": sent - t0 if sent is not None else None,
+        "send_lag_ms": (sent - t0 - scheduled_s) * 1e3 if sent is not None else None,
+        "end_s": record.ended_s - t0 if record.ended_s is not None else None,
+        "ttft_ms": (first - sent) * 1e3 if first is not None else None,
+        "e2e_ms": (record.ended_s - sent) * 1e3 if sent is not None else None,
+        "tpot_ms": (record.token_times_s[-1] - first) * 1e3 / (output_tokens - 1)
+        if first is not None and output_tokens > 1 else None,
+        "input_tokens": request.input_length, "prompt_tokens": usage.get("prompt_tokens", request.input_length),
+        "max_tokens": max_tokens, "output_tokens": output_tokens if error is None else 0,
+        "cached_tokens": cached, "ideal_tokens": ideal, "simulated_tokens": simulated, "error": error,
+    }
+
+
+def warm_start(engine, plan, namespace, concurrency):
+    """The window's history, sent untimed in the pass's namespace (WARM_START_TOKENS each,
+    `concurrency` at a time, in trace order), so that the window starts on a full cache."""
+    history = plan.window.history
+    if not history:
+        return
+    prompts = [(plan.maker.prompt_ids(r), namespace, k) for k, r in enumerate(history)]
+
+    async def send():
+        session = engine.client.load_session()
+        try:
+            return await send_all(engine.client, session, engine.model, prompts,
+                                  {"concurrency": concurrency, "request_rate": None}, WARM_START_TOKENS, 0)
+        finally:
+            await session.close()
+    records, _ = engine.client.run("the warm start", send())
+    for r, record in zip(history, records):
+        if record is None or record.error:
+            raise ExperimentError(f"the warm start's request of trace line {r.line} failed: "
+                                  f"{record.error if record else 'not sent'}")
+
+
+def server_counters_around(engine, sent_records, before, flush_ids):
+    """The servers' counters grown over an arm's requests (and a salted flush after them, so
+    that every count has arrived): (counters, problems)."""
+    flush = flush_engine_stats(engine.request, flush_ids)
+    sent = sent_records + [flush.as_json()]
+    after = wait_for_counters(lambda: replica_load_counters(engine), prompt_tokens_growth, before,
+                              sum(r["prompt_tokens"] for r in sent))
+    counters = total_counters({name: counter_growth(before[name], after[name]) for name in after if name in before})
+    problems = counter_problems(counters, sent) if engine.audited else []
+    if engine.audited and flush.cached_tokens != 0:
+        problems.append(f"the counters' flush (salted): cached_tokens={flush.cached_tokens}, expected 0")
+    counters["flush_prompt_tokens"] = flush.prompt_tokens
+    return counters, problems
+
+
+def run_arm(engine, plan, arm, namespace, ledger_rows, opts):
+    """One arm, one pass: the cached arm's warm start, then the window open loop. Returns the
+    pass's record: its figures, server counters and gauges, problems and every request."""
+    client = engine.client
+    if arm == "cached":
+        warm_start(engine, plan, namespace, opts.warmup_concurrency)
+        salts = lambda k: namespace                                 # noqa: E731
+    else:
+        salts = lambda k: f"{namespace}-cold-{k}"                  # noqa: E731
+    before = replica_load_counters(engine)
+    # no /metrics is read while the arm runs: parsing it would hold the event loop that stamps
+    # each response's first token (the queue and prefill come from the histograms around the arm)
+    records, t0, overload, max_in_flight = client.run(
+        f"the {arm} arm", send_open_loop(client.base_url, plan, engine.model, salts, opts.trace_drain_s,
+                                         opts.max_in_flight))
+    rows = ledger_rows if arm == "cached" else [(0, 0)] * len(records)
+    requests = [request_record(k, r, record, plan.scheduled_s[k], t0, plan.max_tokens[k], engine.audited, *rows[k])
+                for k, (r, record) in enumerate(zip(plan.window.measured, records))]
+    problems = ledger_problems(requests, arm) if engine.audited else []
+    counters, server_error = None, None
+    if overload is None and not any(r["error"] for r in requests):
+        try:
+            flush_ids = plan.maker.prompt_ids(plan.window.measured[0])[:FLUSH_PROMPT_TOKENS]
+            counters, found = server_counters_around(engine, requests, before, flush_ids)
+            problems += found
+        except ExperimentError as e:
+            server_error = str(e)
+    stats = arm_stats(requests, plan.scheduled_s[-1], opts.slo_ttft_ms, plan.trace_block_size)
+    if counters and counters.get("prompt_tokens"):
+        stats["hit_share"].update({"hbm_by_counters": (counters["prefix_cache_hits"] or 0) / counters["prompt_tokens"],
+                                   "tier_by_counters": (counters.get("external_prefix_cache_hits") or 0)
+                                   / counters["prompt_tokens"]})
+    return {"stats": stats, "overloaded": overload, "max_in_flight": max_in_flight, "server_error": server_error,
+            "server": {**(counters or {}), **server_times(counters or {})},
+            "problems": problems, "requests": requests}
+
+
+def pass_failure(arm, rep, run):
+    """The one line that ends the replay after this pass, or None."""
+    failed = [r for r in run["requests"] if r["error"] and not r["error"].startswith(("not sent", "unfinished"))]
+    if run["server_error"]:
+        return f"pass {rep + 1}, {arm} arm, after its requests: {run['server_error']}"
+    if failed:
+        return f"{len(failed)} {arm} requests failed in pass {rep + 1} (first, trace line {failed[0]['line']}: " \
+               f"{failed[0]['error']})"
+    return None
+
+
+def kv_bytes_per_token(model_dir):
+    """Bytes of KV cache one token takes, from the model folder's config.json (K and V of every
+    layer, in the model's dtype); None where the folder or a field is missing."""
+    try:
+        with open(os.path.join(model_dir, "config.json")) as f:
+            config = json.load(f)
+        heads = config["num_attention_heads"]
+        head_dim = config.get("head_dim") or config["hidden_size"] // heads
+        kv_heads = config.get("num_key_value_heads") or heads
+        dtype_bytes = {"float32": 4, "float16": 2, "bfloat16": 2}[config.get("torch_dtype") or config.get("dtype")]
+        return 2 * config["num_hidden_layers"] * kv_heads * head_dim * dtype_bytes
+    except (OSError, TypeError, ValueError, KeyError):
+        return None
+
+
+def tier_capacity_tokens(tier, model_dir):
+    """Tokens the server's native tier holds (its size over the model's KV bytes per token);
+    0 without a tier, None where its size or the model's layout is unknown."""
+    if not tier:
+        return 0
+    per_token = kv_bytes_per_token(model_dir) if model_dir else None
+    if not tier.get("size_gib") or not per_token:
+        return None
+    return int(tier["size_gib"] * 2 ** 30 / per_token)
+
+
+def check_server(opts, env):
+    """The checks that need the server, before any request: its cache block against the trace's
+    block, and a published cache size for the ledger's model."""
+    check_block_sizes(opts.trace_block_size, env["cache_block_size"], opts.trace)
+    if not env.get("num_gpu_blocks"):
+        raise ExperimentError("the server does not publish vllm:cache_config_info's num_gpu_blocks: the ledger's "
+                              "model of its cache needs it")
+
+
+def input_cap_tokens(opts, requests, max_model_len):
+    """The longest input replayed: --max-input-tokens, and no more than the server's context
+    leaves beside the longest output the replay asks for."""
+    longest_output = opts.trace_max_output_tokens or max(r.output_length for r in requests)
+    caps = [cap for cap in (opts.max_input_tokens, max_model_len and max_model_len - longest_output) if cap]
+    return min(caps) if caps else None
+
+
+def run_trace(engine, tokenizer, opts, env, unaudited, requests, model_dir=None):
+    """The replay: --repeats passes, each a cached and a cold arm in alternating order, at the
+    window's times. Returns the result dict (also after a failure: what was measured)."""
+    check_server(opts, env)
+    gpu_tokens = engine.total_kv_capacity_tokens()
+    tier_tokens = tier_capacity_tokens(engine.tier(), model_dir)
+    if tier_tokens is None:
+        print("note: the tier's size in tokens is unknown (no native tier size, or no model folder to read its KV "
+              "layout from): the ledger's model holds HBM alone", flush=True)
+        tier_tokens = 0
+    capacity = gpu_tokens + tier_tokens
+    history_tokens = opts.history_tokens if opts.history_tokens is not None else capacity
+    input_cap = input_cap_tokens(opts, requests, env.get("max_model_len"))
+    window = select_window(requests, opts.trace, opts.trace_start_s, opts.trace_duration_s, opts.trace_num_requests,
+                           input_cap, history_tokens=history_tokens, trace_block_size=opts.trace_block_size)
+    plan = TracePlan(window, opts.time_scale, opts.trace_max_output_tokens, ordinary_token_ids(tokenizer), opts.seed,
+                     opts.trace_block_size)
+    block = env["cache_block_size"]
+    rows = ledger(window, block, capacity, opts.trace_block_size)
+    run_id = uuid.uuid4().hex[:12]
+    passes, failure = [], None
+    started = time.perf_counter()
+    print(f"trace {opts.trace}: {len(window.measured)} requests over {window.duration_s:.1f} s of trace "
+          f"({plan.scheduled_s[-1]:.1f} s replayed), {len(window.skipped)} skipped over the input cap, "
+          f"{len(window.history)} requests of history as the warm start; the server's cache {gpu_tokens} tokens"
+          + (f" + a tier of {tier_tokens}" if tier_tokens else ""), flush=True)
+    for rep in range(opts.repeats):
+        order = ("cached", "cold") if rep % 2 == 0 else ("cold", "cached")
+        run = {"repeat": rep, "order": list(order)}
+        for arm in order:
+            print(f"\n--- pass {rep + 1} of {opts.repeats}, {arm} arm ({time.perf_counter() - started:.0f} s so far) ---",
+                  flush=True)
+            run[arm] = run_arm(engine, plan, arm, f"trace-{run_id}-{rep}", rows, opts)
+            print_pass(arm, run[arm])
+            failure = pass_failure(arm, rep, run[arm])
+            if failure:
+                break
+        passes.append(run)
+        if failure:
+            break
+    return trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows, input_cap)
+
+
+def trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows, input_cap):
+    """The result dict of a replay."""
+    arms = {}
+    for arm in ("cached", "cold"):
+        done = [run[arm]["stats"] for run in passes if arm in run and not run[arm]["stats"]["failed"]]
+        if done:
+            arms[arm] = summarize_passes(done)
+    complete_pairs = [run for run in passes if "cached" in run and "cold" in run]
+    problems = [p for run in passes for arm in ("cached", "cold") if arm in run for p in run[arm]["problems"]]
+    checked = sum(len(run[arm]["requests"]) for run in passes for arm in ("cached", "cold") if arm in run)
+    lags = [run[arm]["stats"]["send_lag_ms"].get("p99") for run in passes for arm in ("cached", "cold") if arm in run]
+    lags = [lag for lag in lags if lag is not None]
+    measured_input = sum(r.input_length for r in window.measured)
+    return {
+        "phase": SERVER_PHASE, "experiment": "trace", "model": opts.model,
+        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        "config": {"trace": opts.trace, "trace_block_size": opts.trace_block_size, "trace_start_s": opts.trace_start_s,
+                   "trace_duration_s": opts.trace_duration_s, "trace_num_requests": opts.trace_num_requests,
+                   "time_scale": opts.time_scale, "max_input_tokens": opts.max_input_tokens, "input_cap_tokens": input_cap,
+                   "max_output_tokens": opts.trace_max_output_tokens, "repeats": opts.repeats,
+                   "history_tokens": opts.history_tokens, "warmup_concurrency": opts.warmup_concurrency,
+                   "drain_s": opts.trace_drain_s, "max_in_flight": opts.max_in_flight, "slo_ttft_ms": opts.slo_ttft_ms,
+                   "seed": opts.seed},
+        "window": {"requests": len(window.measured), "skipped": len(window.skipped),
+                   "skipped_lines": [r.line for r in window.skipped][:100],
+                   "history_requests": len(window.history), "start_s": window.start_s,
+                   "trace_span_s": window.duration_s, "replay_span_s": plan.scheduled_s[-1],
+                   "input_tokens": measured_input, "unique_tokens": unique_tokens(window.measured, opts.trace_block_size),
+                   "ideal_reusable_tokens": sum(i for i, _ in rows),
+                   "simulated_reusable_tokens": sum(s for _, s in rows)},
+        "kv_capacity_tokens": gpu_tokens, "tier_capacity_tokens": tier_tokens,
+        "simulated_capacity_tokens": gpu_tokens + tier_tokens, "engine_block_size": env["cache_block_size"],
+        "arms": arms,
+        "cache_buys": cache_buys([run["cached"]["stats"] for run in complete_pairs],
+                                 [run["cold"]["stats"] for run in complete_pairs]) if complete_pairs else {},
+        "client": {"max_rss_mb": client_rss_mb(), "send_lag_p99_ms_max": max(lags) if lags else None,
+                   "sender_kept_up": all(lag <= SEND_LAG_LIMIT_MS for lag in lags) if lags else None,
+                   "send_lag_limit_ms": SEND_LAG_LIMIT_MS},
+        "passes": passes,
+        "complete": failure is None, "failure": failure,
+        "cache_audit": {"ok": None if unaudited else not problems, "problems": problems, "requests_checked": checked,
+                        **({"unaudited": unaudited} if unaudited else {})},
+        "environment": env,
+    }
+
+
+def print_pass(arm, run):
+    s = run["stats"]
+    t, lag, share = s.get("ttft_ms") or {}, s["send_lag_ms"], s.get("hit_share") or {}
+    line = (f"{arm:<6} {s['num_requests']} requests, {s['failed']} failed: TTFT p50 {t.get('p50', float('nan')):.1f} "
+            f"p90 {t.get('p90', float('nan')):.1f} p99 {t.get('p99', float('nan')):.1f} ms; "
+            f"send lag p50 {lag.get('p50', float('nan')):.2f} p99 {lag.get('p99', float('nan')):.2f} ms")
+    if share.get("measured") is not None:
+        line += (f"; hit share measured {share['measured']:.1%}, simulated {share['simulated']:.1%}, "
+                 f"ideal {share['ideal']:.1%}; fidelity {s['fidelity']:.1%}")
+    print(line, flush=True)
+    if run["overloaded"]:
+        print(f"{arm:<6} OVERLOADED: {run['overloaded']}; achieved {s.get('request_throughput') or 0:.2f} req/s, "
+              f"at most {run['max_in_flight']} in flight", flush=True)
+
+
+def print_summary(result):
+    arms, bought = result["arms"], result["cache_buys"]
+    print(f"\n{'arm':<7} {'passes':>6} {'TTFT p50 ms':>12} {'p90':>8} {'p99':>8} {'req/s':>7} {'hit share':>9} "
+          f"{'simulated':>9} {'ideal':>6} {'fidelity':>8}")
+    for arm, s in arms.items():
+        t, share = s.get("ttft_ms") or {}, s.get("hit_share") or {}
+        fmt = lambda v, spec: "-" if v is None else format(v, spec)     # noqa: E731
+        print(f"{arm:<7} {s['passes']:>6} {fmt(t.get('p50'), '.1f'):>12} {fmt(t.get('p90'), '.1f'):>8} "
+              f"{fmt(t.get('p99'), '.1f'):>8} {fmt(s.get('request_throughput'), '.2f'):>7} "
+              f"{fmt(share.get('measured'), '.1%'):>9} {fmt(share.get('simulated'), '.1%'):>9} "
+              f"{fmt(share.get('ideal'), '.1%'):>6} {fmt(s.get('fidelity'), '.1%'):>8}")
+    for key, b in bought.items():
+        ci = b["saving_pct_ci95"]
+        print(f"the cache saves {b['saving_pct']:.1f}%" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
+              + f" of the {key.replace('_', ' ')} ({b['saved_ms']:.1f} ms)")
+
+
+def finish_trace(result, opts):
+    """Write the replay's JSON, say how it ended and warn where its figures are weak. Returns the exit code."""
+    path = trace_results_path(opts.results_dir, result)
+    write_result(path, result)
+    print_summary(result)
+    print(f"wrote {path}", flush=True)
+    client = result["client"]
+    if client["sender_kept_up"] is False:
+        print(f"!!! the sender did not keep to the trace's times: send lag p99 up to {client['send_lag_p99_ms_max']:.1f} ms "
+              f"(limit {SEND_LAG_LIMIT_MS:g} ms)", file=sys.stderr)
+    fidelity = (result["arms"].get("cached") or {}).get("fidelity")
+    if fidelity is not None and fidelity < FIDELITY_WARNING:
+        print(f"!!! fidelity {fidelity:.1%}: under {FIDELITY_WARNING:.0%} of the cached requests found what the LRU "
+              f"model of the server's cache predicts (within one trace block)", file=sys.stderr)
+    for problem in result["cache_audit"]["problems"][:20]:
+        print(f"!!!   {problem}", file=sys.stderr)
+    if result["failure"]:
+        print(f"{SERVER_PROG}: error: {result['failure']}; the passes measured before are in {path}", file=sys.stderr)
+        return EXIT_SETUP
+    if result["cache_audit"]["ok"] is False:
+        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
+        return EXIT_AUDIT
+    return 0
+
