@@ -6,6 +6,8 @@ from .charts import SERVER_PATH_CHART
 from .load_tables import fleet_groups, fleet_table, load_file_tables, load_title
 from .prefill_fit import describe_fit, prefill_fit
 from .provenance import describe_provenance
+from .trace_charts import CURVE_PATTERN, TRACE_PATTERN, chart_name, discover, replayed_points
+from .trace_tables import curve_table, trace_summary
 from .tables import by_model, interval_note, server_path_cost, server_path_table, summary_table, tier_table
 
 
@@ -47,6 +49,7 @@ def results_readme(title, phases, folder=".", loads=()):
                 lines += ["```", f"{os.path.basename(str(model).rstrip('/'))}: {describe_fit(fit, device)}", "```", ""]
         charts = (f"experiment1_all_configs_{phase}.png", f"ttft_vs_context_{phase}.png")
         lines += [f"![{c}]({c})" for c in charts if os.path.exists(os.path.join(folder, c))] + [""]
+    lines += trace_sections(folder)
     costs = server_path_cost(phases)
     if costs:
         lines += ["## What the server path adds", "",
@@ -55,6 +58,25 @@ def results_readme(title, phases, folder=".", loads=()):
         if os.path.exists(os.path.join(folder, SERVER_PATH_CHART)):
             lines += [f"![{SERVER_PATH_CHART}]({SERVER_PATH_CHART})", ""]
     return "\n".join(lines).rstrip("\n") + "\n"
+
+
+def trace_sections(folder):
+    """README lines of the trace replays and capacity curves in folder: where each came from,
+    its tables, its chart."""
+    replays, lines = discover(folder, TRACE_PATTERN), []
+    for path, data in replays + discover(folder, CURVE_PATTERN):
+        origin, chart = describe_provenance(data), chart_name(path)
+        if data["experiment"] == "capacity_curve":
+            same = [(p, r) for p, r in replays if r["config"]["trace"] == data["config"]["trace"]]
+            body = curve_table(data["curve"], replayed_points(same))
+        else:
+            body = trace_summary(data)
+        lines += [f"## {os.path.basename(path).removesuffix('.json').removeprefix('results_')}", "",
+                  f"- command: `{origin['command']}`", f"- code: {origin['tool']}", f"- machine: {origin['machine']}",
+                  f"- finished: {origin['when']}", "", body, ""]
+        if os.path.exists(os.path.join(folder, chart)):
+            lines += [f"![{chart}]({chart})", ""]
+    return lines
 
 
 def reruns_readme(title, comparison):

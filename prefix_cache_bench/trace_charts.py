@@ -113,18 +113,23 @@ def has_trace_results(results_dir):
     return any(glob.glob(os.path.join(results_dir, pattern)) for pattern in (TRACE_PATTERN, CURVE_PATTERN))
 
 
+def chart_name(path):
+    """The chart of a result file: results_trace_X.json -> trace_X.png."""
+    return os.path.basename(path).removeprefix("results_").removesuffix(".json") + ".png"
+
+
 def trace_outputs(results_dir, out_dir):
     """Charts and Markdown of every replay and capacity curve in results_dir: [(text, chart path)]."""
     replays, curves = discover(results_dir, TRACE_PATTERN), discover(results_dir, CURVE_PATTERN)
     outputs = []
     for path, result in replays:
-        chart = os.path.join(out_dir, os.path.basename(path).removeprefix("results_").removesuffix(".json") + ".png")
+        chart = os.path.join(out_dir, chart_name(path))
         plot_trace(result, chart)
         outputs.append((f"## {os.path.basename(path)}\n\n{trace_summary(result)}", chart))
     for path, curve_result in curves:
         same = [(p, r) for p, r in replays if r["config"]["trace"] == curve_result["config"]["trace"]]
         points = replayed_points(same)
-        chart = os.path.join(out_dir, os.path.basename(path).removeprefix("results_").removesuffix(".json") + ".png")
+        chart = os.path.join(out_dir, chart_name(path))
         plot_curve(curve_result, points, chart)
         outputs.append((f"## {os.path.basename(path)}\n\n{curve_table(curve_result['curve'], points)}", chart))
     return outputs

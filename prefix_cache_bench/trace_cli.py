@@ -5,6 +5,7 @@ import datetime
 import time
 
 from .cli import checked, positive_int
+from .defaults import SERVER_PHASE
 from .errors import usage_error
 from .results import trace_results_path, write_result
 from .traces import check_block_sizes, parse_capacities, read_trace, select_window, simulate_capacities
@@ -50,7 +51,7 @@ def add_trace_flags(parser):
                    help="--simulate-capacities: the engine's KV block (default %(default)s, vLLM on a GPU)")
 
 
-LOAD_FLAGS = ("concurrency", "request_rate", "num_prefixes", "sizes", "size_a", "size_b", "replicas")
+LOAD_FLAGS = ("concurrency", "request_rate", "num_prefixes", "sizes", "size_a", "size_b")
 
 
 def check_trace_flags(opts, vllm_flags):
@@ -61,6 +62,9 @@ def check_trace_flags(opts, vllm_flags):
         if opts.simulate_capacities:
             usage_error("--simulate-capacities needs --trace")
         return
+    if opts.replicas:
+        usage_error("--replicas: a fleet is not replayed yet (docs/traces.md, limits); replay through a router "
+                    "that is already running with --base-url")
     given = [name for name in LOAD_FLAGS if getattr(opts, name, None)]
     if given:
         usage_error(f"--{given[0].replace('_', '-')}: a trace replay sends the trace's own requests at its own times")
@@ -101,7 +105,7 @@ def simulate(opts, provenance):
     curve = simulate_capacities(window, capacities, opts.engine_block_size, opts.trace_block_size)
     elapsed_s = time.perf_counter() - started
     result = {
-        "experiment": "capacity_curve",
+        "phase": SERVER_PHASE, "experiment": "capacity_curve",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"trace": opts.trace, "trace_block_size": opts.trace_block_size,
                    "engine_block_size": opts.engine_block_size, "trace_start_s": opts.trace_start_s,

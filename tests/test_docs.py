@@ -58,7 +58,7 @@ def test_every_documented_command_is_accepted_by_the_real_parser(path, words, ti
         assert opts.configs and engine_args.enable_prefix_caching
     elif script == "phase1_experiment.py":
         opts, vllm_flags = p1.parse_args(args)
-        assert opts.configs and not (opts.base_url and vllm_flags)
+        assert (opts.configs or opts.trace) and not (opts.base_url and vllm_flags)
     elif script == "plot_results.py":
         plot_results.build_parser().parse_args(args)
     elif script == "tests/make_model.py":
