@@ -143,19 +143,35 @@ class HttpClient:
                                 headers={"Content-Type": "application/json"}) as response:
             await self._check(response, "POST /v1/completions")
             async for line in response.content:
-                arrived = time.perf_counter()
-                if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                    continue
-                chunk = json.loads(line[6:])
-                if chunk.get("error"):          # vLLM reports a failure mid-stream with HTTP 200
-                    error = chunk["error"]
-                    raise ExperimentError(f"{self.base_url} failed a completion request mid-stream: "
-                                          f"{first_line(error.get('message', error) if isinstance(error, dict) else error)}")
-                if chunk.get("choices"):
-                    token_times.append(arrived)
-                if chunk.get("usage"):
-                    usage = chunk["usage"]
+                usage = take_chunks([line], time.perf_counter(), self.base_url, token_times, usage)
         return StreamedResponse(sent, token_times, usage, time.perf_counter())
+
+
+def take_chunks(lines, arrived_s, base_url, token_times, usage):
+    """Fold the lines of a streamed completion that arrived at arrived_s into token_times (one
+    entry per chunk that carries a token); returns the last usage seen, else usage."""
+    for line in lines:
+        chunk = completion_chunk(line, base_url)
+        if chunk is None:
+            continue
+        if chunk.get("choices"):
+            token_times.append(arrived_s)
+        usage = chunk.get("usage") or usage
+    return usage
+
+
+def completion_chunk(line, base_url):
+    """One line of a streamed completion: its chunk (parsed JSON), or None for a line that
+    holds none (not `data:`, or `data: [DONE]`). A chunk that reports an error (vLLM reports a
+    failure mid-stream with HTTP 200) raises ExperimentError."""
+    if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
+        return None
+    chunk = json.loads(line[6:])
+    if chunk.get("error"):
+        error = chunk["error"]
+        raise ExperimentError(f"{base_url} failed a completion request mid-stream: "
+                              f"{first_line(error.get('message', error) if isinstance(error, dict) else error)}")
+    return chunk
 
 
 def quiet_on_interrupt(loop, context):

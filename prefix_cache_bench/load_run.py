@@ -390,20 +390,29 @@ def print_level(level, run, capacity_tokens, engines=1):
                   + ("" if api is None else f", the busiest server's API process {api:.0%}"))
 
 
+def failure_exit(result, path, kept, most_problems=None):
+    """Print a written run's audit problems and failure; its exit code (1 a failure, 3 a failed
+    audit), or 0. kept: what of the run the file holds after a failure ("levels", "passes")."""
+    for problem in result["cache_audit"]["problems"][:most_problems]:
+        print(f"!!!   {problem}", file=sys.stderr)
+    if result["failure"]:
+        print(f"{SERVER_PROG}: error: {result['failure']}; the {kept} measured before are in {path}", file=sys.stderr)
+        return EXIT_SETUP
+    if result["cache_audit"]["ok"] is False:
+        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
+        return EXIT_AUDIT
+    return 0
+
+
 def finish_load(result, opts):
     """Write a load run's JSON (also a sweep that requests' failures ended early: what was
     measured is kept) and say how it ended. Returns the exit code."""
     path = load_results_path(opts.results_dir, result)
     write_result(path, result)
     print(f"wrote {path}", flush=True)
-    for problem in result["cache_audit"]["problems"]:
-        print(f"!!!   {problem}", file=sys.stderr)
-    if result["failure"]:
-        print(f"{SERVER_PROG}: error: {result['failure']}; the levels measured before are in {path}", file=sys.stderr)
-        return EXIT_SETUP
-    if result["cache_audit"]["ok"] is False:
-        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
-        return EXIT_AUDIT
+    code = failure_exit(result, path, "levels")
+    if code:
+        return code
     if result["cache_audit"].get("unaudited"):
         print(f"!!! UNAUDITED: {result['cache_audit']['unaudited']}", file=sys.stderr)
     return 0

@@ -14,6 +14,7 @@ import time
 import urllib.parse
 
 from .engine_api import StreamedResponse
+from .http_client import take_chunks
 from .errors import ExperimentError, first_line
 
 IDLE_REUSE_S = 3.0      # an idle connection is reused only this soon (vLLM closes them after 5 s by default)
@@ -163,18 +164,7 @@ async def read_stream(pool, reader, writer, sent, base_url):
         arrived = time.perf_counter()
         pending += piece
         *lines, pending = pending.split(b"\n")
-        for line in lines:
-            if not line.startswith(b"data: ") or line.startswith(b"data: [DONE]"):
-                continue
-            chunk = json.loads(line[6:])
-            if chunk.get("error"):          # vLLM reports a failure mid-stream with HTTP 200
-                error = chunk["error"]
-                raise ExperimentError(f"{base_url} failed a completion request mid-stream: "
-                                      f"{first_line(error.get('message', error) if isinstance(error, dict) else error)}")
-            if chunk.get("choices"):
-                token_times.append(arrived)
-            if chunk.get("usage"):
-                usage = chunk["usage"]
+        usage = take_chunks(lines, arrived, base_url, token_times, usage)
     if headers.get("connection", "").lower() == "close":
         pool.discard(writer)
     else:

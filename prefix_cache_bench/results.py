@@ -116,12 +116,13 @@ def trace_stem(trace_path):
 
 
 def trace_results_path(results_dir, result):
-    """results_trace_{trace}_s{start}_n{requests}.json of a replay, results_capacity_{trace}_s{start}_n{requests}.json
-    of a --simulate-capacities curve."""
+    """results_trace_{trace}_s{start}_n{requests}.json of a replay (..._tier.json with a second
+    tier), results_capacity_{trace}_s{start}_n{requests}.json of a --simulate-capacities curve."""
     kind = "capacity" if result["experiment"] == "capacity_curve" else "trace"
     window = result["window"]
+    tier = "_tier" if result.get("tier_capacity_tokens") else ""
     return os.path.join(results_dir, f"results_{kind}_{trace_stem(result['config']['trace'])}"
-                                     f"_s{window['start_s']:g}_n{window['requests']}.json")
+                                     f"_s{window['start_s']:g}_n{window['requests']}{tier}.json")
 
 
 FILE_PATTERN = "results_phase*_a*_b*.json"

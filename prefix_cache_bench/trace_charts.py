@@ -72,7 +72,8 @@ def replayed_points(replays):
     for path, result in replays:
         share = ((result["arms"].get("cached") or {}).get("hit_share") or {}).get("measured")
         if share is not None:
-            points.append((result["simulated_capacity_tokens"], share, os.path.basename(path)))
+            where = "HBM + tier" if result.get("tier_capacity_tokens") else "HBM"
+            points.append((result["simulated_capacity_tokens"], share, f"{result['environment'].get('device')}, {where}"))
     return points
 
 

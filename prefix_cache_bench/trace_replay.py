@@ -13,10 +13,10 @@ import time
 import uuid
 
 from .audit import counter_growth, counter_problems, wait_for_counters
-from .defaults import FLUSH_PROMPT_TOKENS, SERVER_PHASE, SERVER_PROG
+from .defaults import FLUSH_PROMPT_TOKENS, SERVER_PHASE
 from .engine_api import StreamedResponse
-from .errors import EXIT_AUDIT, EXIT_SETUP, ExperimentError
-from .load_run import prompt_tokens_growth, replica_load_counters
+from .errors import ExperimentError
+from .load_run import failure_exit, prompt_tokens_growth, replica_load_counters
 from .load_workload import send_all
 from .prometheus import server_times, total_counters
 from .protocol import flush_engine_stats
@@ -242,6 +242,7 @@ def input_cap_tokens(opts, requests, max_model_len):
 def run_trace(engine, tokenizer, opts, env, unaudited, requests, model_dir=None):
     """The replay: --repeats passes, each a cached and a cold arm in alternating order, at the
     window's times. Returns the result dict (also after a failure: what was measured)."""
+    rss_before_mb = client_rss_mb()
     check_server(opts, env)
     gpu_tokens = engine.total_kv_capacity_tokens()
     tier_tokens = tier_capacity_tokens(engine.tier(), model_dir)
@@ -279,7 +280,10 @@ def run_trace(engine, tokenizer, opts, env, unaudited, requests, model_dir=None)
         passes.append(run)
         if failure:
             break
-    return trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows, input_cap)
+    result = trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows, input_cap)
+    # the peak before the replay: the libraries (transformers; torch where the server is embedded) and the tokenizer
+    result["client"]["max_rss_mb_before_replay"] = rss_before_mb
+    return result
 
 
 def trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows, input_cap):
@@ -374,13 +378,5 @@ def finish_trace(result, opts):
     if fidelity is not None and fidelity < FIDELITY_WARNING:
         print(f"!!! fidelity {fidelity:.1%}: under {FIDELITY_WARNING:.0%} of the cached requests found what the LRU "
               f"model of the server's cache predicts (within one trace block)", file=sys.stderr)
-    for problem in result["cache_audit"]["problems"][:20]:
-        print(f"!!!   {problem}", file=sys.stderr)
-    if result["failure"]:
-        print(f"{SERVER_PROG}: error: {result['failure']}; the passes measured before are in {path}", file=sys.stderr)
-        return EXIT_SETUP
-    if result["cache_audit"]["ok"] is False:
-        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
-        return EXIT_AUDIT
-    return 0
+    return failure_exit(result, path, "passes", most_problems=20)
 

@@ -15,10 +15,10 @@ PACKAGE = os.path.join(ROOT, "prefix_cache_bench")
 LAYERS = {
     0: ("errors", "defaults", "engine_api", "prometheus", "host"),
     1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers", "tiers",
-        "traces", "raw_stream"),
+        "traces"),
     2: ("analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit", "trace_figures", "trace_tables",
-        "trace_cli", "open_loop"),
-    3: ("protocol", "tables"),
+        "trace_cli", "raw_stream"),
+    3: ("protocol", "tables", "open_loop"),
     4: ("offline", "processes", "load_run", "load_tables"),
     5: ("charts", "trace_replay", "trace_charts"),
     6: ("readmes",),
