@@ -191,8 +191,8 @@ def parse_args(argv):
     opts, vllm_flags = build_parser().parse_known_args(argv)
     check_run_flags(opts)
     check_load_flags(opts)
-    check_fleet_flags(opts)
     check_trace_flags(opts, vllm_flags)
+    check_fleet_flags(opts)
     if opts.trace:
         opts.configs = []                   # a replay's requests are the trace's: no A/B config to fit
     if opts.processes != 1 or opts.worker_output:

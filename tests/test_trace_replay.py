@@ -10,9 +10,11 @@ import sys
 
 import pytest
 
+import phase1_experiment
 import plot_results as pr
 from conftest import ROOT, load_tool, run_script
 from prefix_cache_bench import open_loop, raw_stream, trace_figures
+from prefix_cache_bench.errors import EXIT_USAGE, ExperimentError
 
 # Trace blocks of 512 tokens, four KV blocks of 128 on this CPU. Lines 1-2 are the window's
 # history (--trace-start-s 0.15); lines 3-7 are measured, and what each can reuse is known:
@@ -98,13 +100,14 @@ def test_bad_traces_end_in_one_line_naming_the_file_and_line_before_any_server(t
     assert proc.returncode == 2, proc.stderr
     [line] = [l for l in proc.stderr.splitlines() if l.strip()]
     assert f"{backwards}:2:" in line and "backwards" in line
+    # the rest through the same parser, in this process
     good = write_trace(tmp_path / "good.jsonl", HAND_TRACE)
-    proc = phase1("--model", "/nonexistent", "--trace", good, "--block-size", "48", timeout=60)
-    assert proc.returncode == 2 and "48" in proc.stderr and good in proc.stderr
-    proc = phase1("--model", "/nonexistent", "--trace", good, "--trace-start-s", "100", timeout=60)
-    assert proc.returncode == 2 and good in proc.stderr
-    proc = phase1("--model", "/nonexistent", "--trace", good, "--concurrency", "4", timeout=60)
-    assert proc.returncode == 2 and "--concurrency" in proc.stderr
+    for flags, needle in ((["--block-size", "48"], "48"), (["--trace-start-s", "100"], "no request in the window"),
+                          (["--concurrency", "4"], "--concurrency"), (["--replicas", "2"], "--replicas")):
+        with pytest.raises(ExperimentError) as refused:
+            phase1_experiment.parse_args(["--model", "/nonexistent", "--trace", good, *flags])
+        assert refused.value.exit_code == EXIT_USAGE and needle in str(refused.value)
+        assert good in str(refused.value) or needle.startswith("--")
 
 
 def test_capacities_are_simulated_without_vllm_torch_or_transformers(tmp_path):

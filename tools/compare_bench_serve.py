@@ -15,7 +15,6 @@ condition. Every percentile here is numpy's (linear), as the bench
 computes them, over each round's requests; the figures over rounds are means with a t-interval.
 """
 import argparse
-import asyncio
 import glob
 import json
 import os
