@@ -37,9 +37,9 @@ from prefix_cache_bench.defaults import RESULTS_DIR
 from prefix_cache_bench.load_tables import compare_load_runs, fleet_groups, fleet_table
 from prefix_cache_bench.prefill_fit import describe_fit, prefill_fit
 from prefix_cache_bench.readmes import reruns_readme, results_readme, write_readme
-from prefix_cache_bench.results import (FILE_PATTERN, LOAD_PATTERNS, check_out_dir, discover_load_results,
-                                        discover_results, folders_with_results_hint)
-from prefix_cache_bench.trace_charts import has_trace_results, trace_outputs
+from prefix_cache_bench.results import (FILE_PATTERN, LOAD_PATTERNS, TRACE_PATTERNS, check_out_dir, discover_load_results,
+                                        discover_results, discover_trace_results, folders_with_results_hint)
+from prefix_cache_bench.trace_charts import trace_outputs
 from prefix_cache_bench.tables import (anatomy_table, by_model, compare_runs, server_path_cost, server_path_table,
                                        summary_table, tier_table)
 
@@ -83,10 +83,11 @@ def main(argv=None):
         return 1
     phases, skipped = discover_results(args.results_dir)
     loads, skipped_loads = discover_load_results(args.results_dir)
-    for path, why in skipped + skipped_loads:
+    replays, curves, skipped_traces = discover_trace_results(args.results_dir)
+    for path, why in skipped + skipped_loads + skipped_traces:
         print(f"skipped {path}: {why}", file=sys.stderr)
-    if not phases and not loads and not has_trace_results(args.results_dir):
-        print(f"plot_results.py: error: no usable {FILE_PATTERN} (or {', '.join(LOAD_PATTERNS)}) in "
+    if not phases and not loads and not replays and not curves:
+        print(f"plot_results.py: error: no usable {FILE_PATTERN} (or {', '.join(LOAD_PATTERNS + TRACE_PATTERNS)}) in "
               f"{args.results_dir!r}{folders_with_results_hint(args.results_dir)}", file=sys.stderr)
         return 1
     try:
@@ -116,7 +117,7 @@ def main(argv=None):
                 context_file = os.path.join(out_dir, f"ttft_vs_context_{phase}.png")
                 plot_context(group, fit, label, context_file)
                 print(f"wrote {context_file}")
-    for text, chart in trace_outputs(args.results_dir, out_dir):
+    for text, chart in trace_outputs(replays, curves, out_dir):
         print(f"\n{text}\n\nwrote {chart}")
     for path, data in loads:
         chart, text = load_outputs(path, data, out_dir)

@@ -6,7 +6,8 @@ from .charts import SERVER_PATH_CHART
 from .load_tables import fleet_groups, fleet_table, load_file_tables, load_title
 from .prefill_fit import describe_fit, prefill_fit
 from .provenance import describe_provenance
-from .trace_charts import CURVE_PATTERN, TRACE_PATTERN, chart_name, discover, replayed_points
+from .results import discover_trace_results
+from .trace_charts import chart_name, replayed_points, same_trace
 from .trace_tables import curve_table, trace_summary
 from .tables import by_model, interval_note, server_path_cost, server_path_table, summary_table, tier_table
 
@@ -63,12 +64,12 @@ def results_readme(title, phases, folder=".", loads=()):
 def trace_sections(folder):
     """README lines of the trace replays and capacity curves in folder: where each came from,
     its tables, its chart."""
-    replays, lines = discover(folder, TRACE_PATTERN), []
-    for path, data in replays + discover(folder, CURVE_PATTERN):
+    replays, curves, _ = discover_trace_results(folder)
+    lines = []
+    for path, data in replays + curves:
         origin, chart = describe_provenance(data), chart_name(path)
         if data["experiment"] == "capacity_curve":
-            same = [(p, r) for p, r in replays if r["config"]["trace"] == data["config"]["trace"]]
-            body = curve_table(data["curve"], replayed_points(same))
+            body = curve_table(data["curve"], replayed_points(same_trace(replays, data)))
         else:
             body = trace_summary(data)
         lines += [f"## {os.path.basename(path).removesuffix('.json').removeprefix('results_')}", "",

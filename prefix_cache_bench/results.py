@@ -193,26 +193,43 @@ def discover_results(results_dir=RESULTS_DIR):
 
 
 LOAD_PATTERNS = ("results_load_*.json", "results_workingset_*.json", "results_fleet_*.json")
+TRACE_PATTERNS = ("results_trace_*.json", "results_capacity_*.json")
 
 
 FLEET_RE = re.compile(r"^results_fleet_(.+)_a(\d+)_(p[\d-]+)_(concurrency|rate)\.json(\.gz)?$")
 
 
-def discover_load_results(results_dir=RESULTS_DIR):
-    """[(path, data)] of the load and working-set files, and [(path, why)] for skipped ones."""
+def discover_files(results_dir, patterns, why_not):
+    """[(path, data)] of the files in results_dir matching patterns (or gzipped), and [(path, why)]
+    for those skipped: unreadable, or refused by why_not(data) (a reason, or None to keep)."""
     found, skipped = [], []
-    for path in sorted(p for pattern in LOAD_PATTERNS for suffix in ("", ".gz")
+    for path in sorted(p for pattern in patterns for suffix in ("", ".gz")
                        for p in glob.glob(os.path.join(results_dir, pattern + suffix))):
         try:
             data = read_result(path)
         except ValueError as e:
             skipped.append((path, str(e)))
             continue
-        if data.get("experiment") not in ("load", "working_set") or not data.get("levels"):
-            skipped.append((path, "no load levels in it"))
+        why = why_not(data)
+        if why:
+            skipped.append((path, why))
             continue
         found.append((path, data))
     return found, skipped
+
+
+def discover_load_results(results_dir=RESULTS_DIR):
+    """[(path, data)] of the load and working-set files, and [(path, why)] for skipped ones."""
+    return discover_files(results_dir, LOAD_PATTERNS, lambda data: None if data.get("experiment") in (
+        "load", "working_set") and data.get("levels") else "no load levels in it")
+
+
+def discover_trace_results(results_dir=RESULTS_DIR):
+    """([(path, replay)], [(path, capacity curve)], [(path, why)] for skipped files)."""
+    found, skipped = discover_files(results_dir, TRACE_PATTERNS, lambda data: None if data.get("experiment") in (
+        "trace", "capacity_curve") else "neither a trace replay nor a capacity curve")
+    return ([(p, d) for p, d in found if d["experiment"] == "trace"],
+            [(p, d) for p, d in found if d["experiment"] == "capacity_curve"], skipped)
 
 
 def check_out_dir(path):

@@ -2,17 +2,14 @@
 simulated, ideal), and the capacity curve with the replayed points on it (matplotlib, imported
 when drawing).
 """
-import glob
 import os
 
 import numpy as np
 
-from .results import read_result
 from .trace_tables import curve_table, trace_summary
 
 ARM_COLOURS = {"cached": "#2a9d8f", "cold": "#8d99ae"}
 SHARE_STYLES = {"measured": ("#2a9d8f", "-"), "simulated": ("#e76f51", "--"), "ideal": ("#264653", ":")}
-TRACE_PATTERN, CURVE_PATTERN = "results_trace_*.json", "results_capacity_*.json"
 
 
 def pyplot():
@@ -99,38 +96,27 @@ def plot_curve(curve_result, points, outfile):
     plt.close(fig)
 
 
-def discover(results_dir, pattern):
-    """[(path, result)] of the files matching pattern; one that does not read is skipped."""
-    found = []
-    for path in sorted(glob.glob(os.path.join(results_dir, pattern))):
-        try:
-            found.append((path, read_result(path)))
-        except (OSError, ValueError):
-            continue
-    return found
-
-
-def has_trace_results(results_dir):
-    return any(glob.glob(os.path.join(results_dir, pattern)) for pattern in (TRACE_PATTERN, CURVE_PATTERN))
-
-
 def chart_name(path):
     """The chart of a result file: results_trace_X.json -> trace_X.png."""
     return os.path.basename(path).removeprefix("results_").removesuffix(".json") + ".png"
 
 
-def trace_outputs(results_dir, out_dir):
-    """Charts and Markdown of every replay and capacity curve in results_dir: [(text, chart path)]."""
-    replays, curves = discover(results_dir, TRACE_PATTERN), discover(results_dir, CURVE_PATTERN)
+def trace_outputs(replays, curves, out_dir):
+    """Charts and Markdown of replays and capacity curves ([(path, result)]): [(text, chart path)].
+    A curve's chart carries the replays of its trace."""
     outputs = []
     for path, result in replays:
         chart = os.path.join(out_dir, chart_name(path))
         plot_trace(result, chart)
         outputs.append((f"## {os.path.basename(path)}\n\n{trace_summary(result)}", chart))
     for path, curve_result in curves:
-        same = [(p, r) for p, r in replays if r["config"]["trace"] == curve_result["config"]["trace"]]
-        points = replayed_points(same)
+        points = replayed_points(same_trace(replays, curve_result))
         chart = os.path.join(out_dir, chart_name(path))
         plot_curve(curve_result, points, chart)
         outputs.append((f"## {os.path.basename(path)}\n\n{curve_table(curve_result['curve'], points)}", chart))
     return outputs
+
+
+def same_trace(replays, curve_result):
+    """The replays of the trace a capacity curve was drawn from."""
+    return [(p, r) for p, r in replays if r["config"]["trace"] == curve_result["config"]["trace"]]

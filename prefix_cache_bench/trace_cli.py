@@ -8,6 +8,7 @@ from .cli import checked, positive_int
 from .defaults import SERVER_PHASE
 from .errors import usage_error
 from .results import trace_results_path, write_result
+from .tiers import flag_value
 from .traces import check_block_sizes, parse_capacities, read_trace, select_window, simulate_capacities
 
 TRACE_BLOCK_TOKENS = 512        # Mooncake traces hash 512-token blocks
@@ -68,24 +69,13 @@ def check_trace_flags(opts, vllm_flags):
     given = [name for name in LOAD_FLAGS if getattr(opts, name, None)]
     if given:
         usage_error(f"--{given[0].replace('_', '-')}: a trace replay sends the trace's own requests at its own times")
-    block = flag_block_size(vllm_flags)
+    block = flag_value(vllm_flags, "--block-size")
     if block:
-        check_block_sizes(opts.trace_block_size, block, opts.trace)
+        if not block.isdigit():
+            usage_error(f"--block-size {block!r}: expected an integer")
+        check_block_sizes(opts.trace_block_size, int(block), opts.trace)
     opts.trace_requests = read_trace(opts.trace, opts.trace_block_size)
     window_of(opts, opts.trace_requests, opts.max_input_tokens, None)     # an empty window: exit 2 now
-
-
-def flag_block_size(vllm_flags):
-    """vLLM's --block-size among the flags for the embedded server, or None."""
-    for k, flag in enumerate(vllm_flags):
-        value = flag.split("=", 1)[1] if flag.startswith("--block-size=") else \
-            (vllm_flags[k + 1] if flag == "--block-size" and k + 1 < len(vllm_flags) else None)
-        if value is not None:
-            try:
-                return int(value)
-            except ValueError:
-                usage_error(f"--block-size {value!r}: expected an integer")
-    return None
 
 
 def window_of(opts, requests, max_input_tokens, history_tokens):

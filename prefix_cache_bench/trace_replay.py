@@ -63,10 +63,12 @@ def ledger(window, engine_block_size, capacity_tokens, trace_block_size):
     through the LRU model of the server's cache at its capacity."""
     ideal = IdealLedger(engine_block_size, trace_block_size)
     model = PrefixCacheSimulator(capacity_tokens, engine_block_size, trace_block_size)
+    def both(r):
+        keys = prefix_keys(r.hash_ids)
+        return ideal.observe(r, keys), model.observe(r, keys)
     for r in window.history:
-        ideal.observe(r)
-        model.observe(r, prefix_keys(r.hash_ids))
-    return [(ideal.observe(r), model.observe(r, prefix_keys(r.hash_ids))) for r in window.measured]
+        both(r)
+    return [both(r) for r in window.measured]
 
 
 async def send_open_loop(base_url, plan, model, salts, drain_s, max_in_flight):
