@@ -35,8 +35,10 @@ cache namespace a pass, warmed with the trace's earlier requests) against a cold
 request's cached tokens set against what an infinite cache and an LRU model of the server's
 cache would find; or, with no server, the window's reusable share at several cache sizes:
 
-    python phase1_experiment.py --model /path/to/model --trace conversation_trace.jsonl.gz --trace-start-s 600 --trace-duration-s 120
-    python phase1_experiment.py --trace conversation_trace.jsonl.gz --simulate-capacities 0.5x,1x,2x,4x,16x --kv-capacity-tokens 400000
+    python phase1_experiment.py --model /path/to/model --trace conversation_trace.jsonl.gz \\
+        --trace-start-s 600 --trace-duration-s 120
+    python phase1_experiment.py --trace conversation_trace.jsonl.gz --simulate-capacities 0.5x,1x,2x,4x,16x \\
+        --kv-capacity-tokens 400000
 
 Writes results_trace_{trace}_s{start}_n{requests}.json (results_capacity_... for a curve).
 
@@ -46,18 +48,15 @@ written).
 """
 import argparse
 import contextlib
-import re
 import shlex
-import signal
 import sys
 
-from prefix_cache_bench.cli import check_model_folder, check_run_flags, checked, experiment_parser, number_list, positive_int
-from prefix_cache_bench.defaults import (CONTEXT_SIZE_A, DETAILS_FLAG, IDEAL, LOAD_NUM_PREFIXES, LOAD_NUM_REQUESTS,
-                                         LOAD_REPEATS, LOAD_REQUESTS_PER_CLIENT, MODEL_NAME, REQUEST_TIMEOUT_S,
-                                         ROUTER_POLICIES, SEED, SERVER_HOST, SERVER_MIN_BLOCK_SECONDS,
-                                         SERVER_NUM_BLOCKS, SERVER_START_TIMEOUT_S)
+from prefix_cache_bench.cli import check_model_folder, checked, experiment_parser, number_list, positive_int
+from prefix_cache_bench.defaults import (DETAILS_FLAG, IDEAL, LOAD_NUM_PREFIXES, LOAD_NUM_REQUESTS, LOAD_REPEATS,
+                                         LOAD_REQUESTS_PER_CLIENT, MODEL_NAME, REQUEST_TIMEOUT_S, SEED, SERVER_HOST,
+                                         SERVER_MIN_BLOCK_SECONDS, SERVER_NUM_BLOCKS, SERVER_START_TIMEOUT_S)
 from prefix_cache_bench.defaults import SERVER_PROG as PROG
-from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signal, usage_error
+from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signals, usage_error
 from prefix_cache_bench.http_client import HttpClient
 from prefix_cache_bench.load_run import finish_load, run_load
 from prefix_cache_bench.trace_replay import finish_trace, run_trace
@@ -65,6 +64,8 @@ from prefix_cache_bench.protocol import run_configs, write_results
 from prefix_cache_bench.provenance import provenance
 from prefix_cache_bench.results import check_results_dir
 from prefix_cache_bench.server_engine import add_phase1_stats, prepare, server_environment
+from prefix_cache_bench.settings import (FleetSettings, LoadSettings, Phase1Settings, RunSettings, ServerSettings,
+                                         TraceSettings)
 from prefix_cache_bench.servers import EmbeddedServer, Fleet, check_port_free, fleet_environment, free_port
 from prefix_cache_bench.tiers import check_tier_can_start, flag_value, tier_from_flags
 from prefix_cache_bench.trace_cli import add_trace_flags, check_trace_flags, simulate
@@ -113,51 +114,6 @@ def add_load_flags(parser):
                    help="goodput: completed requests per second whose TTFT is at most this")
 
 
-def check_fleet_flags(opts):
-    """--replicas and its front: measured under load, started here (not --base-url)."""
-    if opts.replica_urls and not opts.base_url:
-        usage_error("--replica-urls names the servers behind --base-url")
-    if opts.replicas is None:
-        if opts.router_policy or opts.router_args or opts.router != "vllm-router":
-            usage_error("--router, --router-policy and --router-args go with --replicas")
-        return
-    if opts.base_url:
-        usage_error("--replicas starts a fleet; to measure a running one, give its front as --base-url and its "
-                       "servers as --replica-urls")
-    if not opts.load:
-        usage_error("a fleet is measured under load: add --concurrency, --request-rate or --num-prefixes")
-    if opts.router == "dp":
-        if opts.router_policy or opts.router_args:
-            usage_error("--router dp balances inside vLLM: drop --router-policy/--router-args")
-        opts.router_policy = ["dp"]
-    else:
-        opts.router_policy = opts.router_policy or ["cache_aware"]
-        unknown = [p for p in opts.router_policy if p not in ROUTER_POLICIES + (IDEAL,)]
-        if unknown:
-            usage_error(f"--router-policy {unknown[0]!r}: vllm-router knows {', '.join(ROUTER_POLICIES)} "
-                           f"(and {IDEAL}: no router, each document straight to a replica of its own)")
-
-
-def check_load_flags(opts):
-    """Sets opts.load (a load run or not) and the default number of documents."""
-    opts.load = bool(opts.concurrency or opts.request_rate or opts.num_prefixes)
-    if not opts.load:
-        return
-    if opts.concurrency and opts.request_rate:
-        usage_error("either --concurrency or --request-rate: one kind of load per run")
-    if opts.sizes or opts.size_b:
-        usage_error("under load a request is [document, Q]: --size-a sets the document's tokens; drop "
-                       "--size-b/--sizes")
-    opts.num_prefixes = opts.num_prefixes or [LOAD_NUM_PREFIXES]
-    if len(opts.num_prefixes) > 1 and len(opts.concurrency or opts.request_rate or [1]) > 1:
-        usage_error("a working-set sweep (several --num-prefixes) runs at one load level: give one "
-                       "--concurrency or --request-rate")
-    opts.size_a = opts.size_a or CONTEXT_SIZE_A
-
-
-
-
-
 def build_parser():
     parser = argparse.ArgumentParser(prog=PROG, description=__doc__, parents=[experiment_parser()],
                                      formatter_class=argparse.RawDescriptionHelpFormatter, allow_abbrev=False)
@@ -187,85 +143,81 @@ def api_server_count(vllm_flags):
 
 
 def parse_args(argv):
-    """Returns (opts, vllm_flags): our flags, and the rest for the embedded `vllm serve`."""
-    opts, vllm_flags = build_parser().parse_known_args(argv)
-    check_run_flags(opts)
-    check_load_flags(opts)
-    check_trace_flags(opts, vllm_flags)
-    check_fleet_flags(opts)
-    if opts.trace:
-        opts.configs = []                   # a replay's requests are the trace's: no A/B config to fit
-    if opts.processes != 1 or opts.worker_output:
+    """Returns (Phase1Settings, vllm_flags, the trace's requests or None): our flags, checked
+    and frozen, and the rest for the embedded `vllm serve`."""
+    flags, vllm_flags = build_parser().parse_known_args(argv)
+    run = RunSettings.from_flags(flags, seed=SEED, **({"configs": ()} if flags.trace else {}))
+    load = LoadSettings.from_flags(flags)
+    trace_requests = check_trace_flags(flags, vllm_flags)
+    fleet = FleetSettings.from_flags(flags)
+    if run.processes != 1 or run.worker_output:
         usage_error("--processes: phase 1 measures one server; its interval is over the server's time blocks")
-    if opts.base_url:
-        if not re.match(r"^https?://[^/\s]+", opts.base_url):
-            usage_error(f"--base-url must look like http://host:port, got {opts.base_url!r}")
-        if vllm_flags:
-            usage_error(f"unknown flags {vllm_flags}: vLLM flags go to an embedded server, and --base-url "
-                           f"measures one that is already running")
+    if flags.base_url and vllm_flags:
+        usage_error(f"unknown flags {vllm_flags}: vLLM flags go to an embedded server, and --base-url "
+                    f"measures one that is already running")
     refused = [f for f in vllm_flags if f in ("--no-enable-prefix-caching", "--disable-log-stats")]
     if refused:
         usage_error(f"{refused[0]}: the prefix cache and its /metrics are what this tool measures")
     if api_server_count(vllm_flags) not in (None, "1"):
         # the embedded server is vLLM's API server module, which would ignore it and run one API server
         usage_error("--api-server-count: the embedded server runs one API server process; start "
-                       "`vllm serve --api-server-count N --enable-prompt-tokens-details` yourself and pass --base-url")
-    opts.seed = SEED
-    return opts, vllm_flags
+                    "`vllm serve --api-server-count N --enable-prompt-tokens-details` yourself and pass --base-url")
+    settings = Phase1Settings(run=run, server=ServerSettings.from_flags(flags), load=load, fleet=fleet,
+                              trace=TraceSettings.from_flags(flags))
+    return settings, vllm_flags, trace_requests
 
 
-def run(opts, vllm_flags, argv):
+def run(settings, vllm_flags, argv, trace_requests):
     """Start or reach the server, check it, run every config, write the results. Returns the exit code."""
-    if opts.replicas:
-        return run_fleet(opts, vllm_flags, argv)
-    server = None
-    if not opts.base_url:
-        model = check_model_folder(opts.model or MODEL_NAME)
-        if opts.port:
-            check_port_free(opts.host, opts.port)
+    if settings.fleet:
+        return run_fleet(settings, vllm_flags, argv)
+    server, tier, cfg = None, None, settings.server
+    if not cfg.base_url:
+        model = check_model_folder(cfg.model or MODEL_NAME)
+        if cfg.port:
+            check_port_free(cfg.host, cfg.port)
         tier = tier_from_flags(vllm_flags)
         if tier:                            # one line now, not a failed start a minute later
             check_tier_can_start(flag_value(vllm_flags, "--kv-offloading-size"),
                                  flag_value(vllm_flags, "--kv-offloading-backend"))
         # the tier condition empties the GPU prefix cache through vLLM's dev-mode endpoint
-        server = EmbeddedServer(model, opts.host, opts.port or free_port(opts.host), vllm_flags,
+        server = EmbeddedServer(model, cfg.host, cfg.port or free_port(cfg.host), vllm_flags,
                                 extra_env={"VLLM_SERVER_DEV_MODE": "1"} if tier else None)
     # stopped at the end, on error and on Ctrl-C: the client first, then the server
     with server or contextlib.nullcontext():
         if server:
-            server.start(opts.server_start_timeout)
-        with HttpClient(server.base_url if server else opts.base_url, opts.request_timeout) as client:
+            server.start(cfg.start_timeout_s)
+        with HttpClient(server.base_url if server else cfg.base_url, cfg.request_timeout_s) as client:
             try:
-                engine, tokenizer, card, unaudited = prepare(client, opts, server.model if server else None,
-                                                             opts.replica_urls)
-                if server:
-                    engine.tier_description = tier_from_flags(vllm_flags) or False
+                engine, tokenizer, card, unaudited = prepare(
+                    client, settings, server.model if server else None, cfg.replica_urls and list(cfg.replica_urls),
+                    tier_description=(tier or False) if server else None)
                 env = {**server_environment(client, card, server, vllm_flags, engine),
                        **provenance(argv, PROG, __file__)}
-                if opts.trace:
-                    result = run_trace(engine, tokenizer, opts, env, unaudited, opts.trace_requests,
-                                       server.model if server else None)
+                if settings.trace:
+                    result = run_trace(engine, tokenizer, settings.trace, settings.run.seed, env, unaudited,
+                                       trace_requests, server.model if server else None)
                     death = server.death() if server and result["failure"] else None
                     if death:
                         result["failure"] = f"{result['failure']}; {death}"
-                elif opts.load:
-                    result = run_load(engine, tokenizer, opts, env, unaudited)
+                elif settings.load:
+                    result = run_load(engine, tokenizer, settings, env, unaudited)
                     death = server.death() if server and result["failure"] else None
                     if death:
                         result["failure"] = f"{result['failure']}; {death}"
                 else:
-                    results = run_configs(engine, tokenizer, opts, env)
+                    results = run_configs(engine, tokenizer, settings.run, env)
             except ExperimentError as e:
                 death = server.death() if server else None
                 raise ExperimentError(death) if death else e
-            if not opts.load and not opts.trace:
+            if not settings.load and not settings.trace:
                 for result in results:
                     add_phase1_stats(result, unaudited)
                     result["environment"]["connections_opened"] = client.connections_opened - engine.connections_before
-    if opts.trace:
-        return finish_trace(result, opts)
-    if opts.load:
-        return finish_load(result, opts)
+    if settings.trace:
+        return finish_trace(result, settings.run.results_dir)
+    if settings.load:
+        return finish_load(result, settings.run.results_dir)
     counters = results[0]["cache_audit"]["engine_counters"]
     note = None
     if counters and counters.get("other_clients"):
@@ -273,28 +225,30 @@ def run(opts, vllm_flags, argv):
                 f"({counters['prefix_cache_queries']} tokens queried, {counters['sum_prompt_tokens']} sent by this run): "
                 f"another client used the server during the run. Each request's own audit still holds; its "
                 f"timings shared the server with that traffic.")
-    return write_results(results, opts.results_dir, phase=1, note=note)
+    return write_results(results, settings.run.results_dir, phase=1, note=note)
 
 
-def run_fleet(opts, vllm_flags, argv):
+def run_fleet(settings, vllm_flags, argv):
     """--replicas N: start the fleet, then for each front (a vllm-router policy, or dp) the load
     sweep through it, one JSON each. A failure ends the run after writing what was measured."""
-    model = check_model_folder(opts.model or MODEL_NAME)
+    cfg, fleet_settings = settings.server, settings.fleet
+    model = check_model_folder(cfg.model or MODEL_NAME)
     # every replica and router is stopped at the end, on error and on Ctrl-C
-    with Fleet(model, opts.host, opts.replicas, vllm_flags, opts.router, shlex.split(opts.router_args or "")) as fleet:
-        fleet.start(opts.server_start_timeout)
-        for policy in opts.router_policy:
-            front = fleet.start_router(policy, opts.server_start_timeout)
+    with Fleet(model, cfg.host, fleet_settings.replicas, vllm_flags, fleet_settings.router,
+               shlex.split(fleet_settings.router_args)) as fleet:
+        fleet.start(cfg.start_timeout_s)
+        for policy in fleet_settings.router_policies:
+            front = fleet.start_router(policy, cfg.start_timeout_s)
             try:
-                with HttpClient(front, opts.request_timeout) as client:
+                with HttpClient(front, cfg.request_timeout_s) as client:
                     try:
-                        engine, tokenizer, card, unaudited = prepare(client, opts, model, fleet.metrics_urls)
-                        if policy == IDEAL:
-                            engine.route = fleet.metrics_urls
+                        engine, tokenizer, card, unaudited = prepare(
+                            client, settings, model, fleet.metrics_urls,
+                            route=fleet.metrics_urls if policy == IDEAL else None)
                         env = {**server_environment(client, card, fleet.replicas[0], vllm_flags, engine),
                                **provenance(argv, PROG, __file__),
                                "fleet": fleet_environment(fleet, policy, engine)}
-                        result = run_load(engine, tokenizer, opts, env, unaudited)
+                        result = run_load(engine, tokenizer, settings, env, unaudited)
                     except ExperimentError as e:
                         dead = fleet.death()
                         raise ExperimentError(f"{e}; {dead}" if dead else str(e))
@@ -305,23 +259,22 @@ def run_fleet(opts, vllm_flags, argv):
                         result["failure"] = f"{result['failure']}; {dead}"
             finally:
                 fleet.stop_router()
-            code = finish_load(result, opts)
+            code = finish_load(result, settings.run.results_dir)
             if code:
                 return code
     return 0
 
 
 def main(argv):
-    opts, vllm_flags = parse_args(argv)         # exit 2 on a bad flag, before anything starts
-    check_results_dir(opts.results_dir)
-    if opts.simulate_capacities:                # no server: the model of its cache alone
-        return simulate(opts, provenance(argv, PROG, __file__))
-    return run(opts, vllm_flags, argv)
+    settings, vllm_flags, trace_requests = parse_args(argv)     # exit 2 on a bad flag, before anything starts
+    check_results_dir(settings.run.results_dir)
+    if settings.trace and settings.trace.simulate_capacities:       # no server: the model of its cache alone
+        return simulate(settings.trace, trace_requests, settings.run.results_dir, provenance(argv, PROG, __file__))
+    return run(settings, vllm_flags, argv, trace_requests)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, stop_on_signal)
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    stop_on_signals()
     try:
         exit_code = main(sys.argv[1:])
     except (ExperimentError, Interrupted) as e:

@@ -31,7 +31,6 @@ vLLM's own name. Exit codes: 0 ok, 1 setup problem or the engine died, 2 bad arg
 """
 import argparse
 import os
-import signal
 import sys
 
 # The design's globals (MODEL_NAME, CONTEXT_SIZE_A, ..., WARMUP_TOKENS) and the run's shape: the
@@ -39,35 +38,36 @@ import sys
 from prefix_cache_bench.defaults import (CONTEXT_SIZE_A, CONTEXT_SIZE_B, MAX_OUTPUT_TOKENS, MODEL_NAME,  # noqa: F401
                                          NUM_TRIALS, SEED, WARMUP_TOKENS, WARMUP_TRIALS)
 from prefix_cache_bench.defaults import OFFLINE_PROG as PROG, PROFILED_REQUESTS
-from prefix_cache_bench.cli import (check_model_folder, check_run_flags, experiment_parser, non_negative_int,
-                                    resolve_run_shape)
-from prefix_cache_bench.errors import ExperimentError, Interrupted, first_line, stop_on_signal, usage_error
+from prefix_cache_bench.cli import check_model_folder, experiment_parser, non_negative_int
+from prefix_cache_bench.errors import ExperimentError, Interrupted, first_line, stop_on_signals, usage_error
 from prefix_cache_bench.offline import check_model_fits, keep_multicast_off, restore_output, run_experiment
 from prefix_cache_bench.processes import run_processes
 from prefix_cache_bench.provenance import provenance
 from prefix_cache_bench.results import check_results_dir
+from prefix_cache_bench.settings import RunSettings
 
 
 def parse_args(argv):
     """Our flags first (checked before vLLM is imported), then the rest through vLLM's own
-    parser into EngineArgs. Returns (opts, engine_args)."""
+    parser into EngineArgs. Returns (RunSettings, engine_args)."""
     ours = experiment_parser()
     ours.add_argument("--profiled-requests", type=non_negative_int, default=PROFILED_REQUESTS,
                       help="after the measured rounds, this many requests of each condition and config, each "
                            "timed on the GPU's own clock (a profiler window: never inside the measured rounds; "
                            "CUDA only; 0: none; default %(default)s)")
-    opts, engine_argv = ours.parse_known_args(argv)
-    check_run_flags(opts)
-    if opts.block_order and (opts.processes or 1) > 1:
-        usage_error("--block-order runs in one process: drop --processes")
-    resolve_run_shape(opts)
+    flags, engine_argv = ours.parse_known_args(argv)
+    # vLLM's --model and --seed, read before its import too: the seed is the run's as well
+    engine_flags = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
+    engine_flags.error = usage_error
+    engine_flags.add_argument("--model", default=MODEL_NAME)
+    engine_flags.add_argument("--seed", type=int, default=SEED)
+    model, seed = vars(engine_flags.parse_known_args(engine_argv)[0]).values()
+    settings = RunSettings.from_flags(flags, model=model, seed=seed, profiled_requests=flags.profiled_requests,
+                                      provenance=provenance(argv, PROG, __file__))
     if not {"-h", "--help"} & set(engine_argv):
         # What needs no vLLM is checked before its import (seconds): a model folder, the results folder.
-        model_flag = argparse.ArgumentParser(add_help=False, allow_abbrev=False)
-        model_flag.error = usage_error
-        model_flag.add_argument("--model", default=MODEL_NAME)
-        check_model_folder(model_flag.parse_known_args(engine_argv)[0].model)
-        check_results_dir(opts.results_dir, make=False)
+        check_model_folder(model)
+        check_results_dir(settings.results_dir, make=False)
     try:
         from vllm.engine.arg_utils import EngineArgs
         from vllm.utils.argparse_utils import FlexibleArgumentParser
@@ -84,29 +84,28 @@ def parse_args(argv):
     if not engine_ns.enable_prefix_caching or engine_ns.disable_log_stats:
         usage_error("prefix caching and engine stats are what this tool measures: they are always on "
                     "(drop --no-enable-prefix-caching / --disable-log-stats)")
-    opts.model, opts.seed = engine_ns.model, engine_ns.seed
+    if (engine_ns.model, engine_ns.seed) != (settings.model, settings.seed):
+        usage_error("--model and --seed: give them on the command line (the seed makes the prompts too)")
     try:
-        return opts, EngineArgs.from_cli_args(engine_ns)        # resolves the model: may look it up on the hub
+        return settings, EngineArgs.from_cli_args(engine_ns)    # resolves the model: may look it up on the hub
     except Exception as e:
-        raise ExperimentError(f"--model {opts.model!r} cannot be loaded: {first_line(e)}")
+        raise ExperimentError(f"--model {engine_ns.model!r} cannot be loaded: {first_line(e)}")
 
 
 def main(argv):
-    opts, engine_args = parse_args(argv)        # exit 2 on a bad flag, before the engine starts
-    opts.provenance = provenance(argv, PROG, __file__)
-    check_results_dir(opts.results_dir)
-    check_model_fits(opts, engine_args)         # exit 1/2 in seconds, not after the engine's minutes
-    if opts.processes > 1:
-        return run_processes(opts, argv, __file__)     # each engine process runs this script again
+    settings, engine_args = parse_args(argv)    # exit 2 on a bad flag, before the engine starts
+    check_results_dir(settings.results_dir)
+    check_model_fits(settings, engine_args)     # exit 1/2 in seconds, not after the engine's minutes
+    if settings.processes > 1:
+        return run_processes(settings, argv, __file__)     # each engine process runs this script again
     note = keep_multicast_off(os.environ, engine_args.tensor_parallel_size)
     if note:
         print(note, flush=True)
-    return run_experiment(opts, engine_args)
+    return run_experiment(settings, engine_args)
 
 
 if __name__ == "__main__":
-    signal.signal(signal.SIGINT, stop_on_signal)
-    signal.signal(signal.SIGTERM, stop_on_signal)
+    stop_on_signals()
     try:
         exit_code = main(sys.argv[1:])
     except (ExperimentError, Interrupted) as e:

@@ -51,8 +51,21 @@ def source_stats(trials):
     hbm, tier = ([r.get(key) for r in requests] for key in ("hbm_cached_tokens", "tier_cached_tokens"))
     if not requests or None in hbm or None in tier:
         return {}
-    from .tiers import load_rate
     return {"hbm_cached_tokens": min(hbm), "tier_cached_tokens": min(tier), "tier_load": load_rate(trials)}
+
+
+def load_rate(trials):
+    """The tier's load rate over a condition's requests: {bytes, seconds, gb_s}, or None where the
+    connector reports no loads."""
+    requests = [r for t in trials for r in (t, t["throughput_request"])]
+    loaded = [(r.get("tier_load_bytes"), r.get("tier_load_ms")) for r in requests]
+    if not loaded or any(b is None or ms is None for b, ms in loaded):
+        return None
+    total_bytes, total_s = sum(b for b, _ in loaded), sum(ms for _, ms in loaded) / 1e3
+    if not total_bytes or not total_s:
+        return None
+    return {"bytes": total_bytes, "seconds": total_s, "gb_s": total_bytes / total_s / 1e9,
+            "bytes_per_request": total_bytes / len(requests)}
 
 
 def conditions_in(trials):
@@ -147,7 +160,8 @@ def reproducibility(measured, unit):
     if len(units) >= 8:                      # 4 units a half at least
         halves = [units[:len(units) // 2], units[len(units) // 2:]]
         parts = [compare([t for t in measured if t[key] in half], unit) for half in halves]
-        report["halves"] = [{{"process": "processes"}.get(key, key + "s"): [half[0], half[-1]], "ttft_saving_pct": part["ttft_saving_pct"],
+        report["halves"] = [{{"process": "processes"}.get(key, key + "s"): [half[0], half[-1]],
+                             "ttft_saving_pct": part["ttft_saving_pct"],
                              "ttft_saving_ci95": part["ttft_saving_ci95"]} for half, part in zip(halves, parts)]
         report["stable"] = agree(parts[0]["ttft_saving_pct"], parts[0]["ttft_saving_ci95"],
                                  parts[1]["ttft_saving_pct"], parts[1]["ttft_saving_ci95"])
@@ -185,18 +199,28 @@ def interval_method(measured, unit, plan):
     return method
 
 
-def summarize(trials, opts, plan):
+def summarize(trials, settings, plan):
     """Step 6: stats per condition over the measured rounds, the comparisons, the run's stability."""
-    measured = [t for t in trials if t["round"] >= opts.warmup_trials]
+    measured = [t for t in trials if t["round"] >= settings.warmup_trials]
     conditions = {}
     for c in conditions_in(trials):
         kept = [t for t in measured if t["condition"] == c]
         conditions[c] = {
             "trials": kept,
-            "discarded_trials": [t for t in trials if t["condition"] == c and t["round"] < opts.warmup_trials],
+            "discarded_trials": [t for t in trials if t["condition"] == c and t["round"] < settings.warmup_trials],
             "stats": compute_stats(kept),
         }
-    unit = ("trial" if opts.block_order else "process" if plan.get("processes", 1) > 1
+    unit = ("trial" if settings.block_order else "process" if plan.get("processes", 1) > 1
             else "block" if plan["num_blocks"] > 1 else "round")
     return (conditions, compare(measured, unit), reproducibility(measured, unit),
             interval_method(measured, unit, plan))
+
+
+def step_split(stats, segment, condition):
+    """The measured prefill step's mean split into (GPU busy, the rest): the profiled GPU-busy mean,
+    and the step's mean minus it. None where the segment did not measure the condition."""
+    busy = ((segment or {}).get("by_condition") or {}).get(condition)
+    parts = stats.get("ttft_breakdown_mean_ms")
+    if not busy or not parts:
+        return None
+    return busy["gpu_busy_mean_ms"], parts["prefill_step_ms"] - busy["gpu_busy_mean_ms"]

@@ -77,26 +77,6 @@ def experiment_parser():
     return parser
 
 
-def resolve_run_shape(opts):
-    """Defaults that depend on how many processes measure: several short ones, or one long one."""
-    if opts.processes is None:
-        opts.processes = 1 if opts.block_order else PROCESSES
-    one = opts.processes == 1
-    if opts.num_blocks is None:
-        opts.num_blocks = ONE_PROCESS_NUM_BLOCKS if one else NUM_BLOCKS
-    if opts.min_block_seconds is None:
-        opts.min_block_seconds = ONE_PROCESS_MIN_BLOCK_SECONDS if one else MIN_BLOCK_SECONDS
-
-
-def check_run_flags(opts):
-    """The checks on the experiment's own flags that phase 1 shares; sets opts.configs."""
-    if opts.sizes and (opts.size_a or opts.size_b):
-        usage_error("--sizes cannot be combined with --size-a/--size-b")
-    opts.configs = opts.sizes or [(opts.size_a or CONTEXT_SIZE_A, opts.size_b or CONTEXT_SIZE_B)]
-    if opts.num_trials is None and opts.warmup_trials == 0:
-        usage_error("--warmup-trials 0 needs --num-trials: the discarded round is what times the run")
-
-
 def number_list(cast, what):
     """An argparse type for '1,2,4': each item cast and positive, none twice."""
     def convert(text):

@@ -113,3 +113,9 @@ CONNECTION = ("one keep-alive HTTP/1.1 connection, opened by an untimed request 
 
 # what a result records as the device of a server reached by --base-url
 REMOTE_DEVICE = "unknown (a server reached by --base-url)"       # tables.server_path_cost matches this exact text
+
+# Replaying a trace (--trace)
+TRACE_BLOCK_TOKENS = 512        # Mooncake traces hash 512-token blocks
+GPU_BLOCK_TOKENS = 16           # vLLM's KV block on a GPU: the simulation's default engine block
+TRACE_DRAIN_S = 60.0            # after an arm's last send, its requests get this long to end
+MAX_IN_FLIGHT = 1024            # an arm with more requests in flight is overloaded and stops sending

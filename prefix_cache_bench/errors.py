@@ -1,8 +1,11 @@
 """How a run ends: the exit codes, the one-line error, and Ctrl-C/SIGTERM as an exception that
 no `except Exception` inside vLLM can swallow. Imports nothing of the package.
 """
+import _thread
 import re
 import signal
+import sys
+import threading
 
 
 EXIT_SETUP, EXIT_USAGE, EXIT_AUDIT = 1, 2, 3
@@ -35,6 +38,7 @@ def usage_error(message):
 
 
 _received = []                  # the signal stop_on_signal took, if any
+REDELIVER_AFTER_S = 0.01        # a swallowed signal's second delivery, after the hook has returned
 
 
 def stop_on_signal(signum, frame):
@@ -42,8 +46,39 @@ def stop_on_signal(signum, frame):
     # --processes passes it on too) must not break off the engine's shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
-    _received.append(signum)
-    raise Interrupted(signum)
+    if not _received:
+        _received.append(signum)
+    raise Interrupted(_received[0])
+
+
+def stop_on_signals():
+    """SIGINT and SIGTERM end the run as Interrupted (a script's main thread, before its work).
+    A signal handler raises where the main thread happens to be; where that is a weakref
+    callback or a destructor (an aiohttp request's, the garbage collector's), Python prints
+    "Exception ignored" and goes on: the run would not stop. sys.unraisablehook sees that and
+    raises it again in the main thread, at the next line of ordinary code."""
+    signal.signal(signal.SIGINT, stop_on_signal)
+    signal.signal(signal.SIGTERM, stop_on_signal)
+    sys.unraisablehook = redeliver_interruption
+
+
+def redeliver_interruption(unraisable):
+    """sys.unraisablehook: an Interrupted that a callback or destructor swallowed is delivered
+    again to the main thread (as the same signal, once more through stop_on_signal); anything
+    else is printed as Python does."""
+    if not isinstance(unraisable.exc_value, Interrupted) or not _received:
+        sys.__unraisablehook__(unraisable)
+        return
+    signal.signal(_received[0], stop_on_signal)
+    # from another thread, a moment later: raised now, it would land in this hook, and be lost
+    threading.Timer(REDELIVER_AFTER_S, _thread.interrupt_main, args=(_received[0],)).start()
+
+
+def raise_if_interrupted():
+    """Raise the Interrupted of a signal already taken: for loops that start requests, so that
+    one a library's `except BaseException` swallowed still ends the run at the next request."""
+    if _received:
+        raise Interrupted(_received[0])
 
 
 def interruption():

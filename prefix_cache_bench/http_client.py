@@ -6,7 +6,9 @@ import json
 import time
 
 from .engine_api import StreamedResponse
-from .errors import ExperimentError, first_line
+from .errors import ExperimentError, first_line, raise_if_interrupted
+
+CLOSE_WAIT_S = 5.0              # how long close() waits for the requests it cancelled
 
 
 class HttpClient:
@@ -58,8 +60,8 @@ class HttpClient:
         pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
         for task in pending:
             task.cancel()
-        if pending:
-            self.loop.run_until_complete(asyncio.gather(*pending, return_exceptions=True))
+        if pending:       # bounded: a task that ignores its cancellation must not hold the exit
+            self.loop.run_until_complete(asyncio.wait(pending, timeout=CLOSE_WAIT_S))
         if not self.session.closed:
             self.loop.run_until_complete(self.session.close())
         self.loop.close()
@@ -137,6 +139,7 @@ class HttpClient:
     async def stream_on(self, session, data, base_url=None):
         """stream() of a serialised body on session's connections (to base_url, default this
         client's server); raises what stream() turns into one line."""
+        raise_if_interrupted()
         token_times, usage = [], None
         sent = time.perf_counter()
         async with session.post((base_url or self.base_url) + "/v1/completions", data=data,

@@ -120,13 +120,14 @@ def warm_documents(engine, workload, docs, namespace, concurrency):
     return found
 
 
-def run_condition(engine, workload, documents, condition, namespace, level, opts, seed):
+def run_condition(engine, workload, documents, condition, namespace, level, settings, seed):
     """One condition at one load level: the cached one warms its documents first (untimed,
     --warmup-concurrency at a time). Returns the condition's result with every request's record."""
     client = engine.client
     prompts = workload.requests(documents, condition, namespace)
     docs = sorted(set(documents))
-    warms = warm_documents(engine, workload, docs, namespace, opts.warmup_concurrency) if condition == "cached" else []
+    warms = (warm_documents(engine, workload, docs, namespace, settings.load.warmup_concurrency)
+             if condition == "cached" else [])
     before = replica_load_counters(engine)
     samples, records, sources = [], None, None
     track = tracks_sources(engine, level)
@@ -151,8 +152,8 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
             # whole core, a request waits for that process, and the wait is in its TTFT
             wall_s, client_cpu_s = time.perf_counter(), time.process_time()
             try:
-                result = await send_all(client, session, engine.model, prompts, level, opts.max_output_tokens, seed,
-                                        engine.route, after_each)
+                result = await send_all(client, session, engine.model, prompts, level,
+                                        settings.run.max_output_tokens, seed, engine.route, after_each)
             finally:
                 wall_s, client_cpu_s = time.perf_counter() - wall_s, time.process_time() - client_cpu_s
                 stop.set()
@@ -190,7 +191,7 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
                 problems += counter_problems(counters, sent)
                 if flush.cached_tokens != 0:
                     problems.append(f"the counters' flush (salted): cached_tokens={flush.cached_tokens}, expected 0")
-    return {"server_error": server_error, **condition_stats(requests, opts.slo_ttft_ms),
+    return {"server_error": server_error, **condition_stats(requests, settings.load.slo_ttft_ms),
             "client_cpu_busy": client_cpu_busy,
             "server": {**(counters or {}), **gauge_summary(samples), "replicas": replicas,
                        "api_server_cpu_busy": busy,
@@ -200,12 +201,13 @@ def run_condition(engine, workload, documents, condition, namespace, level, opts
                        "prefill_tokens_computed": (counters["prompt_tokens"] - counters["flush_prompt_tokens"]
                                                    - counters["prefix_cache_hits"]
                                                    - (counters.get("external_prefix_cache_hits") or 0))
-                       if counters and counters["prompt_tokens"] is not None and counters["prefix_cache_hits"] is not None else None},
+                       if counters and counters["prompt_tokens"] is not None
+                       and counters["prefix_cache_hits"] is not None else None},
             "connections_opened_while_timed": connections_during,
             "problems": problems, "requests": requests}
 
 
-def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set):
+def run_level_once(engine, workload, level, i, rep, settings, namespace, working_set):
     """Both conditions (a working-set sweep's later levels: cached alone) at one level, once.
     Returns (the pass's record, the one line that ends the sweep or None)."""
     documents = workload.draws(level["num_prefixes"], level["num_requests"])
@@ -214,8 +216,8 @@ def run_level_once(engine, workload, level, i, rep, opts, namespace, working_set
     run = {"repeat": rep, "order": order}
     for condition in order:
         try:
-            run[condition] = run_condition(engine, workload, documents, condition, namespace, level, opts,
-                                           opts.seed + 1000 * rep + i)
+            run[condition] = run_condition(engine, workload, documents, condition, namespace, level, settings,
+                                           settings.run.seed + 1000 * rep + i)
         except ExperimentError as e:       # the server stopped answering between requests
             return run, f"{level_name(level)}, {condition}: {e}"
         failed = [r for r in run[condition]["requests"] if r["error"] and not r["error"].startswith("not sent")]
@@ -280,7 +282,7 @@ def summarize_runs(runs):
     return summary
 
 
-def run_load(engine, tokenizer, opts, env, unaudited):
+def run_load(engine, tokenizer, settings, env, unaudited):
     """Every level of the sweep, --repeats times, cached against cold at the same load (a
     working-set sweep measures cold at its first level only: nothing is cached there, so P
     does not matter). Each pass of a level warms its documents in a cache namespace of its own.
@@ -291,21 +293,23 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     tier = engine.tier()
     capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
-    working_set = len(opts.num_prefixes) > 1
-    workload = LoadWorkload(tokenizer, opts.size_a, max(opts.num_prefixes), opts.prefix_skew, block, opts.seed, run_id)
+    load = settings.load
+    working_set = load.working_set
+    workload = LoadWorkload(tokenizer, load.document_tokens, max(load.num_prefixes), load.prefix_skew, block,
+                            settings.run.seed, run_id)
     levels = [{**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens,
-               "num_requests": requests_per_level(level, opts), "runs": []} for level in load_levels(opts)]
+               "num_requests": requests_per_level(level, load), "runs": []} for level in load_levels(load)]
     failure = None
-    schedule = sweep_schedule(len(levels), opts.repeats)
+    schedule = sweep_schedule(len(levels), load.repeats)
     t0 = time.perf_counter()
     for step, (rep, i) in enumerate(schedule):
         level = levels[i]
         elapsed_s = time.perf_counter() - t0
         eta = f", about {elapsed_s / step * (len(schedule) - step) / 60:.1f} min left" if step else ""
-        print(f"\n--- {step + 1} of {len(schedule)}: {level_name(level)}, pass {rep + 1} of {opts.repeats}: "
-              f"{level['num_prefixes']} document(s) of {opts.size_a} tokens, {level['num_requests']} requests per "
+        print(f"\n--- {step + 1} of {len(schedule)}: {level_name(level)}, pass {rep + 1} of {load.repeats}: "
+              f"{level['num_prefixes']} document(s) of {load.document_tokens} tokens, {level['num_requests']} requests per "
               f"condition ({elapsed_s:.0f} s so far{eta}) ---", flush=True)
-        run, failure = run_level_once(engine, workload, level, i, rep, opts, f"load-{run_id}-{i}-{rep}", working_set)
+        run, failure = run_level_once(engine, workload, level, i, rep, settings, f"load-{run_id}-{i}-{rep}", working_set)
         if any(c in run for c in ("cached", "cold")):
             level["runs"].append(run)
             print_level(level, run, capacity_tokens, len(capacity_per_engine))
@@ -325,15 +329,15 @@ def run_load(engine, tokenizer, opts, env, unaudited):
     return {
         "phase": SERVER_PHASE,
         "experiment": "working_set" if working_set else "load",
-        "model": opts.model,
+        "model": engine.model,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"document_tokens": opts.size_a, "document_prompt_tokens": len(workload.documents[0]),
+        "config": {"document_tokens": load.document_tokens, "document_prompt_tokens": len(workload.documents[0]),
                    "document_cached_tokens": workload.full_tokens, "query_tokens": QUERY_TOKENS,
-                   "max_output_tokens": opts.max_output_tokens, "num_requests": opts.num_requests,
-                   "repeats": opts.repeats, "num_prefixes": opts.num_prefixes, "prefix_skew": opts.prefix_skew,
-                   "warmup_concurrency": opts.warmup_concurrency,
-                   "load": "request_rate" if opts.request_rate else "concurrency",
-                   "slo_ttft_ms": opts.slo_ttft_ms, "seed": opts.seed},
+                   "max_output_tokens": settings.run.max_output_tokens, "num_requests": load.num_requests,
+                   "repeats": load.repeats, "num_prefixes": list(load.num_prefixes), "prefix_skew": load.prefix_skew,
+                   "warmup_concurrency": load.warmup_concurrency,
+                   "load": "request_rate" if load.request_rate else "concurrency",
+                   "slo_ttft_ms": load.slo_ttft_ms, "seed": settings.run.seed},
         "kv_capacity_tokens": capacity_tokens,
         "kv_capacity_tokens_per_engine": capacity_per_engine,
         "levels": levels,
@@ -404,10 +408,10 @@ def failure_exit(result, path, kept, most_problems=None):
     return 0
 
 
-def finish_load(result, opts):
+def finish_load(result, results_dir):
     """Write a load run's JSON (also a sweep that requests' failures ended early: what was
     measured is kept) and say how it ended. Returns the exit code."""
-    path = load_results_path(opts.results_dir, result)
+    path = load_results_path(results_dir, result)
     write_result(path, result)
     print(f"wrote {path}", flush=True)
     code = failure_exit(result, path, "levels")

@@ -235,10 +235,10 @@ def tier_rows(data):
     for level in levels:
         s, rate = level["cached"], level["cached"].get("hit_rate") or {}
         by = s["by_source"]
-        group = lambda source: (f"{by[source]['ttft_ms_p50']:.1f} / {by[source]['ttft_ms_p99']:.1f} "
-                                f"({by[source]['requests']})" if source in by else "-")
+        group = {source: f"{by[source]['ttft_ms_p50']:.1f} / {by[source]['ttft_ms_p99']:.1f} ({by[source]['requests']})"
+                 if source in by else "-" for source in ("hbm", "tier", "computed")}
         rows.append(f"| {level['num_prefixes']} | {percent(rate.get('hbm_tokens'))} | {percent(rate.get('tier_tokens'))} | "
-                    f"{group('hbm')} | {group('tier')} | {group('computed')} |")
+                    f"{group['hbm']} | {group['tier']} | {group['computed']} |")
     rows.append("\n(requests) beside each TTFT: how many requests it is over.")
     return rows
 

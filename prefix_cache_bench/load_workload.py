@@ -51,10 +51,10 @@ class LoadWorkload:
         return made
 
 
-def requests_per_level(level, opts):
+def requests_per_level(level, load):
     """--num-requests if given, else LOAD_NUM_REQUESTS, or LOAD_REQUESTS_PER_CLIENT per client."""
-    if opts.num_requests:
-        return opts.num_requests
+    if load.num_requests:
+        return load.num_requests
     return max(LOAD_NUM_REQUESTS, LOAD_REQUESTS_PER_CLIENT * (level["concurrency"] or 0))
 
 
@@ -64,18 +64,18 @@ def level_name(level):
     return f"{level['request_rate']:g} req/s"
 
 
-def load_levels(opts):
+def load_levels(load):
     """The sweep's levels: one per concurrency or rate at P documents, or (a working-set sweep)
     one per P at one load."""
-    if opts.concurrency:
-        loads = [{"concurrency": c, "request_rate": None} for c in opts.concurrency]
-    elif opts.request_rate:
-        loads = [{"concurrency": None, "request_rate": r} for r in opts.request_rate]
+    if load.concurrency:
+        loads = [{"concurrency": c, "request_rate": None} for c in load.concurrency]
+    elif load.request_rate:
+        loads = [{"concurrency": None, "request_rate": r} for r in load.request_rate]
     else:
         loads = [{"concurrency": 1, "request_rate": None}]
-    if len(opts.num_prefixes) > 1:
-        return [{**loads[0], "num_prefixes": p} for p in opts.num_prefixes]
-    return [{**load, "num_prefixes": opts.num_prefixes[0]} for load in loads]
+    if len(load.num_prefixes) > 1:
+        return [{**loads[0], "num_prefixes": p} for p in load.num_prefixes]
+    return [{**kind, "num_prefixes": load.num_prefixes[0]} for kind in loads]
 
 
 def sweep_schedule(num_levels, repeats):

@@ -13,7 +13,8 @@ from .engine_api import RequestResult
 from .gpu_busy import NOT_ON_THIS_ENGINE, WORKER_EXTENSION
 from .host import machine_info
 from .defaults import OFFLINE_PHASE, OFFLINE_PROG, QUERY_TOKENS
-from .errors import ERROR_LINE, EXIT_AUDIT, EXIT_SETUP, EXIT_USAGE, ExperimentError, first_line, interruption
+from .errors import (ERROR_LINE, EXIT_AUDIT, EXIT_SETUP, EXIT_USAGE, ExperimentError, first_line, interruption,
+                     raise_if_interrupted)
 from .prompts import special_prefix_ids
 from .protocol import run_configs, write_results
 from .provenance import device_name, engine_environment
@@ -63,10 +64,12 @@ class OfflineEngine:
     phase = OFFLINE_PHASE
     shared = False                  # nothing but this run sends it requests
 
-    def __init__(self, llm):
+    def __init__(self, llm, model):
         self.llm = llm
+        self.model = model              # as the run names it (RunSettings.model)
 
     def request(self, prompt_ids, max_tokens, cache_salt=None):
+        raise_if_interrupted()
         return timed_request(self.llm, prompt_ids, max_tokens, cache_salt)
 
     def reset_prefix_cache(self):
@@ -355,7 +358,7 @@ def keep_multicast_off(environ, tensor_parallel_size):
             f"keeps vLLM's fused all-reduce off it too (set the variable yourself to choose)")
 
 
-def check_model_fits(opts, engine_args):
+def check_model_fits(settings, engine_args):
     """Build vLLM's model config (config and tokenizer only, no weights) and check that every
     (A, B) config fits the context the engine will allow."""
     from transformers import AutoTokenizer
@@ -373,25 +376,25 @@ def check_model_fits(opts, engine_args):
         raise ExperimentError(f"--model {engine_args.model!r} cannot be loaded: {first_line(e)}")
     limit = model_config.max_model_len
     source = "--max-model-len" if engine_args.max_model_len else "the model's config"
-    fixed = len(special_prefix_ids(tokenizer)) + QUERY_TOKENS + opts.max_output_tokens
-    for a, b in opts.configs:
+    fixed = len(special_prefix_ids(tokenizer)) + QUERY_TOKENS + settings.max_output_tokens
+    for a, b in settings.configs:
         need = fixed + a + b
         if need > limit:
             room = limit - fixed
             raise ExperimentError(
-                f"A={a} B={b} needs {need} tokens (prompt {need - opts.max_output_tokens} + "
-                f"{opts.max_output_tokens} output) but the engine's context is {limit} ({source}): "
+                f"A={a} B={b} needs {need} tokens (prompt {need - settings.max_output_tokens} + "
+                f"{settings.max_output_tokens} output) but the engine's context is {limit} ({source}): "
                 f"A + B must be at most {room}, e.g. --size-a {max(room - b, 1)} --size-b {min(b, room - 1)}",
                 EXIT_USAGE)
     return model_config
 
 
-def run_experiment(opts, engine_args):
+def run_experiment(settings, engine_args):
     """The whole experiment: 1. load the model once, then steps 2-8, every (A, B) config in one
     interleaved run. Returns the exit code (EXIT_AUDIT if any config's cache audit failed)."""
     from vllm import LLM
 
-    note_existing_results(opts)
+    note_existing_results(settings)
     machine = machine_info()                # the host's speed while no engine runs beside it
 
     # 1. load the model (prefix caching and engine stats on)
@@ -400,15 +403,15 @@ def run_experiment(opts, engine_args):
     stop_watch = watch_engine(first_error)
     llm, phase = None, "start"
     try:
-        if opts.profiled_requests and not engine_args.worker_extension_cls:
+        if settings.profiled_requests and not engine_args.worker_extension_cls:
             engine_args.worker_extension_cls = WORKER_EXTENSION     # the GPU-busy segment's window
         t0 = time.perf_counter()
         llm = LLM.from_engine_args(engine_args)
         engine_start_s = time.perf_counter() - t0
         print(f"engine ready in {engine_start_s:.1f} s", flush=True)
-        env = {**environment_info(llm, engine_args, engine_start_s), "machine": machine, **opts.provenance}
+        env = {**environment_info(llm, engine_args, engine_start_s), "machine": machine, **settings.provenance}
         phase = "run"
-        results = run_configs(OfflineEngine(llm), llm.get_tokenizer(), opts, env)    # steps 2-6
+        results = run_configs(OfflineEngine(llm, settings.model), llm.get_tokenizer(), settings, env)    # steps 2-6
     except ExperimentError:
         raise
     except Exception as e:                  # the engine or one of its processes failed
@@ -423,7 +426,7 @@ def run_experiment(opts, engine_args):
                 llm.llm_engine.engine_core.shutdown()
             except Exception:               # already dead: nothing left to shut down
                 pass
-    if opts.worker_output:                  # one of several processes: the first one merges
-        write_json_atomic(opts.worker_output, results)
+    if settings.worker_output:                  # one of several processes: the first one merges
+        write_json_atomic(settings.worker_output, results)
         return 0 if all(result["cache_audit"]["ok"] for result in results) else EXIT_AUDIT
-    return write_results(results, opts.results_dir)
+    return write_results(results, settings.results_dir)

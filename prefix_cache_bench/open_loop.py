@@ -15,7 +15,7 @@ import gc
 import time
 
 from .engine_api import StreamedResponse
-from .errors import first_line
+from .errors import first_line, raise_if_interrupted
 from .raw_stream import ConnectionPool, receive, send, stream_raw
 
 BUILD_AHEAD = 64                # requests built ahead of their send time, at most
@@ -91,6 +91,7 @@ class OpenLoopSender:
 
     async def send_at(self, k, due):
         """Request k at due (perf_counter s); False where nothing more is to be sent."""
+        raise_if_interrupted()
         await self.build_ahead(k, due)
         self.collect_if_idle(due)
         if self.bursts[k]:              # the first of a burst: as many fresh connections as it has, just before it

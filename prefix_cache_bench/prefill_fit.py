@@ -112,9 +112,11 @@ def prefill_fit(configs):
     else:
         fit["prefill_tokens_per_s"] = 1e3 / ms_per_work
     # what each config's hit saves, per 1k cached tokens (it grows with the context: attention)
-    fit["saved_ms_per_1k_cached"] = [(d["cache_hit"]["stats"]["cached_tokens"], 1e3 * d["ttft_saving_ms"] / d["cache_hit"]["stats"]["cached_tokens"])
+    fit["saved_ms_per_1k_cached"] = [(d["cache_hit"]["stats"]["cached_tokens"],
+                                      1e3 * d["ttft_saving_ms"] / d["cache_hit"]["stats"]["cached_tokens"])
                                      for d in configs.values()
-                                     if isinstance(d.get("ttft_saving_ms"), (int, float)) and d["cache_hit"]["stats"].get("cached_tokens")]
+                                     if isinstance(d.get("ttft_saving_ms"), (int, float))
+                                     and d["cache_hit"]["stats"].get("cached_tokens")]
     return fit
 
 

@@ -23,19 +23,19 @@ from .protocol import write_results
 from .results import note_existing_results
 
 
-def run_processes(opts, argv, script):
+def run_processes(settings, argv, script):
     """--processes N: the entry script (script) N times, one engine process after another, each measuring
     every config; then one result per config over all of them. A process that fails ends the
     run (it has printed its own one line); a signal to this one is passed on to the running one."""
-    note_existing_results(opts)
+    note_existing_results(settings)
     folder = tempfile.mkdtemp(prefix="phase2-processes-")
     try:
         t0, per_process, ends, same_rounds = time.perf_counter(), [], [], []
-        for k in range(opts.processes):
-            print(f"\n=== engine process {k + 1} of {opts.processes} ===", flush=True)
+        for k in range(settings.processes):
+            print(f"\n=== engine process {k + 1} of {settings.processes} ===", flush=True)
             out = os.path.join(folder, f"process{k}.json")
-            code = run_worker(script, [*argv, "--processes", "1", "--num-blocks", str(opts.num_blocks), "--min-block-seconds",
-                               str(opts.min_block_seconds), *same_rounds, "--worker-output", out])
+            code = run_worker(script, [*argv, "--processes", "1", "--num-blocks", str(settings.num_blocks), "--min-block-seconds",
+                               str(settings.min_block_seconds), *same_rounds, "--worker-output", out])
             if code < 0:
                 print(f"{OFFLINE_PROG}: error: engine process {k + 1} was killed by {signal.Signals(-code).name}; "
                       f"no results written", file=sys.stderr)
@@ -47,19 +47,19 @@ def run_processes(opts, argv, script):
                 per_process.append(json.load(f))
             # every process measures as many rounds as the first: the processes' means weigh alike
             same_rounds = ["--num-trials", str(per_process[0][0]["config"]["num_trials"])]
-            left_s = ends[-1] / (k + 1) * (opts.processes - k - 1)
-            print(f"engine process {k + 1} of {opts.processes} done after {ends[-1]:.0f} s; about "
+            left_s = ends[-1] / (k + 1) * (settings.processes - k - 1)
+            print(f"engine process {k + 1} of {settings.processes} done after {ends[-1]:.0f} s; about "
                   f"{left_s / 60:.1f} min left", flush=True)
         run_wall_s = time.perf_counter() - t0
         # a process's trials are numbered across its configs: the next process's start after them all
         trials_per_process = [sum(len(r[c][kind]) for r in p for c in (*CONDITIONS, TIER_CONDITION) if c in r
                                   for kind in ("trials", "discarded_trials")) for p in per_process]
         order_offsets = [sum(trials_per_process[:k]) for k in range(len(per_process))]
-        results = [merge_processes([p[i] for p in per_process], order_offsets, opts, run_wall_s)
-                   for i in range(len(opts.configs))]
+        results = [merge_processes([p[i] for p in per_process], order_offsets, settings, run_wall_s)
+                   for i in range(len(settings.configs))]
     finally:
         shutil.rmtree(folder, ignore_errors=True)
-    return write_results(results, opts.results_dir)
+    return write_results(results, settings.results_dir)
 
 
 def run_worker(script, args):
@@ -87,7 +87,7 @@ def run_worker(script, args):
         raise
 
 
-def merge_processes(results, order_offsets, opts, run_wall_s):
+def merge_processes(results, order_offsets, settings, run_wall_s):
     """One config's results from several engine processes, as one result: every trial tagged
     with its process, rounds, blocks and order (order_offsets: where each process's trials
     begin in the run) numbered across the run, start_s on the first process's clock; the
@@ -116,7 +116,7 @@ def merge_processes(results, order_offsets, opts, run_wall_s):
         merged[c] = conditions[c]
     num_blocks = sum(r["config"]["num_blocks"] for r in results)
     num_rounds = sum(r["config"]["num_trials"] for r in results)
-    plan = {"configs": results[0]["interval"]["interleaved_configs"], "min_block_s": opts.min_block_seconds,
+    plan = {"configs": results[0]["interval"]["interleaved_configs"], "min_block_s": settings.min_block_seconds,
             "num_blocks": num_blocks, "rounds_per_block": num_rounds / num_blocks, "processes": len(results)}
     unit = "process"
     comparison = compare(measured, unit)
@@ -141,7 +141,7 @@ def merge_processes(results, order_offsets, opts, run_wall_s):
         merged["cache_audit"]["engine_counters"]["scope"] = f"every request of the run's {len(results)} processes, all configs"
     merged["timestamp"] = datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds")
     merged["environment"].update({
-        **opts.provenance,
+        **settings.provenance,
         "engine_start_s_per_process": [r["environment"]["engine_start_s"] for r in results],
         "host_python_loop_ms_per_process": [r["environment"].get("machine", {}).get("host_python_loop_ms")
                                             for r in results],

@@ -30,7 +30,8 @@ def metric_total(metrics, name):
 
 def server_counters(metrics):
     """The prefix-cache counters for the audit, plus the server's own TTFT histogram totals."""
-    hits, queries = metric_total(metrics, "vllm:prefix_cache_hits_total"), metric_total(metrics, "vllm:prefix_cache_queries_total")
+    hits = metric_total(metrics, "vllm:prefix_cache_hits_total")
+    queries = metric_total(metrics, "vllm:prefix_cache_queries_total")
     if hits is None or queries is None:
         return None
     external = {key: metric_total(metrics, f"vllm:{key}_total")
@@ -91,7 +92,8 @@ def source_totals(metrics_of_engines):
     counters ({} each where not published), summed over engines."""
     totals = {}
     for field, source in SOURCES.items():
-        values = [value for m in metrics_of_engines for labels, value in m.get(PROMPT_SOURCES, []) if labels.get("source") == source]
+        values = [value for m in metrics_of_engines for labels, value in m.get(PROMPT_SOURCES, [])
+                  if labels.get("source") == source]
         if values:
             totals[field] = int(sum(values))
     for field, name in TIER_LOADS.items():
@@ -157,7 +159,8 @@ LOAD_METRICS = {"kv_cache_usage": "vllm:kv_cache_usage_perc", "running": "vllm:n
                 "waiting": "vllm:num_requests_waiting"}
 
 
-LOAD_COUNTERS = {"requests": "vllm:request_success_total", "prompt_tokens": "vllm:prompt_tokens_total", "generation_tokens": "vllm:generation_tokens_total",
+LOAD_COUNTERS = {"requests": "vllm:request_success_total", "prompt_tokens": "vllm:prompt_tokens_total",
+                 "generation_tokens": "vllm:generation_tokens_total",
                  "prefix_cache_queries": "vllm:prefix_cache_queries_total",
                  "prefix_cache_hits": "vllm:prefix_cache_hits_total", "preemptions": "vllm:num_preemptions_total",
                  # a second tier's lookups and what it served (0 without a KV connector)

@@ -93,9 +93,6 @@ def query_stream(tokenizer, shared_len, rng):
                                   f"queries: use fewer rounds (--num-trials)")
 
 
-def make_queries(tokenizer, count, shared_len, rng):
-    """count queries from query_stream."""
-    return list(itertools.islice(query_stream(tokenizer, shared_len, rng), count))
 
 
 def build_warmup_messages(context_a, context_b):

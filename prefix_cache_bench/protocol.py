@@ -10,13 +10,13 @@ import uuid
 
 import numpy as np
 
-from .analysis import summarize
+from .analysis import step_split, summarize
 from .audit import audit_counters, audit_report, audit_requests, requests_of
 from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, OFFLINE_PHASE, PAUSE_MS, QUERY_TOKENS,
                        ROUND_ORDERS, TIER_CONDITION, TIER_ROUND_ORDERS, WARMUP_TOKENS)
 from .engine_api import BREAKDOWN_PARTS
 from .errors import EXIT_AUDIT, ExperimentError
-from .gpu_busy import profiled_segment, segment_summary, step_split
+from .gpu_busy import profiled_segment, segment_summary
 from .prompts import ConfigPrompts
 from .results import results_path, write_result
 from .tiers import TierRequest, empty_hbm
@@ -108,7 +108,7 @@ def warm_cache(request, warmup_ids, pause_s, cache_salt=None):
     return warm
 
 
-def run_trials(engine, schedule, configs, opts, clock, desc, hit_salt=None):
+def run_trials(engine, schedule, configs, settings, clock, desc, hit_salt=None):
     """Steps 4-5: every scheduled (config, condition, round) in order, all prompts built first
     (between requests, nothing of this tool runs but a server engine's one /metrics read, and a
     tier condition's untimed steps: tiers.TierRequest). Each trial records its place in the run
@@ -122,7 +122,7 @@ def run_trials(engine, schedule, configs, opts, clock, desc, hit_salt=None):
     for (k, condition, r), (ttft_prompt, throughput_prompt) in bar:
         request = TierRequest(engine, configs, k, hit_salt) if condition == TIER_CONDITION else engine.request
         start_s = time.perf_counter() - clock
-        trial = run_trial(request, ttft_prompt, throughput_prompt, opts.pause_ms / 1e3, opts.max_output_tokens)
+        trial = run_trial(request, ttft_prompt, throughput_prompt, settings.pause_ms / 1e3, settings.max_output_tokens)
         if condition == TIER_CONDITION:
             trial["restore_requests"] = request.restores
         trials.append({"config": k, "condition": condition, "round": r, "start_s": start_s, **trial})
@@ -137,21 +137,21 @@ def flush_engine_stats(request, prompt_ids):
     return request(prompt_ids, 2, f"flush-{uuid.uuid4().hex}")
 
 
-def gpu_busy_segments(engine, configs, conditions, opts, first_round, block, hit_salt):
+def gpu_busy_segments(engine, configs, conditions, settings, first_round, block, hit_salt):
     """The GPU-busy segment after the measured rounds (gpu_busy.profiled_segment), where asked
     for (--profiled-requests) and the engine can: per config, (its "gpu_busy", its problems)."""
-    count = getattr(opts, "profiled_requests", 0)
+    count = settings.profiled_requests
     why = engine.gpu_busy_unavailable() if count or engine.shared else "--profiled-requests 0"
     if why:
         return [({"not_measured": why}, []) for _ in configs]
-    out = profiled_segment(engine, configs, conditions, count, first_round, block, hit_salt, opts.pause_ms / 1e3)
+    out = profiled_segment(engine, configs, conditions, count, first_round, block, hit_salt, settings.pause_ms / 1e3)
     return [(segment_summary(records, count), problems) for records, problems in out]
 
 
-def run_configs(engine, tokenizer, opts, env):
+def run_configs(engine, tokenizer, settings, env):
     """Steps 2-6 for every (A, B) config on a loaded engine (OfflineEngine, or phase 1's
     server), all configs interleaved in one run. Returns the result dicts, in the order of
-    opts.configs."""
+    settings.configs."""
     block = env["cache_block_size"]
     run_id = uuid.uuid4().hex[:12]
     tier = engine.tier()
@@ -159,13 +159,13 @@ def run_configs(engine, tokenizer, opts, env):
     # A server, or a tier that may outlive the engine (a store on disk), keeps other runs' blocks:
     # the warmup and the hits (and tier hits) then get a cache namespace of the run's own.
     hit_salt = f"run-{run_id}" if engine.shared or tier else None
-    configs = [ConfigPrompts(tokenizer, a, b, block, opts.seed, run_id, hit_salt) for a, b in opts.configs]  # 2
+    configs = [ConfigPrompts(tokenizer, a, b, block, settings.seed, run_id, hit_salt) for a, b in settings.configs]  # 2
     for c in configs:
         if len(c.warmup_ids) < block:
             print(f"WARNING: [A, B] of A={c.size_a} B={c.size_b} is {len(c.warmup_ids)} tokens, shorter than one "
                   f"KV block ({block} tokens): nothing can be cached, every 'hit' is a miss.", file=sys.stderr)
-    if not opts.block_order:
-        check_cache_holds(engine.kv_capacity(), configs, opts.max_output_tokens)
+    if not settings.block_order:
+        check_cache_holds(engine.kv_capacity(), configs, settings.max_output_tokens)
     # The run starts from an empty cache (or, on a server, a namespace of its own): nothing from before can hit.
     if not engine.reset_prefix_cache():
         raise ExperimentError("resetting the prefix cache failed: the cache could not be emptied")
@@ -173,39 +173,39 @@ def run_configs(engine, tokenizer, opts, env):
         empty_hbm(engine)
     counters_before = engine.counters()
     clock, run_started_unix_s = time.perf_counter(), time.time()
-    warms = [warm_cache(engine.request, c.warmup_ids, opts.pause_ms / 1e3, hit_salt) for c in configs]   # 3
+    warms = [warm_cache(engine.request, c.warmup_ids, settings.pause_ms / 1e3, hit_salt) for c in configs]   # 3
     n = len(configs)
     trials = []
-    if opts.warmup_trials:
+    if settings.warmup_trials:
         t0 = time.perf_counter()
-        trials += run_trials(engine, run_schedule(n, range(opts.warmup_trials), opts.block_order, conditions), configs,
-                             opts, clock, "discarded rounds", hit_salt)
-        round_s = (time.perf_counter() - t0) / opts.warmup_trials
-    if opts.num_trials is not None:
-        num_rounds = opts.num_trials
+        trials += run_trials(engine, run_schedule(n, range(settings.warmup_trials), settings.block_order, conditions), configs,
+                             settings, clock, "discarded rounds", hit_salt)
+        round_s = (time.perf_counter() - t0) / settings.warmup_trials
+    if settings.num_trials is not None:
+        num_rounds = settings.num_trials
     else:
-        num_rounds = opts.num_blocks * rounds_per_block(round_s, opts.min_block_seconds)
+        num_rounds = settings.num_blocks * rounds_per_block(round_s, settings.min_block_seconds)
     # block order runs one config and condition at a time: there are no blocks that hold them all
-    num_blocks = 1 if opts.block_order else min(opts.num_blocks, num_rounds)
-    plan = {"configs": [f"{a}x{b}" for a, b in opts.configs], "min_block_s": opts.min_block_seconds,
+    num_blocks = 1 if settings.block_order else min(settings.num_blocks, num_rounds)
+    plan = {"configs": [f"{a}x{b}" for a, b in settings.configs], "min_block_s": settings.min_block_seconds,
             "num_blocks": num_blocks, "rounds_per_block": num_rounds / num_blocks}
-    if opts.warmup_trials:
+    if settings.warmup_trials:
         print(f"a round of {n} config(s) took {round_s:.2f} s: {num_rounds} measured rounds in {num_blocks} "
               f"time block(s), about {num_rounds * round_s / 60:.1f} min", flush=True)
-    rounds = range(opts.warmup_trials, opts.warmup_trials + num_rounds)
-    trials += run_trials(engine, run_schedule(n, rounds, opts.block_order, conditions), configs, opts, clock,
+    rounds = range(settings.warmup_trials, settings.warmup_trials + num_rounds)
+    trials += run_trials(engine, run_schedule(n, rounds, settings.block_order, conditions), configs, settings, clock,
                          f"{num_rounds} rounds x {n} config(s)", hit_salt)                         # 4-5
     run_wall_s = time.perf_counter() - clock
     for order, t in enumerate(trials):
         t["order"] = order
-        if t["round"] >= opts.warmup_trials:
-            t["block"] = block_of(t["round"] - opts.warmup_trials, num_rounds, num_blocks)
+        if t["round"] >= settings.warmup_trials:
+            t["block"] = block_of(t["round"] - settings.warmup_trials, num_rounds, num_blocks)
     flush = flush_engine_stats(engine.request, configs[0].warmup_ids)
     per_config = [[t for t in trials if t["config"] == k] for k in range(n)]
     engine_counters, run_problems = audit_counters(
         [req for warm, own in zip(warms, per_config) for req in requests_of(warm, own)],
         flush, counters_before, engine.counters(), engine.shared)
-    segments = gpu_busy_segments(engine, configs, conditions, opts, opts.warmup_trials + num_rounds, block,
+    segments = gpu_busy_segments(engine, configs, conditions, settings, settings.warmup_trials + num_rounds, block,
                                  hit_salt)
 
     results = []
@@ -214,26 +214,26 @@ def run_configs(engine, tokenizer, opts, env):
             del t["config"]                 # one file per config
         cache_audit = audit_report(audit_requests(warm, own, c.warmup_ids, block) + run_problems + segment_problems,
                                    warm, own, c.warmup_ids, block, engine_counters)
-        stats, comparison, stability, method = summarize(own, opts, plan)                         # 6
-        overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for t in own if t["round"] >= opts.warmup_trials
+        stats, comparison, stability, method = summarize(own, settings, plan)                         # 6
+        overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for t in own if t["round"] >= settings.warmup_trials
                      and t["engine_ttft_ms"] is not None]
         results.append({
             "phase": engine.phase,
-            "model": opts.model,
+            "model": engine.model,
             "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
             "config": {
                 "context_size_a": c.size_a,
                 "context_size_b": c.size_b,
-                "max_output_tokens": opts.max_output_tokens,
+                "max_output_tokens": settings.max_output_tokens,
                 "num_trials": num_rounds,
-                "warmup_trials": opts.warmup_trials,
+                "warmup_trials": settings.warmup_trials,
                 "warmup_tokens": WARMUP_TOKENS,
                 "query_tokens": QUERY_TOKENS,
-                "pause_ms": opts.pause_ms,
-                "interleave": not opts.block_order,
+                "pause_ms": settings.pause_ms,
+                "interleave": not settings.block_order,
                 "num_blocks": num_blocks,
-                "min_block_seconds": opts.min_block_seconds,
-                "seed": opts.seed,
+                "min_block_seconds": settings.min_block_seconds,
+                "seed": settings.seed,
             },
             "warmup_time_ms": warm.wall_ms,
             "cache_hit": stats["cache_hit"],
@@ -283,7 +283,8 @@ def print_summary(result):
     print(f"hit saves vs cold: {saving:.1f}% of TTFT (95% CI {lo:.1f} .. {hi:.1f}), {result['ttft_saving_ms']:.2f} ms "
           f"(95% CI {ms_lo:.2f} .. {ms_hi:.2f})")
     if TIER_CONDITION in result:
-        tier, (lo, hi), (over_lo, over_hi) = result["environment"]["tier"], result["tier_ttft_saving_ci95"], result["tier_over_hit_ci95"]
+        tier = result["environment"]["tier"]
+        (lo, hi), (over_lo, over_hi) = result["tier_ttft_saving_ci95"], result["tier_over_hit_ci95"]
         load = result[TIER_CONDITION]["stats"].get("tier_load")
         print(f"a tier hit ({tier['connector']}) saves vs cold: {result['tier_ttft_saving_pct']:.1f}% (95% CI {lo:.1f} .. "
               f"{hi:.1f}); it takes {result['tier_over_hit_pct']:+.1f}% (95% CI {over_lo:+.1f} .. {over_hi:+.1f}) "

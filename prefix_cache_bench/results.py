@@ -86,11 +86,11 @@ def check_results_dir(path, make=True):
                               f"{'not a folder' if not os.path.isdir(nearest) else 'not writable'}")
 
 
-def note_existing_results(opts):
-    if opts.worker_output:
+def note_existing_results(settings):
+    if settings.worker_output:
         return
-    for a, b in opts.configs:
-        path = results_path(opts.results_dir, a, b)
+    for a, b in settings.configs:
+        path = results_path(settings.results_dir, a, b)
         if os.path.exists(path):
             print(f"note: {path} exists; it is replaced only once the run completes")
 
@@ -104,7 +104,8 @@ def load_results_path(results_dir, result):
         return os.path.join(results_dir, f"results_fleet_{result['front']}_a{cfg['document_tokens']}_{sweep}_{load}.json")
     if result["experiment"] == "working_set":
         return os.path.join(results_dir, f"results_workingset_a{cfg['document_tokens']}.json")
-    return os.path.join(results_dir, f"results_load_a{cfg['document_tokens']}_p{cfg['num_prefixes'][0]}_{cfg['load'].replace('request_', '')}.json")
+    name = f"results_load_a{cfg['document_tokens']}_p{cfg['num_prefixes'][0]}_{cfg['load'].replace('request_', '')}.json"
+    return os.path.join(results_dir, name)
 
 
 def trace_stem(trace_path):

@@ -34,12 +34,12 @@ class ServerEngine:
     phase = SERVER_PHASE
     shared = True
 
-    def __init__(self, client, model, audited=True, metrics_urls=None):
+    def __init__(self, client, model, audited=True, metrics_urls=None, route=None, tier_description=None):
         self.client, self.model, self.audited = client, model, audited
         # the servers whose /metrics count this run's requests: the front itself, or the replicas behind a router
         self.metrics_urls = metrics_urls or [client.base_url]
         # the fleet policy ideal: document k's requests go straight to route[k % N]; None: all to the client's server
-        self.route = None
+        self.route = route
         self._cache_configs = None
         self.connections_before = client.connections_opened
         self.last_end = 0.0
@@ -50,7 +50,9 @@ class ServerEngine:
         # /metrics would need connections of their own between timed requests)
         self.times_after_last = None
         self.request_times_readable = self.metrics_urls == [client.base_url]
-        self.tier_description = None        # the server's second cache tier (tier()); False: it has none
+        # the server's second cache tier (tier()), where its flags say (an embedded server); False: it has
+        # none; None: asked of the server when first needed
+        self.tier_description = tier_description
 
     def server_engines(self):
         """[[(name, parsed /metrics)] of each engine of a server] for every server behind the
@@ -219,19 +221,31 @@ def served_model(client, wanted):
 
 
 def load_tokenizer(name, client, model):
-    """The local tokenizer, checked against the server's own /tokenize on a sample text."""
+    """The local tokenizer, checked against the server's own /tokenize on a sample text. First
+    the fast tokenizer's generic class (transformers' PreTrainedTokenizerFast, from the model's
+    tokenizer.json; it imports no torch, where AutoTokenizer does: seconds of every run), kept
+    where it encodes the sample as the server does; else the model's own class (AutoTokenizer),
+    which must."""
+    sample = "Prefix caching reuses the KV blocks of a shared prompt prefix, 1234 times."
+    try:
+        served = client.post("/tokenize", {"model": model, "prompt": sample})["tokens"]
+    except ExperimentError:                     # a server without /tokenize: nothing to compare
+        served = None
+    if served is not None:
+        from transformers import PreTrainedTokenizerFast
+        try:
+            generic = PreTrainedTokenizerFast.from_pretrained(name)
+        except Exception:                       # no tokenizer.json (a slow tokenizer only): the model's own class
+            generic = None
+        if generic is not None and generic.encode(sample) == served:
+            return generic
     from transformers import AutoTokenizer
     try:
         tokenizer = AutoTokenizer.from_pretrained(name)
     except Exception as e:
         raise ExperimentError(f"the tokenizer {name!r} cannot be loaded here ({first_line(e)}): pass --tokenizer "
                               f"with the served model's folder or hub id")
-    sample = "Prefix caching reuses the KV blocks of a shared prompt prefix, 1234 times."
-    try:
-        served = client.post("/tokenize", {"model": model, "prompt": sample})["tokens"]
-    except ExperimentError:                     # a server without /tokenize: nothing to compare
-        return tokenizer
-    if served != tokenizer.encode(sample):
+    if served is not None and served != tokenizer.encode(sample):
         raise ExperimentError(f"the tokenizer {name!r} does not match the server's (/tokenize differs): pass "
                               f"--tokenizer with the served model's")
     return tokenizer
@@ -270,16 +284,17 @@ def check_audit_possible(engine, tokenizer, allow_unaudited):
     return reason + "; nothing says which requests really hit the cache"
 
 
-def prepare(client, opts, model_dir, metrics_urls=None):
-    """The checks before a run, on the server (or front) client talks to: the served model, the
-    tokenizer, the prompts' fit, the audit probe. Returns (engine, tokenizer, card, unaudited)."""
-    card = served_model(client, None if model_dir else opts.model)
-    opts.model = card["id"]
-    tokenizer = load_tokenizer(opts.tokenizer or model_dir or card.get("root") or card["id"], client, opts.model)
-    check_fits([(opts.size_a, 0)] if opts.load else opts.configs, card.get("max_model_len"),
-               len(special_prefix_ids(tokenizer)), opts.max_output_tokens)
-    engine = ServerEngine(client, opts.model, metrics_urls=metrics_urls)
-    unaudited = check_audit_possible(engine, tokenizer, opts.allow_unaudited)
+def prepare(client, settings, model_dir, metrics_urls=None, route=None, tier_description=None):
+    """The checks before a run (settings: Phase1Settings), on the server (or front) client talks
+    to: the served model, the tokenizer, the prompts' fit, the audit probe. Returns (engine,
+    tokenizer, card, unaudited); the engine names the served model's id."""
+    card = served_model(client, None if model_dir else settings.server.model)
+    model = card["id"]
+    tokenizer = load_tokenizer(settings.server.tokenizer or model_dir or card.get("root") or model, client, model)
+    check_fits([(settings.load.document_tokens, 0)] if settings.load else settings.run.configs,
+               card.get("max_model_len"), len(special_prefix_ids(tokenizer)), settings.run.max_output_tokens)
+    engine = ServerEngine(client, model, metrics_urls=metrics_urls, route=route, tier_description=tier_description)
+    unaudited = check_audit_possible(engine, tokenizer, settings.server.allow_unaudited)
     return engine, tokenizer, card, unaudited
 
 

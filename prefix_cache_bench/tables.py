@@ -6,11 +6,10 @@ import re
 
 import numpy as np
 
-from .analysis import unit_means
+from .analysis import step_split, unit_means
 from .defaults import REMOTE_DEVICE
 from .engine_api import BREAKDOWN_PARTS
 from .intervals import agree, mean_ci95
-from .gpu_busy import step_split
 from .prefill_fit import condition_floor
 from .provenance import describe_provenance, devices_label
 from .results import discover_results
@@ -215,7 +214,8 @@ def interval_note(configs):
                 f"time blocks, configs {', '.join(m['interleaved_configs'])} interleaved.")
     if m["unit"] == "block":
         return (f"95% intervals: {m['statistic']}; {m['num_blocks']} blocks of {m['rounds_per_block']:g} rounds "
-                f"over about {max(i['span_s'] for i in intervals):.0f} s, configs {', '.join(m['interleaved_configs'])} interleaved.")
+                f"over about {max(i['span_s'] for i in intervals):.0f} s, "
+                f"configs {', '.join(m['interleaved_configs'])} interleaved.")
     return f"95% intervals: {m['statistic']}."
 
 
@@ -294,7 +294,8 @@ def across_runs(savings):
 def anatomy_rows(configs):
     """[(config label, condition, stats, floor or None, (GPU busy, step's rest) or None)] of every
     condition whose file carries the TTFT breakdown, in config order."""
-    return [(f"A={a} / B={b}", c, data[c]["stats"], condition_floor(data, c), step_split(data[c]["stats"], data.get("gpu_busy"), c))
+    return [(f"A={a} / B={b}", c, data[c]["stats"], condition_floor(data, c),
+             step_split(data[c]["stats"], data.get("gpu_busy"), c))
             for (a, b), data in sorted(configs.items()) for c in conditions_present({(a, b): data})
             if data[c]["stats"].get("ttft_breakdown_mean_ms")]
 

@@ -109,17 +109,3 @@ class TierRequest:
         for c in self.others:
             self.restores.append(self.engine.request(c.warmup_ids, 1, self.hit_salt).as_json())
         return result
-
-
-def load_rate(trials):
-    """The tier's load rate over a condition's requests: {bytes, seconds, gb_s}, or None where the
-    connector reports no loads."""
-    requests = [r for t in trials for r in (t, t["throughput_request"])]
-    loaded = [(r.get("tier_load_bytes"), r.get("tier_load_ms")) for r in requests]
-    if not loaded or any(b is None or ms is None for b, ms in loaded):
-        return None
-    total_bytes, total_s = sum(b for b, _ in loaded), sum(ms for _, ms in loaded) / 1e3
-    if not total_bytes or not total_s:
-        return None
-    return {"bytes": total_bytes, "seconds": total_s, "gb_s": total_bytes / total_s / 1e9,
-            "bytes_per_request": total_bytes / len(requests)}

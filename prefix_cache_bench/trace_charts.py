@@ -66,7 +66,7 @@ def plot_trace(result, outfile):
 def replayed_points(replays):
     """[(simulated capacity tokens, measured hit share, label)] of replays' cached arms."""
     points = []
-    for path, result in replays:
+    for _, result in replays:
         share = ((result["arms"].get("cached") or {}).get("hit_share") or {}).get("measured")
         if share is not None:
             where = "HBM + tier" if result.get("tier_capacity_tokens") else "HBM"

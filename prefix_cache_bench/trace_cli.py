@@ -5,16 +5,13 @@ import datetime
 import time
 
 from .cli import checked, positive_int
-from .defaults import SERVER_PHASE
+from .defaults import GPU_BLOCK_TOKENS, MAX_IN_FLIGHT, SERVER_PHASE, TRACE_BLOCK_TOKENS, TRACE_DRAIN_S
 from .errors import usage_error
 from .results import trace_results_path, write_result
+from .settings import TraceSettings
 from .tiers import flag_value
 from .traces import check_block_sizes, parse_capacities, read_trace, select_window, simulate_capacities
 
-TRACE_BLOCK_TOKENS = 512        # Mooncake traces hash 512-token blocks
-GPU_BLOCK_TOKENS = 16           # vLLM's KV block on a GPU: the simulation's default engine block
-TRACE_DRAIN_S = 60.0            # after an arm's last send, its requests get this long to end
-MAX_IN_FLIGHT = 1024            # an arm with more requests in flight is overloaded and stops sending
 
 
 def add_trace_flags(parser):
@@ -55,60 +52,60 @@ def add_trace_flags(parser):
 LOAD_FLAGS = ("concurrency", "request_rate", "num_prefixes", "sizes", "size_a", "size_b")
 
 
-def check_trace_flags(opts, vllm_flags):
+def check_trace_flags(flags, vllm_flags):
     """--trace's companions; the trace read and its window checked (exit 2 on bad input, before
-    any server starts). Sets opts.trace_requests."""
-    opts.trace_requests = None
-    if not opts.trace:
-        if opts.simulate_capacities:
+    any server starts). Returns the trace's requests (None without --trace)."""
+    if not flags.trace:
+        if flags.simulate_capacities:
             usage_error("--simulate-capacities needs --trace")
-        return
-    if opts.replicas:
+        return None
+    if flags.replicas:
         usage_error("--replicas: a fleet is not replayed yet (docs/traces.md, limits); replay through a router "
                     "that is already running with --base-url")
-    given = [name for name in LOAD_FLAGS if getattr(opts, name, None)]
+    given = [name for name in LOAD_FLAGS if getattr(flags, name)]
     if given:
         usage_error(f"--{given[0].replace('_', '-')}: a trace replay sends the trace's own requests at its own times")
     block = flag_value(vllm_flags, "--block-size")
     if block:
         if not block.isdigit():
             usage_error(f"--block-size {block!r}: expected an integer")
-        check_block_sizes(opts.trace_block_size, int(block), opts.trace)
-    opts.trace_requests = read_trace(opts.trace, opts.trace_block_size)
-    window_of(opts, opts.trace_requests, opts.max_input_tokens, None)     # an empty window: exit 2 now
+        check_block_sizes(flags.trace_block_size, int(block), flags.trace)
+    requests = read_trace(flags.trace, flags.trace_block_size)
+    window_of(TraceSettings.from_flags(flags), requests, flags.max_input_tokens, None)     # an empty window: exit 2 now
+    return requests
 
 
-def window_of(opts, requests, max_input_tokens, history_tokens):
-    return select_window(requests, opts.trace, opts.trace_start_s, opts.trace_duration_s, opts.trace_num_requests,
-                         max_input_tokens, history_tokens=history_tokens,
-                         trace_block_size=opts.trace_block_size)
+def window_of(trace, requests, max_input_tokens, history_tokens):
+    """The window of requests that trace (TraceSettings) selects."""
+    return select_window(requests, trace.path, trace.start_s, trace.duration_s, trace.num_requests,
+                         max_input_tokens, history_tokens=history_tokens, trace_block_size=trace.trace_block_size)
 
 
-def simulate(opts, provenance):
+def simulate(trace, requests, results_dir, provenance):
     """--simulate-capacities: the window's simulated reusable share at each capacity, printed
     and written. The warm start holds as much history as the largest capacity (or --history-tokens)."""
-    check_block_sizes(opts.trace_block_size, opts.engine_block_size, opts.trace)
-    capacities = parse_capacities(opts.simulate_capacities, opts.kv_capacity_tokens)
+    check_block_sizes(trace.trace_block_size, trace.engine_block_size, trace.path)
+    capacities = parse_capacities(trace.simulate_capacities, trace.kv_capacity_tokens)
     started = time.perf_counter()
-    history = opts.history_tokens if opts.history_tokens is not None else max(tokens for _, tokens in capacities)
-    window = window_of(opts, opts.trace_requests, opts.max_input_tokens, history)
-    curve = simulate_capacities(window, capacities, opts.engine_block_size, opts.trace_block_size)
+    history = trace.history_tokens if trace.history_tokens is not None else max(tokens for _, tokens in capacities)
+    window = window_of(trace, requests, trace.max_input_tokens, history)
+    curve = simulate_capacities(window, capacities, trace.engine_block_size, trace.trace_block_size)
     elapsed_s = time.perf_counter() - started
     result = {
         "phase": SERVER_PHASE, "experiment": "capacity_curve",
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"trace": opts.trace, "trace_block_size": opts.trace_block_size,
-                   "engine_block_size": opts.engine_block_size, "trace_start_s": opts.trace_start_s,
-                   "trace_duration_s": opts.trace_duration_s, "trace_num_requests": opts.trace_num_requests,
-                   "max_input_tokens": opts.max_input_tokens, "history_tokens": history,
-                   "kv_capacity_tokens": opts.kv_capacity_tokens, "capacities": opts.simulate_capacities},
+        "config": {"trace": trace.path, "trace_block_size": trace.trace_block_size,
+                   "engine_block_size": trace.engine_block_size, "trace_start_s": trace.start_s,
+                   "trace_duration_s": trace.duration_s, "trace_num_requests": trace.num_requests,
+                   "max_input_tokens": trace.max_input_tokens, "history_tokens": history,
+                   "kv_capacity_tokens": trace.kv_capacity_tokens, "capacities": trace.simulate_capacities},
         "window": {"requests": len(window.measured), "skipped": len(window.skipped),
                    "history_requests": len(window.history), "start_s": window.start_s,
                    "trace_span_s": window.duration_s},
         "curve": curve, "simulation_s": elapsed_s,
         "environment": provenance,
     }
-    path = trace_results_path(opts.results_dir, result)
+    path = trace_results_path(results_dir, result)
     write_result(path, result)
     print_curve(result)
     print(f"wrote {path}", flush=True)

@@ -23,9 +23,10 @@ from .protocol import flush_engine_stats
 from .open_loop import OpenLoopSender
 from .raw_stream import request_bytes
 from .results import trace_results_path, write_result
+from .trace_cli import window_of
 from .trace_figures import arm_stats, cache_buys, ledger_problems, summarize_passes
 from .traces import (IdealLedger, PrefixCacheSimulator, PromptMaker, check_block_sizes, ordinary_token_ids,
-                     prefix_keys, select_window, unique_tokens)
+                     prefix_keys, unique_tokens)
 
 SEND_LAG_LIMIT_MS = 5.0         # a sender whose p99 send lag passes this did not keep to the trace's times
 FIDELITY_WARNING = 0.9          # under this share of requests within a trace block of the model: a warning
@@ -150,12 +151,12 @@ def server_counters_around(engine, sent_records, before, flush_ids):
     return counters, problems
 
 
-def run_arm(engine, plan, arm, namespace, ledger_rows, opts):
+def run_arm(engine, plan, arm, namespace, ledger_rows, trace):
     """One arm, one pass: the cached arm's warm start, then the window open loop. Returns the
     pass's record: its figures, server counters and gauges, problems and every request."""
     client = engine.client
     if arm == "cached":
-        warm_start(engine, plan, namespace, opts.warmup_concurrency)
+        warm_start(engine, plan, namespace, trace.warmup_concurrency)
         salts = lambda k: namespace                                 # noqa: E731
     else:
         salts = lambda k: f"{namespace}-cold-{k}"                  # noqa: E731
@@ -163,8 +164,8 @@ def run_arm(engine, plan, arm, namespace, ledger_rows, opts):
     # no /metrics is read while the arm runs: parsing it would hold the event loop that stamps
     # each response's first token (the queue and prefill come from the histograms around the arm)
     records, t0, overload, max_in_flight = client.run(
-        f"the {arm} arm", send_open_loop(client.base_url, plan, engine.model, salts, opts.trace_drain_s,
-                                         opts.max_in_flight))
+        f"the {arm} arm", send_open_loop(client.base_url, plan, engine.model, salts, trace.drain_s,
+                                         trace.max_in_flight))
     rows = ledger_rows if arm == "cached" else [(0, 0)] * len(records)
     requests = [request_record(k, r, record, plan.scheduled_s[k], t0, plan.max_tokens[k], engine.audited, *rows[k])
                 for k, (r, record) in enumerate(zip(plan.window.measured, records))]
@@ -177,7 +178,7 @@ def run_arm(engine, plan, arm, namespace, ledger_rows, opts):
             problems += found
         except ExperimentError as e:
             server_error = str(e)
-    stats = arm_stats(requests, plan.scheduled_s[-1], opts.slo_ttft_ms, plan.trace_block_size)
+    stats = arm_stats(requests, plan.scheduled_s[-1], trace.slo_ttft_ms, plan.trace_block_size)
     if counters and counters.get("prompt_tokens"):
         stats["hit_share"].update({"hbm_by_counters": (counters["prefix_cache_hits"] or 0) / counters["prompt_tokens"],
                                    "tier_by_counters": (counters.get("external_prefix_cache_hits") or 0)
@@ -224,28 +225,28 @@ def tier_capacity_tokens(tier, model_dir):
     return int(tier["size_gib"] * 2 ** 30 / per_token)
 
 
-def check_server(opts, env):
+def check_server(trace, env):
     """The checks that need the server, before any request: its cache block against the trace's
     block, and a published cache size for the ledger's model."""
-    check_block_sizes(opts.trace_block_size, env["cache_block_size"], opts.trace)
+    check_block_sizes(trace.trace_block_size, env["cache_block_size"], trace.path)
     if not env.get("num_gpu_blocks"):
         raise ExperimentError("the server does not publish vllm:cache_config_info's num_gpu_blocks: the ledger's "
                               "model of its cache needs it")
 
 
-def input_cap_tokens(opts, requests, max_model_len):
+def input_cap_tokens(trace, requests, max_model_len):
     """The longest input replayed: --max-input-tokens, and no more than the server's context
     leaves beside the longest output the replay asks for."""
-    longest_output = opts.trace_max_output_tokens or max(r.output_length for r in requests)
-    caps = [cap for cap in (opts.max_input_tokens, max_model_len and max_model_len - longest_output) if cap]
+    longest_output = trace.max_output_tokens or max(r.output_length for r in requests)
+    caps = [cap for cap in (trace.max_input_tokens, max_model_len and max_model_len - longest_output) if cap]
     return min(caps) if caps else None
 
 
-def run_trace(engine, tokenizer, opts, env, unaudited, requests, model_dir=None):
+def run_trace(engine, tokenizer, trace, seed, env, unaudited, requests, model_dir=None):
     """The replay: --repeats passes, each a cached and a cold arm in alternating order, at the
     window's times. Returns the result dict (also after a failure: what was measured)."""
     rss_before_mb = client_rss_mb()
-    check_server(opts, env)
+    check_server(trace, env)
     gpu_tokens = engine.total_kv_capacity_tokens()
     tier_tokens = tier_capacity_tokens(engine.tier(), model_dir)
     if tier_tokens is None:
@@ -253,28 +254,27 @@ def run_trace(engine, tokenizer, opts, env, unaudited, requests, model_dir=None)
               "layout from): the ledger's model holds HBM alone", flush=True)
         tier_tokens = 0
     capacity = gpu_tokens + tier_tokens
-    history_tokens = opts.history_tokens if opts.history_tokens is not None else capacity
-    input_cap = input_cap_tokens(opts, requests, env.get("max_model_len"))
-    window = select_window(requests, opts.trace, opts.trace_start_s, opts.trace_duration_s, opts.trace_num_requests,
-                           input_cap, history_tokens=history_tokens, trace_block_size=opts.trace_block_size)
-    plan = TracePlan(window, opts.time_scale, opts.trace_max_output_tokens, ordinary_token_ids(tokenizer), opts.seed,
-                     opts.trace_block_size)
+    history_tokens = trace.history_tokens if trace.history_tokens is not None else capacity
+    input_cap = input_cap_tokens(trace, requests, env.get("max_model_len"))
+    window = window_of(trace, requests, input_cap, history_tokens)
+    plan = TracePlan(window, trace.time_scale, trace.max_output_tokens, ordinary_token_ids(tokenizer), seed,
+                     trace.trace_block_size)
     block = env["cache_block_size"]
-    rows = ledger(window, block, capacity, opts.trace_block_size)
+    rows = ledger(window, block, capacity, trace.trace_block_size)
     run_id = uuid.uuid4().hex[:12]
     passes, failure = [], None
     started = time.perf_counter()
-    print(f"trace {opts.trace}: {len(window.measured)} requests over {window.duration_s:.1f} s of trace "
+    print(f"trace {trace.path}: {len(window.measured)} requests over {window.duration_s:.1f} s of trace "
           f"({plan.scheduled_s[-1]:.1f} s replayed), {len(window.skipped)} skipped over the input cap, "
           f"{len(window.history)} requests of history as the warm start; the server's cache {gpu_tokens} tokens"
           + (f" + a tier of {tier_tokens}" if tier_tokens else ""), flush=True)
-    for rep in range(opts.repeats):
+    for rep in range(trace.repeats):
         order = ("cached", "cold") if rep % 2 == 0 else ("cold", "cached")
         run = {"repeat": rep, "order": list(order)}
         for arm in order:
-            print(f"\n--- pass {rep + 1} of {opts.repeats}, {arm} arm ({time.perf_counter() - started:.0f} s so far) ---",
+            print(f"\n--- pass {rep + 1} of {trace.repeats}, {arm} arm ({time.perf_counter() - started:.0f} s so far) ---",
                   flush=True)
-            run[arm] = run_arm(engine, plan, arm, f"trace-{run_id}-{rep}", rows, opts)
+            run[arm] = run_arm(engine, plan, arm, f"trace-{run_id}-{rep}", rows, trace)
             print_pass(arm, run[arm])
             failure = pass_failure(arm, rep, run[arm])
             if failure:
@@ -282,13 +282,15 @@ def run_trace(engine, tokenizer, opts, env, unaudited, requests, model_dir=None)
         passes.append(run)
         if failure:
             break
-    result = trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows, input_cap)
+    result = trace_result(trace, seed, engine.model, env, window, plan, passes, failure, unaudited, gpu_tokens,
+                          tier_tokens, rows, input_cap)
     # the peak before the replay: the libraries (transformers; torch where the server is embedded) and the tokenizer
     result["client"]["max_rss_mb_before_replay"] = rss_before_mb
     return result
 
 
-def trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows, input_cap):
+def trace_result(trace, seed, model, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows,
+                 input_cap):
     """The result dict of a replay."""
     arms = {}
     for arm in ("cached", "cold"):
@@ -302,20 +304,20 @@ def trace_result(opts, env, window, plan, passes, failure, unaudited, gpu_tokens
     lags = [lag for lag in lags if lag is not None]
     measured_input = sum(r.input_length for r in window.measured)
     return {
-        "phase": SERVER_PHASE, "experiment": "trace", "model": opts.model,
+        "phase": SERVER_PHASE, "experiment": "trace", "model": model,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"trace": opts.trace, "trace_block_size": opts.trace_block_size, "trace_start_s": opts.trace_start_s,
-                   "trace_duration_s": opts.trace_duration_s, "trace_num_requests": opts.trace_num_requests,
-                   "time_scale": opts.time_scale, "max_input_tokens": opts.max_input_tokens, "input_cap_tokens": input_cap,
-                   "max_output_tokens": opts.trace_max_output_tokens, "repeats": opts.repeats,
-                   "history_tokens": opts.history_tokens, "warmup_concurrency": opts.warmup_concurrency,
-                   "drain_s": opts.trace_drain_s, "max_in_flight": opts.max_in_flight, "slo_ttft_ms": opts.slo_ttft_ms,
-                   "seed": opts.seed},
+        "config": {"trace": trace.path, "trace_block_size": trace.trace_block_size, "trace_start_s": trace.start_s,
+                   "trace_duration_s": trace.duration_s, "trace_num_requests": trace.num_requests,
+                   "time_scale": trace.time_scale, "max_input_tokens": trace.max_input_tokens, "input_cap_tokens": input_cap,
+                   "max_output_tokens": trace.max_output_tokens, "repeats": trace.repeats,
+                   "history_tokens": trace.history_tokens, "warmup_concurrency": trace.warmup_concurrency,
+                   "drain_s": trace.drain_s, "max_in_flight": trace.max_in_flight, "slo_ttft_ms": trace.slo_ttft_ms,
+                   "seed": seed},
         "window": {"requests": len(window.measured), "skipped": len(window.skipped),
                    "skipped_lines": [r.line for r in window.skipped][:100],
                    "history_requests": len(window.history), "start_s": window.start_s,
                    "trace_span_s": window.duration_s, "replay_span_s": plan.scheduled_s[-1],
-                   "input_tokens": measured_input, "unique_tokens": unique_tokens(window.measured, opts.trace_block_size),
+                   "input_tokens": measured_input, "unique_tokens": unique_tokens(window.measured, trace.trace_block_size),
                    "ideal_reusable_tokens": sum(i for i, _ in rows),
                    "simulated_reusable_tokens": sum(s for _, s in rows)},
         "kv_capacity_tokens": gpu_tokens, "tier_capacity_tokens": tier_tokens,
@@ -366,9 +368,9 @@ def print_summary(result):
               + f" of the {key.replace('_', ' ')} ({b['saved_ms']:.1f} ms)")
 
 
-def finish_trace(result, opts):
+def finish_trace(result, results_dir):
     """Write the replay's JSON, say how it ended and warn where its figures are weak. Returns the exit code."""
-    path = trace_results_path(opts.results_dir, result)
+    path = trace_results_path(results_dir, result)
     write_result(path, result)
     print_summary(result)
     print(f"wrote {path}", flush=True)

@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy
 
+from .defaults import TRACE_BLOCK_TOKENS
 from .errors import ExperimentError, EXIT_USAGE
 
-TRACE_BLOCK_TOKENS = 512          # the Mooncake traces' block size
+
 BLOCK_CACHE_SIZE = 4096           # PromptMaker's LRU of drawn blocks: 4096 * 512 * 4 B = 8 MiB
 SEED_MODULUS = 2 ** 63            # hash IDs and seeds are mapped below this before seeding numpy
 FIELDS = ("timestamp", "input_length", "output_length", "hash_ids")

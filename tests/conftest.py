@@ -28,10 +28,11 @@ from make_model import build_model  # noqa: E402
 
 # Work units for the two pytest-xdist workers (tests/run_tests.sh: --dist loadgroup): every test
 # that uses the session's engine, or one of its servers, runs on the worker that already has it,
-# so each starts once per run instead of once per worker; any other test stays with its file (a
-# file's module fixtures are shared by its tests). Units go out heaviest first, so the workers
-# end together: the order is from --durations on this 2-core machine (the session's servers
-# ~300 s, the offline CLI runs ~270 s, the fleets ~150 s); the rest keep their file order.
+# so each starts once per run instead of once per worker; a test that uses a module fixture stays
+# with its file (the fixture is made once); any other test is a unit of its own. Units go out
+# heaviest first, so the workers end together: the order is from --durations on this 2-core
+# machine (the session's servers ~300 s, the offline CLI runs ~330 s, the fleets ~150 s); the
+# rest keep their file order.
 # xdist's own loadgroup cannot be used: it renames tests with a suffix that pytest 9.2 no longer
 # reads. So the workers write each test's unit to a file, and the controller schedules by it.
 SHARED_FIXTURE_GROUPS = {"vllm_server": "server", "plain_server": "server", "llm": "engine", "tier_server": "tier"}
@@ -42,9 +43,19 @@ UNITS_FILE = "PREFIX_CACHE_BENCH_TEST_UNITS"
 
 def work_unit(item):
     """A test's work unit: the session resource it uses (fixtures it needs, directly or through
-    a module fixture), else its file."""
+    a module fixture), else its file where it uses a fixture of the file's (made once per
+    worker), else the test alone, so that the heavy ones spread over the workers."""
     shared = sorted({SHARED_FIXTURE_GROUPS[f] for f in item.fixturenames if f in SHARED_FIXTURE_GROUPS})
-    return shared[-1] if shared else item.nodeid.split("::")[0]     # a test with both goes with the server
+    if shared:
+        return shared[-1]                   # a test with both goes with the server
+    fixtures = getattr(item, "_fixtureinfo", None)
+    module_scoped = fixtures and any(d.scope == "module" for defs in fixtures.name2fixturedefs.values() for d in defs)
+    return item.nodeid.split("::")[0] if module_scoped else item.nodeid
+
+
+def unit_rank(item, rank):
+    """Where a test's unit goes in the order: its unit's place, else its file's."""
+    return rank.get(work_unit(item), rank.get(item.nodeid.split("::")[0], len(rank)))
 
 
 def pytest_configure(config):
@@ -55,7 +66,7 @@ def pytest_configure(config):
 
 def pytest_collection_modifyitems(config, items):
     rank = {unit: i for i, unit in enumerate(HEAVIEST_FIRST)}
-    items.sort(key=lambda item: rank.get(work_unit(item), len(rank)))      # stable: file order within
+    items.sort(key=lambda item: unit_rank(item, rank))      # stable: file order within
     if XDIST_WORKER and os.environ.get(UNITS_FILE):
         from prefix_cache_bench.results import write_json_atomic
         write_json_atomic(os.environ[UNITS_FILE], {item.nodeid: work_unit(item) for item in items})

@@ -15,7 +15,7 @@ PACKAGE = os.path.join(ROOT, "prefix_cache_bench")
 LAYERS = {
     0: ("errors", "defaults", "engine_api", "prometheus", "host"),
     1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers", "tiers",
-        "traces"),
+        "traces", "settings"),
     2: ("analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit", "trace_figures", "trace_tables",
         "trace_cli", "raw_stream"),
     3: ("protocol", "tables", "open_loop"),
@@ -42,6 +42,29 @@ def test_every_module_has_a_layer_and_imports_only_lower_layers():
     assert sorted(LAYER_OF) == modules(), "docs/architecture.md and LAYERS must list every module"
     upward = [(m, d) for m in modules() for d in package_imports(m) if LAYER_OF[d] >= LAYER_OF[m]]
     assert upward == []
+
+
+# Statistics and reporting read results; they never measure. None of them may import a module
+# that measures (engines, servers, clients, senders, the protocol), directly or through another.
+MEASURING = {"offline", "processes", "protocol", "server_engine", "http_client", "servers", "gpu_busy", "tiers",
+             "load_run", "load_workload", "open_loop", "raw_stream", "trace_replay", "audit", "trace_cli"}
+REPORTING = {"intervals", "analysis", "prefill_fit", "tables", "load_tables", "trace_figures", "trace_tables",
+             "charts", "trace_charts", "readmes"}
+
+
+def imported_through(module):
+    """Every package module that importing module imports, directly or through another."""
+    seen, todo = set(), [module]
+    while todo:
+        for dependency in package_imports(todo.pop()) - seen:
+            seen.add(dependency)
+            todo.append(dependency)
+    return seen
+
+
+def test_statistics_and_reporting_import_no_module_that_measures():
+    assert REPORTING | MEASURING <= set(modules())
+    assert {m: sorted(imported_through(m) & MEASURING) for m in sorted(REPORTING)} == {m: [] for m in sorted(REPORTING)}
 
 
 def test_no_module_passes_450_lines_and_the_entry_scripts_stay_thin():

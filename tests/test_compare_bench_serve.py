@@ -35,7 +35,7 @@ def test_the_server_figures_come_from_the_histograms_growth():
     figures = compare.server_figures(grown)
     assert figures["server_ttft_mean_ms"] == pytest.approx(10.0)
     assert figures["queue_time_mean_ms"] == pytest.approx(1.0) and figures["prefill_time_mean_ms"] == pytest.approx(4.0)
-    assert figures["server_cached_token_share"] == 0.9 and figures["server_requests"] == 50
+    assert figures["cached_token_share"] == 0.9 and figures["server_requests"] == 50
 
 
 def test_over_rounds_gives_the_mean_and_a_t_interval():
@@ -43,7 +43,8 @@ def test_over_rounds_gives_the_mean_and_a_t_interval():
     assert summary["mean"] == 12.0 and summary["per_round"] == [10.0, 12.0, 14.0]
     low, high = summary["ci95"]
     # t(0.975, 2) = 4.303, standard error 2/sqrt(3)
-    assert low == pytest.approx(12 - 4.303 * 2 / 3 ** 0.5, abs=1e-3) and high == pytest.approx(12 + 4.303 * 2 / 3 ** 0.5, abs=1e-3)
+    half_width = 4.303 * 2 / 3 ** 0.5
+    assert low == pytest.approx(12 - half_width, abs=1e-3) and high == pytest.approx(12 + half_width, abs=1e-3)
     assert compare.over_rounds([None]) is None
 
 
@@ -69,6 +70,8 @@ def test_bench_serve_and_the_tool_on_the_session_server(vllm_server, tmp_path):
     assert tool["cold"]["cached_token_share"] == 0
     for figures in (bench, tool["cached"], tool["cold"]):
         assert 0 < figures["server_ttft_mean_ms"] and figures["prefill_time_mean_ms"] < figures["server_ttft_mean_ms"]
-        assert figures["client_minus_server_ms"] == pytest.approx(figures["ttft_mean_ms"] - figures["server_ttft_mean_ms"], abs=0.002)  # each rounded to 3 decimals
+        # each rounded to 3 decimals
+        assert figures["client_minus_server_ms"] == pytest.approx(figures["ttft_mean_ms"] - figures["server_ttft_mean_ms"],
+                                                                  abs=0.002)
     assert set(result["summary"]) == {"bench", "bench_hits", "tool_cached", "tool_cold"}
     assert (tmp_path / "comparison-tool-round1").is_dir()

@@ -54,11 +54,11 @@ def test_every_documented_command_is_accepted_by_the_real_parser(path, words, ti
             args[args.index("--model") + 1] = tiny_model_dir
         else:
             args += ["--model", tiny_model_dir]
-        opts, engine_args = p.parse_args(args)
-        assert opts.configs and engine_args.enable_prefix_caching
+        settings, engine_args = p.parse_args(args)
+        assert settings.configs and engine_args.enable_prefix_caching
     elif script == "phase1_experiment.py":
-        opts, vllm_flags = p1.parse_args(args)
-        assert (opts.configs or opts.trace) and not (opts.base_url and vllm_flags)
+        settings, vllm_flags, _ = p1.parse_args(args)
+        assert (settings.run.configs or settings.trace) and not (settings.server.base_url and vllm_flags)
     elif script == "plot_results.py":
         plot_results.build_parser().parse_args(args)
     elif script == "tests/make_model.py":
@@ -95,7 +95,8 @@ def test_readme_headline_table_and_where_a_hit_goes_are_the_shipped_files():
     floor = prefill_fit.condition_floor(phases["phase2"][(8192, 256)], "cache_hit")
     outside = parts["outside_engine_ms"] + parts["frontend_ipc_ms"]
     hit_32k = phases["phase2"][(32768, 256)]
-    not_gpu_32k = 1 - hit_32k["gpu_busy"]["by_condition"]["cache_hit"]["gpu_busy_mean_ms"] / hit_32k["cache_hit"]["stats"]["ttft_mean"]
+    not_gpu_32k = (1 - hit_32k["gpu_busy"]["by_condition"]["cache_hit"]["gpu_busy_mean_ms"]
+                   / hit_32k["cache_hit"]["stats"]["ttft_mean"])
     said = " ".join(readme.split())
     assert (f"At 8k its {hit['ttft_mean']:.1f} ms hold {busy['gpu_busy_mean_ms']:.1f} ms of GPU work" in said and
             f"the floor is {floor['floor_ms']:.1f} ms), {outside:.1f} ms of `LLM.generate`, front end and IPC, and "
@@ -140,7 +141,8 @@ def test_readme_and_reproducibility_say_what_the_runs_of_one_code_on_two_leases_
     fifth, sixth = runs["lease4-run1"], runs["lease5-run1"]
     assert {r[512]["environment"]["tool_version"]["code_sha256"] for r in (fifth, sixth)} == {
         fifth[512]["environment"]["tool_version"]["code_sha256"]}
-    slower = [sixth[a]["cache_hit"]["stats"]["ttft_mean"] - fifth[a]["cache_hit"]["stats"]["ttft_mean"] for a in (512, 2048, 8192)]
+    slower = [sixth[a]["cache_hit"]["stats"]["ttft_mean"] - fifth[a]["cache_hit"]["stats"]["ttft_mean"]
+              for a in (512, 2048, 8192)]
     assert f"{min(slower):.1f}-{max(slower):.1f} ms slower" in readme and f"{min(slower):.1f}-{max(slower):.1f} ms slower" in page
     hosts = sixth[512]["environment"]["host_python_loop_ms_per_process"]
     assert "were " + ", ".join(f"{ms:.1f}" for ms in hosts[:-1]) + f" and {hosts[-1]:.1f} ms" in page
@@ -240,7 +242,8 @@ def test_fleet_tables_are_the_shipped_files_tables():
     p50 = lambda front: at_8[front]["ttft_ms"]["p50"]
     rate = lambda front: f"{at_8[front]['hit_rate']['requests']:.0%}"
     assert f"`ideal` hit {rate('ideal')} (TTFT p50 {p50('ideal'):.1f} ms)" in readme
-    assert (f"`cache_aware` {rate('cache_aware, first requests together')} ({p50('cache_aware, first requests together'):.1f} ms) "
+    together = "cache_aware, first requests together"
+    assert (f"`cache_aware` {rate(together)} ({p50(together):.1f} ms) "
             f"when the documents' first requests arrived together, {rate('cache_aware')} ({p50('cache_aware'):.0f} ms, all on "
             f"one replica)") in readme
     assert (f"`round_robin` and `dp` {rate('dp')[:-1]}-{rate('round_robin')} ({p50('round_robin'):.0f}-{p50('dp'):.0f} ms)"
@@ -309,7 +312,8 @@ def test_load_page_bench_serve_comparison_is_the_shipped_files():
             f"{span(before_engine(four, 'bench'))} against {span(before_engine(four, 'tool_cached'))} ms at 4") in flat
     busy = [100 * r["bench"]["api_server_cpu_busy"] for r in four["rounds"]]
     tool_busy = [100 * r["tool"]["cached"]["api_server_cpu_busy"] for r in four["rounds"]]
-    assert f"busy {span(busy, 0)}% of the time against {span(tool_busy, 0)}% for the tool's (the bench's share is taken over its whole `main()`" in flat
+    assert (f"busy {span(busy, 0)}% of the time against {span(tool_busy, 0)}% for the tool's "
+            f"(the bench's share is taken over its whole `main()`") in flat
     assert all(r["tool"]["cache_audit_ok"] for c in compared.values() for r in c["rounds"])
     cpu = json.load(open(os.path.join(ROOT, "results", "cpu-tiny-bench-serve", "concurrency1", "comparison.json")))
     assert (f"{span(before_engine(cpu, 'bench'))} ms before the engine for the bench, "

@@ -18,6 +18,7 @@ from conftest import (ENGINE_FLAGS, ROOT, kv_transfer_config, run_script, sessio
                       with_tier_connector)
 from test_known_answers import T3, fieller
 from prefix_cache_bench import audit, defaults, gpu_busy, offline, protocol, provenance
+from prefix_cache_bench.settings import RunSettings
 
 
 SEED_TOP_KEYS = ("phase", "model", "timestamp", "config", "warmup_time_ms", "cache_hit", "cache_miss",
@@ -30,12 +31,12 @@ SEED_STATS_KEYS = ("ttft_mean", "ttft_median", "ttft_stdev", "total_time_mean", 
 def run_many(llm, configs, env=None, engine=None, **overrides):
     """run_configs on the session's engine (or on engine, one that wraps it), with the CLI's
     defaults but short and quick."""
-    opts = types.SimpleNamespace(**{**dict(configs=configs, seed=0, pause_ms=5.0, warmup_trials=1, num_trials=4,
-                                           num_blocks=4, min_block_seconds=0.0, block_order=False,
-                                           max_output_tokens=8, model="tiny"), **overrides})
+    run = RunSettings(**{**dict(configs=tuple(configs), seed=0, pause_ms=5.0, warmup_trials=1, num_trials=4,
+                                num_blocks=4, min_block_seconds=0.0, max_output_tokens=8, model="tiny"), **overrides})
     environment = {**offline.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
-                   **provenance.provenance(["--test"], defaults.OFFLINE_PROG, os.path.join(ROOT, "phase2_experiment.py")), **(env or {})}
-    return protocol.run_configs(engine or offline.OfflineEngine(llm), llm.get_tokenizer(), opts, environment)
+                   **provenance.provenance(["--test"], defaults.OFFLINE_PROG, os.path.join(ROOT, "phase2_experiment.py")),
+                   **(env or {})}
+    return protocol.run_configs(engine or offline.OfflineEngine(llm, run.model), llm.get_tokenizer(), run, environment)
 
 
 def run_one(llm, size_a, size_b, env=None, **overrides):

@@ -2,10 +2,11 @@
 requests on the real CPU engine and a real server with a tier. This machine has no CUDA device:
 the worker extension is driven for real (it answers that there is nothing to trace), and only
 the GPU's clock itself is faked, as a known activity per request."""
+import dataclasses
 import phase1_experiment as p1
 from test_experiment import run_many
 from test_tiers import QUICK
-from prefix_cache_bench import defaults, gpu_busy, offline, protocol, server_engine, tables
+from prefix_cache_bench import analysis, defaults, gpu_busy, offline, protocol, server_engine, tables
 from prefix_cache_bench.defaults import TIER_CONDITION
 
 
@@ -19,9 +20,12 @@ def test_overlapping_device_activities_count_once_and_the_span_covers_the_gaps()
 
 
 def record(condition, busy_ms, cached=0, expected=0):
+    """A profiled request's record as profiled_segment writes it (broke_its_condition where it
+    found other than its condition promises)."""
     return {"condition": condition, "round": 9, "prompt_tokens": 400, "cached_tokens": cached,
             "expected_cached_tokens": expected, "ttft_ms_profiled": 5.0, "prefill_step_ms_profiled": 3.0,
-            "gpu_busy_ms": busy_ms, "gpu_span_ms": None if busy_ms is None else busy_ms + 1.0, "device_activities": 7}
+            "gpu_busy_ms": busy_ms, "gpu_span_ms": None if busy_ms is None else busy_ms + 1.0, "device_activities": 7,
+            **({"broke_its_condition": True} if cached != expected else {})}
 
 
 def test_the_summary_leaves_out_requests_that_broke_their_condition_or_were_not_traced():
@@ -53,8 +57,8 @@ def test_the_anatomy_table_splits_the_prefill_step_by_the_gpu_busy_time():
     data = {"config": {}, "environment": {}, "cache_hit": {"stats": stats(20.0, 16.0)},
             "cache_miss": {"stats": stats(24.0, 20.0)}, "cache_cold": {"stats": stats(104.0, 100.0)},
             "gpu_busy": gpu_busy.segment_summary([record("cache_hit", 4.0, 384, 384), record("cache_cold", 90.0)], 1)}
-    assert gpu_busy.step_split(data["cache_hit"]["stats"], data["gpu_busy"], "cache_hit") == (4.0, 12.0)
-    assert gpu_busy.step_split(data["cache_miss"]["stats"], data["gpu_busy"], "cache_miss") is None
+    assert analysis.step_split(data["cache_hit"]["stats"], data["gpu_busy"], "cache_hit") == (4.0, 12.0)
+    assert analysis.step_split(data["cache_miss"]["stats"], data["gpu_busy"], "cache_miss") is None
     table = tables.anatomy_table({(512, 256): data}).splitlines()
     assert table[0].endswith("| prefill step | step: GPU busy | not GPU work | GPU floor ms | TTFT / floor |")
     # hit: 4 of its 20 ms on the GPU, 80% of its TTFT not GPU work; cold: 90 of 104, 13%; miss: not profiled
@@ -91,7 +95,7 @@ def test_the_worker_extension_answers_through_the_real_engine(llm):
     assert llm.llm_engine.vllm_config.parallel_config.worker_extension_cls == gpu_busy.WORKER_EXTENSION
     assert llm.collective_rpc("pcb_gpu_busy_start") == [False]         # no CUDA device on this machine
     assert llm.collective_rpc("pcb_gpu_busy_stop") == [None]
-    assert offline.OfflineEngine(llm).gpu_busy_unavailable() == gpu_busy.NOT_ON_THIS_ENGINE
+    assert offline.OfflineEngine(llm, "tiny").gpu_busy_unavailable() == gpu_busy.NOT_ON_THIS_ENGINE
 
 
 def run_profiled(llm, engine, **overrides):
@@ -99,7 +103,7 @@ def run_profiled(llm, engine, **overrides):
 
 
 def test_after_the_rounds_each_condition_is_profiled_in_the_cache_state_it_promises(llm):
-    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm)), profiled_requests=2)
+    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm, "tiny")), profiled_requests=2)
     assert r["cache_audit"]["ok"] is True, r["cache_audit"]["problems"]
     hit_tokens = r["cache_audit"]["expected_hit_cached_tokens"]
     segment = r["gpu_busy"]
@@ -115,7 +119,7 @@ def test_after_the_rounds_each_condition_is_profiled_in_the_cache_state_it_promi
 
 
 def test_a_profiled_hit_that_found_nothing_fails_the_audit_and_is_left_out(llm):
-    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm), break_hits=True), profiled_requests=1)
+    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm, "tiny"), break_hits=True), profiled_requests=1)
     hit_tokens = r["cache_audit"]["expected_hit_cached_tokens"]
     assert r["cache_audit"]["ok"] is False
     assert r["cache_audit"]["problems"] == [f"cache_hit profiled request 3: cached_tokens=0, expected {hit_tokens}"]
@@ -123,7 +127,7 @@ def test_a_profiled_hit_that_found_nothing_fails_the_audit_and_is_left_out(llm):
 
 
 def test_without_profiled_requests_the_result_says_so(llm):
-    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm)), profiled_requests=0)
+    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm, "tiny")), profiled_requests=0)
     assert r["gpu_busy"] == {"not_measured": "--profiled-requests 0"}
 
 
@@ -132,14 +136,14 @@ def test_a_profiled_tier_hit_is_loaded_from_the_tier_and_the_other_configs_resto
     segment itself runs offline only): the tier request finds [A, B] in the tier, not in HBM."""
     from prefix_cache_bench.http_client import HttpClient
     from prefix_cache_bench.server_engine import prepare, server_environment
-    opts, _ = p1.parse_args(["--base-url", tier_server.base_url, "--sizes", "300x100,200x150", *QUICK,
-                             "--num-trials", "2"])
-    opts.profiled_requests = 1
+    settings, _, _ = p1.parse_args(["--base-url", tier_server.base_url, "--sizes", "300x100,200x150", *QUICK,
+                                    "--num-trials", "2"])
+    run = dataclasses.replace(settings.run, profiled_requests=1)
     with HttpClient(tier_server.base_url, 60) as client:
-        engine, tokenizer, card, _ = prepare(client, opts, None)
+        engine, tokenizer, card, _ = prepare(client, settings, None)
         env = server_environment(client, card, None, [], engine)
         engine.shared = False
-        results = protocol.run_configs(FakeGpuClock(engine), tokenizer, opts, env)
+        results = protocol.run_configs(FakeGpuClock(engine), tokenizer, run, env)
     for r, hit_tokens in zip(results, (384, 256)):
         assert r["cache_audit"]["ok"] is True, r["cache_audit"]["problems"]
         tier_request, = [x for x in r["gpu_busy"]["requests"] if x["condition"] == TIER_CONDITION]

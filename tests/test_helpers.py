@@ -1,12 +1,16 @@
 """Fast unit tests of phase2_experiment's pure helpers (no engine)."""
 import argparse
+import itertools
 import json
 import os
 import random
+import sys
+import textwrap
 import threading
 import types
 
 import pytest
+from conftest import ROOT
 from prefix_cache_bench import (analysis, audit, cli, defaults, engine_api, errors, offline, prompts,
                                 protocol, provenance, results)
 
@@ -37,9 +41,14 @@ def test_hit_prompt_ids_start_with_warmup_ids(tiny_tokenizer):
     assert len(miss) == 1 + 30 + 16 and miss[1:31] == warm[51:]
 
 
+def first_queries(tokenizer, count, shared_len):
+    """The first count queries of a run's stream (prompts.query_stream, as ConfigPrompts draws them)."""
+    return list(itertools.islice(prompts.query_stream(tokenizer, shared_len, random.Random(0)), count))
+
+
 @pytest.mark.parametrize("shared_len", [1, 5, 16])
 def test_queries_are_exact_length_and_open_differently(tiny_tokenizer, shared_len):
-    queries = prompts.make_queries(tiny_tokenizer, 60, shared_len, random.Random(0))
+    queries = first_queries(tiny_tokenizer, 60, shared_len)
     heads = set()
     for q in queries:
         ids = tiny_tokenizer.encode(q, add_special_tokens=False)
@@ -52,9 +61,9 @@ def test_queries_outnumber_the_words_where_the_shared_part_allows(tiny_tokenizer
     words = len(prompts.query_head_words(tiny_tokenizer))
     # a one-token shared part: one query per word, then the stream ends with a clear error
     with pytest.raises(errors.ExperimentError, match="too few one-token words"):
-        prompts.make_queries(tiny_tokenizer, words + 1, 1, random.Random(0))
+        first_queries(tiny_tokenizer, words + 1, 1)
     # five tokens shared: word and number open differently, past the number of words
-    queries = prompts.make_queries(tiny_tokenizer, words + 50, 5, random.Random(0))
+    queries = first_queries(tiny_tokenizer, words + 50, 5)
     heads = {tuple(tiny_tokenizer.encode(q, add_special_tokens=False)[:5]) for q in queries}
     assert len(heads) == words + 50
 
@@ -293,7 +302,8 @@ def test_audit_fails_when_the_engine_counter_disagrees_with_the_requests():
     before = offline.prefix_cache_counters(llm)
     llm.step()
     trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
-    result = audit.audit(engine_request(0), trials, engine_request(0), list(range(301)), 16, before, offline.prefix_cache_counters(llm))
+    result = audit.audit(engine_request(0), trials, engine_request(0), list(range(301)), 16, before,
+                         offline.prefix_cache_counters(llm))
     assert result["ok"] is False                             # ... the requests claim two
     assert result["problems"] == ["the engine's prefix-cache hit counters (scheduler stats messages) grew by 288, "
                                   "but the requests report 576 cached tokens"]
@@ -342,6 +352,31 @@ def test_compute_stats_leaves_cached_tokens_empty_where_the_engine_reports_none(
     trials = [{**_trial(10.0, 100.0), "cached_tokens": None, "throughput_request": {"cached_tokens": None}}]
     s = analysis.compute_stats(trials)
     assert (s["cached_tokens"], s["cached_tokens_max"]) == (None, None)
+
+
+def test_a_signal_that_lands_in_a_destructor_still_ends_the_run():
+    """A signal handler raises wherever the main thread is; inside a destructor or a weakref
+    callback Python prints "Exception ignored" and goes on. stop_on_signals' unraisablehook
+    raises it again at the next ordinary line, so the run ends as the signal says."""
+    import subprocess
+    code = textwrap.dedent("""
+        import signal, sys
+        from prefix_cache_bench import errors
+        errors.stop_on_signals()
+        class Request:
+            def __del__(self):
+                errors.stop_on_signal(signal.SIGINT, None)     # the signal, arriving here
+        try:
+            Request()
+            for _ in range(10 ** 7):                       # ordinary code after it: the run's work
+                pass
+            print("not interrupted")
+        except errors.Interrupted as e:
+            print(e.exit_code)
+        """)
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.stdout.strip() == "130", proc.stdout + proc.stderr
+    assert "Exception ignored" not in proc.stderr
 
 
 def test_a_failure_that_replaced_a_signal_s_exception_is_told_as_the_signal(monkeypatch):

@@ -9,11 +9,11 @@ t(p, 1) = tan(pi (p - 1/2)), t(p, 2) = (2p - 1) / sqrt(2 p (1 - p)).
 """
 import math
 import os
-import types
 
 import pytest
 
 from prefix_cache_bench import analysis, intervals, processes, tables
+from prefix_cache_bench.settings import RunSettings
 
 T1 = 12.706204736174704      # = tan(0.475 pi)
 T2 = 4.302652729749464       # = 0.95 / sqrt(0.04875)
@@ -187,7 +187,7 @@ def process_result(hits, misses, colds, started_unix_s, warmup_ms, problems=(), 
     return result
 
 
-OPTS = types.SimpleNamespace(min_block_seconds=0.0, provenance={"tool": "test"})
+OPTS = RunSettings(configs=((512, 256),), min_block_seconds=0.0, provenance={"tool": "test"})
 
 
 def test_merge_two_processes():

@@ -191,9 +191,11 @@ def test_the_client_and_the_api_server_say_how_busy_they_were(load_run):
                 assert run[c]["server"]["api_server_cpu_busy_max"] == busy[url]
         for c in ("cached", "cold"):
             values = [run[c]["client_cpu_busy"] for run in level["runs"]]
-            assert level[c]["client_cpu_busy"] == pytest.approx(np.mean(values), abs=6e-4) and level[c]["client_cpu_busy_per_pass"] == values
+            assert level[c]["client_cpu_busy"] == pytest.approx(np.mean(values), abs=6e-4)
+            assert level[c]["client_cpu_busy_per_pass"] == values
             per_pass = [run[c]["server"]["api_server_cpu_busy_max"] for run in level["runs"]]
-            assert level[c]["server"]["api_server_cpu_busy_max"] == pytest.approx(np.mean(per_pass), abs=6e-4)  # JSON keeps 3 decimals
+            # the JSON keeps 3 decimals
+            assert level[c]["server"]["api_server_cpu_busy_max"] == pytest.approx(np.mean(per_pass), abs=6e-4)
     assert "CPU busy, as a share of one core: this client " in proc.stdout
 
 
@@ -283,7 +285,8 @@ def test_a_working_set_larger_than_the_kv_cache_loses_its_hits_where_the_capacit
     assert sets[8] <= capacity / 2 < 3 * capacity < sets[64]
     assert rates[2] == rates[8] == 1.0          # fits: every request hits
     assert rates[64] < 0.6                      # outgrows the cache: LRU evicts documents before they return
-    assert "cold" in r["levels"][0] and "cold" not in r["levels"][1] and r["levels"][0]["cached"]["interval"].startswith("one pass")
+    assert "cold" in r["levels"][0] and "cold" not in r["levels"][1]
+    assert r["levels"][0]["cached"]["interval"].startswith("one pass")
     # the charts and the tables
     assert pr.main(["--results-dir", str(tmp_path)]) == 0
     assert os.path.exists(tmp_path / "workingset_a355.png")
@@ -307,7 +310,8 @@ def test_load_charts_and_tables(load_run, tmp_path, capsys):
     passes = [run["cold"]["server"] for run in r["levels"][1]["runs"]]
     pooled = sum(p["ttft_sum_s"] for p in passes) / sum(p["ttft_count"] for p in passes) * 1e3
     assert level["server"]["server_ttft_mean_ms"] == pytest.approx(pooled, abs=0.05)     # the file rounds the sums
-    busy = load_tables.percent_with_spread(level["server"]["api_server_cpu_busy_max"], level["server"]["api_server_cpu_busy_max_per_pass"])
+    busy = load_tables.percent_with_spread(level["server"]["api_server_cpu_busy_max"],
+                                           level["server"]["api_server_cpu_busy_max_per_pass"])
     assert busy.endswith("%)") and times[-1].endswith(f" | {busy} |")
     # a file made before the server's histograms were read has no such table
     older = {**r, "levels": [{**lv, **{c: {**lv[c], "server": {}} for c in ("cached", "cold")}} for lv in r["levels"]]}

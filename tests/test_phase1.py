@@ -65,7 +65,7 @@ def test_the_api_server_count_is_found_under_each_of_its_spellings(flags, count)
 
 
 def test_one_api_server_is_what_the_embedded_server_runs_anyway():
-    opts, vllm_flags = p1.parse_args(["--api-server-count", "1"])
+    _, vllm_flags, _ = p1.parse_args(["--api-server-count", "1"])
     assert vllm_flags == ["--api-server-count", "1"]
 
 
@@ -370,7 +370,9 @@ def test_vllm_closes_an_idle_connection_and_the_next_timed_request_does_not_pay_
         second = engine.request([2, 100, 200], 4)
         assert client.connections_opened == 2
         assert first.new_connection is False and second.new_connection is False
-        assert second.output_tokens == 4 and second.cached_tokens is None and len(second.itl_ms) == 3
+        # the stream was read to its end (the usage comes in the last chunk); how many chunks carried
+        # the 4 tokens is the server's affair: a busy API server sends several tokens in one
+        assert second.output_tokens == 4 and second.cached_tokens is None and second.ttft_ms <= second.wall_ms
 
 
 def test_another_client_on_the_server_is_recorded_and_said_not_failed(vllm_server, tmp_path):

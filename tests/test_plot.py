@@ -138,10 +138,10 @@ def test_cli_skips_bad_files_with_one_line_each_and_plots_the_rest(tmp_path):
     write(tmp_path, "results_phase2_a2048_b256.json", broken)
     proc = run_script(["plot_results.py", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "png")])
     assert proc.returncode == 0, proc.stderr
-    skipped = [l for l in proc.stderr.splitlines() if l.startswith("skipped")]
+    skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 2
-    assert any("results_phase2_a1024_b256.json: not valid JSON" in l for l in skipped)
-    assert any("a2048_b256.json: cache_miss.stats lacks throughput_mean" in l for l in skipped)
+    assert any("results_phase2_a1024_b256.json: not valid JSON" in line for line in skipped)
+    assert any("a2048_b256.json: cache_miss.stats lacks throughput_mean" in line for line in skipped)
     assert os.path.exists(tmp_path / "png" / "experiment1_all_configs_phase2.png")
     assert "| A=256 / B=256 |" in proc.stdout and "| A=512 / B=256 |" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -161,7 +161,7 @@ def test_cli_exits_1_with_one_line(tmp_path, case):
         args += ["--out-dir", str(tmp_path / "blocker")]
     proc = run_script(args)
     assert proc.returncode == 1
-    errors = [l for l in proc.stderr.splitlines() if "error:" in l]
+    errors = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(errors) == 1 and str(tmp_path) in errors[0]
     assert "Traceback" not in proc.stderr
 
@@ -360,7 +360,7 @@ def test_context_chart_and_log_scale_for_long_contexts(tmp_path):
     fig = charts.plot_context(configs, fit, "x", str(tmp_path / "context.png"))
     assert fig.axes[0].get_xscale() == "log" and os.path.getsize(tmp_path / "context.png") > 10_000
     labels = [t.get_text() for t in fig.axes[0].get_legend().get_texts()]
-    assert any(l.startswith("fit, nothing cached: 12.0 ms") for l in labels)
+    assert any(line.startswith("fit, nothing cached: 12.0 ms") for line in labels)
     fig = charts.plot_phase(configs, "phase2", "x", str(tmp_path / "bars.png"))
     assert fig.axes[0].get_yscale() == "log"          # cold TTFTs span more than 20x
     short = {k: extended_result(*k) for k in ((256, 256), (512, 256))}
@@ -478,7 +478,7 @@ def test_design_schema_phase1_and_phase2_files_plot_both_charts_without_a_traceb
             write(tmp_path, f"results_{phase}_a{a}_b256.json", r)
     proc = run_script(["plot_results.py", "--results-dir", str(tmp_path)])
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    assert not [l for l in proc.stderr.splitlines() if l.startswith("skipped")]
+    assert not [line for line in proc.stderr.splitlines() if line.startswith("skipped")]
     for chart in ("experiment1_all_configs_phase1.png", "experiment1_all_configs_phase2.png", "phase1_vs_phase2.png"):
         assert os.path.exists(tmp_path / chart), chart
     # the server path adds 3 ms to every trial: phase 1's mean minus phase 2's, per condition
@@ -495,7 +495,7 @@ def test_a_truncated_file_and_one_missing_keys_are_each_named_in_one_line_and_sk
     write(tmp_path, "results_phase2_a2048_b256.json", design_result(2048, 256))
     proc = run_script(["plot_results.py", "--results-dir", str(tmp_path)])
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
-    skipped = sorted(l for l in proc.stderr.splitlines() if l.startswith("skipped"))
+    skipped = sorted(line for line in proc.stderr.splitlines() if line.startswith("skipped"))
     assert len(skipped) == 2
     assert "a1024_b256.json: no cache_hit.stats" in skipped[0]
     assert "a512_b256.json: not valid JSON" in skipped[1]
@@ -535,7 +535,7 @@ def test_plotting_the_results_folder_itself_names_the_subfolders_that_hold_resul
     """A newcomer's first `python plot_results.py`: results/ holds only subfolders."""
     proc = run_script(["plot_results.py"])
     assert proc.returncode == 1 and "Traceback" not in proc.stderr
-    error = [l for l in proc.stderr.splitlines() if "error:" in l]
+    error = [line for line in proc.stderr.splitlines() if "error:" in line]
     assert len(error) == 1 and "--results-dir results/h200" in error[0], proc.stderr
 
 

@@ -300,7 +300,8 @@ def replayed_invocation(rng, runs, processes, rounds):
     return trials
 
 
-DEFAULT_ROUNDS = defaults.NUM_BLOCKS * protocol.rounds_per_block(3.1, defaults.MIN_BLOCK_SECONDS)     # a 3-config round took 3.1 s
+# a 3-config round took 3.1 s
+DEFAULT_ROUNDS = defaults.NUM_BLOCKS * protocol.rounds_per_block(3.1, defaults.MIN_BLOCK_SECONDS)
 
 
 @pytest.mark.parametrize("size_a,max_median_half_width", [(512, 3.0), (2048, 3.5), (8192, 1.2)])

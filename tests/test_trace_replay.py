@@ -77,11 +77,16 @@ def test_a_replay_reports_fidelity_send_lag_and_what_the_cache_buys(replay):
     assert cached["hit_share"]["measured"] == pytest.approx(sum(IDEAL) / (300 + 700 + 1500 + 900 + 600), abs=1e-3)
     assert result["arms"]["cold"]["hit_share"]["measured"] == 0
     for run in result["passes"]:
-        lags = [r["send_lag_ms"] for arm in ("cached", "cold") for r in run[arm]["requests"]]
-        assert all(0 <= lag < 100 for lag in lags)
-        # open loop at twice the trace's gaps: sends 200 ms apart, whatever the responses did
-        starts = [r["start_s"] for r in run["cached"]["requests"]]
-        assert [round(b - a, 1) for a, b in zip(starts, starts[1:])] == [0.2, 0.2, 0.2, 0.2]
+        for arm in ("cached", "cold"):
+            # scheduled at twice the trace's gaps (200 ms apart); each send's lag is how late it left
+            # (how small it is on a quiet machine is tools/trace_sender_bench.py's to measure, not a test's)
+            scheduled = [r["scheduled_s"] for r in run[arm]["requests"]]
+            assert [round(b - a, 6) for a, b in zip(scheduled, scheduled[1:])] == [0.2, 0.2, 0.2, 0.2]
+            for r in run[arm]["requests"]:
+                assert r["send_lag_ms"] >= 0
+                assert r["send_lag_ms"] == pytest.approx((r["start_s"] - r["scheduled_s"]) * 1e3, abs=1.0)   # JSON: 3 decimals
+            lags = [r["send_lag_ms"] for r in run[arm]["requests"]]
+            assert run[arm]["stats"]["send_lag_ms"]["max"] == pytest.approx(max(lags), abs=0.01)
     assert set(result["cache_buys"]) == {"ttft_mean", "ttft_p50", "ttft_p90", "ttft_p99"}
     assert len(result["cache_buys"]["ttft_p50"]["saving_pct_per_pass"]) == 3
     assert result["client"]["max_rss_mb"] > 0 and result["client"]["sender_kept_up"] is not None
@@ -98,7 +103,7 @@ def test_bad_traces_end_in_one_line_naming_the_file_and_line_before_any_server(t
     backwards = write_trace(tmp_path / "back.jsonl", [(100, 600, [1, 2]), (50, 600, [1, 3])])
     proc = phase1("--model", "/nonexistent", "--trace", backwards, timeout=60)
     assert proc.returncode == 2, proc.stderr
-    [line] = [l for l in proc.stderr.splitlines() if l.strip()]
+    [line] = [line for line in proc.stderr.splitlines() if line.strip()]
     assert f"{backwards}:2:" in line and "backwards" in line
     # the rest through the same parser, in this process
     good = write_trace(tmp_path / "good.jsonl", HAND_TRACE)

@@ -28,8 +28,9 @@ import numpy as np
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 sys.path.insert(0, ROOT)
 
-from prefix_cache_bench.audit import counter_growth  # noqa: E402
+from prefix_cache_bench.audit import counter_growth, wait_for_counters  # noqa: E402
 from prefix_cache_bench.defaults import QUERY_TOKENS  # noqa: E402
+from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signals  # noqa: E402
 from prefix_cache_bench.intervals import mean_ci95  # noqa: E402
 from prefix_cache_bench.prometheus import API_SERVER_CPU, load_counters, metric_total, parse_metrics, server_times  # noqa: E402
 from prefix_cache_bench.host import machine_info  # noqa: E402
@@ -67,19 +68,17 @@ def read_counters(base_url):
 
 def counters_after(base_url, before, requests, wait_s=10.0):
     """The counters' growth once the server has counted `requests` more (it counts a request as it ends)."""
-    deadline = time.monotonic() + wait_s
-    while True:
-        grown = counter_growth(before, read_counters(base_url))
-        if (grown["requests"] or 0) >= requests or time.monotonic() > deadline:
-            return grown
-        time.sleep(0.1)
+    after = wait_for_counters(lambda: read_counters(base_url), lambda b, a: counter_growth(b, a)["requests"], before,
+                              requests, timeout_s=wait_s)
+    return counter_growth(before, after)
 
 
 def server_figures(grown):
     """The server's side of one run: its histograms' means and the share of prompt tokens it found cached."""
     share = (grown["prefix_cache_hits"] / grown["prefix_cache_queries"]
              if grown.get("prefix_cache_queries") else None)
-    return {**server_times(grown), "server_requests": grown["requests"], "server_cached_token_share": share}
+    # the bench sees no request's cached tokens: its share is the server's counters'
+    return {**server_times(grown), "server_requests": grown["requests"], "cached_token_share": share}
 
 
 def ttft_figures(ttfts_ms):
@@ -154,12 +153,11 @@ def run_bench(opts, base_url, seed):
     hits = [t * 1e3 for t, f in zip(ttft_s, found) if f]
     figures = {**ttft_figures(ttft_s * 1e3), "request_throughput": result["request_throughput"],
                "prompt_tokens_mean": float(np.mean(result["input_lens"])), **server_figures(grown),
-               "hits": {**ttft_figures(hits), "requests": len(hits)} if hits else None,
+               "hits": ttft_figures(hits) if hits else None,
                "not_hits": len(found) - len(hits), "failed": result["failed"], "test_request": test_request,
                # over the whole of main(): its dataset, test request and run
                "api_server_cpu_busy": grown["api_server_cpu_s"] / wall_s if grown["api_server_cpu_s"] is not None else None}
     figures["client_minus_server_ms"] = figures["ttft_mean_ms"] - figures["server_ttft_mean_ms"]
-    figures["cached_token_share"] = figures["server_cached_token_share"]
     return figures
 
 
@@ -267,4 +265,9 @@ def main(argv=None):
 
 
 if __name__ == "__main__":
-    main()
+    stop_on_signals()
+    try:
+        main()
+    except (ExperimentError, Interrupted) as e:        # a server that did not start, a Ctrl-C: one line
+        print(f"compare_bench_serve.py: {'error: ' if isinstance(e, ExperimentError) else ''}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
