@@ -60,7 +60,8 @@ from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_sign
 from prefix_cache_bench.http_client import HttpClient
 from prefix_cache_bench.load_run import finish_load, run_load
 from prefix_cache_bench.trace_replay import finish_trace, run_trace
-from prefix_cache_bench.protocol import run_configs, write_results
+from prefix_cache_bench.console import write_results
+from prefix_cache_bench.protocol import run_configs
 from prefix_cache_bench.provenance import provenance
 from prefix_cache_bench.results import check_results_dir
 from prefix_cache_bench.server_engine import add_phase1_stats, prepare, server_environment

@@ -40,7 +40,8 @@ from prefix_cache_bench.defaults import (CONTEXT_SIZE_A, CONTEXT_SIZE_B, MAX_OUT
 from prefix_cache_bench.defaults import OFFLINE_PROG as PROG, PROFILED_REQUESTS
 from prefix_cache_bench.cli import check_model_folder, experiment_parser, non_negative_int
 from prefix_cache_bench.errors import ExperimentError, Interrupted, first_line, stop_on_signals, usage_error
-from prefix_cache_bench.offline import check_model_fits, keep_multicast_off, restore_output, run_experiment
+from prefix_cache_bench.engine_output import restore_output
+from prefix_cache_bench.offline import check_model_fits, keep_multicast_off, run_experiment
 from prefix_cache_bench.processes import run_processes
 from prefix_cache_bench.provenance import provenance
 from prefix_cache_bench.results import check_results_dir

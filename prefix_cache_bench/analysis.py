@@ -2,11 +2,13 @@
 saving and miss-vs-hit degradation with their intervals over the unit the run treats as
 independent, and whether the run's two halves agree. No engine: plot_results reads it too.
 """
+from __future__ import annotations
 
 import numpy as np
 
 from .defaults import CONDITIONS, TIER_CONDITION
 from .intervals import agree, degradation_pct, mean_ci95, ratio_ci95, saving_pct
+from .settings import RunSettings
 
 
 def compute_stats(trials):
@@ -199,7 +201,7 @@ def interval_method(measured, unit, plan):
     return method
 
 
-def summarize(trials, settings, plan):
+def summarize(trials: list[dict], settings: RunSettings, plan: dict) -> tuple:
     """Step 6: stats per condition over the measured rounds, the comparisons, the run's stability."""
     measured = [t for t in trials if t["round"] >= settings.warmup_trials]
     conditions = {}

@@ -8,8 +8,16 @@ import numpy as np
 from .engine_api import BREAKDOWN_PARTS
 from .load_tables import interval_words, load_file_tables, load_title, load_value
 from .prefill_fit import predicted_ttft_ms
-from .tables import (CONDITION_STYLES, anatomy_rows, audit_ok, comparison_note,
+from .tables import (CONDITION_NAMES, anatomy_rows, audit_ok, comparison_note,
                      conditions_present, describe_source, unaudited, unstable)
+
+# condition key -> (legend label, colour)
+CONDITION_STYLES = {
+    "cache_hit": ("hit [A, B, Q], A+B cached", "#2a9d8f"),
+    "cache_miss": ("miss [B, Q], nothing cached", "#e76f51"),
+    "cache_cold": ("cold [A, B, Q], nothing cached", "#8d99ae"),
+    "cache_tier": ("tier hit [A, B, Q], A+B from the second tier", "#e9c46a"),
+}
 
 
 # panel -> (stats prefix, bar label format, y label, title, head room above the tallest bar)
@@ -49,7 +57,7 @@ def _bars(ax, configs, conds, stat_prefix, fmt):
             errs[1].append(hi)
             tops[j] = max(tops[j], stats[f"{stat_prefix}_mean"] + hi)
             drawn.append(data)
-        _, label, colour = CONDITION_STYLES[cond]
+        label, colour = CONDITION_STYLES[cond]
         bars = ax.bar(xs, heights, width, yerr=errs, capsize=3, label=label, color=colour)
         for bar, data in zip(bars, drawn):
             if not audit_ok(data) or unaudited(data):
@@ -118,7 +126,7 @@ def plot_server_path(costs, title, outfile):
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    conds = [c for c in CONDITION_STYLES if any(c in row for row in costs.values())]
+    conds = [c for c in CONDITION_NAMES if any(c in row for row in costs.values())]
     fig, ax = plt.subplots(figsize=(max(5.0, 1.7 * len(costs)), 4.6))
     width = 0.8 / len(conds)
     for i, c in enumerate(conds):
@@ -126,7 +134,7 @@ def plot_server_path(costs, title, outfile):
         added = [row[c][2] for row in costs.values() if c in row]
         errs = [[max(row[c][2] - row[c][3][0], 0) for row in costs.values() if c in row],
                 [max(row[c][3][1] - row[c][2], 0) for row in costs.values() if c in row]]
-        bars = ax.bar(xs, added, width, yerr=errs, capsize=3, label=CONDITION_STYLES[c][1], color=CONDITION_STYLES[c][2])
+        bars = ax.bar(xs, added, width, yerr=errs, capsize=3, label=CONDITION_STYLES[c][0], color=CONDITION_STYLES[c][1])
         ax.bar_label(bars, fmt="%+.1f", fontsize=7, padding=2)
     ax.axhline(0, color="black", linewidth=0.8)
     ax.set_xticks(range(len(costs)))
@@ -164,7 +172,7 @@ def plot_context(configs, fit, phase_label, outfile):
             ys.append(stats["ttft_mean"])
             errs[0].append(lo)
             errs[1].append(hi)
-        _, label, colour = CONDITION_STYLES[cond]
+        label, colour = CONDITION_STYLES[cond]
         ax.errorbar(xs, ys, yerr=errs, fmt="o", color=colour, label=label, capsize=3, markersize=5)
     if fit:
         xs = np.geomspace(min(x for line in ax.lines for x in line.get_xdata()) / 2,
@@ -175,7 +183,7 @@ def plot_context(configs, fit, phase_label, outfile):
         hits = [d["cache_hit"]["stats"] for d in configs.values()]
         ax.plot([h["prompt_tokens"] for h in hits],
                 [predicted_ttft_ms(fit, h["prompt_tokens"] - (h.get("cached_tokens") or 0), h.get("cached_tokens") or 0)
-                 for h in hits], "x", color=CONDITION_STYLES["cache_hit"][2], markersize=9,
+                 for h in hits], "x", color=CONDITION_STYLES["cache_hit"][1], markersize=9,
                 label="fit, the hit's uncached tokens behind its cached ones")
     ax.set_xscale("log")
     ax.set_yscale("log")

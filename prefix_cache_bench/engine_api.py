@@ -3,7 +3,7 @@
 offline engine (offline.OfflineEngine) and a server (server_engine.ServerEngine) implement both.
 """
 import dataclasses
-from typing import Optional, Protocol
+from typing import Any, Optional, Protocol
 
 # The fields only a streamed request (through a server) has: offline, the 1-token request's wall
 # time is the TTFT, and there are no chunks to time.
@@ -113,3 +113,29 @@ class Engine(Protocol):
 
     def gpu_busy_request(self, prompt_ids, max_tokens, cache_salt=None) -> tuple:
         """request() inside a GPU-busy window: (RequestResult, {gpu_busy_ms, gpu_span_ms, device_activities})."""
+
+
+class LoadServer(Protocol):
+    """What a load run (load_run.run_load) and a trace replay (trace_replay.run_trace) need of the
+    server they drive: server_engine.ServerEngine, built by server_engine.prepare. They read these
+    and nothing else of it, and set nothing on it."""
+    client: Any             # http_client.HttpClient on the front (a server, or a router before replicas)
+    model: str              # the served model's id, as requests name it
+    audited: bool           # does every response say its cached tokens (--enable-prompt-tokens-details)?
+    route: Optional[list]   # the fleet policy ideal: document k's requests to route[k % N]; None: all to the front
+    metrics_urls: list      # the servers whose /metrics count the requests (the front, or the replicas)
+
+    def request(self, prompt_ids, max_tokens, cache_salt=None) -> RequestResult:
+        """One streamed request to the front, timed (the counters' flush, the warmups one at a time)."""
+
+    def tier(self) -> Optional[dict]:
+        """The server's second cache tier as a result records it, or None."""
+
+    def total_kv_capacity_tokens(self) -> Optional[int]:
+        """KV-cache tokens over every engine behind the front, or None where none says."""
+
+    def replica_capacities(self) -> dict:
+        """{engine name: its KV-cache tokens} of every engine behind the front."""
+
+    def replica_metrics(self) -> list:
+        """[(engine name, its parsed /metrics)] of every engine behind the front."""

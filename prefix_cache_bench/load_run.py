@@ -2,27 +2,30 @@
 server's counters and gauges read around each condition; the figures over passes; the console
 table; the file.
 """
+from __future__ import annotations
 import asyncio
 import datetime
 import sys
 import time
 import uuid
 
-import numpy as np
 
 from .audit import counter_growth, counter_problems, load_problems, wait_for_counters
 from .defaults import (FLUSH_PROMPT_TOKENS, METRICS_POLL_S, QUERY_TOKENS, SERVER_PHASE, SERVER_PROG,
                        WARMUP_TOKENS)
 from .errors import EXIT_AUDIT, EXIT_SETUP, ExperimentError
 from .http_client import no_usage
-from .intervals import mean_ci95
-from .load_workload import (LoadWorkload, cache_source, condition_stats, level_name, load_levels, request_record,
-                            requests_per_level, send_all, sweep_schedule, ttft_by)
-from .prometheus import (API_SERVER_CPU, LOAD_COUNTERS, LOAD_METRICS, SERVER_TIMES, busy_shares,
+from .load_figures import condition_stats, summarize_runs
+from .load_workload import (LoadWorkload, level_name, load_levels, request_record, requests_per_level, send_all,
+                            sweep_schedule)
+from .prometheus import (API_SERVER_CPU, LOAD_METRICS, busy_shares,
                          gauge_summary, load_counters, metric_total, one_request_sources, parse_metrics, server_times,
                          source_totals, total_counters)
+from .console import print_level
 from .protocol import flush_engine_stats
 from .results import load_results_path, write_result
+from .engine_api import LoadServer
+from .settings import Phase1Settings
 
 
 async def api_server_cpu_s(client, urls, session):
@@ -231,58 +234,7 @@ def run_level_once(engine, workload, level, i, rep, settings, namespace, working
     return run, None
 
 
-SUMMARY_FIGURES = (("ttft_ms", "mean"), ("ttft_ms", "p50"), ("ttft_ms", "p90"), ("ttft_ms", "p99"),
-                   ("tpot_ms", "mean"), ("tpot_ms", "p50"), ("tpot_ms", "p90"), ("tpot_ms", "p99"),
-                   (None, "request_throughput"), (None, "output_throughput_tok_s"), (None, "goodput_req_s"),
-                   ("hit_rate", "requests"), ("hit_rate", "tokens"), ("hit_rate", "hbm_tokens"), ("hit_rate", "tier_tokens"),
-                   (None, "client_cpu_busy"))
-
-
-def summarize_runs(runs):
-    """One condition's figures over its passes. With two or more, each figure is the mean of
-    the passes' values and its interval a t-interval over them (each pass one value, as
-    pyperf takes processes): it holds what differs from one pass to the next, such as the
-    state a closed loop settles into, which one pass's intervals cannot see. With one pass,
-    that pass's own intervals (order statistics, batch means)."""
-    if len(runs) == 1:
-        one = {key: value for key, value in runs[0].items() if key not in ("requests", "problems", "server_error")}
-        return {**one, "interval": "one pass: percentiles by order statistics, means and throughput by batch means"}
-    summary = {"num_requests": sum(r["num_requests"] for r in runs), "failed": sum(r["failed"] for r in runs),
-               "passes": len(runs),
-               "interval": f"over {len(runs)} passes: the passes' mean and a t-interval over their values"}
-    for group, key in SUMMARY_FIGURES:
-        values = [(r.get(group) or {}).get(key) if group else r.get(key) for r in runs]
-        if any(v is None for v in values):
-            continue
-        holder = summary.setdefault(group, {}) if group else summary
-        holder.update({key: float(np.mean(values)), f"{key}_ci95": mean_ci95(values), f"{key}_per_pass": values})
-    servers = [r.get("server") or {} for r in runs]
-    histograms = [key for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))]
-    totals = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
-              for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "external_prefix_cache_hits",
-                          "prompt_tokens",
-                          "prefill_tokens_computed", "preemptions", *histograms)}
-    summary["server"] = {key: value for key, value in totals.items() if key not in histograms}
-    # the passes' requests together: the histograms' sums over their counts; beside each, the
-    # passes' own means, its spread
-    summary["server"].update(server_times(totals))
-    summary["server"].update({f"{key}_per_pass": [s.get(key) for s in servers] for key, _ in SERVER_TIMES})
-    names = sorted({name for s in servers for name in (s.get("replicas") or {})})
-    summary["server"]["replicas"] = {name: {key: sum((s.get("replicas") or {}).get(name, {}).get(key) or 0 for s in servers)
-                                            for key in LOAD_COUNTERS} for name in names}
-    busy = [s.get("api_server_cpu_busy_max") for s in servers]
-    summary["server"]["api_server_cpu_busy_max"] = None if None in busy else float(np.mean(busy))
-    summary["server"]["api_server_cpu_busy_max_per_pass"] = busy
-    sourced = [{**r, "source": cache_source(r)} for run in runs for r in run["requests"]
-               if r["error"] is None and cache_source(r) is not None]
-    if sourced:                             # where each request's prefix came from: all passes' requests together
-        summary["by_source"] = ttft_by(sourced, "source", ("hbm", "tier", "computed"))
-    summary["server"]["kv_cache_usage_max"] = max((s.get("kv_cache_usage_max") for s in servers
-                                                   if s.get("kv_cache_usage_max") is not None), default=None)
-    return summary
-
-
-def run_load(engine, tokenizer, settings, env, unaudited):
+def run_load(engine: LoadServer, tokenizer, settings: Phase1Settings, env: dict, unaudited: str | None) -> dict:
     """Every level of the sweep, --repeats times, cached against cold at the same load (a
     working-set sweep measures cold at its first level only: nothing is cached there, so P
     does not matter). Each pass of a level warms its documents in a cache namespace of its own.
@@ -349,51 +301,6 @@ def run_load(engine, tokenizer, settings, env, unaudited):
     }
 
 
-def ci_span(ci):
-    return "[" + ", ".join("-" if v is None else f"{v:.1f}" for v in ci) + "]"
-
-
-def print_level(level, run, capacity_tokens, engines=1):
-    """Console table of one pass of one load level."""
-    cache = f"the KV cache of {capacity_tokens}" + (f", {engines} engines together" if engines > 1 else "")
-    fits = "" if capacity_tokens is None else \
-        f" ({'fits in' if level['working_set_tokens'] <= capacity_tokens else 'exceeds'} {cache})"
-    print(f"working set {level['working_set_tokens']} tokens{fits}")
-    print(f"{'condition':<9} {'TTFT p50 ms [95% CI]':>24} {'p90':>8} {'p99':>8} {'mean':>8} {'TPOT ms':>8} "
-          f"{'req/s':>7} {'tok/s':>8} {'hit rate':>8} {'failed':>6}")
-    for c in ("cached", "cold"):
-        s = run.get(c)
-        if s is None:
-            continue
-        t = s.get("ttft_ms")
-        if not t:
-            print(f"{c:<9} every request failed")
-            continue
-        hit = s.get("hit_rate", {}).get("requests")
-        print(f"{c:<9} {t['p50']:>9.1f} {ci_span(t['p50_ci95']):>14} {t['p90']:>8.1f} {t['p99']:>8.1f} {t['mean']:>8.1f} "
-              f"{s['tpot_ms']['mean'] if s.get('tpot_ms') else float('nan'):>8.2f} {s['request_throughput'] or 0:>7.2f} "
-              f"{s['output_throughput_tok_s'] or 0:>8.1f} {'-' if hit is None else f'{hit:.0%}':>8} {s['failed']:>6}")
-    for c in ("cached", "cold"):
-        by_source, rate = (run.get(c) or {}).get("by_source"), (run.get(c) or {}).get("hit_rate") or {}
-        if by_source:
-            print(f"{c:<9} by where the prefix came from: " + "; ".join(
-                f"{source} {g['requests']} requests, TTFT p50 {g['ttft_ms_p50']:.1f} ms, p99 {g['ttft_ms_p99']:.1f} ms"
-                for source, g in by_source.items())
-                + (f" (tokens: {rate['hbm_tokens']:.0%} from HBM, {rate['tier_tokens']:.0%} from the tier)"
-                   if "tier_tokens" in rate else ""))
-    for c in ("cached", "cold"):
-        server = (run.get(c) or {}).get("server") or {}
-        if all(server.get(key) is not None for key, _ in SERVER_TIMES):
-            print(f"{c:<9} the server's own means: TTFT {server['server_ttft_mean_ms']:.1f} ms, of which the engine "
-                  f"queued {server['queue_time_mean_ms']:.1f} ms and prefilled {server['prefill_time_mean_ms']:.1f} ms")
-    for c in ("cached", "cold"):
-        s = run.get(c) or {}
-        api = (s.get("server") or {}).get("api_server_cpu_busy_max")
-        if s.get("client_cpu_busy") is not None:
-            print(f"{c:<9} CPU busy, as a share of one core: this client {s['client_cpu_busy']:.0%}"
-                  + ("" if api is None else f", the busiest server's API process {api:.0%}"))
-
-
 def failure_exit(result, path, kept, most_problems=None):
     """Print a written run's audit problems and failure; its exit code (1 a failure, 3 a failed
     audit), or 0. kept: what of the run the file holds after a failure ("levels", "passes")."""
@@ -408,7 +315,7 @@ def failure_exit(result, path, kept, most_problems=None):
     return 0
 
 
-def finish_load(result, results_dir):
+def finish_load(result: dict, results_dir: str) -> int:
     """Write a load run's JSON (also a sweep that requests' failures ended early: what was
     measured is kept) and say how it ended. Returns the exit code."""
     path = load_results_path(results_dir, result)

@@ -13,7 +13,6 @@ from .audit import cache_state
 from .defaults import LOAD_NUM_REQUESTS, LOAD_REQUESTS_PER_CLIENT
 from .engine_api import StreamedResponse
 from .errors import first_line
-from .intervals import batch_means_ci95, quantile_ci95, throughput_ci95
 from .prompts import generate_context, query_stream, special_prefix_ids
 
 
@@ -165,60 +164,3 @@ def request_record(k, prompt, record, t0, condition, full_tokens, audited, sourc
         **({key: (sources or {}).get(key) for key in ("hbm_cached_tokens", "tier_cached_tokens")} if sources is not None
            else {}),
     }
-
-
-def cache_source(request):
-    """Where a request's prefix came from: "tier" if any of it came from the second tier, "hbm"
-    if it was found in HBM alone, "computed" if nothing was cached; None where unknown."""
-    hbm, tier = request.get("hbm_cached_tokens"), request.get("tier_cached_tokens")
-    if hbm is None or tier is None:
-        return None
-    return "tier" if tier else "hbm" if hbm else "computed"
-
-
-def condition_stats(requests, slo_ttft_ms):
-    """Figures of one condition at one load level, each with its interval or spread."""
-    done = [r for r in requests if r["error"] is None]
-    ttft = [r["ttft_ms"] for r in sorted(done, key=lambda r: r["start_s"])]
-    tpot = [r["tpot_ms"] for r in done if r["tpot_ms"] is not None]
-    span_s = (max(r["end_s"] for r in done) - min(r["start_s"] for r in done)) if done else 0.0
-    stats = {"num_requests": len(requests), "failed": len(requests) - len(done), "duration_s": span_s}
-    if not done:
-        return stats
-    for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot)):
-        if values:
-            stats[name] = {"mean": float(np.mean(values)), "mean_ci95": batch_means_ci95(values),
-                           **{f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)},
-                           **{f"p{q}_ci95": quantile_ci95(values, q / 100) for q in (50, 90, 99)}}
-    output_tokens = sum(r["output_tokens"] for r in done)
-    stats.update({
-        "request_throughput": len(done) / span_s if span_s else None,
-        "request_throughput_ci95": throughput_ci95([r["start_s"] for r in done], [r["end_s"] for r in done]),
-        "output_throughput_tok_s": output_tokens / span_s if span_s else None,
-        "goodput_req_s": (sum(t <= slo_ttft_ms for t in ttft) / span_s if span_s else None) if slo_ttft_ms else None,
-    })
-    audited = [r for r in done if r["cached_tokens"] is not None]
-    if audited:
-        full = sum(r["document_cached_tokens"] for r in audited)
-        stats["hit_rate"] = {
-            "requests": sum(r["cache_state"] == "hit" for r in audited) / len(audited),
-            "tokens": sum(r["cached_tokens"] for r in audited) / full if full else None}
-        stats["by_cache_state"] = ttft_by(audited, "cache_state", ("hit", "partial", "miss"))
-        sourced = [r for r in audited if cache_source(r) is not None]
-        if sourced and len(sourced) == len(audited):
-            stats["hit_rate"].update({f"{source}_tokens": sum(r[f"{source}_cached_tokens"] for r in sourced) / full
-                                      for source in ("hbm", "tier")} if full else {})
-            stats["by_source"] = ttft_by([{**r, "source": cache_source(r)} for r in sourced], "source",
-                                         ("hbm", "tier", "computed"))
-    return stats
-
-
-def ttft_by(requests, key, values):
-    """{value: requests, TTFT mean, p50 and p99} of the requests grouped by request[key]."""
-    groups = {}
-    for value in values:
-        found = [r["ttft_ms"] for r in requests if r[key] == value]
-        if found:
-            groups[value] = {"requests": len(found), "ttft_ms_mean": float(np.mean(found)),
-                             "ttft_ms_p50": float(np.percentile(found, 50)), "ttft_ms_p99": float(np.percentile(found, 99))}
-    return groups

@@ -1,6 +1,7 @@
 """--processes N: the entry script run N times, one engine process after another, and their
 results merged into one per config, the interval over the processes' means.
 """
+from __future__ import annotations
 import copy
 import datetime
 import json
@@ -19,11 +20,12 @@ from .audit import sum_counters
 from .defaults import CONDITIONS, OFFLINE_PROG, TIER_CONDITION
 from .errors import EXIT_AUDIT, EXIT_SETUP, Interrupted
 from .gpu_busy import merge_segments
-from .protocol import write_results
+from .console import write_results
 from .results import note_existing_results
+from .settings import RunSettings
 
 
-def run_processes(settings, argv, script):
+def run_processes(settings: RunSettings, argv: list[str], script: str) -> int:
     """--processes N: the entry script (script) N times, one engine process after another, each measuring
     every config; then one result per config over all of them. A process that fails ends the
     run (it has printed its own one line); a signal to this one is passed on to the running one."""
@@ -87,7 +89,7 @@ def run_worker(script, args):
         raise
 
 
-def merge_processes(results, order_offsets, settings, run_wall_s):
+def merge_processes(results: list[dict], order_offsets: list[int], settings: RunSettings, run_wall_s: float) -> dict:
     """One config's results from several engine processes, as one result: every trial tagged
     with its process, rounds, blocks and order (order_offsets: where each process's trials
     begin in the run) numbered across the run, start_s on the first process's clock; the

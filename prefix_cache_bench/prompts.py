@@ -7,7 +7,7 @@ import itertools
 import random
 
 from .defaults import QUERY_TOKENS, TIER_CONDITION
-from .errors import ExperimentError
+from .errors import EXIT_USAGE, ExperimentError
 
 
 # Plain English words for the synthetic contexts (exact token counts come from generate_context).
@@ -151,3 +151,17 @@ class ConfigPrompts:
 
     def trial_prompts(self, condition, r):
         return self.prompt(condition, f"{condition}-{r}-ttft"), self.prompt(condition, f"{condition}-{r}-throughput")
+
+
+def check_context_fits(configs, limit, prefix_tokens, max_output_tokens, limit_text):
+    """Every [prefix, A, B, Q] and its output must fit the context: exit 2, naming the first config
+    that does not and the most A + B that would (limit_text: what holds the limit, and how much)."""
+    fixed = prefix_tokens + QUERY_TOKENS + max_output_tokens
+    for a, b in configs:
+        need = fixed + a + b
+        if limit and need > limit:
+            room = limit - fixed
+            raise ExperimentError(
+                f"A={a} B={b} needs {need} tokens (prompt {need - max_output_tokens} + {max_output_tokens} output) "
+                f"but {limit_text}: A + B must be at most {room}, e.g. --size-a {max(room - b, 1)} "
+                f"--size-b {min(b, room - 1)}", EXIT_USAGE)

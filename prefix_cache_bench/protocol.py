@@ -2,6 +2,7 @@
 (offline.OfflineEngine) and a server (server_engine.ServerEngine) both implement: warm the cache,
 run every config's conditions in rotated rounds, audit, summarize, print and write.
 """
+from __future__ import annotations
 import datetime
 import math
 import sys
@@ -10,16 +11,16 @@ import uuid
 
 import numpy as np
 
-from .analysis import step_split, summarize
+from .analysis import summarize
 from .audit import audit_counters, audit_report, audit_requests, requests_of
-from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, OFFLINE_PHASE, PAUSE_MS, QUERY_TOKENS,
+from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, PAUSE_MS, QUERY_TOKENS,
                        ROUND_ORDERS, TIER_CONDITION, TIER_ROUND_ORDERS, WARMUP_TOKENS)
-from .engine_api import BREAKDOWN_PARTS
-from .errors import EXIT_AUDIT, ExperimentError
+from .engine_api import Engine
+from .errors import ExperimentError
 from .gpu_busy import profiled_segment, segment_summary
 from .prompts import ConfigPrompts
-from .results import results_path, write_result
 from .tiers import TierRequest, empty_hbm
+from .settings import RunSettings
 
 
 def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, max_output_tokens=MAX_OUTPUT_TOKENS):
@@ -148,7 +149,7 @@ def gpu_busy_segments(engine, configs, conditions, settings, first_round, block,
     return [(segment_summary(records, count), problems) for records, problems in out]
 
 
-def run_configs(engine, tokenizer, settings, env):
+def run_configs(engine: Engine, tokenizer, settings: RunSettings, env: dict) -> list[dict]:
     """Steps 2-6 for every (A, B) config on a loaded engine (OfflineEngine, or phase 1's
     server), all configs interleaved in one run. Returns the result dicts, in the order of
     settings.configs."""
@@ -260,96 +261,3 @@ def run_configs(engine, tokenizer, settings, env):
                             "run_started_unix_s": run_started_unix_s},
         })
     return results
-
-
-def print_summary(result):
-    """Console summary of one config (step 7)."""
-    cfg, audit_ = result["config"], result["cache_audit"]
-    print(f"\n=== A={cfg['context_size_a']} B={cfg['context_size_b']}  "
-          f"([A, B] = {result['warmup_prompt_tokens']} tokens, block {result['environment']['cache_block_size']}, "
-          f"hit expects {audit_['expected_hit_cached_tokens']} cached) ===")
-    print(f"{'condition':<11} {'prompt':>6} {'cached':>6} {'TTFT ms mean +- sd':>20} {'engine TTFT':>11} "
-          f"{'prefill':>8} {'tok/s':>8}")
-    ms = lambda value, width: f"{value:>{width}.2f}" if value is not None else f"{'-':>{width}}"
-    for c in result_conditions(result):
-        s = result[c]["stats"]
-        print(f"{c:<11} {s['prompt_tokens']:>6} {s['cached_tokens'] if s['cached_tokens'] is not None else '-':>6} "
-              f"{s['ttft_mean']:>11.2f} +- {s['ttft_stdev']:<6.2f} {ms(s['engine_ttft_mean'], 11)} "
-              f"{ms(s['prefill_mean'], 8)} {s['throughput_mean']:>8.1f}")
-    lo, hi = result["ttft_degradation_ci95"]
-    print(f"miss vs hit TTFT: {result['ttft_degradation_pct']:+.1f}% (95% CI {lo:+.1f} .. {hi:+.1f})")
-    saving, (lo, hi) = result["ttft_saving_pct"], result["ttft_saving_ci95"]
-    ms_lo, ms_hi = result["ttft_saving_ms_ci95"]
-    print(f"hit saves vs cold: {saving:.1f}% of TTFT (95% CI {lo:.1f} .. {hi:.1f}), {result['ttft_saving_ms']:.2f} ms "
-          f"(95% CI {ms_lo:.2f} .. {ms_hi:.2f})")
-    if TIER_CONDITION in result:
-        tier = result["environment"]["tier"]
-        (lo, hi), (over_lo, over_hi) = result["tier_ttft_saving_ci95"], result["tier_over_hit_ci95"]
-        load = result[TIER_CONDITION]["stats"].get("tier_load")
-        print(f"a tier hit ({tier['connector']}) saves vs cold: {result['tier_ttft_saving_pct']:.1f}% (95% CI {lo:.1f} .. "
-              f"{hi:.1f}); it takes {result['tier_over_hit_pct']:+.1f}% (95% CI {over_lo:+.1f} .. {over_hi:+.1f}) "
-              f"against an HBM hit" + (f"; loaded at {load['gb_s']:.1f} GB/s" if load else ""))
-    method = result["interval"]
-    units = {"process": f"{method['processes']} engine processes' means ({method['num_blocks']} time blocks "
-                        f"over {method['span_s']:.0f} s)",
-             "block": f"{method['num_blocks']} time blocks over {method['span_s']:.0f} s",
-             "round": f"{cfg['num_trials']} rounds", "trial": f"{cfg['num_trials']} trials a condition"}
-    print(f"  the interval is +-{(hi - lo) / 2:.1f} points, from the spread of {units[method['unit']]}")
-    stability = result["reproducibility"]
-    if stability["stable"] is False:
-        (h1, h2) = stability["halves"]
-        print(f"!!! UNSTABLE: the first half of the run says {h1['ttft_saving_pct']:.1f}% "
-              f"[{h1['ttft_saving_ci95'][0]:.1f}, {h1['ttft_saving_ci95'][1]:.1f}], the second "
-              f"{h2['ttft_saving_pct']:.1f}% [{h2['ttft_saving_ci95'][0]:.1f}, {h2['ttft_saving_ci95'][1]:.1f}]: "
-              f"the level moved during the run; a rerun may not land inside the interval", file=sys.stderr)
-    if result["harness_overhead_ms"] is not None:
-        what = "wall - engine TTFT" if result["phase"] == OFFLINE_PHASE else "client TTFT - the server's own TTFT"
-        print(f"harness overhead ({what}, median): {result['harness_overhead_ms']:.2f} ms")
-    print_breakdown(result)
-    if audit_.get("unaudited"):
-        print(f"!!! UNAUDITED: {audit_['unaudited']}", file=sys.stderr)
-    elif audit_["ok"]:
-        print(f"cache audit: OK, all {audit_['requests_checked']} requests as expected")
-    else:
-        print(f"\n!!! CACHE AUDIT FAILED: {len(audit_['problems'])} request(s) broke their condition; "
-              f"these numbers do not measure what they claim:", file=sys.stderr)
-        for p in audit_["problems"][:10]:
-            print(f"!!!   {p}", file=sys.stderr)
-
-
-def print_breakdown(result):
-    """Where each condition's mean TTFT went (engine_api.RequestResult.ttft_breakdown), if known."""
-    means = {c: result[c]["stats"].get("ttft_breakdown_mean_ms") for c in result_conditions(result)}
-    if None in means.values():
-        return
-    splits = {c: step_split(result[c]["stats"], result.get("gpu_busy"), c) for c in means}
-    split_labels = ("step: GPU busy", "step: the rest") if any(splits.values()) else ()
-    print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>18}" for label in
-                                                          [label for _, label in BREAKDOWN_PARTS] + list(split_labels)))
-    for c in means:
-        split_cells = [f"{ms:>18.2f}" for ms in splits[c]] if splits[c] else [f"{'-':>18}"] * len(split_labels)
-        print(f"  {c:<30} " + " ".join([f"{means[c][key]:>18.2f}" for key, _ in BREAKDOWN_PARTS] + split_cells))
-    if split_labels:
-        print("  (the prefill step split by the GPU-busy time of the profiled requests after the rounds, on the GPU's clock)")
-
-
-def result_conditions(result):
-    """The conditions one result holds: the design's three, and the tier's where it measured one."""
-    return [c for c in (*CONDITIONS, TIER_CONDITION) if c in result]
-
-
-def write_results(results, results_dir, phase=2, note=None):
-    """Steps 7-8: print and write every config's result (results_phase<phase>_a<A>_b<B>.json),
-    then the note (stderr), if any; the exit code: EXIT_AUDIT where a config's cache audit
-    failed (an unaudited one, ok None, did not fail)."""
-    for result in results:
-        print_summary(result)                                                        # 7
-        path = results_path(results_dir, result["config"]["context_size_a"], result["config"]["context_size_b"], phase)
-        write_result(path, result)                                                   # 8
-        print(f"wrote {path}", flush=True)
-    if note:
-        print(note, file=sys.stderr)
-    if any(result["cache_audit"]["ok"] is False for result in results):
-        print("exit 3: a cache audit failed (see above); the JSON records which requests", file=sys.stderr)
-        return EXIT_AUDIT
-    return 0

@@ -2,6 +2,7 @@
 a run through it: the served model, the tokenizer, the prompts' fit, the audit probe; what the
 JSON records of the server.
 """
+from __future__ import annotations
 import json
 import os
 import shlex
@@ -12,16 +13,17 @@ import numpy as np
 
 from .audit import sum_counters, wait_for_counters
 from .defaults import (CONDITIONS, CONNECTION, DETAILS_FLAG, EMBEDDED_KEEP_ALIVE_S, IDLE_RECONNECT_S,
-                       QUERY_TOKENS, REMOTE_DEVICE, SERVER_PHASE, TIER_CONDITION)
+                       REMOTE_DEVICE, SERVER_PHASE, TIER_CONDITION)
 from .engine_api import RequestResult
-from .errors import EXIT_USAGE, ExperimentError, first_line
+from .errors import ExperimentError, first_line
 from .http_client import no_usage
 from .host import machine_info
 from .prometheus import (REQUEST_TIME_HISTOGRAMS, REQUEST_TOKEN_HISTOGRAMS, cache_config, engine_cache_config, label_int,
                          one_request_sources, one_request_times, parse_metrics, request_time_totals, server_counters,
                          source_totals, split_engines)
-from .prompts import special_prefix_ids
+from .prompts import check_context_fits, special_prefix_ids
 from .provenance import device_name, engine_environment, installed_version
+from .settings import Phase1Settings
 
 # Why a server's run has no GPU-busy segment (gpu_busy.py): vLLM's profiler writes its traces on the
 # server's own disk, which a client may not reach
@@ -251,16 +253,6 @@ def load_tokenizer(name, client, model):
     return tokenizer
 
 
-def check_fits(configs, max_model_len, prefix_tokens, max_output_tokens):
-    """Every [A, B, Q] plus its output must fit the server's context: exit 2 before any request."""
-    fixed = prefix_tokens + QUERY_TOKENS + max_output_tokens
-    for a, b in configs:
-        if max_model_len and fixed + a + b > max_model_len:
-            raise ExperimentError(f"A={a} B={b} needs {fixed + a + b} tokens with its output, but the server's "
-                                  f"max_model_len is {max_model_len}: A + B must be at most {max_model_len - fixed}",
-                                  EXIT_USAGE)
-
-
 def prefix_cache_queries_growth(before, now):
     """Tokens the prefix cache was queried for since before (0 while the server gives no reading)."""
     return now["prefix_cache_queries"] - before["prefix_cache_queries"] if now else 0
@@ -284,15 +276,18 @@ def check_audit_possible(engine, tokenizer, allow_unaudited):
     return reason + "; nothing says which requests really hit the cache"
 
 
-def prepare(client, settings, model_dir, metrics_urls=None, route=None, tier_description=None):
+def prepare(client, settings: Phase1Settings, model_dir: str | None, metrics_urls: list | None = None,
+            route: list | None = None, tier_description: dict | bool | None = None) -> tuple:
     """The checks before a run (settings: Phase1Settings), on the server (or front) client talks
     to: the served model, the tokenizer, the prompts' fit, the audit probe. Returns (engine,
     tokenizer, card, unaudited); the engine names the served model's id."""
     card = served_model(client, None if model_dir else settings.server.model)
     model = card["id"]
     tokenizer = load_tokenizer(settings.server.tokenizer or model_dir or card.get("root") or model, client, model)
-    check_fits([(settings.load.document_tokens, 0)] if settings.load else settings.run.configs,
-               card.get("max_model_len"), len(special_prefix_ids(tokenizer)), settings.run.max_output_tokens)
+    limit = card.get("max_model_len")
+    check_context_fits([(settings.load.document_tokens, 0)] if settings.load else settings.run.configs, limit,
+                       len(special_prefix_ids(tokenizer)), settings.run.max_output_tokens,
+                       f"the server's max_model_len is {limit}")
     engine = ServerEngine(client, model, metrics_urls=metrics_urls, route=route, tier_description=tier_description)
     unaudited = check_audit_possible(engine, tokenizer, settings.server.allow_unaudited)
     return engine, tokenizer, card, unaudited

@@ -15,13 +15,8 @@ from .provenance import describe_provenance, devices_label
 from .results import discover_results
 
 
-# condition key -> (short name, legend label, colour)
-CONDITION_STYLES = {
-    "cache_hit": ("hit", "hit [A, B, Q], A+B cached", "#2a9d8f"),
-    "cache_miss": ("miss", "miss [B, Q], nothing cached", "#e76f51"),
-    "cache_cold": ("cold", "cold [A, B, Q], nothing cached", "#8d99ae"),
-    "cache_tier": ("tier hit", "tier hit [A, B, Q], A+B from the second tier", "#e9c46a"),
-}
+# condition key -> its short name in tables, in the order tables and charts show them
+CONDITION_NAMES = {"cache_hit": "hit", "cache_miss": "miss", "cache_cold": "cold", "cache_tier": "tier hit"}
 
 
 def by_model(configs):
@@ -33,7 +28,7 @@ def by_model(configs):
 
 
 def conditions_present(configs):
-    return [c for c in CONDITION_STYLES if any(isinstance(d.get(c), dict) and "stats" in d[c] for d in configs.values())]
+    return [c for c in CONDITION_NAMES if any(isinstance(d.get(c), dict) and "stats" in d[c] for d in configs.values())]
 
 
 def audit_ok(data):
@@ -99,7 +94,7 @@ def describe_source(configs):
 def summary_table(configs):
     """Markdown table of every config, for the console and READMEs."""
     conds = conditions_present(configs)
-    head = ["config"] + [f"{CONDITION_STYLES[c][0]} TTFT ms" for c in conds] + ["miss vs hit"]
+    head = ["config"] + [f"{CONDITION_NAMES[c]} TTFT ms" for c in conds] + ["miss vs hit"]
     if "cache_cold" in conds:
         head += ["hit saves vs cold (95% CI)"]
     head += ["hit cached / prompt tokens", "audit"]
@@ -179,7 +174,7 @@ def server_path_cost(phases):
         if name(d1) != name(d2) or len(devices) > 1:      # another model, or another machine
             continue
         row = {}
-        for c in CONDITION_STYLES:
+        for c in CONDITION_NAMES:
             x, y = (independent_means(d, c) if isinstance(d.get(c), dict) else None for d in (d1, d2))
             if x is not None and y is not None:
                 ci = stats.ttest_ind(x, y, equal_var=False).confidence_interval()
@@ -191,8 +186,8 @@ def server_path_cost(phases):
 
 def server_path_table(costs):
     """Markdown: per config and condition, phase 2's TTFT, phase 1's, and what the server path adds."""
-    conds = [c for c in CONDITION_STYLES if any(c in row for row in costs.values())]
-    rows = ["| config | " + " | ".join(f"{CONDITION_STYLES[c][0]}: offline → server ms (added, 95% CI)" for c in conds) + " |",
+    conds = [c for c in CONDITION_NAMES if any(c in row for row in costs.values())]
+    rows = ["| config | " + " | ".join(f"{CONDITION_NAMES[c]}: offline → server ms (added, 95% CI)" for c in conds) + " |",
             "|---|" + "---|" * len(conds)]
     for (a, b), row in costs.items():
         cells = [f"{row[c][1]:.2f} → {row[c][0]:.2f} ({row[c][2]:+.2f} {ci_text(row[c][3], 2)})" if c in row else "-"
@@ -230,6 +225,7 @@ def compare_runs(run_dirs):
     agreed = total = 0
     several_phases = len({phase for phase, _ in keys}) > 1
     hosts = [host_loop_ms(r) for r in runs]
+    origins = [run_origin(r) for r in runs]
     host_notes = []
     for phase, (a, b) in keys:
         found = [r.get(phase, {}).get((a, b)) for r in runs]
@@ -243,14 +239,21 @@ def compare_runs(run_dirs):
         label = f"{phase.replace('phase', 'phase ')}: A={a} / B={b}" if several_phases else f"A={a} / B={b}"
         rows.append(f"| {label} | " + " | ".join(cells) + f" | {sum(pairs.values())} of {len(pairs)} | "
                     f"{across_runs([found[i]['ttft_saving_pct'] for i in present])} |")
-        host_notes += [f"{label}: runs {i + 1} and {j + 1} disagree; {host_difference(hosts[i], hosts[j], i, j)}"
+        host_notes += [f"{label}: runs {i + 1} and {j + 1} disagree; candidate causes: "
+                       f"{'; '.join(candidate_causes(origins, hosts, i, j))}"
                        for (i, j), agreeing in pairs.items() if not agreeing]
-    lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.", *host_notes, ""]
+    lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.",
+             *machine_notes(origins), *host_notes, ""]
     commands = set()
     for i, (run_dir, r) in enumerate(zip(run_dirs, runs)):
         first = next((d for configs in r.values() for d in configs.values()), {})
         origin = describe_provenance(first)
         host = f", host figure {hosts[i]:.1f} ms" if hosts[i] else ""
+        spread = origins[i]["host_spread"]
+        if spread:
+            low, high = spread
+            host += f" (its processes {low:.1f}-{high:.1f} ms" + (
+                f", {high / low:.1f}-fold: repeat it)" if high / low >= HOST_SPREAD_FLAG else ")")
         lines.append(f"run {i + 1}: {run_dir}: {origin['when']}, {origin['machine']}{host}, {origin['tool']}")
         lines.append(f"    {origin['command']}")
         commands.add(re.sub(r" --results-dir \S+", "", origin["command"]))
@@ -270,14 +273,63 @@ def host_loop_ms(run):
     return (env.get("machine") or {}).get("host_python_loop_ms")
 
 
+HOST_SPREAD_FLAG = 1.5      # a run whose processes' host figures differ this many times is flagged
+
+
+def run_origin(run):
+    """What a run's files record of where it ran: its GPU (or CPU), vLLM version, the tool's code
+    and the host figures of its engine processes (min, max; None with fewer than two)."""
+    first = next((d for configs in run.values() for d in configs.values()), {})
+    env = first.get("environment", {})
+    version = env.get("tool_version") or {}
+    per_process = [ms for ms in env.get("host_python_loop_ms_per_process") or [] if ms]
+    return {"device": devices_label(env), "vllm": env.get("vllm_version"),
+            "code": version.get("code_sha256") or version.get("script_sha256"),
+            "tool": describe_provenance(first)["tool"],
+            "host_spread": (min(per_process), max(per_process)) if len(per_process) > 1 else None}
+
+
+def machine_notes(origins):
+    """A line for each of GPU model and vLLM version on which the runs differ."""
+    notes = []
+    for key, what in (("device", "GPUs"), ("vllm", "vLLM versions")):
+        values = [o[key] for o in origins]
+        if len({v for v in values if v}) > 1:
+            notes.append(f"note: the runs come from different {what}: "
+                         + ", ".join(f"run {k + 1} {v or '?'}" for k, v in enumerate(values)))
+    return notes
+
+
+def candidate_causes(origins, hosts, i, j):
+    """What differs between runs i and j in what their files record, in words: the GPU, vLLM,
+    the tool's code, a run whose processes' hosts differ, how fast their hosts were."""
+    a, b = origins[i], origins[j]
+    causes = []
+    if a["device"] != b["device"]:
+        causes.append(f"GPU {a['device'] or '?'} against {b['device'] or '?'}")
+    if a["vllm"] != b["vllm"]:
+        causes.append(f"vLLM {a['vllm'] or '?'} against {b['vllm'] or '?'}")
+    if a["code"] != b["code"]:
+        causes.append(f"the tool's code: {a['tool']} against {b['tool']}")
+    for k, origin in ((i, a), (j, b)):
+        spread = origin["host_spread"]
+        if spread and spread[1] / spread[0] >= HOST_SPREAD_FLAG:
+            causes.append(f"run {k + 1}'s processes' hosts differ {spread[1] / spread[0]:.1f}-fold")
+    hosts_differ = host_difference(hosts[i], hosts[j], i, j)
+    if hosts_differ:
+        causes.append(hosts_differ)
+    return causes or ["none that the files record (the same GPU, vLLM, tool code and host speed)"]
+
+
 def host_difference(ms_i, ms_j, i, j):
-    """How two runs' hosts differ, in words, for a pair of runs that disagree."""
+    """How two runs' hosts differ, in words, for a pair of runs that disagree; None where they
+    ran the fixed Python workload equally fast."""
     if not ms_i or not ms_j:
         return "a run's files do not record its host-speed figure"
     slower, faster = (i, j) if ms_i > ms_j else (j, i)
     ratio = max(ms_i, ms_j) / min(ms_i, ms_j)
     if ratio < 1.005:
-        return f"their hosts ran the fixed Python workload equally fast ({ms_i:.1f} ms)"
+        return None
     return (f"run {slower + 1}'s host ran the fixed Python workload {100 * (ratio - 1):.0f}% slower than run "
             f"{faster + 1}'s ({max(ms_i, ms_j):.1f} ms against {min(ms_i, ms_j):.1f} ms)")
 

@@ -1,12 +1,14 @@
 """Phase 1's trace flags: reading and checking a trace before any server starts, and
 --simulate-capacities, the capacity curve of a window without a server (no vLLM import).
 """
+from __future__ import annotations
 import datetime
 import time
 
 from .cli import checked, positive_int
 from .defaults import GPU_BLOCK_TOKENS, MAX_IN_FLIGHT, SERVER_PHASE, TRACE_BLOCK_TOKENS, TRACE_DRAIN_S
 from .errors import usage_error
+from .console import print_curve
 from .results import trace_results_path, write_result
 from .settings import TraceSettings
 from .tiers import flag_value
@@ -52,7 +54,7 @@ def add_trace_flags(parser):
 LOAD_FLAGS = ("concurrency", "request_rate", "num_prefixes", "sizes", "size_a", "size_b")
 
 
-def check_trace_flags(flags, vllm_flags):
+def check_trace_flags(flags, vllm_flags: list[str]) -> list | None:
     """--trace's companions; the trace read and its window checked (exit 2 on bad input, before
     any server starts). Returns the trace's requests (None without --trace)."""
     if not flags.trace:
@@ -75,13 +77,13 @@ def check_trace_flags(flags, vllm_flags):
     return requests
 
 
-def window_of(trace, requests, max_input_tokens, history_tokens):
+def window_of(trace: TraceSettings, requests: list, max_input_tokens: int | None, history_tokens: int | None):
     """The window of requests that trace (TraceSettings) selects."""
     return select_window(requests, trace.path, trace.start_s, trace.duration_s, trace.num_requests,
                          max_input_tokens, history_tokens=history_tokens, trace_block_size=trace.trace_block_size)
 
 
-def simulate(trace, requests, results_dir, provenance):
+def simulate(trace: TraceSettings, requests: list, results_dir: str, provenance: dict) -> int:
     """--simulate-capacities: the window's simulated reusable share at each capacity, printed
     and written. The warm start holds as much history as the largest capacity (or --history-tokens)."""
     check_block_sizes(trace.trace_block_size, trace.engine_block_size, trace.path)
@@ -111,13 +113,4 @@ def simulate(trace, requests, results_dir, provenance):
     print(f"wrote {path}", flush=True)
     return 0
 
-
-def print_curve(result):
-    curve, window = result["curve"], result["window"]
-    print(f"{window['requests']} requests ({window['skipped']} skipped, {window['history_requests']} of history "
-          f"first), {curve['input_tokens']} input tokens; an infinite cache reuses {curve['ideal_share']:.1%} of them")
-    print(f"{'capacity':>10} {'tokens':>12} {'reused':>8} {'of ideal':>9}")
-    for point in curve["capacities"]:
-        print(f"{point['label']:>10} {point['capacity_tokens']:>12} {point['share']:>8.1%} {point['share_of_ideal']:>9.1%}")
-    print(f"simulated in {result['simulation_s']:.1f} s")
 

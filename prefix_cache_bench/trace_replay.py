@@ -4,6 +4,7 @@ warmed with the trace's preceding requests) against a cold arm (a salt per reque
 times, over several passes; each request's ledger (ideal, simulated, measured cached tokens) and
 its audit; the figures, the console table, the file.
 """
+from __future__ import annotations
 import datetime
 import json
 import os
@@ -14,7 +15,8 @@ import uuid
 
 from .audit import counter_growth, counter_problems, wait_for_counters
 from .defaults import FLUSH_PROMPT_TOKENS, SERVER_PHASE
-from .engine_api import StreamedResponse
+from .engine_api import LoadServer, StreamedResponse
+from .console import print_pass, print_trace_summary
 from .errors import ExperimentError
 from .load_run import failure_exit, prompt_tokens_growth, replica_load_counters
 from .load_workload import send_all
@@ -27,6 +29,7 @@ from .trace_cli import window_of
 from .trace_figures import arm_stats, cache_buys, ledger_problems, summarize_passes
 from .traces import (IdealLedger, PrefixCacheSimulator, PromptMaker, check_block_sizes, ordinary_token_ids,
                      prefix_keys, unique_tokens)
+from .settings import TraceSettings
 
 SEND_LAG_LIMIT_MS = 5.0         # a sender whose p99 send lag passes this did not keep to the trace's times
 FIDELITY_WARNING = 0.9          # under this share of requests within a trace block of the model: a warning
@@ -242,7 +245,8 @@ def input_cap_tokens(trace, requests, max_model_len):
     return min(caps) if caps else None
 
 
-def run_trace(engine, tokenizer, trace, seed, env, unaudited, requests, model_dir=None):
+def run_trace(engine: LoadServer, tokenizer, trace: TraceSettings, seed: int, env: dict, unaudited: str | None,
+              requests: list, model_dir: str | None = None) -> dict:
     """The replay: --repeats passes, each a cached and a cold arm in alternating order, at the
     window's times. Returns the result dict (also after a failure: what was measured)."""
     rss_before_mb = client_rss_mb()
@@ -336,43 +340,11 @@ def trace_result(trace, seed, model, env, window, plan, passes, failure, unaudit
     }
 
 
-def print_pass(arm, run):
-    s = run["stats"]
-    t, lag, share = s.get("ttft_ms") or {}, s["send_lag_ms"], s.get("hit_share") or {}
-    line = (f"{arm:<6} {s['num_requests']} requests, {s['failed']} failed: TTFT p50 {t.get('p50', float('nan')):.1f} "
-            f"p90 {t.get('p90', float('nan')):.1f} p99 {t.get('p99', float('nan')):.1f} ms; "
-            f"send lag p50 {lag.get('p50', float('nan')):.2f} p99 {lag.get('p99', float('nan')):.2f} ms")
-    if share.get("measured") is not None:
-        line += (f"; hit share measured {share['measured']:.1%}, simulated {share['simulated']:.1%}, "
-                 f"ideal {share['ideal']:.1%}; fidelity {s['fidelity']:.1%}")
-    print(line, flush=True)
-    if run["overloaded"]:
-        print(f"{arm:<6} OVERLOADED: {run['overloaded']}; achieved {s.get('request_throughput') or 0:.2f} req/s, "
-              f"at most {run['max_in_flight']} in flight", flush=True)
-
-
-def print_summary(result):
-    arms, bought = result["arms"], result["cache_buys"]
-    print(f"\n{'arm':<7} {'passes':>6} {'TTFT p50 ms':>12} {'p90':>8} {'p99':>8} {'req/s':>7} {'hit share':>9} "
-          f"{'simulated':>9} {'ideal':>6} {'fidelity':>8}")
-    for arm, s in arms.items():
-        t, share = s.get("ttft_ms") or {}, s.get("hit_share") or {}
-        fmt = lambda v, spec: "-" if v is None else format(v, spec)     # noqa: E731
-        print(f"{arm:<7} {s['passes']:>6} {fmt(t.get('p50'), '.1f'):>12} {fmt(t.get('p90'), '.1f'):>8} "
-              f"{fmt(t.get('p99'), '.1f'):>8} {fmt(s.get('request_throughput'), '.2f'):>7} "
-              f"{fmt(share.get('measured'), '.1%'):>9} {fmt(share.get('simulated'), '.1%'):>9} "
-              f"{fmt(share.get('ideal'), '.1%'):>6} {fmt(s.get('fidelity'), '.1%'):>8}")
-    for key, b in bought.items():
-        ci = b["saving_pct_ci95"]
-        print(f"the cache saves {b['saving_pct']:.1f}%" + (f" [{ci[0]:.1f}, {ci[1]:.1f}]" if ci else "")
-              + f" of the {key.replace('_', ' ')} ({b['saved_ms']:.1f} ms)")
-
-
-def finish_trace(result, results_dir):
+def finish_trace(result: dict, results_dir: str) -> int:
     """Write the replay's JSON, say how it ended and warn where its figures are weak. Returns the exit code."""
     path = trace_results_path(results_dir, result)
     write_result(path, result)
-    print_summary(result)
+    print_trace_summary(result)
     print(f"wrote {path}", flush=True)
     client = result["client"]
     if client["sender_kept_up"] is False:

@@ -2,6 +2,7 @@
 hundred lines, thin entry scripts, and the plotting and statistics that import no vLLM or torch."""
 import glob
 import os
+import types
 import re
 import subprocess
 import sys
@@ -15,11 +16,11 @@ PACKAGE = os.path.join(ROOT, "prefix_cache_bench")
 LAYERS = {
     0: ("errors", "defaults", "engine_api", "prometheus", "host"),
     1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers", "tiers",
-        "traces", "settings"),
-    2: ("analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit", "trace_figures", "trace_tables",
-        "trace_cli", "raw_stream"),
-    3: ("protocol", "tables", "open_loop"),
-    4: ("offline", "processes", "load_run", "load_tables"),
+        "traces", "settings", "engine_output"),
+    2: ("offline_environment", "load_figures", "analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit",
+        "trace_figures", "trace_tables", "raw_stream"),
+    3: ("protocol", "tables", "open_loop", "offline_engine", "console"),
+    4: ("offline", "processes", "load_run", "load_tables", "trace_cli"),
     5: ("charts", "trace_replay", "trace_charts"),
     6: ("readmes",),
 }
@@ -46,10 +47,11 @@ def test_every_module_has_a_layer_and_imports_only_lower_layers():
 
 # Statistics and reporting read results; they never measure. None of them may import a module
 # that measures (engines, servers, clients, senders, the protocol), directly or through another.
-MEASURING = {"offline", "processes", "protocol", "server_engine", "http_client", "servers", "gpu_busy", "tiers",
-             "load_run", "load_workload", "open_loop", "raw_stream", "trace_replay", "audit", "trace_cli"}
-REPORTING = {"intervals", "analysis", "prefill_fit", "tables", "load_tables", "trace_figures", "trace_tables",
-             "charts", "trace_charts", "readmes"}
+MEASURING = {"offline", "offline_engine", "engine_output", "processes", "protocol", "server_engine", "http_client",
+             "servers", "gpu_busy", "tiers", "load_run", "load_workload", "open_loop", "raw_stream", "trace_replay",
+             "audit", "trace_cli"}
+REPORTING = {"intervals", "analysis", "load_figures", "prefill_fit", "console", "tables", "load_tables",
+             "trace_figures", "trace_tables", "charts", "trace_charts", "readmes"}
 
 
 def imported_through(module):
@@ -89,7 +91,8 @@ def test_the_entry_scripts_are_the_only_callers_of_their_own_names():
 
 @pytest.mark.parametrize("modules_imported", [
     "plot_results",
-    "prefix_cache_bench.intervals, prefix_cache_bench.analysis, prefix_cache_bench.tables, prefix_cache_bench.load_tables",
+    "prefix_cache_bench.intervals, prefix_cache_bench.analysis, prefix_cache_bench.tables, prefix_cache_bench.load_tables, "
+    "prefix_cache_bench.load_figures",
     "prefix_cache_bench.results, prefix_cache_bench.readmes, prefix_cache_bench.charts",
     "prefix_cache_bench.traces, prefix_cache_bench.trace_figures, prefix_cache_bench.trace_tables, "
     "prefix_cache_bench.trace_charts, prefix_cache_bench.trace_cli",
@@ -100,3 +103,18 @@ def test_plotting_and_statistics_import_neither_vllm_nor_torch(modules_imported)
     out = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=120)
     assert out.returncode == 0, out.stderr[-2000:]
     assert out.stdout.strip() == "[]"
+
+
+def test_the_load_run_and_the_trace_replay_use_a_server_only_through_its_interface():
+    """engine_api.LoadServer lists what they read of the server they drive; they read nothing
+    else of it, set nothing on it, and server_engine.ServerEngine has all of it."""
+    from prefix_cache_bench import engine_api, server_engine
+    interface = {name for name in vars(engine_api.LoadServer) if not name.startswith("_")} | \
+        set(engine_api.LoadServer.__annotations__)
+    for module in ("load_run", "trace_replay"):
+        with open(os.path.join(PACKAGE, module + ".py")) as f:
+            text = f.read()
+        assert set(re.findall(r"\bengine\.(\w+)", text)) <= interface, module
+        assert not re.search(r"\bengine\.\w+\s*=[^=]", text), module
+    engine = server_engine.ServerEngine(types.SimpleNamespace(base_url="http://h:1", connections_opened=0), "m")
+    assert all(hasattr(engine, name) for name in interface)

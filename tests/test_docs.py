@@ -118,6 +118,12 @@ def test_reproducibility_tables_are_what_compare_prints_over_the_shipped_runs():
                                 "h200-llama3.1-8b-shape-anatomy")])
     assert all_runs.split("\n")[0] in page and all(row in page for row in all_runs.split("\n")[2:5])
     assert "36 of 45 pairs of runs agree" in all_runs and "36 of 45 pairs" in page
+    # what the page says --compare names for them: the tool's code for run 5 against runs 1-4, run 6 flagged
+    code = [line for line in all_runs.split("\n") if re.search(r"runs [1-4] and 5 disagree; candidate causes: the "
+                                                               r"tool's code: \S+ as of commit c978ad4 against .* 0cf565a", line)]
+    assert len(code) == 8 and "names the tool's code (c978ad4 against 0cf565a) for all 8 pairs" in " ".join(page.split())
+    assert "(its processes 20.1-51.2 ms, 2.5-fold: repeat it)" in all_runs
+    assert "flags run 6 (processes 20.1-51.2 ms, 2.5-fold)" in " ".join(page.split())
     assert all(row in page for row in six.split("\n") if row.startswith("| phase 2:"))
     assert "16 of 18 pairs of runs agree" in six
 

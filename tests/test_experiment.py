@@ -17,7 +17,7 @@ import pytest
 from conftest import (ENGINE_FLAGS, ROOT, kv_transfer_config, run_script, session_processes, start_script, wait_for_line,
                       with_tier_connector)
 from test_known_answers import T3, fieller
-from prefix_cache_bench import audit, defaults, gpu_busy, offline, protocol, provenance
+from prefix_cache_bench import audit, defaults, gpu_busy, offline_engine, offline_environment, protocol, provenance
 from prefix_cache_bench.settings import RunSettings
 
 
@@ -33,10 +33,10 @@ def run_many(llm, configs, env=None, engine=None, **overrides):
     defaults but short and quick."""
     run = RunSettings(**{**dict(configs=tuple(configs), seed=0, pause_ms=5.0, warmup_trials=1, num_trials=4,
                                 num_blocks=4, min_block_seconds=0.0, max_output_tokens=8, model="tiny"), **overrides})
-    environment = {**offline.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
+    environment = {**offline_environment.environment_info(llm, types.SimpleNamespace(model="tiny", seed=0), 0.0),
                    **provenance.provenance(["--test"], defaults.OFFLINE_PROG, os.path.join(ROOT, "phase2_experiment.py")),
                    **(env or {})}
-    return protocol.run_configs(engine or offline.OfflineEngine(llm, run.model), llm.get_tokenizer(), run, environment)
+    return protocol.run_configs(engine or offline_engine.OfflineEngine(llm, run.model), llm.get_tokenizer(), run, environment)
 
 
 def run_one(llm, size_a, size_b, env=None, **overrides):

@@ -6,7 +6,7 @@ import dataclasses
 import phase1_experiment as p1
 from test_experiment import run_many
 from test_tiers import QUICK
-from prefix_cache_bench import analysis, defaults, gpu_busy, offline, protocol, server_engine, tables
+from prefix_cache_bench import analysis, defaults, gpu_busy, offline_engine, protocol, server_engine, tables
 from prefix_cache_bench.defaults import TIER_CONDITION
 
 
@@ -95,7 +95,7 @@ def test_the_worker_extension_answers_through_the_real_engine(llm):
     assert llm.llm_engine.vllm_config.parallel_config.worker_extension_cls == gpu_busy.WORKER_EXTENSION
     assert llm.collective_rpc("pcb_gpu_busy_start") == [False]         # no CUDA device on this machine
     assert llm.collective_rpc("pcb_gpu_busy_stop") == [None]
-    assert offline.OfflineEngine(llm, "tiny").gpu_busy_unavailable() == gpu_busy.NOT_ON_THIS_ENGINE
+    assert offline_engine.OfflineEngine(llm, "tiny").gpu_busy_unavailable() == gpu_busy.NOT_ON_THIS_ENGINE
 
 
 def run_profiled(llm, engine, **overrides):
@@ -103,7 +103,7 @@ def run_profiled(llm, engine, **overrides):
 
 
 def test_after_the_rounds_each_condition_is_profiled_in_the_cache_state_it_promises(llm):
-    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm, "tiny")), profiled_requests=2)
+    r = run_profiled(llm, FakeGpuClock(offline_engine.OfflineEngine(llm, "tiny")), profiled_requests=2)
     assert r["cache_audit"]["ok"] is True, r["cache_audit"]["problems"]
     hit_tokens = r["cache_audit"]["expected_hit_cached_tokens"]
     segment = r["gpu_busy"]
@@ -119,7 +119,7 @@ def test_after_the_rounds_each_condition_is_profiled_in_the_cache_state_it_promi
 
 
 def test_a_profiled_hit_that_found_nothing_fails_the_audit_and_is_left_out(llm):
-    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm, "tiny"), break_hits=True), profiled_requests=1)
+    r = run_profiled(llm, FakeGpuClock(offline_engine.OfflineEngine(llm, "tiny"), break_hits=True), profiled_requests=1)
     hit_tokens = r["cache_audit"]["expected_hit_cached_tokens"]
     assert r["cache_audit"]["ok"] is False
     assert r["cache_audit"]["problems"] == [f"cache_hit profiled request 3: cached_tokens=0, expected {hit_tokens}"]
@@ -127,7 +127,7 @@ def test_a_profiled_hit_that_found_nothing_fails_the_audit_and_is_left_out(llm):
 
 
 def test_without_profiled_requests_the_result_says_so(llm):
-    r = run_profiled(llm, FakeGpuClock(offline.OfflineEngine(llm, "tiny")), profiled_requests=0)
+    r = run_profiled(llm, FakeGpuClock(offline_engine.OfflineEngine(llm, "tiny")), profiled_requests=0)
     assert r["gpu_busy"] == {"not_measured": "--profiled-requests 0"}
 
 

@@ -2,6 +2,7 @@
 import argparse
 import itertools
 import json
+import math
 import os
 import random
 import sys
@@ -11,8 +12,8 @@ import types
 
 import pytest
 from conftest import ROOT
-from prefix_cache_bench import (analysis, audit, cli, defaults, engine_api, errors, offline, prompts,
-                                protocol, provenance, results)
+from prefix_cache_bench import (analysis, audit, cli, defaults, engine_api, engine_output, errors, offline,
+                                offline_engine, prometheus, prompts, protocol, provenance, results)
 
 
 
@@ -230,7 +231,7 @@ def test_relay_keeps_draining_when_the_reader_is_gone():
         os.write(write_end, b"ERROR worker died\n")
         os.close(write_end)
 
-    threads = [threading.Thread(target=offline._relay, args=(read_end, gone_write, first_error), daemon=True),
+    threads = [threading.Thread(target=engine_output._relay, args=(read_end, gone_write, first_error), daemon=True),
                threading.Thread(target=vllm_process, daemon=True)]
     for t in threads:
         t.start()
@@ -282,10 +283,10 @@ def test_counters_count_stats_that_vllm_026_drops_and_the_audit_passes():
     messages = [stats_message(0, 301), stats_message(288, 317, with_output=False), stats_message(0, 0),
                 stats_message(288, 317), stats_message(0, 301)]
     llm = Vllm026LikeLLM(messages)
-    before = offline.prefix_cache_counters(llm)
+    before = offline_engine.prefix_cache_counters(llm)
     for _ in messages:
         llm.step()
-    growth = audit.counter_growth(before, offline.prefix_cache_counters(llm))
+    growth = audit.counter_growth(before, offline_engine.prefix_cache_counters(llm))
     assert growth["source"] == "scheduler stats messages"
     assert (growth["prefix_cache_hits"], growth["prefix_cache_queries"]) == (576, 1236)
     assert growth["vllm_metrics"] == {"prefix_cache_queries": 919, "prefix_cache_hits": 288}    # 0.26 lost one hit
@@ -293,17 +294,17 @@ def test_counters_count_stats_that_vllm_026_drops_and_the_audit_passes():
 
     trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
     warm, flush = engine_request(0, 301), engine_request(0, 301)
-    ok = audit.audit(warm, trials, flush, list(range(301)), 16, before, offline.prefix_cache_counters(llm))
+    ok = audit.audit(warm, trials, flush, list(range(301)), 16, before, offline_engine.prefix_cache_counters(llm))
     assert ok["ok"] is True and ok["engine_counters"]["prefix_cache_hits"] == ok["engine_counters"]["sum_cached_tokens"]
 
 
 def test_audit_fails_when_the_engine_counter_disagrees_with_the_requests():
     llm = Vllm026LikeLLM([stats_message(288, 317)])         # the engine saw one hit of 288 tokens ...
-    before = offline.prefix_cache_counters(llm)
+    before = offline_engine.prefix_cache_counters(llm)
     llm.step()
     trials = [{"condition": "cache_hit", "round": 0, **request(288), "throughput_request": request(288)}]
     result = audit.audit(engine_request(0), trials, engine_request(0), list(range(301)), 16, before,
-                         offline.prefix_cache_counters(llm))
+                         offline_engine.prefix_cache_counters(llm))
     assert result["ok"] is False                             # ... the requests claim two
     assert result["problems"] == ["the engine's prefix-cache hit counters (scheduler stats messages) grew by 288, "
                                   "but the requests report 576 cached tokens"]
@@ -312,7 +313,7 @@ def test_audit_fails_when_the_engine_counter_disagrees_with_the_requests():
 def test_counters_fall_back_to_vllm_metrics_without_a_message_stream():
     llm = types.SimpleNamespace(llm_engine=types.SimpleNamespace(),
                                 get_metrics=lambda: [types.SimpleNamespace(name="vllm:prefix_cache_hits", value=5)])
-    assert offline.prefix_cache_counters(llm) == {"prefix_cache_queries": 0, "prefix_cache_hits": 5,
+    assert offline_engine.prefix_cache_counters(llm) == {"prefix_cache_queries": 0, "prefix_cache_hits": 5,
                                             "source": "LLM.get_metrics()",
                                             "vllm_metrics": {"prefix_cache_queries": 0, "prefix_cache_hits": 5}}
 
@@ -398,3 +399,48 @@ def test_a_failure_that_replaced_a_signal_s_exception_is_told_as_the_signal(monk
         borrow()
     stopped = errors.interruption()
     assert isinstance(stopped, errors.Interrupted) and stopped.exit_code == 130
+
+
+def test_metrics_parse_as_prometheus_client_parses_them():
+    """prometheus.parse_metrics against the Prometheus library's own parser (which vLLM installs) on
+    a page with what vLLM's holds and what the format allows: histograms, counters with _created,
+    an untyped sample, escaped label values, a timestamp, NaN and +Inf."""
+    from prometheus_client.parser import text_string_to_metric_families
+    page = "\n".join([
+        "# HELP vllm:time_to_first_token_seconds Histogram of time to first token in seconds.",
+        "# TYPE vllm:time_to_first_token_seconds histogram",
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="0.001",model_name="/tmp/m"} 0.0',
+        'vllm:time_to_first_token_seconds_bucket{engine="0",le="+Inf",model_name="/tmp/m"} 7.0',
+        'vllm:time_to_first_token_seconds_count{engine="0",model_name="/tmp/m"} 7.0',
+        'vllm:time_to_first_token_seconds_sum{engine="0",model_name="/tmp/m"} 0.25',
+        "# HELP vllm:prefix_cache_hits Prefix cache hits, in terms of number of cached tokens.",
+        "# TYPE vllm:prefix_cache_hits counter",
+        'vllm:prefix_cache_hits_total{engine="0",model_name="a \\"quoted\\" C:\\\\path\\nnext"} 384.0',
+        'vllm:prefix_cache_hits_created{engine="0",model_name="m"} 1.7e+09',
+        "vllm:num_requests_running 0.0 1700000000000",
+        'vllm:odd{kind="nan"} NaN',
+        'vllm:odd{kind="inf"} +Inf',
+        "process_cpu_seconds_total 12.5",
+    ]) + "\n"
+    expected = {}
+    for family in text_string_to_metric_families(page):
+        for sample in family.samples:
+            expected.setdefault(sample.name, []).append((dict(sample.labels), float(sample.value)))
+    ours = prometheus.parse_metrics(page)
+    nan = [("vllm:odd", 0)]
+    assert all(math.isnan(ours[name][k][1]) and math.isnan(expected[name][k][1]) for name, k in nan)
+    for name, k in nan:
+        ours[name][k] = expected[name][k] = (ours[name][k][0], 0.0)
+    assert ours == expected
+    assert ours["vllm:prefix_cache_hits_total"][0][0]["model_name"] == 'a "quoted" C:\\path\nnext'
+
+
+def test_one_context_fit_check_serves_both_phases():
+    # 1 prefix + 1900 + 100 + 16 query + 50 output = 2067 > 2048; room 2048 - 67 = 1981
+    with pytest.raises(errors.ExperimentError) as too_long:
+        prompts.check_context_fits([(256, 256), (1900, 100)], 2048, 1, 50, "the server's max_model_len is 2048")
+    assert too_long.value.exit_code == errors.EXIT_USAGE
+    assert str(too_long.value) == ("A=1900 B=100 needs 2067 tokens (prompt 2017 + 50 output) but the server's "
+                                   "max_model_len is 2048: A + B must be at most 1981, e.g. --size-a 1881 --size-b 100")
+    prompts.check_context_fits([(1900, 100)], 2067, 1, 50, "fits exactly")
+    prompts.check_context_fits([(1900, 100)], None, 1, 50, "a server that does not say")

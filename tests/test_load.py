@@ -11,7 +11,7 @@ from scipy import stats
 
 import plot_results as pr
 from conftest import SERVER_KV_BLOCKS, run_script, session_processes
-from prefix_cache_bench import (audit, charts, defaults, http_client, intervals, load_tables, load_workload,
+from prefix_cache_bench import (audit, charts, defaults, http_client, intervals, load_figures, load_tables, load_workload,
                                 prometheus, servers)
 from prefix_cache_bench import load_run as load_run_module
 
@@ -96,7 +96,7 @@ def test_a_partial_hit_or_a_miss_under_cache_pressure_is_recorded_not_failed():
 def test_condition_stats_split_by_cache_state_and_count_goodput():
     reqs = [record("cached", 256, ttft=5.0, start=k, end=k + 1) for k in range(6)] + \
            [record("cached", 128, ttft=20.0, start=6, end=7), record("cached", 0, ttft=40.0, start=7, end=8)]
-    s = load_workload.condition_stats(reqs, slo_ttft_ms=10.0)
+    s = load_figures.condition_stats(reqs, slo_ttft_ms=10.0)
     assert s["hit_rate"] == {"requests": 6 / 8, "tokens": (6 * 256 + 128) / (8 * 256)}
     assert s["by_cache_state"]["hit"]["requests"] == 6 and s["by_cache_state"]["miss"]["ttft_ms_mean"] == 40.0
     assert s["goodput_req_s"] == pytest.approx(6 / 8) and s["request_throughput"] == pytest.approx(1.0)

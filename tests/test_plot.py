@@ -190,9 +190,10 @@ def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
                         "31.0% [5.8, 56.2] (n=3) |")
     assert table[3] == "1 of 3 pairs of runs agree within their intervals."
     # beside each pair that does not agree, how their hosts differ: 25.0 / 20.0 = 1.25
-    assert table[4] == ("A=512 / B=256: runs 1 and 3 disagree; run 3's host ran the fixed Python workload 25% "
-                        "slower than run 1's (25.0 ms against 20.0 ms)")
-    assert table[5] == "A=512 / B=256: runs 2 and 3 disagree; a run's files do not record its host-speed figure"
+    assert table[4] == ("A=512 / B=256: runs 1 and 3 disagree; candidate causes: run 3's host ran the fixed Python "
+                        "workload 25% slower than run 1's (25.0 ms against 20.0 ms)")
+    assert table[5] == ("A=512 / B=256: runs 2 and 3 disagree; candidate causes: a run's files do not record its "
+                        "host-speed figure")
     # where each run came from; the commands differ only in --results-dir, so no warning
     assert table[7].startswith(f"run 1: {runs[0]}: 2026-11-27T00:00:00, NVIDIA H200, vLLM 0.26.0, torch ?, host figure 20.0 ms, ")
     assert table[8] == "    python phase2_experiment.py --size-a 512 --results-dir run1"
@@ -201,6 +202,40 @@ def test_compare_runs_tables_each_config_and_counts_agreeing_pairs(tmp_path):
     proc = run_script(["plot_results.py", "--compare", *runs])
     assert proc.returncode == 0 and "1 of 3 pairs" in proc.stdout
     assert run_script(["plot_results.py", "--compare", str(tmp_path / "nope")]).returncode == 1
+
+
+def test_compare_tells_machines_apart_and_names_what_differs_between_runs_that_disagree(tmp_path):
+    """Runs on two GPU models and two vLLM versions, one of them with a process on a host twice
+    as slow: the comparison says so, and names each difference as a candidate cause."""
+    runs = []
+    for k, (saving, device, vllm, per_process) in enumerate([(40.0, "NVIDIA H200", "0.26.0", [20.0, 21.0, 20.5]),
+                                                            (20.0, "NVIDIA H100 80GB HBM3", "0.33.0", [20.0, 40.0]),
+                                                            (20.5, "NVIDIA H100 80GB HBM3", "0.33.0", [20.0, 20.2])]):
+        run = tmp_path / f"run{k + 1}"
+        run.mkdir()
+        r = extended_result(512, 256)
+        r["ttft_saving_pct"], r["ttft_saving_ci95"] = saving, [saving - 1, saving + 1]
+        r["environment"].update(device=device, vllm_version=vllm, host_python_loop_ms_per_process=per_process)
+        write(run, "results_phase2_a512_b256.json", r)
+        runs.append(str(run))
+    lines = tables.compare_runs(runs).splitlines()
+    assert lines[4] == ("note: the runs come from different GPUs: run 1 NVIDIA H200, run 2 NVIDIA H100 80GB HBM3, "
+                        "run 3 NVIDIA H100 80GB HBM3")
+    assert lines[5] == "note: the runs come from different vLLM versions: run 1 0.26.0, run 2 0.33.0, run 3 0.33.0"
+    # hosts by their medians: 20.5, 30.0, 20.1 ms; runs 2 and 3 agree (20.0 and 20.5, +-1)
+    assert lines[6] == ("A=512 / B=256: runs 1 and 2 disagree; candidate causes: GPU NVIDIA H200 against NVIDIA H100 "
+                        "80GB HBM3; vLLM 0.26.0 against 0.33.0; run 2's processes' hosts differ 2.0-fold; run 2's host "
+                        "ran the fixed Python workload 46% slower than run 1's (30.0 ms against 20.5 ms)")
+    assert lines[7].startswith("A=512 / B=256: runs 1 and 3 disagree; candidate causes: GPU NVIDIA H200 against")
+    assert "runs 2 and 3" not in "\n".join(lines)
+    assert "host figure 30.0 ms (its processes 20.0-40.0 ms, 2.0-fold: repeat it)" in lines[11]
+    assert "host figure 20.5 ms (its processes 20.0-21.0 ms)," in lines[9]
+
+
+def test_a_pair_that_differs_in_nothing_recorded_says_so():
+    origin = {"device": "NVIDIA H200", "vllm": "0.26.0", "code": "abc", "tool": "t", "host_spread": None}
+    assert tables.candidate_causes([origin, dict(origin)], [20.0, 20.02], 0, 1) == \
+        ["none that the files record (the same GPU, vLLM, tool code and host speed)"]
 
 
 def test_gzipped_results_are_read_like_plain_ones(tmp_path):

@@ -266,7 +266,7 @@ def load_request(k, cached, hbm, tier, ttft_ms):
 
 
 def test_load_requests_are_split_by_where_their_prefix_came_from():
-    from prefix_cache_bench.load_workload import cache_source, condition_stats
+    from prefix_cache_bench.load_figures import cache_source, condition_stats
     requests = ([load_request(k, 256, 256, 0, 10.0 + k) for k in range(4)] +
                 [load_request(4 + k, 256, 0, 256, 30.0 + k) for k in range(2)] + [load_request(6, 0, 0, 0, 90.0)])
     assert [cache_source(r) for r in requests] == ["hbm"] * 4 + ["tier"] * 2 + ["computed"]
