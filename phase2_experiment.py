@@ -62,12 +62,12 @@ def parse_args(argv):
     engine_flags.error = usage_error
     engine_flags.add_argument("--model", default=MODEL_NAME)
     engine_flags.add_argument("--seed", type=int, default=SEED)
-    model, seed = vars(engine_flags.parse_known_args(engine_argv)[0]).values()
-    settings = RunSettings.from_flags(flags, model=model, seed=seed, profiled_requests=flags.profiled_requests,
+    given = engine_flags.parse_known_args(engine_argv)[0]
+    settings = RunSettings.from_flags(flags, model=given.model, seed=given.seed, profiled_requests=flags.profiled_requests,
                                       provenance=provenance(argv, PROG, __file__))
     if not {"-h", "--help"} & set(engine_argv):
         # What needs no vLLM is checked before its import (seconds): a model folder, the results folder.
-        check_model_folder(model)
+        check_model_folder(settings.model)
         check_results_dir(settings.results_dir, make=False)
     try:
         from vllm.engine.arg_utils import EngineArgs

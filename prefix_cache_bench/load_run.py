@@ -210,12 +210,12 @@ def run_condition(engine, workload, documents, condition, namespace, level, sett
             "problems": problems, "requests": requests}
 
 
-def run_level_once(engine, workload, level, i, rep, settings, namespace, working_set):
+def run_level_once(engine, workload, level, i, rep, settings, namespace):
     """Both conditions (a working-set sweep's later levels: cached alone) at one level, once.
     Returns (the pass's record, the one line that ends the sweep or None)."""
     documents = workload.draws(level["num_prefixes"], level["num_requests"])
     # cached and cold alternate in which goes first, so that neither always follows the other
-    order = ["cached"] if working_set and i else (["cached", "cold"] if (i + rep) % 2 == 0 else ["cold", "cached"])
+    order = ["cached"] if settings.load.working_set and i else (["cached", "cold"] if (i + rep) % 2 == 0 else ["cold", "cached"])
     run = {"repeat": rep, "order": order}
     for condition in order:
         try:
@@ -246,7 +246,6 @@ def run_load(engine: LoadServer, tokenizer, settings: Phase1Settings, env: dict,
     capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
     load = settings.load
-    working_set = load.working_set
     workload = LoadWorkload(tokenizer, load.document_tokens, max(load.num_prefixes), load.prefix_skew, block,
                             settings.run.seed, run_id)
     levels = [{**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens,
@@ -261,7 +260,7 @@ def run_load(engine: LoadServer, tokenizer, settings: Phase1Settings, env: dict,
         print(f"\n--- {step + 1} of {len(schedule)}: {level_name(level)}, pass {rep + 1} of {load.repeats}: "
               f"{level['num_prefixes']} document(s) of {load.document_tokens} tokens, {level['num_requests']} requests per "
               f"condition ({elapsed_s:.0f} s so far{eta}) ---", flush=True)
-        run, failure = run_level_once(engine, workload, level, i, rep, settings, f"load-{run_id}-{i}-{rep}", working_set)
+        run, failure = run_level_once(engine, workload, level, i, rep, settings, f"load-{run_id}-{i}-{rep}")
         if any(c in run for c in ("cached", "cold")):
             level["runs"].append(run)
             print_level(level, run, capacity_tokens, len(capacity_per_engine))
@@ -280,7 +279,7 @@ def run_load(engine: LoadServer, tokenizer, settings: Phase1Settings, env: dict,
                 for p in run[c]["problems"]]
     return {
         "phase": SERVER_PHASE,
-        "experiment": "working_set" if working_set else "load",
+        "experiment": "working_set" if load.working_set else "load",
         "model": engine.model,
         "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
         "config": {"document_tokens": load.document_tokens, "document_prompt_tokens": len(workload.documents[0]),

@@ -59,8 +59,6 @@ class RunSettings:
         resolved: what the flags do not hold (model, seed, provenance, ...) or a phase fixes."""
         if flags.sizes and (flags.size_a or flags.size_b):
             usage_error("--sizes cannot be combined with --size-a/--size-b")
-        if flags.block_order and (flags.processes or 1) > 1:
-            usage_error("--block-order runs in one process: drop --processes")
         processes = flags.processes if flags.processes is not None else 1 if flags.block_order else PROCESSES
         one = processes == 1
         configs = resolved.pop("configs", flags.sizes or [(flags.size_a or CONTEXT_SIZE_A, flags.size_b or CONTEXT_SIZE_B)])
@@ -129,8 +127,6 @@ class LoadSettings:
         """None where no load flag is given: then phase 1 measures one request at a time."""
         if not (flags.concurrency or flags.request_rate or flags.num_prefixes):
             return None
-        if flags.concurrency and flags.request_rate:
-            usage_error("either --concurrency or --request-rate: one kind of load per run")
         if flags.sizes or flags.size_b:
             usage_error("under load a request is [document, Q]: --size-a sets the document's tokens; drop "
                         "--size-b/--sizes")
@@ -172,9 +168,8 @@ class FleetSettings:
             if flags.router_policy or flags.router_args or flags.router != "vllm-router":
                 usage_error("--router, --router-policy and --router-args go with --replicas")
             return None
-        if flags.router == "dp" and (flags.router_policy or flags.router_args):
-            usage_error("--router dp balances inside vLLM: drop --router-policy/--router-args")
-        policies = ["dp"] if flags.router == "dp" else flags.router_policy or ["cache_aware"]
+        # the dp front's one policy unless others are given (which __post_init__ refuses)
+        policies = flags.router_policy or (["dp"] if flags.router == "dp" else ["cache_aware"])
         return cls(replicas=flags.replicas, router=flags.router, router_policies=tuple(policies),
                    router_args=flags.router_args or "")
 

@@ -224,8 +224,8 @@ def compare_runs(run_dirs):
             "|---|" + "---|" * (len(runs) + 2)]
     agreed = total = 0
     several_phases = len({phase for phase, _ in keys}) > 1
-    hosts = [host_loop_ms(r) for r in runs]
     origins = [run_origin(r) for r in runs]
+    hosts = [o["host_ms"] for o in origins]
     host_notes = []
     for phase, (a, b) in keys:
         found = [r.get(phase, {}).get((a, b)) for r in runs]
@@ -245,9 +245,8 @@ def compare_runs(run_dirs):
     lines = ["\n".join(rows), f"{agreed} of {total} pairs of runs agree within their intervals.",
              *machine_notes(origins), *host_notes, ""]
     commands = set()
-    for i, (run_dir, r) in enumerate(zip(run_dirs, runs)):
-        first = next((d for configs in r.values() for d in configs.values()), {})
-        origin = describe_provenance(first)
+    for i, run_dir in enumerate(run_dirs):
+        origin = origins[i]["provenance"]
         host = f", host figure {hosts[i]:.1f} ms" if hosts[i] else ""
         spread = origins[i]["host_spread"]
         if spread:
@@ -262,30 +261,23 @@ def compare_runs(run_dirs):
     return "\n".join(lines)
 
 
-def host_loop_ms(run):
-    """A run's host-speed figure (host.python_loop_ms; the median over its engine processes),
-    or None where its files predate it."""
-    first = next((d for configs in run.values() for d in configs.values()), {})
-    env = first.get("environment", {})
-    per_process = [ms for ms in env.get("host_python_loop_ms_per_process") or [] if ms]
-    if per_process:
-        return float(np.median(per_process))
-    return (env.get("machine") or {}).get("host_python_loop_ms")
-
-
 HOST_SPREAD_FLAG = 1.5      # a run whose processes' host figures differ this many times is flagged
 
 
 def run_origin(run):
-    """What a run's files record of where it ran: its GPU (or CPU), vLLM version, the tool's code
-    and the host figures of its engine processes (min, max; None with fewer than two)."""
+    """What a run's files record of where it ran: its GPU (or CPU), vLLM version, the tool's code,
+    describe_provenance's text, its host-speed figure (host.python_loop_ms; the median over its
+    engine processes, None where its files predate it) and the spread of its processes' figures
+    (min, max; None with fewer than two)."""
     first = next((d for configs in run.values() for d in configs.values()), {})
     env = first.get("environment", {})
     version = env.get("tool_version") or {}
+    provenance = describe_provenance(first)
     per_process = [ms for ms in env.get("host_python_loop_ms_per_process") or [] if ms]
     return {"device": devices_label(env), "vllm": env.get("vllm_version"),
             "code": version.get("code_sha256") or version.get("script_sha256"),
-            "tool": describe_provenance(first)["tool"],
+            "provenance": provenance,
+            "host_ms": float(np.median(per_process)) if per_process else (env.get("machine") or {}).get("host_python_loop_ms"),
             "host_spread": (min(per_process), max(per_process)) if len(per_process) > 1 else None}
 
 
@@ -310,7 +302,7 @@ def candidate_causes(origins, hosts, i, j):
     if a["vllm"] != b["vllm"]:
         causes.append(f"vLLM {a['vllm'] or '?'} against {b['vllm'] or '?'}")
     if a["code"] != b["code"]:
-        causes.append(f"the tool's code: {a['tool']} against {b['tool']}")
+        causes.append(f"the tool's code: {a['provenance']['tool']} against {b['provenance']['tool']}")
     for k, origin in ((i, a), (j, b)):
         spread = origin["host_spread"]
         if spread and spread[1] / spread[0] >= HOST_SPREAD_FLAG:

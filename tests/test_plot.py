@@ -233,7 +233,8 @@ def test_compare_tells_machines_apart_and_names_what_differs_between_runs_that_d
 
 
 def test_a_pair_that_differs_in_nothing_recorded_says_so():
-    origin = {"device": "NVIDIA H200", "vllm": "0.26.0", "code": "abc", "tool": "t", "host_spread": None}
+    origin = {"device": "NVIDIA H200", "vllm": "0.26.0", "code": "abc", "provenance": {"tool": "t"},
+              "host_ms": 20.0, "host_spread": None}
     assert tables.candidate_causes([origin, dict(origin)], [20.0, 20.02], 0, 1) == \
         ["none that the files record (the same GPU, vLLM, tool code and host speed)"]
 
