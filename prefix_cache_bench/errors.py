@@ -38,6 +38,7 @@ def usage_error(message):
 
 
 _received = []                  # the signal stop_on_signal took, if any
+_raised = [0]                   # how many Interrupted the main thread has raised
 REDELIVER_AFTER_S = 0.01        # a swallowed signal's second delivery, after the hook has returned
 
 
@@ -48,6 +49,12 @@ def stop_on_signal(signum, frame):
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
     if not _received:
         _received.append(signum)
+    raise_interrupted()
+
+
+def raise_interrupted():
+    """Raise the Interrupted of the signal taken, counted: a redelivery checks the count."""
+    _raised[0] += 1
     raise Interrupted(_received[0])
 
 
@@ -56,7 +63,8 @@ def stop_on_signals():
     A signal handler raises where the main thread happens to be; where that is a weakref
     callback or a destructor (an aiohttp request's, the garbage collector's), Python prints
     "Exception ignored" and goes on: the run would not stop. sys.unraisablehook sees that and
-    raises it again in the main thread, at the next line of ordinary code."""
+    raises it again in the main thread, at the next line of ordinary code, unless the main
+    thread has raised one since."""
     signal.signal(signal.SIGINT, stop_on_signal)
     signal.signal(signal.SIGTERM, stop_on_signal)
     sys.unraisablehook = redeliver_interruption
@@ -64,12 +72,20 @@ def stop_on_signals():
 
 def redeliver_interruption(unraisable):
     """sys.unraisablehook: an Interrupted that a callback or destructor swallowed is delivered
-    again to the main thread (as the same signal, once more through stop_on_signal); anything
-    else is printed as Python does."""
+    again to the main thread as the same signal, and raised there unless the main thread has
+    raised an Interrupted of its own in between; anything else is printed as Python does."""
     if not isinstance(unraisable.exc_value, Interrupted) or not _received:
         sys.__unraisablehook__(unraisable)
         return
-    signal.signal(_received[0], stop_on_signal)
+    raised_before = _raised[0]
+
+    def redeliver(signum, frame):
+        signal.signal(signum, signal.SIG_IGN)
+        # the main thread may have raised one of its own since (raise_if_interrupted, at the next
+        # request) and be cleaning up: a second one would cut that clean-up short
+        if _raised[0] == raised_before:
+            raise_interrupted()
+    signal.signal(_received[0], redeliver)
     # from another thread, a moment later: raised now, it would land in this hook, and be lost
     threading.Timer(REDELIVER_AFTER_S, _thread.interrupt_main, args=(_received[0],)).start()
 
@@ -78,7 +94,7 @@ def raise_if_interrupted():
     """Raise the Interrupted of a signal already taken: for loops that start requests, so that
     one a library's `except BaseException` swallowed still ends the run at the next request."""
     if _received:
-        raise Interrupted(_received[0])
+        raise_interrupted()
 
 
 def interruption():

@@ -23,6 +23,7 @@ class HttpClient:
         self.loop.set_exception_handler(quiet_on_interrupt)
         self.connections_opened = 0
         self.load_connections = 0
+        self.load_sessions = []         # every load_session(): close() closes what a signal left open
         trace = aiohttp.TraceConfig()
         trace.on_connection_create_end.append(self._count_connection)
 
@@ -46,8 +47,10 @@ class HttpClient:
 
         trace = aiohttp.TraceConfig()
         trace.on_connection_create_end.append(self._count_load_connection)
-        return aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=300),
-                                     timeout=aiohttp.ClientTimeout(total=self.request_timeout_s), trace_configs=[trace])
+        session = aiohttp.ClientSession(connector=aiohttp.TCPConnector(limit=0, keepalive_timeout=300),
+                                        timeout=aiohttp.ClientTimeout(total=self.request_timeout_s), trace_configs=[trace])
+        self.load_sessions = [s for s in self.load_sessions if not s.closed] + [session]
+        return session
 
     def __enter__(self):
         return self
@@ -56,14 +59,19 @@ class HttpClient:
         self.close()
 
     def close(self):
-        """Close the connection and the loop; a request a signal broke off is cancelled first."""
+        """Close the connections and the loop; a request a signal broke off is cancelled first,
+        and a session its cancelled task did not get to close is closed here."""
         pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
         for task in pending:
             task.cancel()
         if pending:       # bounded: a task that ignores its cancellation must not hold the exit
             self.loop.run_until_complete(asyncio.wait(pending, timeout=CLOSE_WAIT_S))
-        if not self.session.closed:
-            self.loop.run_until_complete(self.session.close())
+        open_sessions = [s for s in [self.session, *self.load_sessions] if not s.closed]
+
+        async def close_all():
+            await asyncio.wait_for(asyncio.gather(*[s.close() for s in open_sessions]), CLOSE_WAIT_S)
+        if open_sessions:
+            self.loop.run_until_complete(close_all())
         self.loop.close()
 
     def run(self, what, coroutine):

@@ -355,18 +355,29 @@ def test_compute_stats_leaves_cached_tokens_empty_where_the_engine_reports_none(
     assert (s["cached_tokens"], s["cached_tokens_max"]) == (None, None)
 
 
+SIGNAL_IN_A_DESTRUCTOR = """
+    import signal, time
+    from prefix_cache_bench import errors
+    errors.stop_on_signals()
+    class Request:
+        def __del__(self):
+            errors.stop_on_signal(signal.SIGINT, None)     # the signal, arriving here
+    """
+
+
+def run_after_a_signal_in_a_destructor(code):
+    """What a Python process printed (stdout, stderr) that ran code after SIGNAL_IN_A_DESTRUCTOR."""
+    import subprocess
+    proc = subprocess.run([sys.executable, "-c", textwrap.dedent(SIGNAL_IN_A_DESTRUCTOR) + textwrap.dedent(code)],
+                          cwd=ROOT, capture_output=True, text=True, timeout=60)
+    return proc.stdout, proc.stderr
+
+
 def test_a_signal_that_lands_in_a_destructor_still_ends_the_run():
     """A signal handler raises wherever the main thread is; inside a destructor or a weakref
     callback Python prints "Exception ignored" and goes on. stop_on_signals' unraisablehook
     raises it again at the next ordinary line, so the run ends as the signal says."""
-    import subprocess
-    code = textwrap.dedent("""
-        import signal, sys
-        from prefix_cache_bench import errors
-        errors.stop_on_signals()
-        class Request:
-            def __del__(self):
-                errors.stop_on_signal(signal.SIGINT, None)     # the signal, arriving here
+    out, err = run_after_a_signal_in_a_destructor("""
         try:
             Request()
             for _ in range(10 ** 7):                       # ordinary code after it: the run's work
@@ -375,9 +386,41 @@ def test_a_signal_that_lands_in_a_destructor_still_ends_the_run():
         except errors.Interrupted as e:
             print(e.exit_code)
         """)
-    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
-    assert proc.stdout.strip() == "130", proc.stdout + proc.stderr
-    assert "Exception ignored" not in proc.stderr
+    assert out.strip() == "130", out + err
+    assert "Exception ignored" not in err
+
+
+def test_a_redelivered_signal_leaves_alone_a_run_that_is_already_cleaning_up():
+    """The destructor swallows the signal, then the next request's check raises one of its own:
+    the run is unwinding, and the redelivery 10 ms later must not cut its clean-up short (it
+    did: an aiohttp session stayed open and its warning became the run's last line)."""
+    out, err = run_after_a_signal_in_a_destructor("""
+        try:
+            try:
+                Request()
+                errors.raise_if_interrupted()                  # the next request's check
+                print("not interrupted")
+            finally:
+                time.sleep(20 * errors.REDELIVER_AFTER_S)      # a clean-up longer than the redelivery's delay
+                print("cleaned up")
+        except errors.Interrupted as e:
+            print(e.exit_code)
+        """)
+    assert out.split() == ["cleaned", "up", "130"], out + err
+
+
+def test_closing_the_client_closes_a_load_session_a_signal_left_open():
+    """A task that a signal broke off may not reach its `finally: await session.close()`; an
+    open session's connector would print "Unclosed connector" after the run's last line."""
+    from prefix_cache_bench.http_client import HttpClient
+
+    client = HttpClient("http://127.0.0.1:9", 5)
+
+    async def open_one():
+        return client.load_session()
+    session = client.loop.run_until_complete(open_one())
+    client.close()
+    assert session.closed and client.session.closed and client.loop.is_closed()
 
 
 def test_a_failure_that_replaced_a_signal_s_exception_is_told_as_the_signal(monkeypatch):
