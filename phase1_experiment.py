@@ -68,7 +68,7 @@ from prefix_cache_bench.server_engine import add_phase1_stats, prepare, server_e
 from prefix_cache_bench.settings import (FleetSettings, LoadSettings, Phase1Settings, RunSettings, ServerSettings,
                                          TraceSettings)
 from prefix_cache_bench.servers import EmbeddedServer, Fleet, check_port_free, fleet_environment, free_port
-from prefix_cache_bench.tiers import check_tier_can_start, flag_value, tier_from_flags
+from prefix_cache_bench.tiers import check_tier_can_start, flag_value, measure_link_for_tier, tier_from_flags
 from prefix_cache_bench.trace_cli import add_trace_flags, check_trace_flags, simulate
 
 
@@ -172,7 +172,7 @@ def run(settings, vllm_flags, argv, trace_requests):
     """Start or reach the server, check it, run every config, write the results. Returns the exit code."""
     if settings.fleet:
         return run_fleet(settings, vllm_flags, argv)
-    server, tier, cfg = None, None, settings.server
+    server, tier, link, cfg = None, None, {}, settings.server
     if not cfg.base_url:
         model = check_model_folder(cfg.model or MODEL_NAME)
         if cfg.port:
@@ -181,6 +181,7 @@ def run(settings, vllm_flags, argv, trace_requests):
         if tier:                            # one line now, not a failed start a minute later
             check_tier_can_start(flag_value(vllm_flags, "--kv-offloading-size"),
                                  flag_value(vllm_flags, "--kv-offloading-backend"))
+            link = measure_link_for_tier(True)     # the host link, before the server holds the GPU
         # the tier condition empties the GPU prefix cache through vLLM's dev-mode endpoint
         server = EmbeddedServer(model, cfg.host, cfg.port or free_port(cfg.host), vllm_flags,
                                 extra_env={"VLLM_SERVER_DEV_MODE": "1"} if tier else None)
@@ -193,7 +194,7 @@ def run(settings, vllm_flags, argv, trace_requests):
                 engine, tokenizer, card, unaudited = prepare(
                     client, settings, server.model if server else None, cfg.replica_urls and list(cfg.replica_urls),
                     tier_description=(tier or False) if server else None)
-                env = {**server_environment(client, card, server, vllm_flags, engine),
+                env = {**server_environment(client, card, server, vllm_flags, engine), **link,
                        **provenance(argv, PROG, __file__)}
                 if settings.trace:
                     result = run_trace(engine, tokenizer, settings.trace, settings.run.seed, env, unaudited,

@@ -4,14 +4,18 @@ independent, and whether the run's two halves agree. No engine: plot_results rea
 """
 from __future__ import annotations
 
+from collections.abc import Collection, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 from .defaults import CONDITIONS, TIER_CONDITION
+from .engine_api import BREAKDOWN_PARTS
 from .intervals import agree, degradation_pct, mean_ci95, ratio_ci95, saving_pct
 from .settings import RunSettings
 
 
-def compute_stats(trials):
+def compute_stats(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Mean/median/stdev for TTFT, total time and throughput, plus spread, engine-side
     timings and cached tokens. Keys are the design's, times in ms."""
     col = lambda key: np.array([t[key] for t in trials], dtype=float)
@@ -46,21 +50,23 @@ def compute_stats(trials):
     }
 
 
-def source_stats(trials):
+def source_stats(trials: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """Where the cached tokens came from (HBM, the tier; the least over every request: the audit
     checks each), and the tier's load rate, where the engine said. Empty where it never did."""
     requests = [r for t in trials for r in (t, t["throughput_request"])]
+    hbm: list[Any]                  # ints, or None where the engine did not say: the least taken only where none is None
+    tier: list[Any]
     hbm, tier = ([r.get(key) for r in requests] for key in ("hbm_cached_tokens", "tier_cached_tokens"))
     if not requests or None in hbm or None in tier:
         return {}
     return {"hbm_cached_tokens": min(hbm), "tier_cached_tokens": min(tier), "tier_load": load_rate(trials)}
 
 
-def load_rate(trials):
+def load_rate(trials: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     """The tier's load rate over a condition's requests: {bytes, seconds, gb_s}, or None where the
     connector reports no loads."""
     requests = [r for t in trials for r in (t, t["throughput_request"])]
-    loaded = [(r.get("tier_load_bytes"), r.get("tier_load_ms")) for r in requests]
+    loaded: list[tuple[Any, Any]] = [(r.get("tier_load_bytes"), r.get("tier_load_ms")) for r in requests]   # None: not said
     if not loaded or any(b is None or ms is None for b, ms in loaded):
         return None
     total_bytes, total_s = sum(b for b, _ in loaded), sum(ms for _, ms in loaded) / 1e3
@@ -70,34 +76,41 @@ def load_rate(trials):
             "bytes_per_request": total_bytes / len(requests)}
 
 
-def conditions_in(trials):
+def conditions_in(trials: Sequence[Mapping[str, Any]]) -> list[str]:
     """The conditions a run measured, in the result's order: the design's three, and the tier's."""
     present = {t["condition"] for t in trials}
     return [c for c in (*CONDITIONS, TIER_CONDITION) if c in present]
 
 
-def breakdown_means(trials):
+def breakdown_means(trials: Sequence[Mapping[str, Any]]) -> dict[str, float] | None:
     """Each part of the TTFT breakdown (engine_api.RequestResult.ttft_breakdown), averaged over
-    the trials: the parts' means add up to ttft_mean. None unless every trial has one."""
-    parts = [t.get("ttft_breakdown_ms") for t in trials]
+    the trials (a part a trial lacks, tier_wait_ms, counts as 0 there): the parts' means add up
+    to ttft_mean. None unless every trial has one."""
+    parts: list[Any] = [t.get("ttft_breakdown_ms") for t in trials]      # dicts, or None where a trial has none
     if not parts or None in parts:
         return None
-    return {key: float(np.mean([p[key] for p in parts])) for key in parts[0]}
+    keys = dict.fromkeys(key for p in parts for key in p)
+    return {key: float(np.mean([p.get(key, 0.0) for p in parts])) for key in keys}
 
 
-def unit_means(trials, condition, unit):
+def breakdown_columns(breakdowns: Collection[Mapping[str, float] | None]) -> tuple[tuple[str, str], ...]:
+    """The (key, label) of BREAKDOWN_PARTS that any of these breakdowns has, in stacking order."""
+    return tuple((key, label) for key, label in BREAKDOWN_PARTS if any(key in b for b in breakdowns if b))
+
+
+def unit_means(trials: Sequence[Mapping[str, Any]], condition: str, unit: str) -> np.ndarray:
     """Mean TTFT of one condition per unit ("round" or "block"), in unit order; for unit
     "trial", every TTFT in run order."""
     if unit == "trial":
         return np.array([t["ttft_ms"] for t in trials if t["condition"] == condition])
-    groups = {}
+    groups: dict[int, list[float]] = {}
     for t in trials:
         if t["condition"] == condition:
             groups.setdefault(t[unit], []).append(t["ttft_ms"])
     return np.array([np.mean(groups[key]) for key in sorted(groups)])
 
 
-def compare(trials, unit):
+def compare(trials: Sequence[Mapping[str, Any]], unit: str) -> dict[str, Any]:
     """Saving (hit vs cold) and degradation (miss vs hit) with their 95% intervals; the saving
     also in ms, which an overhead common to both requests leaves unchanged. unit: what the
     interval treats as one independent observation. "block" (the default protocol): a time
@@ -120,7 +133,7 @@ def compare(trials, unit):
     }
 
 
-def compare_tier(trials, unit, hit, cold):
+def compare_tier(trials: Sequence[Mapping[str, Any]], unit: str, hit: np.ndarray, cold: np.ndarray) -> dict[str, Any]:
     """A tier hit against cold (its saving, as the HBM hit's) and against an HBM hit (how much
     longer it takes: ttft_degradation_pct's measure, tier over hit), each with its interval."""
     from scipy import stats
@@ -139,15 +152,15 @@ def compare_tier(trials, unit, hit, cold):
     }
 
 
-def reproducibility(measured, unit):
+def reproducibility(measured: Sequence[Mapping[str, Any]], unit: str) -> dict[str, Any]:
     """What a reader needs to judge whether a rerun would land inside the interval.
 
     The per-round and per-block savings show any drift. The run is also cut into its first
     and second half (of processes, blocks or rounds), each with its own saving and interval: if the
     halves disagree beyond their intervals (the same test as for two runs), the level moved
     more than the run's own spread allows, and the result is flagged as unstable."""
-    report = {"unit": unit, "per_round_saving_pct": None, "per_block_saving_pct": None,
-              "halves": None, "stable": None}
+    report: dict[str, Any] = {"unit": unit, "per_round_saving_pct": None, "per_block_saving_pct": None,
+                              "halves": None, "stable": None}
     if unit != "trial":
         report["per_round_saving_pct"] = saving_pct(unit_means(measured, "cache_hit", "round") /
                                                     unit_means(measured, "cache_cold", "round")).tolist()
@@ -170,9 +183,9 @@ def reproducibility(measured, unit):
     return report
 
 
-def interval_method(measured, unit, plan):
+def interval_method(measured: Sequence[Mapping[str, Any]], unit: str, plan: Mapping[str, Any]) -> dict[str, Any]:
     """What the interval covers, for a reader of one JSON: the unit, how many, over how long."""
-    method = {
+    method: dict[str, Any] = {
         "unit": unit,
         "statistic": {"process": "paired Fieller ratio over the engine processes' means, t with processes - 1 df",
                       "block": "paired Fieller ratio over time-block means (batch means), t with blocks - 1 df",
@@ -189,7 +202,7 @@ def interval_method(measured, unit, plan):
     starts = [t["start_s"] for t in measured]
     method["span_s"] = max(starts) - min(starts) if starts else None
     if unit in ("block", "process"):
-        spans = {}
+        spans: dict[int, list[float]] = {}
         for t in measured:
             spans.setdefault(t["block"], []).append(t["start_s"])
         method["block_span_s"] = [[min(s), max(s)] for _, s in sorted(spans.items())]
@@ -201,7 +214,8 @@ def interval_method(measured, unit, plan):
     return method
 
 
-def summarize(trials: list[dict], settings: RunSettings, plan: dict) -> tuple:
+def summarize(trials: list[dict], settings: RunSettings,
+              plan: dict) -> tuple[dict[str, Any], dict[str, Any], dict[str, Any], dict[str, Any]]:
     """Step 6: stats per condition over the measured rounds, the comparisons, the run's stability."""
     measured = [t for t in trials if t["round"] >= settings.warmup_trials]
     conditions = {}
@@ -218,11 +232,15 @@ def summarize(trials: list[dict], settings: RunSettings, plan: dict) -> tuple:
             interval_method(measured, unit, plan))
 
 
-def step_split(stats, segment, condition):
-    """The measured prefill step's mean split into (GPU busy, the rest): the profiled GPU-busy mean,
-    and the step's mean minus it. None where the segment did not measure the condition."""
+def step_split(stats: Mapping[str, Any], segment: Mapping[str, Any] | None, condition: str) -> tuple[float, float] | None:
+    """The measured prefill step's mean split into (GPU busy, the rest): the profiled requests'
+    mean GPU-busy time of their kernels (gpu_busy.GpuBusyWorker; the copies from a tier are the
+    tier's, in tier_wait_ms), and the step's mean minus it. Files from before the kernels were
+    told apart give the busy time of every activity. None where the segment did not measure the
+    condition."""
     busy = ((segment or {}).get("by_condition") or {}).get(condition)
     parts = stats.get("ttft_breakdown_mean_ms")
     if not busy or not parts:
         return None
-    return busy["gpu_busy_mean_ms"], parts["prefill_step_ms"] - busy["gpu_busy_mean_ms"]
+    kernels_ms = busy.get("gpu_kernel_busy_mean_ms", busy["gpu_busy_mean_ms"])
+    return kernels_ms, parts["prefill_step_ms"] - kernels_ms

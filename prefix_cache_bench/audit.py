@@ -3,11 +3,17 @@ own prefix-cache counters agree. One counter-growth helper and one wait-for-coun
 offline engine, the server and the load run alike.
 """
 import time
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any, TypeVar
 
 from .defaults import TIER_CONDITION
+from .engine_api import RequestResult
+from .result_schema import CacheAudit
+
+T = TypeVar("T")
 
 
-def expected_cached_tokens(condition, warmup_prompt_tokens, cache_block_size):
+def expected_cached_tokens(condition: str, warmup_prompt_tokens: int, cache_block_size: int) -> int:
     """What num_cached_tokens must be: the hit (from HBM or from the tier) reuses [A, B]'s full
     blocks, nothing else."""
     if condition in ("cache_hit", TIER_CONDITION):
@@ -15,7 +21,7 @@ def expected_cached_tokens(condition, warmup_prompt_tokens, cache_block_size):
     return 0
 
 
-def source_problem(condition, request, tiered=False):
+def source_problem(condition: str, request: Mapping[str, Any], tiered: bool = False) -> str | None:
     """Where a request's cached tokens came from, against its condition: an HBM hit must not come
     from the tier, a tier hit not from HBM. A line, or None. In a run with a tier (tiered), a hit
     whose sources the engine did not say cannot be told from the other kind: a problem too."""
@@ -30,7 +36,8 @@ def source_problem(condition, request, tiered=False):
     return None
 
 
-def audit_requests(warm, trials, warmup_ids, block):
+def audit_requests(warm: RequestResult, trials: Sequence[Mapping[str, Any]], warmup_ids: Sequence[int],
+                   block: int) -> list[str]:
     """Did every request of one config find exactly what its condition promises? Returns the
     problems, one line each: num_cached_tokens against expected_cached_tokens."""
     problems = []
@@ -56,7 +63,9 @@ def audit_requests(warm, trials, warmup_ids, block):
     return problems
 
 
-def audit_counters(requests, flush, counters_before, counters_after, shared=False):
+def audit_counters(requests: Iterable[Mapping[str, Any]], flush: RequestResult,
+                   counters_before: Mapping[str, Any] | None, counters_after: Mapping[str, Any] | None,
+                   shared: bool = False) -> tuple[dict[str, Any] | None, list[str]]:
     """The engine's own prefix-cache hit counters (prefix_cache_counters: HBM's, plus the tier's
     external_prefix_cache_hits where there is one) must have grown by the sum of the requests'
     num_cached_tokens, the tier's alone by their tier_cached_tokens. Counters are engine-wide, so this covers every
@@ -81,7 +90,7 @@ def audit_counters(requests, flush, counters_before, counters_after, shared=Fals
     if short or (hits != engine_counters["sum_cached_tokens"] and not shared):
         problems.append(f"the engine's prefix-cache hit counters ({engine_counters['source']}) grew by {hits}, "
                         f"but the requests report {engine_counters['sum_cached_tokens']} cached tokens")
-    tiers = [r.get("tier_cached_tokens") for r in requests]
+    tiers: list[Any] = [r.get("tier_cached_tokens") for r in requests]
     if engine_counters.get("external_prefix_cache_hits") is not None and None not in tiers:
         engine_counters["sum_tier_cached_tokens"] = sum(tiers)
         if engine_counters["external_prefix_cache_hits"] != sum(tiers) and not engine_counters.get("other_clients"):
@@ -90,7 +99,8 @@ def audit_counters(requests, flush, counters_before, counters_after, shared=Fals
     return engine_counters, problems
 
 
-def audit(warm, trials, flush, warmup_ids, block, counters_before, counters_after):
+def audit(warm: RequestResult, trials: Sequence[Mapping[str, Any]], flush: RequestResult, warmup_ids: Sequence[int],
+          block: int, counters_before: Mapping[str, Any] | None, counters_after: Mapping[str, Any] | None) -> CacheAudit:
     """The cache_audit of one config run alone: its requests, and the engine's counter."""
     engine_counters, counter_problems = audit_counters(requests_of(warm, trials), flush,
                                                        counters_before, counters_after)
@@ -98,7 +108,8 @@ def audit(warm, trials, flush, warmup_ids, block, counters_before, counters_afte
                         warm, trials, warmup_ids, block, engine_counters)
 
 
-def audit_report(problems, warm, trials, warmup_ids, block, engine_counters):
+def audit_report(problems: list[str], warm: RequestResult, trials: Sequence[Mapping[str, Any]], warmup_ids: Sequence[int],
+                 block: int, engine_counters: dict[str, Any] | None) -> CacheAudit:
     return {
         "ok": not problems,
         "expected_hit_cached_tokens": expected_cached_tokens("cache_hit", len(warmup_ids), block),
@@ -108,13 +119,13 @@ def audit_report(problems, warm, trials, warmup_ids, block, engine_counters):
     }
 
 
-def requests_of(warm, trials):
+def requests_of(warm: RequestResult, trials: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """Every request of one config, as the files record them: the warmup, then each trial's two
     (and a tier trial's untimed ones, tiers.TierRequest)."""
     return [warm.as_json()] + [req for t in trials for req in (t, t["throughput_request"], *t.get("restore_requests", ()))]
 
 
-def counter_growth(before, after):
+def counter_growth(before: Mapping[str, Any], after: Mapping[str, Any]) -> dict[str, Any]:
     """after - before for every number, also in nested dicts; None where either is None (a
     counter a server does not publish); other values as they are after."""
     return {key: counter_growth(before[key], value) if isinstance(value, dict)
@@ -123,7 +134,7 @@ def counter_growth(before, after):
             for key, value in after.items()}
 
 
-def sum_counters(counters):
+def sum_counters(counters: Sequence[Any]) -> dict[str, Any] | None:
     """Engine counters of several processes, added up (numbers, also nested); other values the first's."""
     if any(c is None for c in counters):
         return None
@@ -134,14 +145,14 @@ def sum_counters(counters):
             else value for key, value in first.items()}
 
 
-def cache_state(cached_tokens, full_tokens):
+def cache_state(cached_tokens: int, full_tokens: int) -> str:
     """What a request found: all of its document's full blocks, some, or none."""
     if not cached_tokens:
         return "miss"
     return "hit" if cached_tokens >= full_tokens else "partial"
 
 
-def load_problems(requests, block):
+def load_problems(requests: Iterable[Mapping[str, Any]], block: int) -> list[str]:
     """Requests that found cached tokens they cannot have: a salted cold one any, a cached one
     more than its document's full blocks, or a count that is not whole blocks."""
     problems = []
@@ -155,7 +166,7 @@ def load_problems(requests, block):
     return problems
 
 
-def counter_problems(counters, sent):
+def counter_problems(counters: dict[str, Any], sent: Sequence[Mapping[str, Any]]) -> list[str]:
     """/metrics' prefix-cache hits (HBM's, plus a second tier's) must have grown by the cached
     tokens the requests report (and by more only where another client's queries show in the
     counters too). Fills in the sums."""
@@ -171,7 +182,8 @@ def counter_problems(counters, sent):
     return []
 
 
-def wait_for_counters(read, counted, before, tokens, timeout_s=5.0):
+def wait_for_counters(read: Callable[[], T], counted: Callable[[T, T], float | None], before: T, tokens: float,
+                      timeout_s: float = 5.0) -> T:
     """read() the engine's counters until counted(before, reading) says they hold `tokens` more
     tokens than `before` (None: nothing to wait for), or timeout_s has passed; the last reading.
     An engine counts a request as its outputs are handled, which may be just after the response

@@ -2,14 +2,17 @@
 with the fit, what the server path adds, load, working-set and fleet charts.
 """
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
 from .engine_api import BREAKDOWN_PARTS
 from .load_tables import interval_words, load_file_tables, load_title, load_value
 from .prefill_fit import predicted_ttft_ms
+from .settings import Config
 from .tables import (CONDITION_NAMES, anatomy_rows, audit_ok, comparison_note,
-                     conditions_present, describe_source, unaudited, unstable)
+                     conditions_present, describe_source, unaudited, unstable, PathCost)
 
 # condition key -> (legend label, colour)
 CONDITION_STYLES = {
@@ -28,7 +31,7 @@ PANELS = {
 }
 
 
-def error_bar(stats, prefix):
+def error_bar(stats: Mapping[str, Any], prefix: str) -> tuple[float, float]:
     """(below, above) the mean: the 95% CI where the file has one, else one stdev."""
     mean = stats[f"{prefix}_mean"]
     ci = stats.get(f"{prefix}_ci95")
@@ -77,7 +80,7 @@ def _bars(ax, configs, conds, stat_prefix, fmt):
     return tops
 
 
-def plot_phase(configs, phase_key, phase_label, outfile):
+def plot_phase(configs: Mapping[Config, Mapping[str, Any]], phase_key: str, phase_label: str, outfile: str) -> Any:
     """Draw one phase's chart to outfile; return the Figure (for tests and notebooks)."""
     import matplotlib
     matplotlib.use("Agg")
@@ -120,7 +123,7 @@ def plot_phase(configs, phase_key, phase_label, outfile):
     return fig
 
 
-def plot_server_path(costs, title, outfile):
+def plot_server_path(costs: Mapping[Config, Mapping[str, PathCost]], title: str, outfile: str) -> Any:
     """Grouped bars: the ms the server path adds to each condition's TTFT, per config, with 95% CIs."""
     import matplotlib
     matplotlib.use("Agg")
@@ -154,13 +157,15 @@ def plot_server_path(costs, title, outfile):
 SERVER_PATH_CHART = "phase1_vs_phase2.png"
 
 
-def plot_context(configs, fit, phase_label, outfile):
+def plot_context(configs: Mapping[Config, Mapping[str, Any]], fit: Mapping[str, Any] | None, phase_label: str,
+                 outfile: str) -> Any:
     """TTFT against prompt length for hit, miss and cold, with the fitted prefill line."""
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(8, 5.4))
+    errs: list[list[float]]                 # each point's error bar below, above
     for cond in conditions_present(configs):
         xs, ys, errs = [], [], [[], []]
         for data in configs.values():
@@ -204,7 +209,7 @@ FRONT_COLOURS = ("#2a9d8f", "#e76f51", "#264653", "#e9c46a", "#8d99ae", "#f4a261
 LOAD_COLOURS = {"cached": "#2a9d8f", "cold": "#8d99ae"}
 
 
-def hit_rate_series(levels, key="requests"):
+def hit_rate_series(levels: Sequence[Mapping[str, Any]], key: str = "requests") -> tuple[list[float], list[list[float]]] | None:
     """(hit rates in %, their error bars) of the levels' cached condition, by requests or by
     tokens; None where a level has no hit rate (an unaudited run)."""
     rates = [(lv["cached"].get("hit_rate") or {}) for lv in levels]
@@ -222,7 +227,7 @@ def _errors(values, cis):
     return [below, above]
 
 
-def label_load_axes(xlabel, axes, legend_title=None):
+def label_load_axes(xlabel: str, axes: Iterable[tuple[Any, str, str]], legend_title: str | None = None) -> None:
     """Load on a log2 x axis; each (axis, y label, title) labelled, gridded, with its legend."""
     for ax, ylabel, title in axes:
         ax.set_xscale("log", base=2)
@@ -233,7 +238,7 @@ def label_load_axes(xlabel, axes, legend_title=None):
         ax.legend(title=legend_title)
 
 
-def plot_load(data, outfile):
+def plot_load(data: Mapping[str, Any], outfile: str) -> None:
     """TTFT p50 and p99 against load, cached against cold; and the request throughput."""
     import matplotlib
     matplotlib.use("Agg")
@@ -262,7 +267,7 @@ def plot_load(data, outfile):
     plt.close(fig)
 
 
-def plot_working_set(data, outfile):
+def plot_working_set(data: Mapping[str, Any], outfile: str) -> None:
     """Hit rate and TTFT against the working set (documents x their tokens), with the KV capacity."""
     import matplotlib
     matplotlib.use("Agg")
@@ -308,7 +313,7 @@ def plot_working_set(data, outfile):
 TIER_COLOURS = {"hbm": "#264653", "tier": "#e9c46a"}
 
 
-def plot_tier_split(ax_hit, ax_ttft, levels, x):
+def plot_tier_split(ax_hit: Any, ax_ttft: Any, levels: Sequence[Mapping[str, Any]], x: Sequence[float]) -> None:
     """With a second tier: the document tokens found in each, and the p50 TTFT of the requests
     whose prefix came from each (where every level says)."""
     for source, label in (("hbm", "HBM"), ("tier", "the tier")):
@@ -322,7 +327,7 @@ def plot_tier_split(ax_hit, ax_ttft, levels, x):
             ax_ttft.plot(*zip(*points), ":^", color=TIER_COLOURS[source], label=f"hits from {label}, p50")
 
 
-def plot_fleet(fronts, outfile):
+def plot_fleet(fronts: Sequence[tuple[str, Mapping[str, Any]]], outfile: str) -> None:
     """Hit rate and p99 TTFT of the cached condition per front, against load."""
     import matplotlib
     matplotlib.use("Agg")
@@ -351,7 +356,7 @@ def plot_fleet(fronts, outfile):
     plt.close(fig)
 
 
-def load_outputs(path, data, out_dir):
+def load_outputs(path: str, data: Mapping[str, Any], out_dir: str) -> tuple[str, str]:
     """Chart and table of one load or working-set file: (chart path, Markdown heading and table)."""
     stem = os.path.basename(path).rsplit(".json", 1)[0].replace("results_", "")
     chart = os.path.join(out_dir, f"{stem}.png")
@@ -361,11 +366,11 @@ def load_outputs(path, data, out_dir):
     return chart, f"## {stem}: {load_title(data)}\n\n{table}{note}"
 
 
-ANATOMY_COLORS = ("#999999", "#f0a030", "#d04040", "#3070c0")
+ANATOMY_COLORS = ("#999999", "#f0a030", "#d04040", "#8a50b0", "#3070c0")     # one per BREAKDOWN_PARTS entry
 GPU_BUSY_COLOR = "#103070"
 
 
-def plot_anatomy(configs, phase_label, outfile):
+def plot_anatomy(configs: Mapping[Config, Mapping[str, Any]], phase_label: str, outfile: str) -> Any | None:
     """Stacked bars: each config's conditions, their mean TTFT split into the breakdown's parts
     (the prefill step's GPU-busy part darker, where the file has it), the GPU's floor for that
     prefill marked on the bar. Returns the Figure, or None where no file carries the breakdown."""
@@ -379,8 +384,11 @@ def plot_anatomy(configs, phase_label, outfile):
     fig, ax = plt.subplots(figsize=(max(6.0, 0.75 * len(rows) + 2), 5.4))
     x = np.arange(len(rows))
     bottom = np.zeros(len(rows))
+    present = {key for _, _, stats, _, _ in rows for key in stats["ttft_breakdown_mean_ms"]}
     for (key, label), color in zip(BREAKDOWN_PARTS, ANATOMY_COLORS):
-        heights = np.array([stats["ttft_breakdown_mean_ms"][key] for _, _, stats, _, _ in rows])
+        if key not in present:
+            continue
+        heights = np.array([stats["ttft_breakdown_mean_ms"].get(key, 0.0) for _, _, stats, _, _ in rows])
         ax.bar(x, heights, 0.7, bottom=bottom, color=color, label=label)
         bottom += heights
     busy = np.array([split[0] if split else 0.0 for *_, split in rows])

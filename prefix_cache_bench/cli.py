@@ -4,14 +4,18 @@ within a second.
 """
 import argparse
 import os
+from collections.abc import Callable
+from typing import Any, TypeVar
 
 from .defaults import (CONTEXT_SIZE_A, CONTEXT_SIZE_B, MAX_OUTPUT_TOKENS, MIN_BLOCK_SECONDS, NUM_BLOCKS,
                        NUM_TRIALS, OFFLINE_PROG, ONE_PROCESS_MIN_BLOCK_SECONDS, ONE_PROCESS_NUM_BLOCKS,
                        PAUSE_MS, PROCESSES, RESULTS_DIR, WARMUP_TRIALS)
 from .errors import ExperimentError, usage_error
 
+T = TypeVar("T")
 
-def checked(cast, ok, what):
+
+def checked(cast: Callable[[str], T], ok: Callable[[T], bool], what: str) -> Callable[[str], T]:
     """An argparse type: cast the text, check it, or say in one line what was expected."""
     def convert(text):
         try:
@@ -28,9 +32,9 @@ positive_int = checked(int, lambda v: v > 0, "a positive integer")
 non_negative_int = checked(int, lambda v: v >= 0, "an integer >= 0")
 
 
-def size_list(text):
+def size_list(text: str) -> list[tuple[int, int]]:
     """'512x256,1024x256' -> [(512, 256), (1024, 256)]"""
-    sizes = []
+    sizes: list[Any] = []
     for part in text.split(","):
         a, sep, b = part.strip().lower().partition("x")
         try:
@@ -45,10 +49,10 @@ def size_list(text):
     return sizes
 
 
-def experiment_parser():
+def experiment_parser() -> argparse.ArgumentParser:
     """The experiment's own flags. No vLLM import: a bad value exits 2 within a second."""
     parser = argparse.ArgumentParser(prog=OFFLINE_PROG, add_help=False, allow_abbrev=False)
-    parser.error = usage_error
+    parser.error = usage_error      # type: ignore[method-assign]  # one line, not argparse's usage + error
     g = parser.add_argument_group("experiment")
     g.add_argument("--size-a", type=positive_int, help=f"tokens in context A (default {CONTEXT_SIZE_A})")
     g.add_argument("--size-b", type=positive_int, help=f"tokens in context B (default {CONTEXT_SIZE_B})")
@@ -77,7 +81,7 @@ def experiment_parser():
     return parser
 
 
-def number_list(cast, what):
+def number_list(cast: Callable[[str], T], what: str) -> Callable[[str], list[T]]:
     """An argparse type for '1,2,4': each item cast and positive, none twice."""
     def convert(text):
         try:
@@ -92,7 +96,7 @@ def number_list(cast, what):
     return convert
 
 
-def check_model_folder(model):
+def check_model_folder(model: str) -> str:
     """model, unless it names a local folder (a path) that is not there: then one line, exit 1,
     before anything starts."""
     if model.startswith(("/", "./", "../", "~")) and not os.path.isdir(os.path.expanduser(model)):

@@ -3,16 +3,18 @@ its file written beside it: write_results), a load level's pass, a trace replay'
 summary, a capacity curve. Printing only: the figures come computed.
 """
 import sys
+from collections.abc import Mapping, Sequence
+from typing import Any
 
-from .analysis import step_split
+from .analysis import breakdown_columns, step_split
 from .defaults import CONDITIONS, OFFLINE_PHASE, TIER_CONDITION
 from .errors import EXIT_AUDIT
-from .engine_api import BREAKDOWN_PARTS
 from .prometheus import SERVER_TIMES
+from .result_schema import CapacityCurve, PhaseResult, TraceResult
 from .results import results_path, write_result
 
 
-def print_summary(result):
+def print_summary(result: Mapping[str, Any]) -> None:
     """Console summary of one config (step 7)."""
     cfg, audit_ = result["config"], result["cache_audit"]
     print(f"\n=== A={cfg['context_size_a']} B={cfg['context_size_b']}  "
@@ -67,32 +69,34 @@ def print_summary(result):
             print(f"!!!   {p}", file=sys.stderr)
 
 
-def print_breakdown(result):
+def print_breakdown(result: Mapping[str, Any]) -> None:
     """Where each condition's mean TTFT went (engine_api.RequestResult.ttft_breakdown), if known."""
     means = {c: result[c]["stats"].get("ttft_breakdown_mean_ms") for c in result_conditions(result)}
     if None in means.values():
         return
-    splits = {c: step_split(result[c]["stats"], result.get("gpu_busy"), c) for c in means}
+    splits: dict[str, Any] = {c: step_split(result[c]["stats"], result.get("gpu_busy"), c) for c in means}   # or None each
     split_labels = ("step: GPU busy", "step: the rest") if any(splits.values()) else ()
+    columns = breakdown_columns(means.values())
     print("where the TTFT goes (ms, means):  " + " ".join(f"{label:>18}" for label in
-                                                          [label for _, label in BREAKDOWN_PARTS] + list(split_labels)))
+                                                          [label for _, label in columns] + list(split_labels)))
     for c in means:
         split_cells = [f"{ms:>18.2f}" for ms in splits[c]] if splits[c] else [f"{'-':>18}"] * len(split_labels)
-        print(f"  {c:<30} " + " ".join([f"{means[c][key]:>18.2f}" for key, _ in BREAKDOWN_PARTS] + split_cells))
+        cells = [f"{means[c][key]:>18.2f}" if key in means[c] else f"{'-':>18}" for key, _ in columns]
+        print(f"  {c:<30} " + " ".join(cells + split_cells))
     if split_labels:
         print("  (the prefill step split by the GPU-busy time of the profiled requests after the rounds, on the GPU's clock)")
 
 
-def result_conditions(result):
+def result_conditions(result: Mapping[str, Any]) -> list[str]:
     """The conditions one result holds: the design's three, and the tier's where it measured one."""
     return [c for c in (*CONDITIONS, TIER_CONDITION) if c in result]
 
 
-def ci_span(ci):
+def ci_span(ci: Sequence[float | None]) -> str:
     return "[" + ", ".join("-" if v is None else f"{v:.1f}" for v in ci) + "]"
 
 
-def print_level(level, run, capacity_tokens, engines=1):
+def print_level(level: Mapping[str, Any], run: Mapping[str, Any], capacity_tokens: int | None, engines: int = 1) -> None:
     """Console table of one pass of one load level."""
     cache = f"the KV cache of {capacity_tokens}" + (f", {engines} engines together" if engines > 1 else "")
     fits = "" if capacity_tokens is None else \
@@ -133,7 +137,7 @@ def print_level(level, run, capacity_tokens, engines=1):
                   + ("" if api is None else f", the busiest server's API process {api:.0%}"))
 
 
-def print_pass(arm, run):
+def print_pass(arm: str, run: Mapping[str, Any]) -> None:
     s = run["stats"]
     t, lag, share = s.get("ttft_ms") or {}, s["send_lag_ms"], s.get("hit_share") or {}
     line = (f"{arm:<6} {s['num_requests']} requests, {s['failed']} failed: TTFT p50 {t.get('p50', float('nan')):.1f} "
@@ -148,7 +152,7 @@ def print_pass(arm, run):
               f"at most {run['max_in_flight']} in flight", flush=True)
 
 
-def print_trace_summary(result):
+def print_trace_summary(result: TraceResult) -> None:
     arms, bought = result["arms"], result["cache_buys"]
     print(f"\n{'arm':<7} {'passes':>6} {'TTFT p50 ms':>12} {'p90':>8} {'p99':>8} {'req/s':>7} {'hit share':>9} "
           f"{'simulated':>9} {'ideal':>6} {'fidelity':>8}")
@@ -165,7 +169,7 @@ def print_trace_summary(result):
               + f" of the {key.replace('_', ' ')} ({b['saved_ms']:.1f} ms)")
 
 
-def print_curve(result):
+def print_curve(result: CapacityCurve) -> None:
     curve, window = result["curve"], result["window"]
     print(f"{window['requests']} requests ({window['skipped']} skipped, {window['history_requests']} of history "
           f"first), {curve['input_tokens']} input tokens; an infinite cache reuses {curve['ideal_share']:.1%} of them")
@@ -175,7 +179,7 @@ def print_curve(result):
     print(f"simulated in {result['simulation_s']:.1f} s")
 
 
-def write_results(results, results_dir, phase=2, note=None):
+def write_results(results: Sequence[PhaseResult], results_dir: str, phase: int = 2, note: str | None = None) -> int:
     """Steps 7-8: print and write every config's result (results_phase<phase>_a<A>_b<B>.json),
     then the note (stderr), if any; the exit code: EXIT_AUDIT where a config's cache audit
     failed (an unaudited one, ok None, did not fail)."""

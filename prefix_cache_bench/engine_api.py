@@ -10,9 +10,10 @@ from typing import Any, Optional, Protocol
 STREAM_FIELDS = ("ttft_ms", "tpot_ms", "itl_ms", "new_connection")
 
 
-# RequestResult.ttft_breakdown's parts, in the order they stack, with their labels
+# RequestResult.ttft_breakdown's parts, in the order they stack, with their labels. tier_wait_ms
+# only in a request that loaded from a second tier: elsewhere (and in older files) it is absent.
 BREAKDOWN_PARTS = (("outside_engine_ms", "outside the engine"), ("frontend_ipc_ms", "frontend + IPC"),
-                   ("queue_ms", "queue"), ("prefill_step_ms", "prefill step"))
+                   ("queue_ms", "queue"), ("tier_wait_ms", "queue: tier copies"), ("prefill_step_ms", "prefill step"))
 
 
 @dataclasses.dataclass
@@ -40,31 +41,39 @@ class RequestResult:
     tier_load_bytes: Optional[float] = None  # KV bytes the connector copied from the tier into HBM
     tier_load_ms: Optional[float] = None     # and how long its copies took
 
-    def ttft_breakdown(self):
+    def ttft_breakdown(self) -> dict[str, float] | None:
         """Where this request's TTFT went, in ms: parts that add up to client_ttft_ms. None where
         the engine did not report its times.
           outside_engine_ms  TTFT minus the engine's own TTFT: offline, LLM.generate's work around
                              the engine; through a server, the client and HTTP
           frontend_ipc_ms    the engine's TTFT minus queue and prefill step: its frontend (input and
                              output processing) and the IPC to the engine core and back
-          queue_ms           queued to scheduled in the engine core
+          queue_ms           queued to scheduled in the engine core, less tier_wait_ms
+          tier_wait_ms       (a request that loaded KV from a second tier only) the queue time spent
+                             waiting for the tier's copies: the request waits in the queue while
+                             its KV comes in. The connector's copy time where it reports one (at
+                             most the queue time), else the whole queue time
           prefill_step_ms    scheduled to first token: the step's forward pass and its host work"""
-        if None in (self.engine_ttft_ms, self.queue_ms, self.prefill_ms):
+        if self.engine_ttft_ms is None or self.queue_ms is None or self.prefill_ms is None:
             return None
-        return {"outside_engine_ms": self.client_ttft_ms - self.engine_ttft_ms,
-                "frontend_ipc_ms": self.engine_ttft_ms - self.queue_ms - self.prefill_ms,
-                "queue_ms": self.queue_ms, "prefill_step_ms": self.prefill_ms}
+        parts = {"outside_engine_ms": self.client_ttft_ms - self.engine_ttft_ms,
+                 "frontend_ipc_ms": self.engine_ttft_ms - self.queue_ms - self.prefill_ms}
+        if not self.tier_cached_tokens:             # nothing loaded from a second tier
+            return {**parts, "queue_ms": self.queue_ms, "prefill_step_ms": self.prefill_ms}
+        tier_wait_ms = self.queue_ms if self.tier_load_ms is None else min(self.tier_load_ms, self.queue_ms)
+        return {**parts, "queue_ms": self.queue_ms - tier_wait_ms, "tier_wait_ms": tier_wait_ms,
+                "prefill_step_ms": self.prefill_ms}
 
     @property
-    def streamed(self):
+    def streamed(self) -> bool:
         return self.ttft_ms is not None
 
     @property
-    def client_ttft_ms(self):
+    def client_ttft_ms(self) -> float:
         """The TTFT this client saw: a streamed request's first token, else the whole (1-token) request."""
-        return self.ttft_ms if self.streamed else self.wall_ms
+        return self.ttft_ms if self.ttft_ms is not None else self.wall_ms      # ttft_ms is set: streamed
 
-    def as_json(self):
+    def as_json(self) -> dict[str, Any]:
         """The request as the result files record it (a trial's throughput_request): every field
         but wall_ms, which the trial keeps as total_time_ms; the streamed fields where it streamed."""
         record = dataclasses.asdict(self)
@@ -88,9 +97,10 @@ class StreamedResponse:
 class Engine(Protocol):
     """What the trial protocol (protocol.run_configs) needs of an engine."""
     phase: str          # the result's "phase": phase2_python_api (offline) or phase1_server_api
+    model: str          # the result's "model": the model as the engine names it (a server: its served id)
     shared: bool        # may other clients send it requests (a server)? Then each run hits in a cache namespace of its own
 
-    def request(self, prompt_ids, max_tokens, cache_salt=None) -> RequestResult:
+    def request(self, prompt_ids: list[int], max_tokens: int, cache_salt: Optional[str] = None) -> RequestResult:
         """One request, timed; nothing else inside the timed region."""
 
     def reset_prefix_cache(self) -> bool:
@@ -111,7 +121,8 @@ class Engine(Protocol):
     def gpu_busy_unavailable(self) -> Optional[str]:
         """Why this engine cannot time a request's GPU work on the GPU's clock (gpu_busy), or None where it can."""
 
-    def gpu_busy_request(self, prompt_ids, max_tokens, cache_salt=None) -> tuple:
+    def gpu_busy_request(self, prompt_ids: list[int], max_tokens: int,
+                         cache_salt: Optional[str] = None) -> tuple[RequestResult, Optional[dict[str, Any]]]:
         """request() inside a GPU-busy window: (RequestResult, {gpu_busy_ms, gpu_span_ms, device_activities})."""
 
 
@@ -125,7 +136,7 @@ class LoadServer(Protocol):
     route: Optional[list]   # the fleet policy ideal: document k's requests to route[k % N]; None: all to the front
     metrics_urls: list      # the servers whose /metrics count the requests (the front, or the replicas)
 
-    def request(self, prompt_ids, max_tokens, cache_salt=None) -> RequestResult:
+    def request(self, prompt_ids: list[int], max_tokens: int, cache_salt: Optional[str] = None) -> RequestResult:
         """One streamed request to the front, timed (the counters' flush, the warmups one at a time)."""
 
     def tier(self) -> Optional[dict]:

@@ -6,6 +6,7 @@ import os
 import sys
 import threading
 import time
+from collections.abc import Callable
 
 from .defaults import OFFLINE_PROG
 from .errors import ERROR_LINE, EXIT_SETUP
@@ -16,17 +17,17 @@ from .errors import ERROR_LINE, EXIT_SETUP
 ENGINE_DEATH_GRACE_S = 15
 
 
-_original_fds = {}                          # fd -> a copy of where it went before relay_output
+_original_fds: dict[int, int] = {}          # fd -> a copy of where it went before relay_output
 
 
-_relays = []
+_relays: list = []
 
 
-def relay_output():
+def relay_output() -> list[str]:
     """Route fds 1 and 2, which every vLLM process inherits, through pipes: everything is
     passed on as it comes, and the first error line any vLLM process prints is kept (returned
     list) to name the cause if the engine dies. restore_output() undoes it."""
-    first_error = []
+    first_error: list[str] = []
     for fd in (1, 2):
         _original_fds[fd] = os.dup(fd)
         read_end, write_end = os.pipe()
@@ -52,7 +53,7 @@ def _relay(read_end, original, first_error):
                 first_error.append(line.decode(errors="replace").strip())
 
 
-def restore_output():
+def restore_output() -> None:
     """Point fds 1 and 2 back at where they went before relay_output: our last lines must
     not wait in a pipe when the process exits."""
     sys.stdout.flush()
@@ -63,7 +64,7 @@ def restore_output():
         relay.join(timeout=1)
 
 
-def watch_engine(first_error):
+def watch_engine(first_error: list[str]) -> Callable[[], None]:
     """Check every second that vLLM's processes (VLLM::EngineCore, VLLM::Worker...) are alive.
     If one dies and the run has not ended ENGINE_DEATH_GRACE_S later, end it: kill what is
     left of the engine and exit 1 with one line. Returns the function that stops the watch."""

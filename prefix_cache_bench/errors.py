@@ -1,11 +1,15 @@
 """How a run ends: the exit codes, the one-line error, and Ctrl-C/SIGTERM as an exception that
 no `except Exception` inside vLLM can swallow. Imports nothing of the package.
 """
+from __future__ import annotations
+
 import _thread
 import re
 import signal
 import sys
 import threading
+from types import FrameType
+from typing import NoReturn
 
 
 EXIT_SETUP, EXIT_USAGE, EXIT_AUDIT = 1, 2, 3
@@ -14,7 +18,7 @@ EXIT_SETUP, EXIT_USAGE, EXIT_AUDIT = 1, 2, 3
 class ExperimentError(Exception):
     """Ends the run with one line on stderr and this exit code (1 set-up, 2 usage, 130/143 signal)."""
 
-    def __init__(self, message, exit_code=EXIT_SETUP):
+    def __init__(self, message: str, exit_code: int = EXIT_SETUP):
         super().__init__(message)
         self.exit_code = exit_code
 
@@ -22,27 +26,27 @@ class ExperimentError(Exception):
 class Interrupted(KeyboardInterrupt):
     """SIGINT/SIGTERM. A KeyboardInterrupt, so no `except Exception` inside vLLM can swallow it."""
 
-    def __init__(self, signum):
+    def __init__(self, signum: int):
         super().__init__(f"interrupted ({signal.Signals(signum).name}): no partial results written")
         self.exit_code = 128 + signum
 
 
-def first_line(error):
+def first_line(error: object) -> str:
     text = str(error).strip()
     return text.splitlines()[0] if text else type(error).__name__
 
 
-def usage_error(message):
+def usage_error(message: str) -> NoReturn:
     """argparse prints usage + error; a benchmark user wants the one line that matters."""
     raise ExperimentError(message, EXIT_USAGE)
 
 
-_received = []                  # the signal stop_on_signal took, if any
+_received: list[int] = []       # the signal stop_on_signal took, if any
 _raised = [0]                   # how many Interrupted the main thread has raised
 REDELIVER_AFTER_S = 0.01        # a swallowed signal's second delivery, after the hook has returned
 
 
-def stop_on_signal(signum, frame):
+def stop_on_signal(signum: int, frame: FrameType | None) -> NoReturn:
     # once: a second signal (a terminal's Ctrl-C reaches every process of the group, and
     # --processes passes it on too) must not break off the engine's shutdown
     signal.signal(signal.SIGINT, signal.SIG_IGN)
@@ -52,13 +56,13 @@ def stop_on_signal(signum, frame):
     raise_interrupted()
 
 
-def raise_interrupted():
+def raise_interrupted() -> NoReturn:
     """Raise the Interrupted of the signal taken, counted: a redelivery checks the count."""
     _raised[0] += 1
     raise Interrupted(_received[0])
 
 
-def stop_on_signals():
+def stop_on_signals() -> None:
     """SIGINT and SIGTERM end the run as Interrupted (a script's main thread, before its work).
     A signal handler raises where the main thread happens to be; where that is a weakref
     callback or a destructor (an aiohttp request's, the garbage collector's), Python prints
@@ -70,7 +74,7 @@ def stop_on_signals():
     sys.unraisablehook = redeliver_interruption
 
 
-def redeliver_interruption(unraisable):
+def redeliver_interruption(unraisable: sys.UnraisableHookArgs) -> None:
     """sys.unraisablehook: an Interrupted that a callback or destructor swallowed is delivered
     again to the main thread as the same signal, and raised there unless the main thread has
     raised an Interrupted of its own in between; anything else is printed as Python does."""
@@ -90,14 +94,14 @@ def redeliver_interruption(unraisable):
     threading.Timer(REDELIVER_AFTER_S, _thread.interrupt_main, args=(_received[0],)).start()
 
 
-def raise_if_interrupted():
+def raise_if_interrupted() -> None:
     """Raise the Interrupted of a signal already taken: for loops that start requests, so that
     one a library's `except BaseException` swallowed still ends the run at the next request."""
     if _received:
         raise_interrupted()
 
 
-def interruption():
+def interruption() -> Interrupted | None:
     """The Interrupted of a signal already taken, or None. Code that cleans up in a `finally` can
     raise an error of its own while our Interrupted passes through (vLLM 0.32's tokenizer pool
     then raises UnboundLocalError), so a failure after a signal is told as the signal."""

@@ -9,6 +9,8 @@ import os
 import shutil
 import subprocess
 import time
+from collections.abc import Sequence
+from typing import Any
 
 # The workload: integer arithmetic and dict updates, as a scheduler's bookkeeping does. Fixed,
 # so that its time is comparable across machines and runs (21.8 ms on the 2-core AMD EPYC test machine, idle).
@@ -16,12 +18,12 @@ HOST_LOOP_ITERATIONS = 200_000
 HOST_LOOP_REPEATS = 7
 
 
-def python_loop_ms(iterations=HOST_LOOP_ITERATIONS, repeats=HOST_LOOP_REPEATS):
+def python_loop_ms(iterations: int = HOST_LOOP_ITERATIONS, repeats: int = HOST_LOOP_REPEATS) -> float:
     """The fixed workload's best time of `repeats`, in ms. The best, not the mean: it is the
     host's speed with the least interference from whatever else ran at that moment."""
     best_s = float("inf")
     for _ in range(repeats):
-        counts = {}
+        counts: dict[int, int] = {}
         start = time.perf_counter()
         for i in range(iterations):
             key = i & 1023
@@ -30,7 +32,7 @@ def python_loop_ms(iterations=HOST_LOOP_ITERATIONS, repeats=HOST_LOOP_REPEATS):
     return best_s * 1e3
 
 
-def cpu_model():
+def cpu_model() -> str | None:
     """The CPU's model name from /proc/cpuinfo, or None where there is none."""
     try:
         with open("/proc/cpuinfo") as f:
@@ -39,7 +41,7 @@ def cpu_model():
         return None
 
 
-def nvidia_smi(fields, keys):
+def nvidia_smi(fields: Sequence[str], keys: Sequence[str]) -> list[dict[str, str]] | None:
     """[{key: value} per GPU] of an nvidia-smi query; None where there is no nvidia-smi, or it
     fails (a field this driver does not know fails the whole query)."""
     if not shutil.which("nvidia-smi"):
@@ -52,7 +54,7 @@ def nvidia_smi(fields, keys):
     return [dict(zip(keys, (value.strip() for value in line.split(",")))) for line in out.strip().splitlines()]
 
 
-def gpu_clocks():
+def gpu_clocks() -> list[dict[str, str]] | None:
     """Each GPU's name, driver and clocks (MHz, now and at most), and its host link (PCIe
     generation and width, now and at most: what bounds a copy from a host-memory tier; an idle
     GPU may show a lower generation now), as nvidia-smi reports them; None where it cannot."""
@@ -66,7 +68,7 @@ def gpu_clocks():
     return gpus
 
 
-def machine_info():
+def machine_info() -> dict[str, Any]:
     """What a result records of its machine: the CPU, the cores this process may use, the
     host-speed figure, and the GPUs' driver and clocks where readable."""
     return {

@@ -1,21 +1,29 @@
 """The HTTP client: streamed /v1/completions on kept-alive connections (aiohttp, as vLLM's own
 benchmark client), the TTFT clock in the client, and every network failure as one line.
 """
+from __future__ import annotations
 import asyncio
 import json
 import time
+from collections.abc import Coroutine, Iterable
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from .engine_api import StreamedResponse
 from .errors import ExperimentError, first_line, raise_if_interrupted
 
+if TYPE_CHECKING:
+    import aiohttp
+
 CLOSE_WAIT_S = 5.0              # how long close() waits for the requests it cancelled
+
+T = TypeVar("T")
 
 
 class HttpClient:
     """Streams requests to one server over one keep-alive connection (aiohttp, as vLLM's own
     benchmark client). Every failure becomes an ExperimentError of one line."""
 
-    def __init__(self, base_url, request_timeout_s):
+    def __init__(self, base_url: str, request_timeout_s: float):
         import aiohttp
 
         self.base_url = base_url.rstrip("/")
@@ -23,7 +31,7 @@ class HttpClient:
         self.loop.set_exception_handler(quiet_on_interrupt)
         self.connections_opened = 0
         self.load_connections = 0
-        self.load_sessions = []         # every load_session(): close() closes what a signal left open
+        self.load_sessions: list[aiohttp.ClientSession] = []     # every load_session(): close() closes what a signal left open
         trace = aiohttp.TraceConfig()
         trace.on_connection_create_end.append(self._count_connection)
 
@@ -40,7 +48,7 @@ class HttpClient:
     async def _count_load_connection(self, session, context, params):
         self.load_connections += 1
 
-    def load_session(self):
+    def load_session(self) -> aiohttp.ClientSession:
         """A session of as many connections as a load level opens (counted in load_connections).
         Made inside the loop, as aiohttp wants."""
         import aiohttp
@@ -58,7 +66,7 @@ class HttpClient:
     def __exit__(self, *exc):
         self.close()
 
-    def close(self):
+    def close(self) -> None:
         """Close the connections and the loop; a request a signal broke off is cancelled first,
         and a session its cancelled task did not get to close is closed here."""
         pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
@@ -74,7 +82,7 @@ class HttpClient:
             self.loop.run_until_complete(close_all())
         self.loop.close()
 
-    def run(self, what, coroutine):
+    def run(self, what: str, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run one request to completion; network failures end the run with one line."""
         import aiohttp
         try:
@@ -99,7 +107,7 @@ class HttpClient:
             raise ExperimentError(f"{self.base_url} answered {what} with HTTP {response.status}: "
                                   f"{first_line(message or response.reason)}")
 
-    def ensure_connection(self):
+    def ensure_connection(self) -> None:
         """An untimed GET /health on the kept connection; if that fails (the server closed the
         connection meanwhile), once more on a fresh one, whose failure is the run's one line."""
         try:
@@ -113,41 +121,42 @@ class HttpClient:
         async with self.session.get(self.base_url + "/health") as response:
             await response.read()
 
-    async def get_async(self, path, session=None):
+    async def get_async(self, path: str, session: aiohttp.ClientSession | None = None) -> str:
         """GET path's text (a path on this server, or a whole URL), on the kept connection or on session's."""
         async with (session or self.session).get(path if path.startswith("http") else self.base_url + path) as response:
             await self._check(response, f"GET {path}")
             return await response.text()
 
-    def get_url(self, url):
+    def get_url(self, url: str) -> str:
         """The text of a GET to a whole URL (another server's /metrics)."""
         return self.run(f"GET {url}", self.get_async(url))
 
-    def get(self, path, as_json=True):
+    def get(self, path: str, as_json: bool = True) -> Any:
         async def get():
             async with self.session.get(self.base_url + path) as response:
                 await self._check(response, f"GET {path}")
                 return await (response.json() if as_json else response.text())
         return self.run(f"GET {path}", get())
 
-    def post(self, path, body):
+    def post(self, path: str, body: dict[str, Any]) -> Any:
         async def post():
             async with self.session.post(self.base_url + path, json=body) as response:
                 await self._check(response, f"POST {path}")
                 return await response.json()
         return self.run(f"POST {path}", post())
 
-    def stream(self, body):
+    def stream(self, body: dict[str, Any]) -> StreamedResponse:
         """POST /v1/completions with stream on: its StreamedResponse (the send time, the arrival
         of each chunk that carries a token, the last chunk's usage, the end; perf_counter s).
         Nothing but the request and reading its chunks is inside the timed region."""
         data = json.dumps(body).encode()        # serialised before the clock starts: the client's cost, not the server's
         return self.run("a completion request", self.stream_on(self.session, data))
 
-    async def stream_on(self, session, data, base_url=None):
+    async def stream_on(self, session: aiohttp.ClientSession, data: bytes, base_url: str | None = None) -> StreamedResponse:
         """stream() of a serialised body on session's connections (to base_url, default this
         client's server); raises what stream() turns into one line."""
         raise_if_interrupted()
+        token_times: list[float]
         token_times, usage = [], None
         sent = time.perf_counter()
         async with session.post((base_url or self.base_url) + "/v1/completions", data=data,
@@ -158,7 +167,8 @@ class HttpClient:
         return StreamedResponse(sent, token_times, usage, time.perf_counter())
 
 
-def take_chunks(lines, arrived_s, base_url, token_times, usage):
+def take_chunks(lines: Iterable[bytes], arrived_s: float, base_url: str, token_times: list[float],
+                usage: dict[str, Any] | None) -> dict[str, Any] | None:
     """Fold the lines of a streamed completion that arrived at arrived_s into token_times (one
     entry per chunk that carries a token); returns the last usage seen, else usage."""
     for line in lines:
@@ -171,7 +181,7 @@ def take_chunks(lines, arrived_s, base_url, token_times, usage):
     return usage
 
 
-def completion_chunk(line, base_url):
+def completion_chunk(line: bytes, base_url: str) -> dict[str, Any] | None:
     """One line of a streamed completion: its chunk (parsed JSON), or None for a line that
     holds none (not `data:`, or `data: [DONE]`). A chunk that reports an error (vLLM reports a
     failure mid-stream with HTTP 200) raises ExperimentError."""
@@ -185,7 +195,7 @@ def completion_chunk(line, base_url):
     return chunk
 
 
-def quiet_on_interrupt(loop, context):
+def quiet_on_interrupt(loop: asyncio.AbstractEventLoop, context: dict[str, Any]) -> None:
     """The loop's exception handler: a task that a signal broke off (Interrupted, a
     KeyboardInterrupt) is reported as the run's one line, not again as a stray traceback when
     the task is collected; anything else as asyncio would."""
@@ -193,7 +203,7 @@ def quiet_on_interrupt(loop, context):
         loop.default_exception_handler(context)
 
 
-def no_usage(server_url):
+def no_usage(server_url: str) -> ExperimentError:
     """The error of a server whose stream ended without the usage chunk the audit reads."""
     return ExperimentError(f"{server_url} sent no usage in its last chunk: it does not honour "
                            f"stream_options.include_usage")

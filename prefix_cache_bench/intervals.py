@@ -7,22 +7,28 @@ paired BCa bootstrap held the true saving only 83-93% of the time, Fieller's int
 (tests/test_stats.py checks this).
 """
 
+from collections.abc import Sequence
+from typing import TypeAlias, TypeVar
+
 import numpy as np
 
 from .defaults import LOAD_BATCHES
 
+Values: TypeAlias = Sequence[float] | np.ndarray     # a sample: a list of numbers, or a numpy array of them
+Ratio = TypeVar("Ratio", float, np.ndarray)          # a ratio, or an array of ratios
 
-def saving_pct(hit_to_cold):
+
+def saving_pct(hit_to_cold: Ratio) -> Ratio:
     """How much of the cold TTFT a hit saves, from the ratio mean(hit) / mean(cold)."""
     return (1 - hit_to_cold) * 100
 
 
-def degradation_pct(miss_to_hit):
+def degradation_pct(miss_to_hit: Ratio) -> Ratio:
     """The design's ttft_degradation_pct, (miss - hit) / hit x 100, from mean(miss) / mean(hit)."""
     return (miss_to_hit - 1) * 100
 
 
-def ratio_ci95(numerator, denominator, paired):
+def ratio_ci95(numerator: Values, denominator: Values, paired: bool) -> tuple[float, list[float]]:
     """mean(numerator) / mean(denominator) and its 95% Fieller interval.
 
     paired: the i-th values belong together (the same round), and their covariance, the
@@ -45,7 +51,7 @@ def ratio_ci95(numerator, denominator, paired):
     return ratio, [(b - root ** 0.5) / a, (b + root ** 0.5) / a]
 
 
-def mean_ci95(values):
+def mean_ci95(values: Values) -> list[float]:
     """Student's t interval of the mean."""
     from scipy import stats
     values = np.asarray(values, dtype=float)
@@ -55,14 +61,14 @@ def mean_ci95(values):
     return [float(low), float(high)]
 
 
-def agree(estimate_1, ci_1, estimate_2, ci_2):
+def agree(estimate_1: float, ci_1: Sequence[float], estimate_2: float, ci_2: Sequence[float]) -> bool:
     """Do two estimates agree within their combined uncertainty? |e1 - e2| <= sqrt(h1^2 + h2^2),
     each h the half-width of that interval on the side facing the other estimate."""
     (high, high_ci), (low, low_ci) = sorted([(estimate_1, ci_1), (estimate_2, ci_2)], key=lambda e: -e[0])
     return bool(high - low <= ((high - high_ci[0]) ** 2 + (low_ci[1] - low) ** 2) ** 0.5)
 
 
-def quantile_ci95(values, q):
+def quantile_ci95(values: Values, q: float) -> list[float | None]:
     """Distribution-free 95% interval of the q-quantile: the order statistics whose ranks a
     binomial(n, q) count falls between with at least 95% probability. A bound the sample is too
     small for is None (the 99th percentile of 50 requests has no upper bound)."""
@@ -77,7 +83,7 @@ def quantile_ci95(values, q):
             float(x[high_rank - 1]) if high_rank <= n else None]
 
 
-def batch_means_ci95(values, num_batches=LOAD_BATCHES):
+def batch_means_ci95(values: Values, num_batches: int = LOAD_BATCHES) -> list[float] | list[None]:
     """95% t-interval of a mean from the means of consecutive batches: requests sent close in
     time share the server's state, so single requests are not independent, batches nearly are."""
     values = np.asarray(values, dtype=float)
@@ -87,7 +93,7 @@ def batch_means_ci95(values, num_batches=LOAD_BATCHES):
     return mean_ci95([batch.mean() for batch in np.array_split(values, k)])
 
 
-def throughput_ci95(start_times_s, end_times_s, num_batches=LOAD_BATCHES):
+def throughput_ci95(start_times_s: Values, end_times_s: Values, num_batches: int = LOAD_BATCHES) -> list[float] | list[None]:
     """95% t-interval of completions per second, over equal time slices of the span from the
     first send to the last completion: the span the throughput itself is taken over, so the
     slices' mean rate is that throughput."""

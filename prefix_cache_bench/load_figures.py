@@ -2,13 +2,16 @@
 throughput, goodput, hit rates, by cache state and by where the prefix came from), and one
 condition's over its passes. Statistics only: nothing here sends a request.
 """
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 from .intervals import batch_means_ci95, mean_ci95, quantile_ci95, throughput_ci95
 from .prometheus import LOAD_COUNTERS, SERVER_TIMES, server_times
 
 
-def cache_source(request):
+def cache_source(request: Mapping[str, Any]) -> str | None:
     """Where a request's prefix came from: "tier" if any of it came from the second tier, "hbm"
     if it was found in HBM alone, "computed" if nothing was cached; None where unknown."""
     hbm, tier = request.get("hbm_cached_tokens"), request.get("tier_cached_tokens")
@@ -17,13 +20,13 @@ def cache_source(request):
     return "tier" if tier else "hbm" if hbm else "computed"
 
 
-def condition_stats(requests, slo_ttft_ms):
+def condition_stats(requests: Sequence[Mapping[str, Any]], slo_ttft_ms: float | None) -> dict[str, Any]:
     """Figures of one condition at one load level, each with its interval or spread."""
     done = [r for r in requests if r["error"] is None]
     ttft = [r["ttft_ms"] for r in sorted(done, key=lambda r: r["start_s"])]
     tpot = [r["tpot_ms"] for r in done if r["tpot_ms"] is not None]
     span_s = (max(r["end_s"] for r in done) - min(r["start_s"] for r in done)) if done else 0.0
-    stats = {"num_requests": len(requests), "failed": len(requests) - len(done), "duration_s": span_s}
+    stats: dict[str, Any] = {"num_requests": len(requests), "failed": len(requests) - len(done), "duration_s": span_s}
     if not done:
         return stats
     for name, values in (("ttft_ms", ttft), ("tpot_ms", tpot)):
@@ -54,7 +57,7 @@ def condition_stats(requests, slo_ttft_ms):
     return stats
 
 
-def ttft_by(requests, key, values):
+def ttft_by(requests: Sequence[Mapping[str, Any]], key: str, values: Iterable[str]) -> dict[str, dict[str, float]]:
     """{value: requests, TTFT mean, p50 and p99} of the requests grouped by request[key]."""
     groups = {}
     for value in values:
@@ -72,7 +75,7 @@ SUMMARY_FIGURES = (("ttft_ms", "mean"), ("ttft_ms", "p50"), ("ttft_ms", "p90"), 
                    (None, "client_cpu_busy"))
 
 
-def summarize_runs(runs):
+def summarize_runs(runs: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One condition's figures over its passes. With two or more, each figure is the mean of
     the passes' values and its interval a t-interval over them (each pass one value, as
     pyperf takes processes): it holds what differs from one pass to the next, such as the
@@ -81,16 +84,16 @@ def summarize_runs(runs):
     if len(runs) == 1:
         one = {key: value for key, value in runs[0].items() if key not in ("requests", "problems", "server_error")}
         return {**one, "interval": "one pass: percentiles by order statistics, means and throughput by batch means"}
-    summary = {"num_requests": sum(r["num_requests"] for r in runs), "failed": sum(r["failed"] for r in runs),
-               "passes": len(runs),
-               "interval": f"over {len(runs)} passes: the passes' mean and a t-interval over their values"}
+    summary: dict[str, Any] = {"num_requests": sum(r["num_requests"] for r in runs), "failed": sum(r["failed"] for r in runs),
+                               "passes": len(runs),
+                               "interval": f"over {len(runs)} passes: the passes' mean and a t-interval over their values"}
     for group, key in SUMMARY_FIGURES:
         values = [(r.get(group) or {}).get(key) if group else r.get(key) for r in runs]
         if any(v is None for v in values):
             continue
         holder = summary.setdefault(group, {}) if group else summary
         holder.update({key: float(np.mean(values)), f"{key}_ci95": mean_ci95(values), f"{key}_per_pass": values})
-    servers = [r.get("server") or {} for r in runs]
+    servers: list[Any] = [r.get("server") or {} for r in runs]
     histograms = [key for key in LOAD_COUNTERS if key.endswith(("_sum_s", "_count"))]
     totals = {key: sum(s[key] for s in servers) if all(s.get(key) is not None for s in servers) else None
               for key in ("requests", "prefix_cache_hits", "prefix_cache_queries", "external_prefix_cache_hits",

@@ -8,6 +8,8 @@ import datetime
 import sys
 import time
 import uuid
+from collections.abc import Awaitable, Callable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any, cast
 
 
 from .audit import counter_growth, counter_problems, load_problems, wait_for_counters
@@ -23,12 +25,20 @@ from .prometheus import (API_SERVER_CPU, LOAD_METRICS, busy_shares,
                          source_totals, total_counters)
 from .console import print_level
 from .protocol import flush_engine_stats
+from .result_schema import LoadLevel, LoadResult, build_load_result, build_request_audit
 from .results import load_results_path, write_result
-from .engine_api import LoadServer
+from .engine_api import LoadServer, StreamedResponse
 from .settings import Phase1Settings
 
+if TYPE_CHECKING:
+    import aiohttp
 
-async def api_server_cpu_s(client, urls, session):
+    from .http_client import HttpClient
+    from .result_schema import TraceResult
+
+
+async def api_server_cpu_s(client: HttpClient, urls: Sequence[str],
+                           session: aiohttp.ClientSession) -> dict[str, float | None]:
     """{url: CPU seconds each server's API server process has used; None where it does not
     report them or did not answer}."""
     texts = await asyncio.gather(*[client.get_async(url + "/metrics", session) for url in urls], return_exceptions=True)
@@ -36,12 +46,12 @@ async def api_server_cpu_s(client, urls, session):
             for url, text in zip(urls, texts)}
 
 
-def replica_load_counters(engine):
+def replica_load_counters(engine: LoadServer) -> dict[str, dict[str, float | None]]:
     """{engine name: load_counters} of every engine behind the front."""
     return {name: load_counters(metrics) for name, metrics in engine.replica_metrics()}
 
 
-def prompt_tokens_growth(before, after):
+def prompt_tokens_growth(before: Mapping[str, Mapping[str, Any]], after: Mapping[str, Mapping[str, Any]]) -> float | None:
     """Prompt tokens the engines behind the front counted since before, together; None where
     none of them says."""
     grown = [after[name]["prompt_tokens"] - before[name]["prompt_tokens"] for name in after
@@ -50,7 +60,8 @@ def prompt_tokens_growth(before, after):
     return sum(grown) if grown else None
 
 
-async def sample_gauges(client, urls, samples, stop):
+async def sample_gauges(client: HttpClient, urls: Sequence[str], samples: list[dict[str, float | None]],
+                        stop: asyncio.Event) -> None:
     """KV-cache usage (the fullest engine's) and queue lengths (all engines') from every
     server's /metrics, every METRICS_POLL_S until stop is set."""
     while not stop.is_set():
@@ -68,17 +79,19 @@ async def sample_gauges(client, urls, samples, stop):
             pass
 
 
-def tracks_sources(engine, level):
+def tracks_sources(engine: LoadServer, level: Mapping[str, Any]) -> bool:
     """Can each request's sources (HBM, the tier, computed) be told apart? Only where the server
     has a tier, one client sends one request at a time, and one /metrics counts them all."""
     return bool(engine.audited and engine.tier() and level["concurrency"] == 1 and not engine.route
                 and engine.metrics_urls == [engine.client.base_url])
 
 
-def source_tracker(client, session, start, wait_s=2.0):
+def source_tracker(client: HttpClient, session: aiohttp.ClientSession, start: dict[str, float], wait_s: float = 2.0
+                   ) -> tuple[Callable[[int, StreamedResponse], Awaitable[None]], dict[int, dict[str, float]]]:
     """send_all's after_each for a closed loop of one client: after each request, /metrics'
     prompt tokens by source, read until they have grown by that request's prompt (the server
     counts a request as it ends). Returns (after_each, {request index: its sources})."""
+    sources: dict[int, dict[str, float]]
     sources, state = {}, {"last": start}
 
     async def after_each(k, record):
@@ -94,7 +107,8 @@ def source_tracker(client, session, start, wait_s=2.0):
     return after_each, sources
 
 
-def warm_documents(engine, workload, docs, namespace, concurrency):
+def warm_documents(engine: LoadServer, workload: LoadWorkload, docs: Sequence[int], namespace: str,
+                   concurrency: int) -> list[int | None]:
     """Each document sent once, untimed, in the cached condition's namespace: one at a time, or
     `concurrency` at a time as first requests that arrive together would (behind a router, where
     a document lands can depend on which others are in flight). Returns each one's cached
@@ -123,15 +137,20 @@ def warm_documents(engine, workload, docs, namespace, concurrency):
     return found
 
 
-def run_condition(engine, workload, documents, condition, namespace, level, settings, seed):
+def run_condition(engine: LoadServer, workload: LoadWorkload, documents: Sequence[int], condition: str, namespace: str,
+                  level: Mapping[str, Any], settings: Phase1Settings, seed: int) -> dict[str, Any]:
     """One condition at one load level: the cached one warms its documents first (untimed,
     --warmup-concurrency at a time). Returns the condition's result with every request's record."""
+    if settings.load is None:
+        raise ValueError("run_condition needs settings with a load (Phase1Settings.load)")
     client = engine.client
     prompts = workload.requests(documents, condition, namespace)
     docs = sorted(set(documents))
     warms = (warm_documents(engine, workload, docs, namespace, settings.load.warmup_concurrency)
              if condition == "cached" else [])
     before = replica_load_counters(engine)
+    samples: list[dict[str, float | None]]
+    sources: dict[int, dict[str, float]] | None
     samples, records, sources = [], None, None
     track = tracks_sources(engine, level)
 
@@ -210,13 +229,16 @@ def run_condition(engine, workload, documents, condition, namespace, level, sett
             "problems": problems, "requests": requests}
 
 
-def run_level_once(engine, workload, level, i, rep, settings, namespace):
+def run_level_once(engine: LoadServer, workload: LoadWorkload, level: Mapping[str, Any], i: int, rep: int,
+                   settings: Phase1Settings, namespace: str) -> tuple[dict[str, Any], str | None]:
     """Both conditions (a working-set sweep's later levels: cached alone) at one level, once.
     Returns (the pass's record, the one line that ends the sweep or None)."""
+    if settings.load is None:
+        raise ValueError("run_level_once needs settings with a load (Phase1Settings.load)")
     documents = workload.draws(level["num_prefixes"], level["num_requests"])
     # cached and cold alternate in which goes first, so that neither always follows the other
     order = ["cached"] if settings.load.working_set and i else (["cached", "cold"] if (i + rep) % 2 == 0 else ["cold", "cached"])
-    run = {"repeat": rep, "order": order}
+    run: dict[str, Any] = {"repeat": rep, "order": order}
     for condition in order:
         try:
             run[condition] = run_condition(engine, workload, documents, condition, namespace, level, settings,
@@ -234,7 +256,7 @@ def run_level_once(engine, workload, level, i, rep, settings, namespace):
     return run, None
 
 
-def run_load(engine: LoadServer, tokenizer, settings: Phase1Settings, env: dict, unaudited: str | None) -> dict:
+def run_load(engine: LoadServer, tokenizer: Any, settings: Phase1Settings, env: dict, unaudited: str | None) -> LoadResult:
     """Every level of the sweep, --repeats times, cached against cold at the same load (a
     working-set sweep measures cold at its first level only: nothing is cached there, so P
     does not matter). Each pass of a level warms its documents in a cache namespace of its own.
@@ -246,6 +268,8 @@ def run_load(engine: LoadServer, tokenizer, settings: Phase1Settings, env: dict,
     capacity_per_engine = engine.replica_capacities()
     run_id = uuid.uuid4().hex[:12]
     load = settings.load
+    if load is None:
+        raise ValueError("run_load needs settings with a load (Phase1Settings.load)")
     workload = LoadWorkload(tokenizer, load.document_tokens, max(load.num_prefixes), load.prefix_skew, block,
                             settings.run.seed, run_id)
     levels = [{**level, "working_set_tokens": level["num_prefixes"] * workload.full_tokens,
@@ -277,30 +301,29 @@ def run_load(engine: LoadServer, tokenizer, settings: Phase1Settings, env: dict,
                 for r in run[c]["requests"]]
     problems = [p for level in levels for run in level["runs"] for c in ("cached", "cold") if c in run
                 for p in run[c]["problems"]]
-    return {
-        "phase": SERVER_PHASE,
-        "experiment": "working_set" if load.working_set else "load",
-        "model": engine.model,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"document_tokens": load.document_tokens, "document_prompt_tokens": len(workload.documents[0]),
-                   "document_cached_tokens": workload.full_tokens, "query_tokens": QUERY_TOKENS,
-                   "max_output_tokens": settings.run.max_output_tokens, "num_requests": load.num_requests,
-                   "repeats": load.repeats, "num_prefixes": list(load.num_prefixes), "prefix_skew": load.prefix_skew,
-                   "warmup_concurrency": load.warmup_concurrency,
-                   "load": "request_rate" if load.request_rate else "concurrency",
-                   "slo_ttft_ms": load.slo_ttft_ms, "seed": settings.run.seed},
-        "kv_capacity_tokens": capacity_tokens,
-        "kv_capacity_tokens_per_engine": capacity_per_engine,
-        "levels": levels,
-        "complete": failure is None,
-        "failure": failure,
-        "cache_audit": {"ok": None if unaudited else not problems, "problems": problems,
-                        "requests_checked": len(requests), **({"unaudited": unaudited} if unaudited else {})},
-        "environment": {**env, "tier": tier},
-    }
+    return build_load_result(
+        phase=SERVER_PHASE,
+        experiment="working_set" if load.working_set else "load",
+        model=engine.model,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config={"document_tokens": load.document_tokens, "document_prompt_tokens": len(workload.documents[0]),
+                "document_cached_tokens": workload.full_tokens, "query_tokens": QUERY_TOKENS,
+                "max_output_tokens": settings.run.max_output_tokens, "num_requests": load.num_requests,
+                "repeats": load.repeats, "num_prefixes": list(load.num_prefixes), "prefix_skew": load.prefix_skew,
+                "warmup_concurrency": load.warmup_concurrency,
+                "load": "request_rate" if load.request_rate else "concurrency",
+                "slo_ttft_ms": load.slo_ttft_ms, "seed": settings.run.seed},
+        kv_capacity_tokens=capacity_tokens,
+        kv_capacity_tokens_per_engine=capacity_per_engine,
+        levels=cast(list[LoadLevel], levels),
+        complete=failure is None,
+        failure=failure,
+        cache_audit=build_request_audit(problems, len(requests), unaudited),
+        environment={**env, "tier": tier},
+    )
 
 
-def failure_exit(result, path, kept, most_problems=None):
+def failure_exit(result: LoadResult | TraceResult, path: str, kept: str, most_problems: int | None = None) -> int:
     """Print a written run's audit problems and failure; its exit code (1 a failure, 3 a failed
     audit), or 0. kept: what of the run the file holds after a failure ("levels", "passes")."""
     for problem in result["cache_audit"]["problems"][:most_problems]:
@@ -314,7 +337,7 @@ def failure_exit(result, path, kept, most_problems=None):
     return 0
 
 
-def finish_load(result: dict, results_dir: str) -> int:
+def finish_load(result: LoadResult, results_dir: str) -> int:
     """Write a load run's JSON (also a sweep that requests' failures ended early: what was
     measured is kept) and say how it ended. Returns the exit code."""
     path = load_results_path(results_dir, result)

@@ -2,6 +2,8 @@
 level. No vLLM, no torch.
 """
 import os
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
 
 from .intervals import agree
 from .results import FLEET_RE, discover_load_results
@@ -13,7 +15,7 @@ LOAD_FIGURES = (("TTFT p50 ms", "ttft_ms", "p50"), ("TTFT p99 ms", "ttft_ms", "p
                 ("hit rate", "hit_rate", "requests"))
 
 
-def level_key(level, working_set):
+def level_key(level: Mapping[str, Any], working_set: bool) -> str:
     """A load level's name in a comparison: its load, or P in a working-set sweep."""
     if working_set:
         return f"P={level['num_prefixes']}"
@@ -21,7 +23,7 @@ def level_key(level, working_set):
     return f"{value:g}"
 
 
-def load_figure(stats, group, key):
+def load_figure(stats: Mapping[str, Any], group: str | None, key: str) -> tuple[float, list[float | None]] | None:
     """(value, 95% interval) of one figure of a condition's stats, or None."""
     holder = stats.get(group) if group else stats
     if not holder or holder.get(key) is None:
@@ -29,7 +31,7 @@ def load_figure(stats, group, key):
     return holder[key], holder.get(f"{key}_ci95") or [None, None]
 
 
-def compare_load_runs(run_dirs):
+def compare_load_runs(run_dirs: Sequence[str]) -> str | None:
     """Markdown table: the load files that several runs share, each figure per level and
     condition in every run, and whether every pair of runs agrees within its intervals. A level
     is paired by what it is (the load, or P in a working-set sweep), so a rerun of one level
@@ -66,30 +68,30 @@ def compare_load_runs(run_dirs):
     return "\n".join(rows) + f"\n\n{agreed} of {total} pairs of runs agree within their intervals."
 
 
-def load_value(level):
+def load_value(level: Mapping[str, Any]) -> tuple[float, str]:
     """The level's load and its axis label."""
     if level.get("concurrency") is not None:
         return level["concurrency"], "concurrency (clients sending back to back)"
     return level["request_rate"], "request rate (requests/s, Poisson)"
 
 
-def number(value, digits=1):
+def number(value: float | None, digits: int = 1) -> str:
     return "-" if value is None else f"{value:.{digits}f}"
 
 
-def with_ci(value, ci, digits=1):
+def with_ci(value: float | None, ci: Sequence[float | None] | None, digits: int = 1) -> str:
     if value is None:
         return "-"
     return f"{value:.{digits}f} {ci_text(ci, digits)}" if ci and ci != [None, None] else f"{value:.{digits}f}"
 
 
-def cell(stats, group, key, digits=1):
+def cell(stats: Mapping[str, Any], group: str | None, key: str, digits: int = 1) -> str:
     """One figure of a condition's stats with its 95% interval, as table text."""
     found = load_figure(stats, group, key)
     return with_ci(found[0], found[1], digits) if found else "-"
 
 
-def hit_rate_text(stats):
+def hit_rate_text(stats: Mapping[str, Any]) -> str:
     rate = stats.get("hit_rate")
     if not rate:
         return "-"
@@ -100,7 +102,7 @@ def hit_rate_text(stats):
     return text + (f" / {rate['tokens']:.0%}" if rate.get("tokens") is not None else "")
 
 
-def load_table(data):
+def load_table(data: Mapping[str, Any]) -> str:
     """Markdown: per load level and condition, TTFT percentiles and mean with their 95%
     intervals, throughput, and the hit rate the requests found."""
     rows = ["| load | condition | TTFT p50 ms | TTFT p99 ms | TTFT mean ms | requests/s | output tokens/s | "
@@ -117,7 +119,7 @@ def load_table(data):
     return "\n".join(rows) + interval_line(data)
 
 
-def load_headline_table(data):
+def load_headline_table(data: Mapping[str, Any]) -> str:
     """Markdown, one row per load level: the cached and the cold condition side by side (TTFT
     p50 and p99, requests/s), each figure with its 95% interval."""
     rows = ["| load | cached TTFT p50 ms | cached p99 ms | cold TTFT p50 ms | cold p99 ms | cached requests/s | "
@@ -130,7 +132,7 @@ def load_headline_table(data):
     return "\n".join(rows)
 
 
-def load_file_tables(data):
+def load_file_tables(data: Mapping[str, Any]) -> str:
     """The tables of one load file: a working-set sweep's, or a load sweep's and where its TTFT went."""
     if data["experiment"] == "working_set":
         return working_set_table(data)
@@ -138,7 +140,7 @@ def load_file_tables(data):
     return load_table(data) + (f"\n\nWhere the TTFT went:\n\n{times}" if times else "")
 
 
-def with_spread(value, per_pass, digits=1):
+def with_spread(value: float | None, per_pass: Sequence[float | None] | None, digits: int = 1) -> str:
     """A mean with the range of the passes' own values: "12.3 (11.9-12.8)"."""
     values = [v for v in per_pass or [] if v is not None]
     if value is None or len(values) < 2:
@@ -146,7 +148,7 @@ def with_spread(value, per_pass, digits=1):
     return f"{number(value, digits)} ({min(values):.{digits}f}-{max(values):.{digits}f})"
 
 
-def percent_with_spread(value, per_pass):
+def percent_with_spread(value: float | None, per_pass: Sequence[float | None] | None) -> str:
     """A share as a percentage with the range of the passes' own values: "45% (41-48%)"."""
     values = [v for v in per_pass or [] if v is not None]
     if value is None:
@@ -154,7 +156,7 @@ def percent_with_spread(value, per_pass):
     return f"{value:.0%}" + (f" ({min(values) * 100:.0f}-{max(values):.0%})" if len(values) >= 2 else "")
 
 
-def server_time_table(data):
+def server_time_table(data: Mapping[str, Any]) -> str | None:
     """Markdown: per level and condition, the client's mean TTFT beside the server's own means
     (its TTFT, the engine's queue and prefill time) from its histograms; None for files without them."""
     rows = []
@@ -185,17 +187,17 @@ def server_time_table(data):
         "`process_cpu_seconds_total` on its /metrics); near 100%, requests wait for that process.")
 
 
-def interval_words(data):
+def interval_words(data: Mapping[str, Any]) -> str:
     """What the intervals of a load file are, in its own words."""
     kinds = sorted({lv[c]["interval"] for lv in data["levels"] for c in ("cached", "cold") if lv.get(c, {}).get("interval")})
     return "; ".join(kinds) or "as the file records them"
 
 
-def interval_line(data):
+def interval_line(data: Mapping[str, Any]) -> str:
     return f"\n\n95% intervals: {interval_words(data)}."
 
 
-def working_set_table(data):
+def working_set_table(data: Mapping[str, Any]) -> str:
     """Markdown: per number of documents, the working set against the KV cache, the hit rate
     found and the cached requests' TTFT."""
     capacity = data.get("kv_capacity_tokens")
@@ -220,7 +222,7 @@ def working_set_table(data):
     return "\n".join(rows)
 
 
-def tier_rows(data):
+def tier_rows(data: Mapping[str, Any]) -> list[str]:
     """Markdown rows, where the server had a second tier and each request's source is known: per
     number of documents, the document tokens found in HBM and in the tier, and the TTFT of the
     requests whose prefix came from each (all passes' requests together)."""
@@ -243,13 +245,13 @@ def tier_rows(data):
     return rows
 
 
-def percent(share):
+def percent(share: float | None) -> str:
     return "-" if share is None else f"{share:.0%}"
 
 
-def fleet_groups(loads):
+def fleet_groups(loads: Iterable[tuple[str, Mapping[str, Any]]]) -> dict[str, list[tuple[str, Mapping[str, Any]]]]:
     """{sweep name: [(front, data)]}: the fleet files of one workload, one per front."""
-    groups = {}
+    groups: dict[str, list[tuple[str, Mapping[str, Any]]]] = {}
     for path, data in loads:
         m = FLEET_RE.match(os.path.basename(path))
         if m:
@@ -258,13 +260,13 @@ def fleet_groups(loads):
     return groups
 
 
-def replica_split(stats):
+def replica_split(stats: Mapping[str, Any]) -> str:
     """'12 / 13': the requests each replica (engine) counted, from its own /metrics."""
     replicas = (stats.get("server") or {}).get("replicas") or {}
     return " / ".join(f"{v['requests']:.0f}" for _, v in sorted(replicas.items())) or "-"
 
 
-def fleet_table(fronts, load=None):
+def fleet_table(fronts: Sequence[tuple[str, Mapping[str, Any]]], load: float | None = None) -> str:
     """Markdown: per front and load level (or only at `load`), the cached condition's hit rate,
     TTFT, throughput and how the requests spread over the replicas."""
     rows = ["| front | load | hit rate (requests / tokens) | TTFT p50 ms | TTFT p99 ms | requests/s | "
@@ -279,7 +281,7 @@ def fleet_table(fronts, load=None):
     return "\n".join(rows) + interval_line(fronts[0][1])
 
 
-def load_title(data):
+def load_title(data: Mapping[str, Any]) -> str:
     cfg = data["config"]
     model = os.path.basename(str(data.get("model")).rstrip("/"))
     device = data.get("environment", {}).get("device") or "unknown device"

@@ -2,10 +2,13 @@
 or by Zipf; the closed-loop and Poisson senders; each request's record; one condition's figures
 at one level.
 """
+from __future__ import annotations
 import asyncio
 import json
 import random
 import time
+from collections.abc import Awaitable, Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -15,8 +18,17 @@ from .engine_api import StreamedResponse
 from .errors import first_line
 from .prompts import generate_context, query_stream, special_prefix_ids
 
+if TYPE_CHECKING:
+    import aiohttp
 
-def zipf_weights(num_prefixes, skew):
+    from .http_client import HttpClient
+    from .settings import LoadSettings
+
+# a request as LoadWorkload.requests builds it: (token ids, cache salt, document)
+Prompt = tuple[list[int], str, int]
+
+
+def zipf_weights(num_prefixes: int, skew: float) -> np.ndarray:
     """How often each document is drawn: uniform at skew 0, else proportional to 1/rank**skew."""
     weights = 1.0 / np.arange(1, num_prefixes + 1) ** skew
     return weights / weights.sum()
@@ -27,7 +39,7 @@ class LoadWorkload:
     uniformly (or by Zipf, skew > 0); cached requests share their level's cache namespace, a
     cold request has a salt of its own."""
 
-    def __init__(self, tokenizer, size_a, num_prefixes, skew, block, seed, run_id):
+    def __init__(self, tokenizer: Any, size_a: int, num_prefixes: int, skew: float, block: int, seed: int, run_id: str):
         self.tokenizer, self.block, self.run_id, self.skew = tokenizer, block, run_id, skew
         special = special_prefix_ids(tokenizer)
         self.documents = [special + tokenizer.encode(generate_context(size_a, f"Document {k} of {size_a}", tokenizer),
@@ -37,10 +49,10 @@ class LoadWorkload:
         self.queries = query_stream(tokenizer, shared_len, random.Random(f"load:{seed}:{size_a}"))
         self.rng = np.random.default_rng(seed)
 
-    def draws(self, num_prefixes, count):
+    def draws(self, num_prefixes: int, count: int) -> list[int]:
         return self.rng.choice(num_prefixes, size=count, p=zipf_weights(num_prefixes, self.skew)).tolist()
 
-    def requests(self, documents, condition, namespace):
+    def requests(self, documents: Iterable[int], condition: str, namespace: str) -> list[Prompt]:
         """(token ids, cache salt, document) of every request, built before the clock starts."""
         made = []
         for k, doc in enumerate(documents):
@@ -50,24 +62,24 @@ class LoadWorkload:
         return made
 
 
-def requests_per_level(level, load):
+def requests_per_level(level: Mapping[str, Any], load: LoadSettings) -> int:
     """--num-requests if given, else LOAD_NUM_REQUESTS, or LOAD_REQUESTS_PER_CLIENT per client."""
     if load.num_requests:
         return load.num_requests
     return max(LOAD_NUM_REQUESTS, LOAD_REQUESTS_PER_CLIENT * (level["concurrency"] or 0))
 
 
-def level_name(level):
+def level_name(level: Mapping[str, Any]) -> str:
     if level["concurrency"] is not None:
         return f"concurrency {level['concurrency']}"
     return f"{level['request_rate']:g} req/s"
 
 
-def load_levels(load):
+def load_levels(load: LoadSettings) -> list[dict[str, Any]]:
     """The sweep's levels: one per concurrency or rate at P documents, or (a working-set sweep)
     one per P at one load."""
     if load.concurrency:
-        loads = [{"concurrency": c, "request_rate": None} for c in load.concurrency]
+        loads: list[dict[str, Any]] = [{"concurrency": c, "request_rate": None} for c in load.concurrency]
     elif load.request_rate:
         loads = [{"concurrency": None, "request_rate": r} for r in load.request_rate]
     else:
@@ -77,14 +89,17 @@ def load_levels(load):
     return [{**kind, "num_prefixes": load.num_prefixes[0]} for kind in loads]
 
 
-def sweep_schedule(num_levels, repeats):
+def sweep_schedule(num_levels: int, repeats: int) -> list[tuple[int, int]]:
     """(repeat, level index) in the order they run: every level once per pass, the passes
     alternating up and down, so that a drift over the sweep lands on every level alike."""
     return [(rep, i) for rep in range(repeats)
             for i in (range(num_levels) if rep % 2 == 0 else reversed(range(num_levels)))]
 
 
-async def send_all(client, session, model, prompts, level, max_tokens, seed, route=None, after_each=None):
+async def send_all(client: HttpClient, session: aiohttp.ClientSession, model: str, prompts: Sequence[Prompt],
+                   level: Mapping[str, Any], max_tokens: int, seed: int, route: Sequence[str] | None = None,
+                   after_each: Callable[[int, StreamedResponse], Awaitable[None]] | None = None
+                   ) -> tuple[list[StreamedResponse | None], float]:
     """Every prompt of one condition at one load level: a closed loop of `concurrency` clients
     sending back to back, or Poisson arrivals at `request_rate`. A failed request is recorded
     with its error, not raised, and no request is sent after it (a server that stopped
@@ -97,7 +112,7 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
                           "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True},
                           "cache_salt": salt}).encode() for ids, salt, _ in prompts]
     urls = [route[doc % len(route)] if route else None for _, _, doc in prompts]
-    records = [None] * len(prompts)
+    records: list[StreamedResponse | None] = [None] * len(prompts)
     failed = asyncio.Event()
 
     async def one(k):
@@ -134,7 +149,8 @@ async def send_all(client, session, model, prompts, level, max_tokens, seed, rou
     return records, t0
 
 
-def request_record(k, prompt, record, t0, condition, full_tokens, audited, sources=None):
+def request_record(k: int, prompt: Prompt, record: StreamedResponse | None, t0: float, condition: str, full_tokens: int,
+                   audited: bool, sources: Mapping[str, float] | None = None) -> dict[str, Any]:
     """The JSON record of load request k (prompt: its ids, salt and document) from its
     StreamedResponse (None: never sent), its times in s since the level began (t0); sources:
     where its cached tokens came from (prometheus.one_request_sources), where known."""

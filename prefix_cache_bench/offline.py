@@ -4,6 +4,8 @@ and NVLink multicast kept off where the host forbids it.
 """
 from __future__ import annotations
 import time
+from collections.abc import MutableMapping
+from typing import Any
 
 from .engine_output import relay_output, watch_engine
 from .errors import EXIT_AUDIT, ExperimentError, first_line, interruption
@@ -15,7 +17,7 @@ from .prompts import check_context_fits, special_prefix_ids
 from .console import write_results
 from .protocol import run_configs
 from .results import note_existing_results, write_json_atomic
-from .tiers import check_tier_can_start
+from .tiers import check_tier_can_start, measure_link_for_tier
 from .settings import RunSettings
 
 
@@ -29,7 +31,7 @@ MULTICAST_OFF = {"NCCL_NVLS_ENABLE": "0", "TORCH_SYMM_MEM_DISABLE_MULTICAST": "1
 FLASHINFER_ALLREDUCE_BACKEND = "VLLM_FLASHINFER_ALLREDUCE_BACKEND"
 
 
-def keep_multicast_off(environ, tensor_parallel_size):
+def keep_multicast_off(environ: MutableMapping[str, str], tensor_parallel_size: int) -> str | None:
     """Where the environment turns NVLink multicast off, turn it off in FlashInfer's all-reduce
     too (its IPC-based "trtllm" workspace), unless the user chose a backend. Returns the note
     to print, or None."""
@@ -41,7 +43,7 @@ def keep_multicast_off(environ, tensor_parallel_size):
             f"keeps vLLM's fused all-reduce off it too (set the variable yourself to choose)")
 
 
-def check_model_fits(settings: RunSettings, engine_args):
+def check_model_fits(settings: RunSettings, engine_args: Any) -> Any:
     """Build vLLM's model config (config and tokenizer only, no weights) and check that every
     (A, B) config fits the context the engine will allow."""
     from transformers import AutoTokenizer
@@ -64,13 +66,17 @@ def check_model_fits(settings: RunSettings, engine_args):
     return model_config
 
 
-def run_experiment(settings: RunSettings, engine_args) -> int:
+def run_experiment(settings: RunSettings, engine_args: Any) -> int:
     """The whole experiment: 1. load the model once, then steps 2-8, every (A, B) config in one
     interleaved run. Returns the exit code (EXIT_AUDIT if any config's cache audit failed)."""
     from vllm import LLM
 
+    if settings.model is None:              # phase 2's flags always name one (MODEL_NAME by default)
+        raise ValueError("run_experiment needs settings with a model (RunSettings.model)")
     note_existing_results(settings)
     machine = machine_info()                # the host's speed while no engine runs beside it
+    link = measure_link_for_tier(bool(getattr(engine_args, "kv_offloading_size", None) or
+                                      getattr(engine_args, "kv_transfer_config", None)))
 
     # 1. load the model (prefix caching and engine stats on)
     print(f"starting vLLM engine for {engine_args.model} ...", flush=True)
@@ -84,7 +90,7 @@ def run_experiment(settings: RunSettings, engine_args) -> int:
         llm = LLM.from_engine_args(engine_args)
         engine_start_s = time.perf_counter() - t0
         print(f"engine ready in {engine_start_s:.1f} s", flush=True)
-        env = {**environment_info(llm, engine_args, engine_start_s), "machine": machine, **settings.provenance}
+        env = {**environment_info(llm, engine_args, engine_start_s), "machine": machine, **link, **settings.provenance}
         phase = "run"
         results = run_configs(OfflineEngine(llm, settings.model), llm.get_tokenizer(), settings, env)    # steps 2-6
     except ExperimentError:

@@ -2,6 +2,7 @@
 request, and the tap that counts the engine's prefix-cache stats from every message.
 """
 import time
+from typing import Any
 
 from .engine_api import RequestResult
 from .errors import raise_if_interrupted
@@ -10,7 +11,7 @@ from .gpu_busy import NOT_ON_THIS_ENGINE, WORKER_EXTENSION
 from .tiers import connector_load, describe_tier
 
 
-def timed_request(llm, prompt_ids, max_tokens, cache_salt=None):
+def timed_request(llm: Any, prompt_ids: list[int], max_tokens: int, cache_salt: str | None = None) -> RequestResult:
     """One generate call; nothing but the call itself is inside the timed region."""
     from vllm import SamplingParams
     from vllm.inputs import TokensPrompt
@@ -52,32 +53,32 @@ class OfflineEngine:
     phase = OFFLINE_PHASE
     shared = False                  # nothing but this run sends it requests
 
-    def __init__(self, llm, model):
+    def __init__(self, llm: Any, model: str):
         self.llm = llm
         self.model = model              # as the run names it (RunSettings.model)
 
-    def request(self, prompt_ids, max_tokens, cache_salt=None):
+    def request(self, prompt_ids: list[int], max_tokens: int, cache_salt: str | None = None) -> RequestResult:
         raise_if_interrupted()
         return timed_request(self.llm, prompt_ids, max_tokens, cache_salt)
 
-    def reset_prefix_cache(self):
+    def reset_prefix_cache(self) -> bool:
         return self.llm.reset_prefix_cache()
 
-    def empty_hbm_prefix_cache(self):
+    def empty_hbm_prefix_cache(self) -> bool:
         return self.llm.reset_prefix_cache()         # reset_connector=False: the tier keeps its blocks
 
-    def tier(self):
+    def tier(self) -> dict[str, Any] | None:
         return describe_tier(self.llm.llm_engine.vllm_config)
 
-    def counters(self):
+    def counters(self) -> dict[str, Any] | None:
         return prefix_cache_counters(self.llm)
 
-    def kv_capacity(self):
+    def kv_capacity(self) -> tuple[int, int] | None:
         """(KV blocks, tokens a block), or None if the engine does not say."""
         cc = self.llm.llm_engine.vllm_config.cache_config
         return (cc.num_gpu_blocks, cc.block_size) if cc.num_gpu_blocks else None
 
-    def gpu_busy_unavailable(self):
+    def gpu_busy_unavailable(self) -> str | None:
         """Why this engine cannot time a request's GPU work (gpu_busy.GpuBusyWorker on a CUDA
         worker), or None where it can. Opens and closes one empty window to find out, so that the
         profiler's start-up is in no request's window."""
@@ -90,7 +91,8 @@ class OfflineEngine:
         why = [answer for answer in opened if isinstance(answer, str)]
         return f"the profiler did not start: {why[0]}" if why else NOT_ON_THIS_ENGINE
 
-    def gpu_busy_request(self, prompt_ids, max_tokens, cache_salt=None):
+    def gpu_busy_request(self, prompt_ids: list[int], max_tokens: int,
+                         cache_salt: str | None = None) -> tuple[RequestResult, dict[str, Any] | None]:
         """One request inside a GPU-busy window on every worker; the first worker's (rank 0) activity."""
         self.llm.collective_rpc("pcb_gpu_busy_start")
         try:
@@ -100,7 +102,7 @@ class OfflineEngine:
         return result, activity[0]
 
 
-def prefix_cache_counters(llm):
+def prefix_cache_counters(llm: Any) -> dict[str, Any] | None:
     """The engine's prefix-cache counters (tokens queried / found), a second witness for the
     audit besides each request's num_cached_tokens. Counted by scheduler_stats_tap from every
     stats message the engine core sends (summed over engines); vLLM's own LLM.get_metrics()
@@ -109,14 +111,17 @@ def prefix_cache_counters(llm):
     metrics = vllm_metrics_counters(llm)
     if tap is None and metrics is None:
         return None
-    counters = {key: value for key, value in (tap or metrics).items() if key != "prefills"}
+    found = tap or metrics
+    if found is None:                       # impossible: one of them is there (checked just above)
+        raise RuntimeError("internal error: neither the tap nor LLM.get_metrics() gave the counters")
+    counters: dict[str, Any] = {key: value for key, value in found.items() if key != "prefills"}
     counters["source"] = "scheduler stats messages" if tap is not None else "LLM.get_metrics()"
     if metrics is not None:
         counters["vllm_metrics"] = metrics
     return counters
 
 
-def vllm_metrics_counters(llm):
+def vllm_metrics_counters(llm: Any) -> dict[str, int] | None:
     try:
         metrics = llm.get_metrics()
     except Exception:                       # a vLLM without LLM.get_metrics()
@@ -129,7 +134,7 @@ def vllm_metrics_counters(llm):
     return totals
 
 
-def scheduler_stats_tap(llm):
+def scheduler_stats_tap(llm: Any) -> dict[str, Any] | None:
     """Count the prefix-cache stats in every message the engine core sends the front end, from
     the first call on (the tap is installed then). Why not LLM.get_metrics() alone: vLLM's
     offline LLMEngine.step() before vllm-project/vllm#48668 (0.26 included) records a step's
@@ -142,11 +147,11 @@ def scheduler_stats_tap(llm):
     if core is None or not callable(getattr(core, "get_output", None)):
         return None
     if not hasattr(core, "prefix_cache_tap"):
-        totals = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "hits_in_messages_without_outputs": 0,
-                  # a second tier's: what the connector was asked for and found, what it copied into HBM
-                  "external_prefix_cache_queries": 0, "external_prefix_cache_hits": 0,
-                  "tier_load_bytes": 0, "tier_load_s": 0.0}
-        prefills = []                       # (HBM, tier) cached tokens of each prefill, in order
+        totals: dict[str, Any] = {"prefix_cache_queries": 0, "prefix_cache_hits": 0, "hits_in_messages_without_outputs": 0,
+                                  # a second tier's: what the connector was asked for and found, what it copied into HBM
+                                  "external_prefix_cache_queries": 0, "external_prefix_cache_hits": 0,
+                                  "tier_load_bytes": 0, "tier_load_s": 0.0}
+        prefills: list[tuple[int, int]] = []     # (HBM, tier) cached tokens of each prefill, in order
         get_output = core.get_output
 
         def get_output_counted():

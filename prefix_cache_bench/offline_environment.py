@@ -5,11 +5,12 @@ import json
 import os
 import platform
 import sys
+from typing import Any
 
 from .provenance import device_name, engine_environment
 
 
-def model_shape(model_config):
+def model_shape(model_config: Any) -> dict[str, Any]:
     """The model's dimensions as the engine sees them, and its parameter count (counted on
     PyTorch's meta device: nothing is allocated, no weights are read). plot_results.py
     turns these into FLOPs per prefill."""
@@ -43,7 +44,7 @@ def model_shape(model_config):
     return shape
 
 
-def environment_info(llm, engine_args, engine_start_s):
+def environment_info(llm: Any, engine_args: Any, engine_start_s: float) -> dict[str, Any]:
     import torch
     import vllm
 

@@ -13,6 +13,7 @@ What keeps the lag small on a 2-core machine (tools/trace_sender_bench.py measur
 import asyncio
 import gc
 import time
+from collections.abc import Awaitable, Callable, Sequence
 
 from .engine_api import StreamedResponse
 from .errors import first_line, raise_if_interrupted
@@ -31,7 +32,7 @@ GC_SLACK_S = 0.1                # a collection runs only where the next send is 
 GC_EVERY_S = 1.0                # and at most this often
 
 
-def burst_sizes(scheduled_s):
+def burst_sizes(scheduled_s: Sequence[float]) -> list[int]:
     """For each request that starts a burst (the requests after it scheduled within BURST_S of
     it), the burst's size, at most MAX_CONNECTIONS_AHEAD; 0 for the others."""
     sizes, start = [0] * len(scheduled_s), 0
@@ -42,7 +43,7 @@ def burst_sizes(scheduled_s):
     return [min(size, MAX_CONNECTIONS_AHEAD) for size in sizes]
 
 
-async def until(due):
+async def until(due: float) -> None:
     """Return at perf_counter() >= due: asleep until SPIN_S before it, then spinning."""
     delay = due - SPIN_S - time.perf_counter()
     if delay > 0:
@@ -56,19 +57,23 @@ class OpenLoopSender:
     sizes[k]: request k's input tokens (what its build costs grows with). A failed request stops
     further sends; so does reaching max_in_flight (the arm is overloaded)."""
 
-    def __init__(self, base_url, scheduled_s, build, sizes, max_in_flight):
+    def __init__(self, base_url: str, scheduled_s: Sequence[float], build: Callable[[int], bytes], sizes: Sequence[int],
+                 max_in_flight: int):
         self.base_url, self.scheduled_s, self.build, self.sizes = base_url, scheduled_s, build, sizes
         self.max_in_flight = max_in_flight
-        self.records = [None] * len(scheduled_s)
+        self.records: list[StreamedResponse | None] = [None] * len(scheduled_s)
+        self.bodies: dict[int, bytes]
+        self.tasks: list[asyncio.Task[None]]
         self.bodies, self.tasks, self.built = {}, [], 0
         self.in_flight = self.most_in_flight = 0
+        self.overload: str | None
         self.failed, self.overload = False, None
         self.build_s_per_token = 0.0
         self.last_collect = 0.0
         self.pool = ConnectionPool(base_url)
         self.bursts = burst_sizes(scheduled_s)
 
-    async def run(self, drain_s):
+    async def run(self, drain_s: float) -> tuple[list[StreamedResponse | None], float, str | None, int]:
         """Every send, then drain_s for the requests still running (then cancelled, recorded
         unfinished). Returns (records, t0 in perf_counter s, the overload or None, the most
         requests in flight)."""
@@ -89,7 +94,7 @@ class OpenLoopSender:
             self.pool.close()
         return self.records, t0, self.overload, self.most_in_flight
 
-    async def send_at(self, k, due):
+    async def send_at(self, k: int, due: float) -> bool:
         """Request k at due (perf_counter s); False where nothing more is to be sent."""
         raise_if_interrupted()
         await self.build_ahead(k, due)
@@ -111,7 +116,7 @@ class OpenLoopSender:
         self.tasks.append(asyncio.create_task(self.one(k, exchange)))
         return True
 
-    async def build_ahead(self, k, due):
+    async def build_ahead(self, k: int, due: float) -> None:
         """Request k's bytes now if not built yet; later ones while the next send is further
         away than twice what a build of that size has taken."""
         while self.built < len(self.scheduled_s) and (self.built <= k or (
@@ -125,13 +130,13 @@ class OpenLoopSender:
             self.built += 1
             await asyncio.sleep(0)      # requests in flight read their answers between builds
 
-    def collect_if_idle(self, due):
+    def collect_if_idle(self, due: float) -> None:
         now = time.perf_counter()
         if due - now > GC_SLACK_S and now - self.last_collect > GC_EVERY_S:
             gc.collect()
             self.last_collect = time.perf_counter()
 
-    async def one(self, k, exchange):
+    async def one(self, k: int, exchange: Awaitable[StreamedResponse]) -> None:
         self.in_flight += 1
         self.most_in_flight = max(self.most_in_flight, self.in_flight)
         started = time.perf_counter()
@@ -147,7 +152,7 @@ class OpenLoopSender:
         finally:
             self.in_flight -= 1
 
-    async def drain(self, drain_s):
+    async def drain(self, drain_s: float) -> None:
         if not self.tasks:
             return
         _, pending = await asyncio.wait(self.tasks, timeout=drain_s)

@@ -2,9 +2,13 @@
 and MFU it implies, and the FLOPs of a prefill from the model's recorded shape.
 """
 
+from collections.abc import Mapping
+from typing import Any
+
 import numpy as np
 
 from .provenance import gpus_used, parallel_sizes
+from .settings import Config
 
 
 # Dense bf16/fp16 tensor peak (TFLOP/s, no sparsity), from the vendors' datasheets, for MFU.
@@ -15,14 +19,15 @@ PEAK_TFLOPS = (("H100 PCIe", 756), ("H200", 989), ("H100", 989), ("A100", 312), 
 # HBM bandwidth (TB/s) from the same datasheets (H200 SXM 4.8, H100 SXM 3.35, H100 PCIe 2.0,
 # A100 80GB SXM 2.039, L40S 0.864, L4 0.3), matched like PEAK_TFLOPS.
 MEMORY_TB_S = (("H100 PCIe", 2.0), ("H200", 4.8), ("H100", 3.35), ("A100", 2.039), ("L40S", 0.864), ("L4", 0.3))
-DTYPE_BYTES = {"bfloat16": 2, "float16": 2, "float32": 4}
+DTYPE_BYTES: dict[str | None, int] = {"bfloat16": 2, "float16": 2, "float32": 4}
 
 
-def memory_tb_s(device):
+def memory_tb_s(device: str | None) -> float | None:
     return next((tb_s for name, tb_s in MEMORY_TB_S if name in (device or "")), None)
 
 
-def gpu_floor(shape, device, new_tokens, cached_tokens=0, gpus=1):
+def gpu_floor(shape: Mapping[str, Any] | None, device: str | None, new_tokens: float, cached_tokens: float = 0,
+              gpus: int = 1) -> dict[str, Any] | None:
     """The least time the GPU(s) need for one prefill step of new_tokens behind cached_tokens:
     the bytes it must read at the memory bandwidth, or its FLOPs at the dense peak, whichever is
     longer. The bytes: every weight once (of the token embedding only a few rows: the non-
@@ -46,7 +51,7 @@ def gpu_floor(shape, device, new_tokens, cached_tokens=0, gpus=1):
             "memory_tb_s": bandwidth * gpus, "peak_tflops": peak * gpus}
 
 
-def condition_floor(data, condition):
+def condition_floor(data: Mapping[str, Any], condition: str) -> dict[str, Any] | None:
     """gpu_floor of one condition of a result file: its prompt and cached tokens, the file's
     device, model shape and tensor parallel size; None where any is not known."""
     env, stats = data.get("environment", {}), data.get(condition, {}).get("stats", {})
@@ -57,7 +62,7 @@ def condition_floor(data, condition):
                      parallel_sizes(env)["TP"])
 
 
-def prefill_flops(shape, new_tokens, cached_tokens=0):
+def prefill_flops(shape: Mapping[str, Any], new_tokens: float, cached_tokens: float = 0) -> float:
     """Forward FLOPs to prefill new_tokens behind cached_tokens already in the KV cache.
 
     2 per weight per new token (less the embedding, a lookup, and the LM head, which
@@ -70,11 +75,11 @@ def prefill_flops(shape, new_tokens, cached_tokens=0):
     return 2 * weights * new_tokens + attention + 2 * shape["hidden_size"] * shape["vocab_size"]
 
 
-def peak_tflops(device):
+def peak_tflops(device: str | None) -> float | None:
     return next((peak for name, peak in PEAK_TFLOPS if name in (device or "")), None)
 
 
-def prefill_fit(configs):
+def prefill_fit(configs: Mapping[Config, Mapping[str, Any]]) -> dict[str, Any] | None:
     """Fit TTFT = overhead + work / rate over the configs' uncached requests (cold and miss
     means). work is the prefill's FLOPs where the files record the model's shape (attention
     makes long prompts cost more than their token count says), else its token count.
@@ -120,12 +125,12 @@ def prefill_fit(configs):
     return fit
 
 
-def predicted_ttft_ms(fit, new_tokens, cached_tokens=0):
+def predicted_ttft_ms(fit: Mapping[str, Any], new_tokens: float, cached_tokens: float = 0) -> float:
     work = prefill_flops(fit["shape"], new_tokens, cached_tokens) if fit["shape"] else new_tokens
     return fit["overhead_ms"] + fit["ms_per_work"] * work
 
 
-def describe_fit(fit, device):
+def describe_fit(fit: Mapping[str, Any], device: str | None) -> str:
     """The fit in words, for the console."""
     text = (f"TTFT = {fit['overhead_ms']:.1f} ms + prefill {fit['work']} / rate, fitted to {fit['points']} cold/miss "
             f"means of {fit['configs']} configs (R^2 {fit['r2']:.3f}): prefill {fit['prefill_tokens_per_s']:,.0f} tokens/s")

@@ -12,6 +12,8 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Sequence
+from typing import Any
 
 import numpy as np
 
@@ -21,6 +23,7 @@ from .defaults import CONDITIONS, OFFLINE_PROG, TIER_CONDITION
 from .errors import EXIT_AUDIT, EXIT_SETUP, Interrupted
 from .gpu_busy import merge_segments
 from .console import write_results
+from .result_schema import PhaseResult, build_phase_result
 from .results import note_existing_results
 from .settings import RunSettings
 
@@ -32,7 +35,10 @@ def run_processes(settings: RunSettings, argv: list[str], script: str) -> int:
     note_existing_results(settings)
     folder = tempfile.mkdtemp(prefix="phase2-processes-")
     try:
-        t0, per_process, ends, same_rounds = time.perf_counter(), [], [], []
+        t0 = time.perf_counter()
+        per_process: list[list[Any]] = []      # each process's results, as its worker wrote them
+        ends: list[float] = []
+        same_rounds: list[str] = []           # --num-trials of the first process, for the rest
         for k in range(settings.processes):
             print(f"\n=== engine process {k + 1} of {settings.processes} ===", flush=True)
             out = os.path.join(folder, f"process{k}.json")
@@ -64,7 +70,7 @@ def run_processes(settings: RunSettings, argv: list[str], script: str) -> int:
     return write_results(results, settings.results_dir)
 
 
-def run_worker(script, args):
+def run_worker(script: str, args: Sequence[str]) -> int:
     """One engine process: the entry script run again with args (never this module: the
     worker must be the script the user ran, with its __main__); its exit code. On a signal here, the same one there;
     if it has not ended 120 s later, SIGKILL to it and every process it started."""
@@ -89,21 +95,23 @@ def run_worker(script, args):
         raise
 
 
-def merge_processes(results: list[dict], order_offsets: list[int], settings: RunSettings, run_wall_s: float) -> dict:
+def merge_processes(results: list[PhaseResult], order_offsets: list[int], settings: RunSettings,
+                    run_wall_s: float) -> PhaseResult:
     """One config's results from several engine processes, as one result: every trial tagged
     with its process, rounds, blocks and order (order_offsets: where each process's trials
     begin in the run) numbered across the run, start_s on the first process's clock; the
     statistics over all measured trials, the interval over the processes' means (unit
-    "process"). discarded_trials holds every process's discarded rounds."""
-    merged = copy.deepcopy(results[0])
+    "process"). discarded_trials holds every process's discarded rounds. Built by the builder
+    of one process's result."""
+    merged: dict[str, Any] = copy.deepcopy(dict(results[0]))     # filled in below, then built
     measured_conditions = [c for c in (*CONDITIONS, TIER_CONDITION) if c in results[0]]
-    conditions = {c: {"trials": [], "discarded_trials": []} for c in measured_conditions}
+    conditions: dict[str, dict[str, Any]] = {c: {"trials": [], "discarded_trials": []} for c in measured_conditions}
     round_offset = block_offset = 0
     for k, (r, order_offset) in enumerate(zip(results, order_offsets)):
         clock_s = r["environment"]["run_started_unix_s"] - results[0]["environment"]["run_started_unix_s"]
         for c in measured_conditions:
             for kind in ("discarded_trials", "trials"):
-                for t in r[c][kind]:
+                for t in r[c][kind]:                                    # type: ignore[literal-required]
                     t = {**t, "process": k, "round": t["round"] + round_offset, "order": t["order"] + order_offset,
                          "start_s": t["start_s"] + clock_s}
                     if "block" in t:
@@ -153,4 +161,4 @@ def merge_processes(results: list[dict], order_offsets: list[int], settings: Run
         "config_wall_s": sum(r["environment"]["config_wall_s"] for r in results),
         "run_wall_s": run_wall_s,
     })
-    return merged
+    return build_phase_result(**merged)

@@ -2,6 +2,8 @@
 run read, the server's own TTFT / queue / prefill histograms, the API server's CPU time.
 """
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -14,14 +16,18 @@ LABEL_ESCAPE = re.compile(r'\\(.)')
 ESCAPED = {"n": "\n", "\\": "\\", '"': '"'}
 
 
-def parse_metrics(text):
+# parse_metrics' result: {metric name: [(labels, value)]}
+Metrics = dict[str, list[tuple[dict[str, str], float]]]
+
+
+def parse_metrics(text: str) -> Metrics:
     """{name: [(labels, value)]} from Prometheus text exposition: each sample (a histogram's
     _bucket, _count and _sum under those names), label values unescaped. The same as
     prometheus_client.parser gives (tests/test_helpers.py checks it), which vLLM installs; not
     that parser itself, because it is 6 times slower (18 ms against 3.0 ms for a page of 1,210
     lines shaped as vLLM's, on an idle 2-core CPU), and the load run parses /metrics inside the
     event loop that reads the timed requests' chunks."""
-    metrics = {}
+    metrics: Metrics = {}
     for line in text.splitlines():
         m = METRIC_LINE.match(line)
         if m:
@@ -31,13 +37,13 @@ def parse_metrics(text):
     return metrics
 
 
-def metric_total(metrics, name):
+def metric_total(metrics: Metrics, name: str) -> float | None:
     """Sum of a metric over its label sets (engines, models); None if the server has no such metric."""
     samples = metrics.get(name)
     return sum(value for _, value in samples) if samples else None
 
 
-def server_counters(metrics):
+def server_counters(metrics: Metrics) -> dict[str, Any] | None:
     """The prefix-cache counters for the audit, plus the server's own TTFT histogram totals."""
     hits = metric_total(metrics, "vllm:prefix_cache_hits_total")
     queries = metric_total(metrics, "vllm:prefix_cache_queries_total")
@@ -60,19 +66,21 @@ REQUEST_TIME_HISTOGRAMS = {"engine_ttft_ms": "vllm:time_to_first_token_seconds",
 REQUEST_TOKEN_HISTOGRAMS = {"prompt_tokens": "vllm:request_prompt_tokens", "output_tokens": "vllm:request_generation_tokens"}
 
 
-def request_time_totals(metrics_of_engines):
+def request_time_totals(metrics_of_engines: Sequence[Metrics]) -> dict[str, tuple[int, float]]:
     """{field: (observations, sum in s)} of the server's TTFT, queue and prefill histograms,
     summed over its engines; a field is missing where no engine has that histogram."""
-    totals = {}
+    totals: dict[str, tuple[int, float]] = {}
     for field, name in {**REQUEST_TIME_HISTOGRAMS, **REQUEST_TOKEN_HISTOGRAMS}.items():
-        counts = [metric_total(m, name + "_count") for m in metrics_of_engines]
-        sums = [metric_total(m, name + "_sum") for m in metrics_of_engines]
+        # floats, or None where an engine lacks the histogram: summed only where none is None
+        counts: list[Any] = [metric_total(m, name + "_count") for m in metrics_of_engines]
+        sums: list[Any] = [metric_total(m, name + "_sum") for m in metrics_of_engines]
         if None not in counts and None not in sums and counts:
             totals[field] = (int(sum(counts)), sum(sums))
     return totals
 
 
-def one_request_times(before, after, prompt_tokens, output_tokens):
+def one_request_times(before: Mapping[str, tuple[int, float]], after: Mapping[str, tuple[int, float]],
+                      prompt_tokens: int | None, output_tokens: int) -> dict[str, float] | None:
     """{field: ms} that exactly one request added to each histogram between two
     request_time_totals: that request's own times as the server measured them. None unless
     every histogram is there and grew by exactly one observation, whose prompt and output
@@ -96,13 +104,13 @@ SOURCES = {"hbm_cached_tokens": "local_cache_hit", "tier_cached_tokens": "extern
 TIER_LOADS = {"tier_load_bytes": "vllm:kv_offload_load_bytes_total", "tier_load_s": "vllm:kv_offload_load_time_total"}
 
 
-def source_totals(metrics_of_engines):
+def source_totals(metrics_of_engines: Sequence[Metrics]) -> dict[str, float]:
     """{RequestResult field: tokens} of the server's prompt tokens by source, and the tier's load
     counters ({} each where not published), summed over engines."""
-    totals = {}
+    totals: dict[str, float] = {}
     for field, source in SOURCES.items():
-        values = [value for m in metrics_of_engines for labels, value in m.get(PROMPT_SOURCES, [])
-                  if labels.get("source") == source]
+        values: list[Any] = [value for m in metrics_of_engines for labels, value in m.get(PROMPT_SOURCES, [])
+                             if labels.get("source") == source]
         if values:
             totals[field] = int(sum(values))
     for field, name in TIER_LOADS.items():
@@ -112,7 +120,8 @@ def source_totals(metrics_of_engines):
     return totals
 
 
-def one_request_sources(before, after, prompt_tokens):
+def one_request_sources(before: Mapping[str, float], after: Mapping[str, float],
+                        prompt_tokens: int | None) -> dict[str, float]:
     """{hbm_cached_tokens, tier_cached_tokens, tier_load_bytes, tier_load_ms} that one request added
     between two source_totals, or {} where the server does not publish them or the sources do
     not add up to this request's prompt tokens (another request's counts are in the reading)."""
@@ -128,24 +137,24 @@ def one_request_sources(before, after, prompt_tokens):
     return sources
 
 
-def cache_config(metrics):
+def cache_config(metrics: Metrics) -> dict[str, str]:
     """The labels of vllm:cache_config_info (block_size, num_gpu_blocks, ...) of the first engine, or {}."""
     samples = metrics.get("vllm:cache_config_info")
     return samples[0][0] if samples else {}
 
 
-def split_engines(url, metrics):
+def split_engines(url: str, metrics: Metrics) -> list[tuple[str, Metrics]]:
     """[(name, metrics)]: the server's parsed /metrics as one engine, or one part per engine where
     its samples are labelled by engine (--data-parallel-size), each with the unlabelled samples."""
-    engines = sorted({labels.get("engine") for labels, _ in metrics.get("vllm:prefix_cache_queries_total", [])
-                      if labels.get("engine") is not None})
+    engines: list[Any] = sorted({labels.get("engine") for labels, _ in metrics.get("vllm:prefix_cache_queries_total", [])
+                                 if labels.get("engine") is not None})
     if len(engines) <= 1:
         return [(url, metrics)]
     return [(f"{url} engine {e}", {name: [(labels, value) for labels, value in samples if labels.get("engine") in (None, e)]
                                    for name, samples in metrics.items()}) for e in engines]
 
 
-def engine_cache_config(labels, engines_of_server):
+def engine_cache_config(labels: dict[str, str], engines_of_server: int) -> dict[str, str]:
     """One engine's cache_config_info labels. A data-parallel server publishes under every
     engine's label the sum of its engines' num_gpu_blocks (vLLM 0.26 and 0.32 add them up as the
     engines report ready), so each engine is given its num_gpu_blocks_override where one was set
@@ -157,9 +166,9 @@ def engine_cache_config(labels, engines_of_server):
     return {**labels, "num_gpu_blocks": str(per_engine)}
 
 
-def label_int(labels, key):
+def label_int(labels: Mapping[str, str], key: str) -> int | None:
     try:
-        return int(labels.get(key))
+        return int(labels.get(key))         # type: ignore[arg-type]  # a missing label (None) raises TypeError, caught below
     except (TypeError, ValueError):
         return None
 
@@ -194,7 +203,8 @@ SERVER_TIMES = (("server_ttft_mean_ms", "ttft"), ("queue_time_mean_ms", "queue_t
 API_SERVER_CPU = "process_cpu_seconds_total"
 
 
-def busy_shares(cpu_before, cpu_after, wall_s):
+def busy_shares(cpu_before: Mapping[str, float | None], cpu_after: Mapping[str, float | None],
+                wall_s: float) -> dict[str, float | None]:
     """{url: CPU seconds used over wall_s, as a share of one core}; None where either reading is
     missing or the counter went back (a restarted server, or another process answering)."""
     shares = {}
@@ -205,7 +215,7 @@ def busy_shares(cpu_before, cpu_after, wall_s):
     return shares
 
 
-def server_times(counters):
+def server_times(counters: Mapping[str, Any]) -> dict[str, float | None]:
     """Mean server TTFT, engine queue time and prefill time (ms) from the growth of the server's
     histograms over a condition, or None each where not reported."""
     times = {}
@@ -215,21 +225,21 @@ def server_times(counters):
     return times
 
 
-def load_counters(metrics):
+def load_counters(metrics: Metrics) -> dict[str, float | None]:
     return {key: metric_total(metrics, name) for key, name in LOAD_COUNTERS.items()}
 
 
-def total_counters(per_replica):
+def total_counters(per_replica: Mapping[str, Mapping[str, Any]]) -> dict[str, Any]:
     """The replicas' counters added up (None where any replica lacks one)."""
     values = list(per_replica.values())
     return {key: sum(v[key] for v in values) if all(v[key] is not None for v in values) else None
             for key in LOAD_COUNTERS}
 
 
-def gauge_summary(samples):
-    summary = {"samples": len(samples)}
+def gauge_summary(samples: Sequence[Mapping[str, float | None]]) -> dict[str, float | None]:
+    summary: dict[str, float | None] = {"samples": len(samples)}
     for key in LOAD_METRICS:
-        values = [s[key] for s in samples if s[key] is not None]
+        values: list[Any] = [s[key] for s in samples if s[key] is not None]
         summary[f"{key}_max"] = max(values) if values else None
         summary[f"{key}_mean"] = float(np.mean(values)) if values else None
     return summary

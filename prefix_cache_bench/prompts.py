@@ -5,9 +5,13 @@ config's prompts as token ids.
 import functools
 import itertools
 import random
+from collections.abc import Iterable, Iterator, Mapping
+from typing import Any
 
 from .defaults import QUERY_TOKENS, TIER_CONDITION
 from .errors import EXIT_USAGE, ExperimentError
+
+Prompt = tuple[list[int], str | None]      # (token ids, cache_salt)
 
 
 # Plain English words for the synthetic contexts (exact token counts come from generate_context).
@@ -16,7 +20,7 @@ WORDS = ("the cache model token prefix block query answer river stone light pape
          "yellow planet music doctor school bridge travel dinner simple common public future").split()
 
 
-def generate_context(target_tokens, label, tokenizer):
+def generate_context(target_tokens: int, label: str, tokenizer: Any) -> str:
     """Text that is exactly target_tokens tokens under tokenizer, distinct per label.
 
     Checked after a decode/encode round trip; raises if no cut gives an exact count.
@@ -39,14 +43,14 @@ def generate_context(target_tokens, label, tokenizer):
     raise ValueError(f"could not make a text of exactly {target_tokens} tokens for {label!r}")
 
 
-def special_prefix_ids(tokenizer):
+def special_prefix_ids(tokenizer: Any) -> list[int]:
     """Token ids the tokenizer puts before every prompt (OPT: BOS </s>)."""
     plain = tokenizer.encode("cache", add_special_tokens=False)
     full = tokenizer.encode("cache", add_special_tokens=True)
     return list(full[: full.index(plain[0])]) if plain and plain[0] in full else []
 
 
-def build_prompt_from_messages(messages, tokenizer):
+def build_prompt_from_messages(messages: Iterable[Mapping[str, str]], tokenizer: Any) -> list[int]:
     """The prompt the engine gets: the special prefix, then each message's token ids in turn.
     Joined as ids, not as text, so no BPE merge can cross a message boundary and
     [A, B, Q] starts with exactly [A, B]'s ids."""
@@ -57,7 +61,7 @@ def build_prompt_from_messages(messages, tokenizer):
 
 
 @functools.lru_cache(maxsize=4)
-def query_head_words(tokenizer):
+def query_head_words(tokenizer: Any) -> tuple[str, ...]:
     """Words that are one token at the start of a text: each query opens with a different one.
     A scan of the vocabulary, so cached: --sizes needs it once, not once per config."""
     words = []
@@ -69,7 +73,7 @@ def query_head_words(tokenizer):
     return tuple(sorted(set(words)))
 
 
-def query_stream(tokenizer, shared_len, rng):
+def query_stream(tokenizer: Any, shared_len: int, rng: random.Random) -> Iterator[str]:
     """Queries of QUERY_TOKENS tokens, without end, whose first shared_len tokens all differ.
 
     Q shares a KV block with [A, B]'s tail (shared_len of its tokens land there). Were
@@ -95,17 +99,17 @@ def query_stream(tokenizer, shared_len, rng):
 
 
 
-def build_warmup_messages(context_a, context_b):
+def build_warmup_messages(context_a: str, context_b: str) -> list[dict[str, str]]:
     """[A, B]: generated once to populate the prefix cache."""
     return [{"role": "user", "content": context_a}, {"role": "user", "content": context_b}]
 
 
-def build_hit_messages(context_a, context_b, query):
+def build_hit_messages(context_a: str, context_b: str, query: str) -> list[dict[str, str]]:
     """[A, B, Q]: reuses the cached [A, B] prefix (also the cold prompt, salted)."""
     return build_warmup_messages(context_a, context_b) + [{"role": "user", "content": query}]
 
 
-def build_miss_messages(context_b, query):
+def build_miss_messages(context_b: str, query: str) -> list[dict[str, str]]:
     """[B, Q]: shares no prefix with [A, B]."""
     return [{"role": "user", "content": context_b}, {"role": "user", "content": query}]
 
@@ -114,7 +118,8 @@ class ConfigPrompts:
     """Step 2 for one (A, B) config: contexts A and B, the warmup prompt [A, B], and a prompt
     with a fresh query for every request, as (token ids, cache_salt)."""
 
-    def __init__(self, tokenizer, size_a, size_b, block, seed, run_id, hit_salt=None):
+    def __init__(self, tokenizer: Any, size_a: int, size_b: int, block: int, seed: int, run_id: str,
+                 hit_salt: str | None = None):
         # hit_salt: the cache namespace of the warmup and the hits. None offline (the run starts
         # from an emptied cache); a server keeps other runs' blocks, so phase 1 gives each run its own.
         self.size_a, self.size_b, self.run_id, self.hit_salt = size_a, size_b, run_id, hit_salt
@@ -135,7 +140,7 @@ class ConfigPrompts:
             if build_prompt_from_messages(messages, tokenizer) != self.ids(condition, q):
                 raise ExperimentError(f"internal error: the {condition} prompt differs from its message builder's")
 
-    def prompt(self, condition, name):
+    def prompt(self, condition: str, name: str) -> Prompt:
         """[A, B, Q] for hit, tier and cold, [B, Q] for miss, Q fresh. The ids are those of
         build_prompt_from_messages (the special prefix, then each message's ids), with A and B
         encoded once instead of per request. A salt puts a request in a cache namespace of its
@@ -145,15 +150,16 @@ class ConfigPrompts:
         salt = self.hit_salt if reuses else f"{self.run_id}-{self.size_a}x{self.size_b}-{name}"
         return ids, salt
 
-    def ids(self, condition, query):
+    def ids(self, condition: str, query: str) -> list[int]:
         q = self.tokenizer.encode(query, add_special_tokens=False)
         return (self.miss_ids if condition == "cache_miss" else self.warmup_ids) + q
 
-    def trial_prompts(self, condition, r):
+    def trial_prompts(self, condition: str, r: int) -> tuple[Prompt, Prompt]:
         return self.prompt(condition, f"{condition}-{r}-ttft"), self.prompt(condition, f"{condition}-{r}-throughput")
 
 
-def check_context_fits(configs, limit, prefix_tokens, max_output_tokens, limit_text):
+def check_context_fits(configs: Iterable[tuple[int, int]], limit: int | None, prefix_tokens: int, max_output_tokens: int,
+                       limit_text: str) -> None:
     """Every [prefix, A, B, Q] and its output must fit the context: exit 2, naming the first config
     that does not and the most A + B that would (limit_text: what holds the limit, and how much)."""
     fixed = prefix_tokens + QUERY_TOKENS + max_output_tokens

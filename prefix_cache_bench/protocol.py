@@ -8,6 +8,8 @@ import math
 import sys
 import time
 import uuid
+from collections.abc import Callable, Sequence
+from typing import Any
 
 import numpy as np
 
@@ -15,15 +17,20 @@ from .analysis import summarize
 from .audit import audit_counters, audit_report, audit_requests, requests_of
 from .defaults import (CONDITIONS, MAX_OUTPUT_TOKENS, MIN_ROUNDS_PER_BLOCK, PAUSE_MS, QUERY_TOKENS,
                        ROUND_ORDERS, TIER_CONDITION, TIER_ROUND_ORDERS, WARMUP_TOKENS)
-from .engine_api import Engine
+from .engine_api import Engine, RequestResult
 from .errors import ExperimentError
 from .gpu_busy import profiled_segment, segment_summary
-from .prompts import ConfigPrompts
+from .prompts import ConfigPrompts, Prompt
+from .result_schema import PhaseResult, build_phase_result
 from .tiers import TierRequest, empty_hbm
 from .settings import RunSettings
 
+Request = Callable[[list[int], int, str | None], RequestResult]   # request(prompt_ids, max_tokens, cache_salt)
+Scheduled = tuple[int, str, int]     # (config index, condition, round)
 
-def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, max_output_tokens=MAX_OUTPUT_TOKENS):
+
+def run_trial(request: Request, ttft_prompt: Prompt, throughput_prompt: Prompt, pause_s: float = PAUSE_MS / 1e3,
+              max_output_tokens: int = MAX_OUTPUT_TOKENS) -> dict[str, Any]:
     """Pure measurement: TTFT (1-token request), pause, throughput (max_output_tokens request), pause.
 
     request(prompt_ids, max_tokens, cache_salt) sends one request and returns its wall_ms and
@@ -52,7 +59,8 @@ def run_trial(request, ttft_prompt, throughput_prompt, pause_s=PAUSE_MS / 1e3, m
     }
 
 
-def run_schedule(num_configs, rounds, block_order=False, conditions=CONDITIONS):
+def run_schedule(num_configs: int, rounds: Sequence[int], block_order: bool = False,
+                 conditions: Sequence[str] = CONDITIONS) -> list[Scheduled]:
     """Order of (config index, condition, round) for the given rounds of every config.
 
     By default round r runs every config once, the configs' order rotated each round, and in
@@ -70,19 +78,19 @@ def run_schedule(num_configs, rounds, block_order=False, conditions=CONDITIONS):
     return schedule
 
 
-def rounds_per_block(round_s, min_block_s):
+def rounds_per_block(round_s: float, min_block_s: float) -> int:
     """How many measured rounds each time block holds, when the run is sized by time: a block
     lasts at least min_block_s, so that the blocks span drift that comes and goes over tens
     of seconds; at least MIN_ROUNDS_PER_BLOCK."""
     return max(MIN_ROUNDS_PER_BLOCK, math.ceil(min_block_s / max(round_s, 1e-9)))
 
 
-def block_of(measured_round, num_rounds, num_blocks):
+def block_of(measured_round: int, num_rounds: int, num_blocks: int) -> int:
     """Time block of the measured_round-th measured round (0-based): even contiguous slices."""
     return measured_round * num_blocks // num_rounds
 
 
-def check_cache_holds(kv_capacity, configs, max_output_tokens):
+def check_cache_holds(kv_capacity: tuple[int, int] | None, configs: Sequence[ConfigPrompts], max_output_tokens: int) -> None:
     """The configs of one run share the engine's KV cache, kv_capacity = (blocks, block size)
     or None: every warmed [A, B] must stay cached while a whole round of every config's
     requests comes and goes (LRU evicts the blocks used longest ago). Raises if the cache is
@@ -102,14 +110,15 @@ def check_cache_holds(kv_capacity, configs, max_output_tokens):
             f"run fewer configs per invocation, or give the cache more memory (--gpu-memory-utilization)")
 
 
-def warm_cache(request, warmup_ids, pause_s, cache_salt=None):
+def warm_cache(request: Request, warmup_ids: list[int], pause_s: float, cache_salt: str | None = None) -> RequestResult:
     """Step 3: the one-time [A, B] generation that fills the prefix cache; returns its request."""
     warm = request(warmup_ids, WARMUP_TOKENS, cache_salt)
     time.sleep(pause_s)
     return warm
 
 
-def run_trials(engine, schedule, configs, settings, clock, desc, hit_salt=None):
+def run_trials(engine: Engine, schedule: Sequence[Scheduled], configs: Sequence[ConfigPrompts], settings: RunSettings,
+               clock: float, desc: str, hit_salt: str | None = None) -> list[dict[str, Any]]:
     """Steps 4-5: every scheduled (config, condition, round) in order, all prompts built first
     (between requests, nothing of this tool runs but a server engine's one /metrics read, and a
     tier condition's untimed steps: tiers.TierRequest). Each trial records its place in the run
@@ -125,12 +134,14 @@ def run_trials(engine, schedule, configs, settings, clock, desc, hit_salt=None):
         start_s = time.perf_counter() - clock
         trial = run_trial(request, ttft_prompt, throughput_prompt, settings.pause_ms / 1e3, settings.max_output_tokens)
         if condition == TIER_CONDITION:
+            if not isinstance(request, TierRequest):            # made for this condition just above
+                raise RuntimeError("internal error: the tier condition's request is not a TierRequest")
             trial["restore_requests"] = request.restores
         trials.append({"config": k, "condition": condition, "round": r, "start_s": start_s, **trial})
     return trials
 
 
-def flush_engine_stats(request, prompt_ids):
+def flush_engine_stats(request: Request, prompt_ids: list[int]) -> RequestResult:
     """A salted 2-token request, untimed. vLLM's counters for a request travel with the
     engine's next outputs (on a GPU with async scheduling, a step late): without a request
     after the last trial, vllm:prefix_cache_hits was seen one hit short. This one must find
@@ -138,7 +149,8 @@ def flush_engine_stats(request, prompt_ids):
     return request(prompt_ids, 2, f"flush-{uuid.uuid4().hex}")
 
 
-def gpu_busy_segments(engine, configs, conditions, settings, first_round, block, hit_salt):
+def gpu_busy_segments(engine: Engine, configs: Sequence[ConfigPrompts], conditions: Sequence[str], settings: RunSettings,
+                      first_round: int, block: int, hit_salt: str | None) -> list[tuple[dict[str, Any], list[str]]]:
     """The GPU-busy segment after the measured rounds (gpu_busy.profiled_segment), where asked
     for (--profiled-requests) and the engine can: per config, (its "gpu_busy", its problems)."""
     count = settings.profiled_requests
@@ -149,7 +161,7 @@ def gpu_busy_segments(engine, configs, conditions, settings, first_round, block,
     return [(segment_summary(records, count), problems) for records, problems in out]
 
 
-def run_configs(engine: Engine, tokenizer, settings: RunSettings, env: dict) -> list[dict]:
+def run_configs(engine: Engine, tokenizer: Any, settings: RunSettings, env: dict) -> list[PhaseResult]:
     """Steps 2-6 for every (A, B) config on a loaded engine (OfflineEngine, or phase 1's
     server), all configs interleaved in one run. Returns the result dicts, in the order of
     settings.configs."""
@@ -218,11 +230,15 @@ def run_configs(engine: Engine, tokenizer, settings: RunSettings, env: dict) -> 
         stats, comparison, stability, method = summarize(own, settings, plan)                         # 6
         overheads = [t["ttft_ms"] - t["engine_ttft_ms"] for t in own if t["round"] >= settings.warmup_trials
                      and t["engine_ttft_ms"] is not None]
-        results.append({
-            "phase": engine.phase,
-            "model": engine.model,
-            "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-            "config": {
+        # a tier's condition and its figures (tier_ttft_saving_pct, tier_over_hit_pct, ...), only in a run with one
+        tier_keys: dict[str, Any] = ({TIER_CONDITION: stats[TIER_CONDITION],
+                                      **{key: comparison[key] for key in comparison if key.startswith("tier_")}}
+                                     if tier else {})
+        results.append(build_phase_result(
+            phase=engine.phase,
+            model=engine.model,
+            timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+            config={
                 "context_size_a": c.size_a,
                 "context_size_b": c.size_b,
                 "max_output_tokens": settings.max_output_tokens,
@@ -236,28 +252,27 @@ def run_configs(engine: Engine, tokenizer, settings: RunSettings, env: dict) -> 
                 "min_block_seconds": settings.min_block_seconds,
                 "seed": settings.seed,
             },
-            "warmup_time_ms": warm.wall_ms,
-            "cache_hit": stats["cache_hit"],
-            "cache_miss": stats["cache_miss"],
-            "ttft_degradation_pct": comparison["ttft_degradation_pct"],
-            "ttft_degradation_ci95": comparison["ttft_degradation_ci95"],
-            "cache_cold": stats["cache_cold"],
-            "ttft_saving_pct": comparison["ttft_saving_pct"],
-            "ttft_saving_ci95": comparison["ttft_saving_ci95"],
-            "ttft_saving_ms": comparison["ttft_saving_ms"],
-            "ttft_saving_ms_ci95": comparison["ttft_saving_ms_ci95"],
-            "interval": method,
-            "reproducibility": stability,
-            "harness_overhead_ms": float(np.median(overheads)) if overheads else None,
-            **({TIER_CONDITION: stats[TIER_CONDITION], **{key: comparison[key] for key in comparison if
-                                                         key.startswith("tier_")}} if tier else {}),
-            "gpu_busy": segment,
-            "cache_audit": cache_audit,
-            "warmup_prompt_tokens": len(c.warmup_ids),
-            "environment": {**env, "tier": tier,
-                            "trial_order": [f"{cond}:{r}" for t in own for cond, r in [(t["condition"], t["round"])]],
-                            "config_wall_s": sum(t["ttft_ms"] + t["total_time_ms"] for t in own) / 1e3,
-                            "run_wall_s": run_wall_s,
-                            "run_started_unix_s": run_started_unix_s},
-        })
+            warmup_time_ms=warm.wall_ms,
+            cache_hit=stats["cache_hit"],
+            cache_miss=stats["cache_miss"],
+            ttft_degradation_pct=comparison["ttft_degradation_pct"],
+            ttft_degradation_ci95=comparison["ttft_degradation_ci95"],
+            cache_cold=stats["cache_cold"],
+            ttft_saving_pct=comparison["ttft_saving_pct"],
+            ttft_saving_ci95=comparison["ttft_saving_ci95"],
+            ttft_saving_ms=comparison["ttft_saving_ms"],
+            ttft_saving_ms_ci95=comparison["ttft_saving_ms_ci95"],
+            interval=method,
+            reproducibility=stability,
+            harness_overhead_ms=float(np.median(overheads)) if overheads else None,
+            **tier_keys,
+            gpu_busy=segment,
+            cache_audit=cache_audit,
+            warmup_prompt_tokens=len(c.warmup_ids),
+            environment={**env, "tier": tier,
+                         "trial_order": [f"{cond}:{r}" for t in own for cond, r in [(t["condition"], t["round"])]],
+                         "config_wall_s": sum(t["ttft_ms"] + t["total_time_ms"] for t in own) / 1e3,
+                         "run_wall_s": run_wall_s,
+                         "run_started_unix_s": run_started_unix_s},
+        ))
     return results

@@ -11,12 +11,16 @@ import re
 import shlex
 import subprocess
 import sys
+from collections.abc import Iterable, Mapping, Sequence
+from typing import Any
+
+from .result_schema import Provenance
 
 
 ENV_PREFIXES = ("VLLM_", "NCCL_", "NVSHMEM_", "TORCH_SYMM_MEM_", "CUDA_VISIBLE_DEVICES", "OMP_NUM_THREADS")
 
 
-def engine_environment(environ):
+def engine_environment(environ: Mapping[str, str]) -> dict[str, str]:
     """The environment variables that change what vLLM and its libraries do, for the JSON
     (not keys or tokens)."""
     return {k: v for k, v in sorted(environ.items())
@@ -28,7 +32,7 @@ REPO_DIR = os.path.dirname(PACKAGE_DIR)          # where the entry scripts and t
 PACKAGE = os.path.basename(PACKAGE_DIR)
 
 
-def code_sha256(named_texts):
+def code_sha256(named_texts: Iterable[tuple[str, bytes]]) -> str:
     """One hash of the tool's code: [(path relative to the repository, bytes)] of the entry
     script and every module of the package. Names are hashed with the texts, so a module
     renamed or added changes it too."""
@@ -38,7 +42,7 @@ def code_sha256(named_texts):
     return digest.hexdigest()
 
 
-def code_files(script):
+def code_files(script: str) -> list[tuple[str, bytes]]:
     """[(name, bytes)] of the entry script and the package's modules, as they are on disk."""
     paths = [(os.path.basename(script), os.path.abspath(script))]
     paths += [(f"{PACKAGE}/{name}", os.path.join(PACKAGE_DIR, name))
@@ -50,7 +54,7 @@ def code_files(script):
     return texts
 
 
-def provenance(argv, prog, script):
+def provenance(argv: Sequence[str], prog: str, script: str) -> Provenance:
     """Where a result came from: the command as typed, and the tool's version: the git commit,
     whether the tree differed from it, the entry script's own hash and the hash of all the code
     (the entry script and the package), which name the code without git too."""
@@ -66,7 +70,7 @@ def provenance(argv, prog, script):
                              "code_sha256": code_sha256(texts)}}
 
 
-def device_name():
+def device_name() -> str:
     """The GPU as torch names it, or the CPU's model name."""
     import torch
 
@@ -80,7 +84,7 @@ def device_name():
     return (model or platform.processor() or "cpu") + " (CPU)"
 
 
-def installed_version(package):
+def installed_version(package: str) -> str | None:
     """A package's installed version, without importing it; None if it is not installed."""
     import importlib.metadata
     try:
@@ -89,16 +93,16 @@ def installed_version(package):
         return None
 
 
-SCRIPTS = {"phase1_server_api": "phase1_experiment.py", "phase2_python_api": "phase2_experiment.py"}
+SCRIPTS: dict[str | None, str] = {"phase1_server_api": "phase1_experiment.py", "phase2_python_api": "phase2_experiment.py"}
 
 
-def git_bytes(*args):
+def git_bytes(*args: str) -> bytes:
     """What a git command in this repository printed, as bytes; raises OSError/SubprocessError."""
     return subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, timeout=30, check=True).stdout
 
 
 @functools.lru_cache(maxsize=None)
-def script_commits(sha256, path="phase2_experiment.py"):
+def script_commits(sha256: str, path: str = "phase2_experiment.py") -> tuple[str, ...]:
     """The commits of this repository whose script at path has this sha256, newest first
     (the last is the commit that made the file so): a result's script hash names the code that
     made it, also where its git_commit could not. For files made before the package existed,
@@ -118,7 +122,7 @@ def script_commits(sha256, path="phase2_experiment.py"):
 
 
 @functools.lru_cache(maxsize=None)
-def code_commits(sha256, script):
+def code_commits(sha256: str, script: str) -> tuple[str, ...]:
     """The commits whose entry script and package have this code_sha256, newest first."""
     try:
         found = []
@@ -137,18 +141,18 @@ def code_commits(sha256, script):
         return ()
 
 
-def parallel_sizes(environment):
+def parallel_sizes(environment: Mapping[str, Any]) -> dict[str, int]:
     """{'TP': n, 'PP': m} from the recorded engine flags (1 where a file does not say)."""
     engine = environment.get("engine_args") or {}
     return {"TP": engine.get("tensor_parallel_size") or 1, "PP": engine.get("pipeline_parallel_size") or 1}
 
 
-def gpus_used(environment):
+def gpus_used(environment: Mapping[str, Any]) -> int:
     """GPUs one engine runs on: tensor x pipeline parallel size."""
     return math.prod(parallel_sizes(environment).values())
 
 
-def devices_label(environment):
+def devices_label(environment: Mapping[str, Any]) -> str | None:
     """'NVIDIA H200', or '2 x NVIDIA H200 (TP=2)' for an engine spread over several GPUs."""
     device = environment.get("device")
     sizes = parallel_sizes(environment)
@@ -157,7 +161,7 @@ def devices_label(environment):
     return f"{gpus_used(environment)} x {device} ({', '.join(f'{name}={n}' for name, n in sizes.items() if n > 1)})"
 
 
-def describe_provenance(data):
+def describe_provenance(data: Mapping[str, Any]) -> dict[str, str]:
     """Where one result came from, as short text: the command, the tool's version, machine, time."""
     env = data.get("environment", {})
     version = env.get("tool_version") or {}

@@ -1,6 +1,7 @@
 """Result files: one writer (write_result: atomic, floats rounded, schema version stamped), the
-readers next to it (read_json, load_result, discover_results, discover_load_results), the schema
-version, and the path rules (results_phase<N>_a<A>_b<B>.json, results_load_..., results_fleet_...).
+readers next to it (read_result: the typed form of result_schema; load_result, discover_results,
+discover_load_results), and the path rules (results_phase<N>_a<A>_b<B>.json, results_load_...,
+results_fleet_...).
 """
 import fnmatch
 import glob
@@ -9,21 +10,20 @@ import json
 import os
 import re
 import tempfile
+from collections.abc import Callable, Iterable
+from typing import Any, cast
 
 import numpy as np
 
 from .defaults import RESULTS_DIR
 from .errors import ExperimentError
+from .result_schema import (SCHEMA_VERSION, CapacityCurve, LoadResult, PhaseResult, Result, TraceResult, check_result,
+                            kind_of)
 
-# The result files' schema, read back by read_result and discover_load_results. 0: files without
-# a "schema_version" key: the design's own (phase, model, config, cache_hit/cache_miss with
-# trials and stats, ttft_degradation_pct) and every kind this project wrote before the key (phase
-# 1 and 2 results, load, working-set and fleet files); all are still read. 1: the same keys, plus
-# "schema_version", and tool_version.code_sha256 (the hash of the entry script and the package).
-SCHEMA_VERSION = 1
+Skipped = list[tuple[str, str]]        # [(path, why it was skipped)]
 
 
-def rounded(obj, digits=3):
+def rounded(obj: object, digits: int = 3) -> object:
     """obj with every float rounded: for the JSON only (in memory everything keeps full precision)."""
     if isinstance(obj, float):
         return round(obj, digits) if np.isfinite(obj) else None     # JSON has no infinity
@@ -34,7 +34,7 @@ def rounded(obj, digits=3):
     return obj
 
 
-def write_json_atomic(path, obj):
+def write_json_atomic(path: str, obj: object) -> None:
     """Temp file in the same folder + rename: readers see the old file or the whole new one."""
     fd, tmp = tempfile.mkstemp(dir=os.path.dirname(path) or ".", prefix=".tmp-", suffix=".json")
     try:
@@ -49,16 +49,18 @@ def write_json_atomic(path, obj):
             os.unlink(tmp)
 
 
-def write_result(path, result):
-    """A result file: the result, its floats rounded, stamped with the schema version."""
+def write_result(path: str, result: Result) -> None:
+    """A result file: the result (made by one of result_schema's builders; checked again here),
+    its floats rounded, stamped with the schema version."""
+    check_result(result)
     write_json_atomic(path, rounded({"schema_version": SCHEMA_VERSION, **result}))
 
 
-def results_path(results_dir, size_a, size_b, phase=2):
+def results_path(results_dir: str, size_a: int, size_b: int, phase: int = 2) -> str:
     return os.path.join(results_dir, f"results_phase{phase}_a{size_a}_b{size_b}.json")
 
 
-def check_writable_dir(path, flag, error=ExperimentError):
+def check_writable_dir(path: str, flag: str, error: type[Exception] = ExperimentError) -> None:
     """Make the folder if it is not there and write a file in it; else raise error, one line
     naming the flag that gave the folder. Checked before the run, not after its minutes."""
     if os.path.exists(path) and not os.path.isdir(path):
@@ -71,7 +73,7 @@ def check_writable_dir(path, flag, error=ExperimentError):
         raise error(f"{flag} {path!r} cannot be written: {e.strerror or e}")
 
 
-def check_results_dir(path, make=True):
+def check_results_dir(path: str, make: bool = True) -> None:
     """check_writable_dir of --results-dir; make=False: only what can be told without making the
     folder (a file in its place, or its nearest existing folder not writable)."""
     if make:
@@ -86,7 +88,7 @@ def check_results_dir(path, make=True):
                               f"{'not a folder' if not os.path.isdir(nearest) else 'not writable'}")
 
 
-def note_existing_results(settings):
+def note_existing_results(settings: Any) -> None:       # a settings.RunSettings: a module of this layer, not imported
     if settings.worker_output:
         return
     for a, b in settings.configs:
@@ -95,7 +97,7 @@ def note_existing_results(settings):
             print(f"note: {path} exists; it is replaced only once the run completes")
 
 
-def load_results_path(results_dir, result):
+def load_results_path(results_dir: str, result: LoadResult) -> str:
     cfg = result["config"]
     if result.get("front"):
         load = "rate" if cfg["load"] == "request_rate" else "concurrency"
@@ -108,7 +110,7 @@ def load_results_path(results_dir, result):
     return os.path.join(results_dir, name)
 
 
-def trace_stem(trace_path):
+def trace_stem(trace_path: str) -> str:
     """A trace file's name without its folder and .jsonl(.gz)."""
     name = os.path.basename(trace_path)
     for suffix in (".gz", ".jsonl", ".json"):
@@ -116,7 +118,7 @@ def trace_stem(trace_path):
     return name
 
 
-def trace_results_path(results_dir, result):
+def trace_results_path(results_dir: str, result: TraceResult | CapacityCurve) -> str:
     """results_trace_{trace}_s{start}_n{requests}.json of a replay (..._tier.json with a second
     tier), results_capacity_{trace}_s{start}_n{requests}.json of a --simulate-capacities curve."""
     kind = "capacity" if result["experiment"] == "capacity_curve" else "trace"
@@ -136,32 +138,33 @@ FILE_RE = re.compile(r"^results_(phase\d+)_a(\d+)_b(\d+)\.json(\.gz)?$")
 REQUIRED_STATS = ("ttft_mean", "throughput_mean")
 
 
-def read_result(path):
-    """A result file of any kind, parsed, or raise ValueError saying what is wrong with it: not
-    JSON, cut short, or written in a schema newer than this reader's."""
+def read_result(path: str) -> Result:
+    """A result file of any kind the tool writes, in its typed form (result_schema), or raise
+    ValueError saying what is wrong with it: not JSON, cut short, written in a schema newer than
+    this reader's, of no kind this tool writes, or without a key every file of its kind holds."""
     data = read_json(path)
     version = data.get("schema_version", 0)
     if not isinstance(version, int) or isinstance(version, bool) or not 0 <= version <= SCHEMA_VERSION:
         raise ValueError(f"schema_version {version!r}: this tool reads 0 to {SCHEMA_VERSION} "
                          f"(a newer version of it wrote the file?)")
-    return data
+    return check_result(data)
 
 
-def load_result(path):
+def load_result(path: str) -> PhaseResult:
     """A phase 1 or phase 2 result with what a chart needs (the design's cache_hit and cache_miss
-    stats), or raise ValueError saying what is wrong with it."""
+    stats, as numbers), or raise ValueError saying what is wrong with it."""
     data = read_result(path)
-    for cond in ("cache_hit", "cache_miss"):
-        stats = data.get(cond, {}).get("stats") if isinstance(data.get(cond), dict) else None
-        if not isinstance(stats, dict):
-            raise ValueError(f"no {cond}.stats")
+    if kind_of(data) != "phase":
+        raise ValueError(f"not a phase 1/2 result (experiment {data.get('experiment')!r})")
+    result = cast(PhaseResult, data)
+    for cond, stats in (("cache_hit", result["cache_hit"]["stats"]), ("cache_miss", result["cache_miss"]["stats"])):
         missing = [k for k in REQUIRED_STATS if not isinstance(stats.get(k), (int, float))]
         if missing:
             raise ValueError(f"{cond}.stats lacks {', '.join(missing)}")
-    return data
+    return result
 
 
-def read_json(path):
+def read_json(path: str) -> dict[str, Any]:
     """A JSON object from a file (or a .gz of one), or raise ValueError saying what is wrong."""
     try:
         with (gzip.open(path, "rt") if path.endswith(".gz") else open(path)) as f:
@@ -175,8 +178,9 @@ def read_json(path):
     return data
 
 
-def discover_results(results_dir=RESULTS_DIR):
+def discover_results(results_dir: str = RESULTS_DIR) -> tuple[dict[str, dict[tuple[int, int], PhaseResult]], Skipped]:
     """{phase: {(A, B): data}} ordered numerically by (A, B), and [(path, why)] for skipped files."""
+    phases: dict[str, dict[tuple[int, int], PhaseResult]]
     phases, skipped = {}, []
     for path in sorted(glob.glob(os.path.join(results_dir, FILE_PATTERN)) +
                        glob.glob(os.path.join(results_dir, FILE_PATTERN + ".gz"))):
@@ -200,7 +204,8 @@ TRACE_PATTERNS = ("results_trace_*.json", "results_capacity_*.json")
 FLEET_RE = re.compile(r"^results_fleet_(.+)_a(\d+)_(p[\d-]+)_(concurrency|rate)\.json(\.gz)?$")
 
 
-def discover_files(results_dir, patterns, why_not):
+def discover_files(results_dir: str, patterns: Iterable[str],
+                   why_not: Callable[[Result], str | None]) -> tuple[list[tuple[str, Any]], Skipped]:
     """[(path, data)] of the files in results_dir matching patterns (or gzipped), and [(path, why)]
     for those skipped: unreadable, or refused by why_not(data) (a reason, or None to keep)."""
     found, skipped = [], []
@@ -219,13 +224,14 @@ def discover_files(results_dir, patterns, why_not):
     return found, skipped
 
 
-def discover_load_results(results_dir=RESULTS_DIR):
+def discover_load_results(results_dir: str = RESULTS_DIR) -> tuple[list[tuple[str, LoadResult]], Skipped]:
     """[(path, data)] of the load and working-set files, and [(path, why)] for skipped ones."""
     return discover_files(results_dir, LOAD_PATTERNS, lambda data: None if data.get("experiment") in (
         "load", "working_set") and data.get("levels") else "no load levels in it")
 
 
-def discover_trace_results(results_dir=RESULTS_DIR):
+def discover_trace_results(results_dir: str = RESULTS_DIR) -> tuple[list[tuple[str, TraceResult]],
+                                                                     list[tuple[str, CapacityCurve]], Skipped]:
     """([(path, replay)], [(path, capacity curve)], [(path, why)] for skipped files)."""
     found, skipped = discover_files(results_dir, TRACE_PATTERNS, lambda data: None if data.get("experiment") in (
         "trace", "capacity_curve") else "neither a trace replay nor a capacity curve")
@@ -233,11 +239,11 @@ def discover_trace_results(results_dir=RESULTS_DIR):
             [(p, d) for p, d in found if d["experiment"] == "capacity_curve"], skipped)
 
 
-def check_out_dir(path):
+def check_out_dir(path: str) -> None:
     check_writable_dir(path, "--out-dir", OSError)
 
 
-def folders_with_results(results_dir):
+def folders_with_results(results_dir: str) -> list[str]:
     """The folders under results_dir (at any depth) that hold result files: those with the most
     phase 1/2 result files first (what the grouped-bar charts draw), then by name."""
     found = {}
@@ -249,7 +255,7 @@ def folders_with_results(results_dir):
     return sorted(found, key=lambda folder: (-found[folder], folder))
 
 
-def folders_with_results_hint(results_dir):
+def folders_with_results_hint(results_dir: str) -> str:
     """For a folder with no result files of its own: where under it some are, as the end of an
     error line ('' where none are)."""
     folders = folders_with_results(results_dir)

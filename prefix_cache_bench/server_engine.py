@@ -8,6 +8,8 @@ import os
 import shlex
 import sys
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any, Literal
 
 import numpy as np
 
@@ -16,13 +18,14 @@ from .defaults import (CONDITIONS, CONNECTION, DETAILS_FLAG, EMBEDDED_KEEP_ALIVE
                        REMOTE_DEVICE, SERVER_PHASE, TIER_CONDITION)
 from .engine_api import RequestResult
 from .errors import ExperimentError, first_line
-from .http_client import no_usage
+from .http_client import HttpClient, no_usage
 from .host import machine_info
 from .prometheus import (REQUEST_TIME_HISTOGRAMS, REQUEST_TOKEN_HISTOGRAMS, cache_config, engine_cache_config, label_int,
                          one_request_sources, one_request_times, parse_metrics, request_time_totals, server_counters,
-                         source_totals, split_engines)
+                         source_totals, split_engines, Metrics)
 from .prompts import check_context_fits, special_prefix_ids
 from .provenance import device_name, engine_environment, installed_version
+from .servers import EmbeddedServer
 from .settings import Phase1Settings
 
 # Why a server's run has no GPU-busy segment (gpu_busy.py): vLLM's profiler writes its traces on the
@@ -36,13 +39,14 @@ class ServerEngine:
     phase = SERVER_PHASE
     shared = True
 
-    def __init__(self, client, model, audited=True, metrics_urls=None, route=None, tier_description=None):
+    def __init__(self, client: HttpClient, model: str, audited: bool = True, metrics_urls: list[str] | None = None,
+                 route: list[str] | None = None, tier_description: dict[str, Any] | Literal[False] | None = None):
         self.client, self.model, self.audited = client, model, audited
         # the servers whose /metrics count this run's requests: the front itself, or the replicas behind a router
         self.metrics_urls = metrics_urls or [client.base_url]
         # the fleet policy ideal: document k's requests go straight to route[k % N]; None: all to the client's server
         self.route = route
-        self._cache_configs = None
+        self._cache_configs: dict[str, dict[str, str]] | None = None
         self.connections_before = client.connections_opened
         self.last_end = 0.0
         # the server's TTFT / queue / prefill histograms as they stood after the last request
@@ -50,22 +54,22 @@ class ServerEngine:
         # once a request's reading never came: the rest of the run reads none. Read only where the
         # front publishes them itself, over the one kept connection (behind a router the replicas'
         # /metrics would need connections of their own between timed requests)
-        self.times_after_last = None
+        self.times_after_last: dict[str, Any] | None = None
         self.request_times_readable = self.metrics_urls == [client.base_url]
         # the server's second cache tier (tier()), where its flags say (an embedded server); False: it has
         # none; None: asked of the server when first needed
         self.tier_description = tier_description
 
-    def server_engines(self):
+    def server_engines(self) -> list[list[tuple[str, Metrics]]]:
         """[[(name, parsed /metrics)] of each engine of a server] for every server behind the
         front: one engine per server, or one per engine labelled apart (--data-parallel-size)."""
         return [split_engines(url, parse_metrics(self.client.get_url(url + "/metrics"))) for url in self.metrics_urls]
 
-    def replica_metrics(self):
+    def replica_metrics(self) -> list[tuple[str, Metrics]]:
         """[(name, parsed /metrics)] of every engine behind the front."""
         return [engine for engines in self.server_engines() for engine in engines]
 
-    def request(self, prompt_ids, max_tokens, cache_salt=None):
+    def request(self, prompt_ids: list[int], max_tokens: int, cache_salt: str | None = None) -> RequestResult:
         body = {"model": self.model, "prompt": prompt_ids, "max_tokens": max_tokens, "temperature": 0.0,
                 "ignore_eos": True, "stream": True, "stream_options": {"include_usage": True}}
         if cache_salt is not None:
@@ -86,8 +90,8 @@ class ServerEngine:
         if own_times and own_times["engine_ttft_ms"] > (first - sent) * 1e3:
             own_times = None                # the server's TTFT cannot exceed the client's: not this request's
         # where its cached tokens came from, read from the same /metrics as its times
-        sources = one_request_sources(times_before.get("sources", {}), self.times_after_last.get("sources", {}),
-                                      usage.get("prompt_tokens")) if own_times and self.times_after_last else {}
+        sources: dict[str, Any] = one_request_sources(times_before.get("sources", {}), self.times_after_last.get("sources", {}),
+                                                      usage.get("prompt_tokens")) if own_times and self.times_after_last else {}
         self.last_end = time.perf_counter()
         return RequestResult(
             wall_ms=(ended - sent) * 1e3,
@@ -96,9 +100,9 @@ class ServerEngine:
             cached_tokens=details.get("cached_tokens") if self.audited else None,
             output_tokens=output_tokens,
             # the server's own TTFT, queue and prefill time of this request (None: not readable)
-            engine_ttft_ms=own_times and own_times["engine_ttft_ms"],
-            prefill_ms=own_times and own_times["prefill_ms"],
-            queue_ms=own_times and own_times["queue_ms"],
+            engine_ttft_ms=own_times["engine_ttft_ms"] if own_times else None,
+            prefill_ms=own_times["prefill_ms"] if own_times else None,
+            queue_ms=own_times["queue_ms"] if own_times else None,
             decode_ms=(token_times[-1] - first) * 1e3 if token_times else None,
             tpot_ms=(token_times[-1] - first) * 1e3 / (output_tokens - 1) if output_tokens > 1 and token_times else None,
             itl_ms=gaps.tolist() if max_tokens > 1 else None,
@@ -106,7 +110,7 @@ class ServerEngine:
             **(sources if self.audited else {}),
         )
 
-    def request_times(self):
+    def request_times(self) -> dict[str, Any]:
         """The server's TTFT / queue / prefill histogram totals over every engine behind the front;
         {} where /metrics cannot be read (the breakdown is optional: a run goes on without it)."""
         try:
@@ -115,7 +119,8 @@ class ServerEngine:
             return {}
         return {**request_time_totals(engines), "sources": source_totals(engines)}
 
-    def own_request_times(self, before, prompt_tokens, output_tokens, wait_s=2.0):
+    def own_request_times(self, before: Mapping[str, Any], prompt_tokens: int | None, output_tokens: int,
+                          wait_s: float = 2.0) -> dict[str, float] | None:
         """What the request just ended added to the server's histograms (prometheus.one_request_times),
         read once the server has recorded it (it records a request as the request finishes, at
         about the time its last chunk is sent); None where no single request's times can be read.
@@ -135,12 +140,12 @@ class ServerEngine:
         self.times_after_last = after if grown else None
         return one_request_times(before, after, prompt_tokens, output_tokens)
 
-    def reset_prefix_cache(self):
+    def reset_prefix_cache(self) -> bool:
         """Nothing to reset: every run hits in a cache namespace of its own (run_configs gives a
         shared engine's warmup and hits a run salt). A deployment's cache is left alone."""
         return True
 
-    def empty_hbm_prefix_cache(self):
+    def empty_hbm_prefix_cache(self) -> bool:
         """The cache_tier condition: POST /reset_prefix_cache, which empties the GPU prefix cache
         and keeps the tier's (reset_external defaults to false). vLLM serves it only with
         VLLM_SERVER_DEV_MODE=1, which phase 1 sets on a server it starts with a tier."""
@@ -151,7 +156,7 @@ class ServerEngine:
                                   f"of its requests, and POST /reset_prefix_cache failed ({first_line(e)}): start "
                                   f"the server with VLLM_SERVER_DEV_MODE=1")
 
-    def tier(self):
+    def tier(self) -> dict[str, Any] | None:
         """The server's second cache tier, or None: tier_description, set from its flags where phase 1
         starts it; for a server reached by --base-url, a KV connector that has been asked for prefixes
         (vllm:external_prefix_cache_queries grew: the audit probe asks it), with
@@ -165,35 +170,35 @@ class ServerEngine:
                 native = size not in (None, "", "None")
                 self.tier_description = {"connector": "OffloadingConnector" if native else "a KV connector",
                                          "backend": labels.get("kv_offloading_backend") if native else None,
-                                         "size_gib": float(size) if native else None, "extra_config": {}}
+                                         "size_gib": float(size) if native and size is not None else None, "extra_config": {}}
         return self.tier_description or None
 
-    def counters(self):
+    def counters(self) -> dict[str, Any] | None:
         if not self.audited:
             return None
         return sum_counters([server_counters(metrics) for _, metrics in self.replica_metrics()])
 
-    def kv_capacity(self):
+    def kv_capacity(self) -> tuple[int, int] | None:
         """(KV blocks of the smallest engine, block size), or None: what any one request can
         count on, wherever it lands (phase 2's check_cache_holds)."""
         layouts = self.replica_layouts().values()
         if not layouts or None in layouts:
             return None
-        return min(layouts)
+        return min(layout for layout in layouts if layout is not None)     # none is None (checked above)
 
-    def gpu_busy_unavailable(self):
+    def gpu_busy_unavailable(self) -> str | None:
         return GPU_BUSY_NOT_THROUGH_A_SERVER
 
-    def total_kv_capacity_tokens(self):
+    def total_kv_capacity_tokens(self) -> int | None:
         """KV capacity in tokens of all engines together, or None if one does not say."""
         capacities = self.replica_capacities().values()
-        return None if not capacities or None in capacities else sum(capacities)
+        return None if not capacities or None in capacities else sum(c for c in capacities if c is not None)
 
-    def replica_capacities(self):
+    def replica_capacities(self) -> dict[str, int | None]:
         """{engine name: KV capacity in tokens (None if not reported)}."""
         return {name: layout[0] * layout[1] if layout else None for name, layout in self.replica_layouts().items()}
 
-    def replica_layouts(self):
+    def replica_layouts(self) -> dict[str, tuple[int, int] | None]:
         """{engine name: (KV blocks, block size), or None if not reported}."""
         layouts = {}
         for name, labels in self.cache_configs().items():
@@ -201,7 +206,7 @@ class ServerEngine:
             layouts[name] = (blocks, size) if blocks and size else None
         return layouts
 
-    def cache_configs(self):
+    def cache_configs(self) -> dict[str, dict[str, str]]:
         """{engine name: its vllm:cache_config_info labels}, read from each /metrics once: an
         engine's cache layout does not change while it runs, and after a failure it may not answer."""
         if self._cache_configs is None:
@@ -210,7 +215,7 @@ class ServerEngine:
         return self._cache_configs
 
 
-def served_model(client, wanted):
+def served_model(client: HttpClient, wanted: str | None) -> dict[str, Any]:
     """The id to send as "model": wanted if the server serves it, else its only model."""
     cards = client.get("/v1/models").get("data", [])
     ids = [card["id"] for card in cards]
@@ -222,7 +227,7 @@ def served_model(client, wanted):
     raise ExperimentError(f"{client.base_url} serves {ids}, not {wanted!r}: pass --model with one of them")
 
 
-def load_tokenizer(name, client, model):
+def load_tokenizer(name: str, client: HttpClient, model: str) -> Any:
     """The local tokenizer, checked against the server's own /tokenize on a sample text. First
     the fast tokenizer's generic class (transformers' PreTrainedTokenizerFast, from the model's
     tokenizer.json; it imports no torch, where AutoTokenizer does: seconds of every run), kept
@@ -253,12 +258,12 @@ def load_tokenizer(name, client, model):
     return tokenizer
 
 
-def prefix_cache_queries_growth(before, now):
+def prefix_cache_queries_growth(before: Mapping[str, Any], now: Mapping[str, Any] | None) -> float:
     """Tokens the prefix cache was queried for since before (0 while the server gives no reading)."""
     return now["prefix_cache_queries"] - before["prefix_cache_queries"] if now else 0
 
 
-def check_audit_possible(engine, tokenizer, allow_unaudited):
+def check_audit_possible(engine: ServerEngine, tokenizer: Any, allow_unaudited: bool) -> str | None:
     """One untimed request: does the server report cached tokens? Without them nothing can be
     audited; that is refused unless allow_unaudited. Returns the reason a run is unaudited, or None."""
     before = engine.counters()
@@ -266,7 +271,11 @@ def check_audit_possible(engine, tokenizer, allow_unaudited):
                            1, f"probe-{os.getpid()}-{time.time()}")
     if probe.cached_tokens is not None:
         if before is not None:          # a server without prefix-cache counters: nothing to wait for
-            wait_for_counters(engine.counters, prefix_cache_queries_growth, before, probe.prompt_tokens)
+            if probe.prompt_tokens is None:     # a server that says its cached tokens says its prompt tokens
+                raise ExperimentError(f"{engine.client.base_url} did not say the probe's prompt tokens (usage)")
+            # arg-type: mypy takes the counters' type from before, narrowed to not None, and then refuses counters()
+            wait_for_counters(engine.counters, prefix_cache_queries_growth, before,  # type: ignore[arg-type]
+                              probe.prompt_tokens)
         return None
     reason = (f"the server does not report cached tokens (usage.prompt_tokens_details): it runs without "
               f"{DETAILS_FLAG}")
@@ -276,8 +285,9 @@ def check_audit_possible(engine, tokenizer, allow_unaudited):
     return reason + "; nothing says which requests really hit the cache"
 
 
-def prepare(client, settings: Phase1Settings, model_dir: str | None, metrics_urls: list | None = None,
-            route: list | None = None, tier_description: dict | bool | None = None) -> tuple:
+def prepare(client: HttpClient, settings: Phase1Settings, model_dir: str | None, metrics_urls: list[str] | None = None,
+            route: list[str] | None = None, tier_description: dict[str, Any] | Literal[False] | None = None
+            ) -> tuple[ServerEngine, Any, dict[str, Any], str | None]:
     """The checks before a run (settings: Phase1Settings), on the server (or front) client talks
     to: the served model, the tokenizer, the prompts' fit, the audit probe. Returns (engine,
     tokenizer, card, unaudited); the engine names the served model's id."""
@@ -293,7 +303,7 @@ def prepare(client, settings: Phase1Settings, model_dir: str | None, metrics_url
     return engine, tokenizer, card, unaudited
 
 
-def add_phase1_stats(result, unaudited):
+def add_phase1_stats(result: Mapping[str, Any], unaudited: str | None) -> None:
     """What phase 1 adds to phase 2's result: per condition the warmup TTFT (its discarded
     rounds' mean), time per output token and inter-token latency of the throughput requests,
     the server's own TTFT beside the client's, and the unaudited mark."""
@@ -318,7 +328,8 @@ def add_phase1_stats(result, unaudited):
         result["cache_audit"].update({"ok": None, "unaudited": unaudited, "problems": []})
 
 
-def server_environment(client, card, server, vllm_flags, engine):
+def server_environment(client: HttpClient, card: Mapping[str, Any], server: EmbeddedServer | None, vllm_flags: Sequence[str],
+                       engine: ServerEngine) -> dict[str, Any]:
     """What the JSON records of the server: its vLLM version, cache layout, how it was reached.
     Both are read from the first server behind the front (a router has no /metrics)."""
     labels = next(iter(engine.cache_configs().values()))

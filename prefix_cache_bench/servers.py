@@ -12,18 +12,21 @@ import subprocess
 import sys
 import tempfile
 import time
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 from .defaults import DETAILS_FLAG, EMBEDDED_KEEP_ALIVE_S, IDEAL, SERVER_STOP_GRACE_S
+from .engine_api import LoadServer
 from .errors import ERROR_LINE, ExperimentError
 
 
-def free_port(host):
+def free_port(host: str) -> int:
     with socket.socket() as s:
         s.bind((host, 0))
         return s.getsockname()[1]
 
 
-def check_port_free(host, port):
+def check_port_free(host: str, port: int) -> None:
     with socket.socket() as s:
         s.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
         try:
@@ -46,7 +49,7 @@ EXCEPTION_LINE = re.compile(LOG_PREFIX.pattern + r"((?:[\w.]+\.)?\w*(?:Error|Exc
 GENERIC_FAILURE = re.compile(r"root cause|Engine core initialization failed", re.IGNORECASE)
 
 
-def error_line(path, last=False):
+def error_line(path: str, last: bool = False) -> str:
     """Why a server failed, in one line of its log: the first exception it names (the last,
     for a server that died after running a while), passing over a "see the root cause above"
     from a process that only saw another one fail; else such a line; else the first line that
@@ -78,8 +81,14 @@ class ManagedProcess:
     file. Subclasses set command, base_url, environment and what (its name in messages)."""
     what = "the server"
     log_prefix = "phase1-server-"
+    command: list[str]                  # set by the subclass
+    base_url: str
+    environment: dict[str, str]
+    proc: subprocess.Popen[bytes] | None
+    start_s: float | None
+    t0: float | None
 
-    def __init__(self):
+    def __init__(self) -> None:
         fd, self.log_path = tempfile.mkstemp(prefix=self.log_prefix, suffix=".log")
         os.close(fd)
         self.proc, self.start_s, self.t0 = None, None, None
@@ -91,7 +100,7 @@ class ManagedProcess:
     def __exit__(self, *exc):
         self.stop()
 
-    def launch(self):
+    def launch(self) -> None:
         """Start the process; wait_ready() then waits for it."""
         self.t0 = time.perf_counter()
         with open(self.log_path, "ab") as log:
@@ -100,11 +109,13 @@ class ManagedProcess:
         print(f"starting {self.what} (pid {self.proc.pid}): {shlex.join(self.command)}\nlog: {self.log_path}",
               flush=True)
 
-    def wait_ready(self, timeout_s):
+    def wait_ready(self, timeout_s: float) -> None:
         """Wait until /health answers 200; raise if the process exits or the time runs out."""
         import urllib.error
         import urllib.request
 
+        if self.proc is None or self.t0 is None:
+            raise RuntimeError(f"{self.what}: wait_ready() before launch()")
         while time.perf_counter() - self.t0 < timeout_s:
             if self.proc.poll() is not None:
                 raise ExperimentError(f"{self.what} exited with code {self.proc.returncode} during its start: "
@@ -123,11 +134,11 @@ class ManagedProcess:
         raise ExperimentError(f"{self.what} was not ready within --server-start-timeout {timeout_s:g} s "
                               f"(log: {self.log_path})")
 
-    def start(self, timeout_s):
+    def start(self, timeout_s: float) -> None:
         self.launch()
         self.wait_ready(timeout_s)
 
-    def death(self, wait_s=2):
+    def death(self, wait_s: float = 2) -> str | None:
         """One line if the process has exited (or does within wait_s: a broken connection can be
         seen before the process is gone), else None."""
         if self.proc is None:
@@ -139,7 +150,7 @@ class ManagedProcess:
         return (f"{self.what} (pid {self.proc.pid}) exited with code {self.proc.returncode} during the run: "
                 f"{error_line(self.log_path, last=True)} (log: {self.log_path})")
 
-    def stop(self):
+    def stop(self) -> None:
         """SIGTERM to the process's whole group, SIGKILL to whatever is left after the grace."""
         if self.proc is None:
             return
@@ -167,7 +178,8 @@ class EmbeddedServer(ManagedProcess):
     what = "the vLLM server"
     log_prefix = "phase1-vllm-serve-"
 
-    def __init__(self, model, host, port, vllm_flags, extra_env=None, name=None):
+    def __init__(self, model: str, host: str, port: int, vllm_flags: Sequence[str],
+                 extra_env: Mapping[str, str] | None = None, name: str | None = None):
         super().__init__()
         self.model = model
         if name:
@@ -185,7 +197,7 @@ class RouterProcess(ManagedProcess):
     what = "vllm-router"
     log_prefix = "phase1-vllm-router-"
 
-    def __init__(self, worker_urls, policy, host, port, router_args):
+    def __init__(self, worker_urls: Sequence[str], policy: str, host: str, port: int, router_args: Sequence[str]):
         super().__init__()
         binary = shutil.which("vllm-router") or os.path.join(os.path.dirname(sys.executable), "vllm-router")
         if not os.path.exists(binary):
@@ -199,7 +211,7 @@ class RouterProcess(ManagedProcess):
         self.environment = dict(os.environ)
 
 
-def replica_devices(index, vllm_flags):
+def replica_devices(index: int, vllm_flags: Sequence[str]) -> str:
     """CUDA_VISIBLE_DEVICES of replica `index`: the next tensor x pipeline parallel GPUs."""
     sizes = {"--tensor-parallel-size": 1, "--pipeline-parallel-size": 1, "-tp": 1, "-pp": 1}
     for k, flag in enumerate(vllm_flags):
@@ -216,19 +228,20 @@ class Fleet:
     --data-parallel-size N`. The policy `ideal` has no front: the client sends each document
     to a replica of its own. Every part is stopped at the end, on error and on Ctrl-C."""
 
-    def __init__(self, model, host, replicas, vllm_flags, router, router_args):
+    def __init__(self, model: str, host: str, replicas: int, vllm_flags: Sequence[str], router: str,
+                 router_args: Sequence[str]):
         self.host, self.router_kind, self.router_args = host, router, router_args
         if router == "dp":
             self.replicas = [EmbeddedServer(model, host, free_port(host), [*vllm_flags, "--data-parallel-size",
                                                                            str(replicas)], name="(data parallel)")]
         else:
-            ports = set()
+            ports: set[int] = set()
             while len(ports) < replicas:
                 ports.add(free_port(host))
             self.replicas = [EmbeddedServer(model, host, port, vllm_flags, name=f"replica {k}",
                                             extra_env={"CUDA_VISIBLE_DEVICES": replica_devices(k, vllm_flags)})
                              for k, port in enumerate(sorted(ports))]
-        self.router = None
+        self.router: RouterProcess | None = None
         self.model = model
 
     def __enter__(self):
@@ -237,14 +250,14 @@ class Fleet:
     def __exit__(self, *exc):
         self.stop()
 
-    def start(self, timeout_s):
+    def start(self, timeout_s: float) -> None:
         """All replicas at once (each start waits on its own compile and load), then each ready."""
         for replica in self.replicas:
             replica.launch()
         for replica in self.replicas:
             replica.wait_ready(timeout_s)
 
-    def start_router(self, policy, timeout_s):
+    def start_router(self, policy: str, timeout_s: float) -> str:
         """The front for one policy (none for --router dp, or for the policy ideal); its base URL."""
         if self.router_kind == "dp" or policy == IDEAL:
             return self.replicas[0].base_url
@@ -253,22 +266,22 @@ class Fleet:
         self.router.start(timeout_s)
         return self.router.base_url
 
-    def stop_router(self):
+    def stop_router(self) -> None:
         if self.router:
             self.router.stop()
             self.router = None
 
     @property
-    def metrics_urls(self):
+    def metrics_urls(self) -> list[str]:
         return [r.base_url for r in self.replicas]
 
-    def death(self):
+    def death(self) -> str | None:
         """One line for every part that has exited, or None."""
         dead = [line for part in ([self.router] if self.router else []) + self.replicas
                 for line in [part.death(wait_s=0.5)] if line]
         return "; ".join(dead) or None
 
-    def stop(self):
+    def stop(self) -> None:
         try:
             self.stop_router()
         finally:
@@ -276,7 +289,7 @@ class Fleet:
                 replica.stop()
 
 
-def fleet_environment(fleet, policy, engine):
+def fleet_environment(fleet: Fleet, policy: str, engine: LoadServer) -> dict[str, Any]:
     """What the JSON records of a fleet: the front, the replicas, their KV capacities."""
     return {"front": policy, "router": fleet.router_kind,
             "router_command": shlex.join(fleet.router.command) if fleet.router else None,

@@ -11,6 +11,7 @@ library callers build them directly. No vLLM import.
 """
 from __future__ import annotations
 
+import argparse
 import dataclasses
 import re
 from collections.abc import Mapping
@@ -53,7 +54,7 @@ class RunSettings:
             usage_error("a config is listed twice")
 
     @classmethod
-    def from_flags(cls, flags, **resolved):
+    def from_flags(cls, flags: argparse.Namespace, **resolved: Any) -> RunSettings:
         """From experiment_parser's flags: --sizes or --size-a/--size-b as configs, and the
         run's shape by how many processes measure (several short ones, or one long one).
         resolved: what the flags do not hold (model, seed, provenance, ...) or a phase fixes."""
@@ -94,7 +95,7 @@ class ServerSettings:
             usage_error(f"--base-url must look like http://host:port, got {self.base_url!r}")
 
     @classmethod
-    def from_flags(cls, flags):
+    def from_flags(cls, flags: argparse.Namespace) -> ServerSettings:
         return cls(model=flags.model, base_url=flags.base_url, tokenizer=flags.tokenizer, host=flags.host,
                    port=flags.port, start_timeout_s=flags.server_start_timeout,
                    request_timeout_s=flags.request_timeout, allow_unaudited=flags.allow_unaudited,
@@ -123,7 +124,7 @@ class LoadSettings:
                         "--concurrency or --request-rate")
 
     @classmethod
-    def from_flags(cls, flags):
+    def from_flags(cls, flags: argparse.Namespace) -> LoadSettings | None:
         """None where no load flag is given: then phase 1 measures one request at a time."""
         if not (flags.concurrency or flags.request_rate or flags.num_prefixes):
             return None
@@ -138,7 +139,7 @@ class LoadSettings:
                    repeats=flags.repeats, slo_ttft_ms=flags.slo_ttft_ms)
 
     @property
-    def working_set(self):
+    def working_set(self) -> bool:
         """A sweep over the number of documents at one load level."""
         return len(self.num_prefixes) > 1
 
@@ -162,7 +163,7 @@ class FleetSettings:
                         f"(and {IDEAL}: no router, each document straight to a replica of its own)")
 
     @classmethod
-    def from_flags(cls, flags):
+    def from_flags(cls, flags: argparse.Namespace) -> FleetSettings | None:
         """None where --replicas is not given (and then neither may its front's flags be)."""
         if flags.replicas is None:
             if flags.router_policy or flags.router_args or flags.router != "vllm-router":
@@ -196,7 +197,7 @@ class TraceSettings:
     engine_block_size: int = GPU_BLOCK_TOKENS   # the simulated engine's KV block
 
     @classmethod
-    def from_flags(cls, flags):
+    def from_flags(cls, flags: argparse.Namespace) -> TraceSettings | None:
         """None where --trace is not given."""
         if not flags.trace:
             return None

@@ -3,67 +3,74 @@ server path adds, and --compare's lines across reruns. No vLLM, no torch.
 """
 import os
 import re
+from collections.abc import Mapping, Sequence
+from typing import Any
 
 import numpy as np
 
-from .analysis import step_split, unit_means
+from .analysis import breakdown_columns, step_split, unit_means
 from .defaults import REMOTE_DEVICE
-from .engine_api import BREAKDOWN_PARTS
 from .intervals import agree, mean_ci95
 from .prefill_fit import condition_floor
 from .provenance import describe_provenance, devices_label
 from .results import discover_results
+from .settings import Config
 
 
 # condition key -> its short name in tables, in the order tables and charts show them
 CONDITION_NAMES = {"cache_hit": "hit", "cache_miss": "miss", "cache_cold": "cold", "cache_tier": "tier hit"}
 
+# server_path_cost's figures of one condition: (phase 1 ms, phase 2 ms, added ms, [95% CI])
+PathCost = tuple[float, float, float, list[float]]
+# anatomy_rows' row: (config label, condition, stats, floor or None, (GPU busy, step's rest) or None)
+AnatomyRow = tuple[str, str, Mapping[str, Any], dict[str, Any] | None, tuple[float, float] | None]
 
-def by_model(configs):
+
+def by_model(configs: Mapping[Config, Mapping[str, Any]]) -> dict[str | None, dict[Config, Mapping[str, Any]]]:
     """{model: {(A, B): data}}: a fit only makes sense within one model."""
-    groups = {}
+    groups: dict[str | None, dict[Config, Mapping[str, Any]]] = {}
     for key, data in configs.items():
         groups.setdefault(data.get("model"), {})[key] = data
     return groups
 
 
-def conditions_present(configs):
+def conditions_present(configs: Mapping[Config, Mapping[str, Any]]) -> list[str]:
     return [c for c in CONDITION_NAMES if any(isinstance(d.get(c), dict) and "stats" in d[c] for d in configs.values())]
 
 
-def audit_ok(data):
+def audit_ok(data: Mapping[str, Any]) -> bool:
     return data.get("cache_audit", {}).get("ok", True) is not False
 
 
-def unaudited(data):
+def unaudited(data: Mapping[str, Any]) -> bool:
     """A run whose cache state nobody checked (a server without --enable-prompt-tokens-details)."""
     return bool(data.get("cache_audit", {}).get("unaudited"))
 
 
-def audit_word(data):
+def audit_word(data: Mapping[str, Any]) -> str:
     if unaudited(data):
         return "UNAUDITED"
     return {True: "ok", False: "FAILED"}.get(data.get("cache_audit", {}).get("ok"), "-")
 
 
-def bounded(ci):
+def bounded(ci: Sequence[float | None]) -> list[float]:
     """An interval as numbers: a side stored as null (unbounded) as -inf / inf."""
     return [-np.inf if ci[0] is None else ci[0], np.inf if ci[1] is None else ci[1]]
 
 
-def ci_text(ci, digits=1):
+def ci_text(ci: Sequence[float | None], digits: int = 1) -> str:
     """'[25.0, 35.0]'; an unbounded side (stored as null) as -inf / inf."""
     low, high = ci
     return (f"[{'-inf' if low is None else format(low, f'.{digits}f')}, "
             f"{'inf' if high is None else format(high, f'.{digits}f')}]")
 
 
-def unstable(data):
+def unstable(data: Mapping[str, Any]) -> bool:
     """The run's two halves disagreed beyond their intervals (files from before that check: no)."""
     return (data.get("reproducibility") or {}).get("stable") is False
 
 
-def comparison_note(data):
+def comparison_note(data: Mapping[str, Any]) -> str:
     """'miss +5% vs hit / hit saves 30% [25, 35]' for the TTFT panel, where the file has them."""
     notes = []
     if isinstance(data.get("ttft_degradation_pct"), (int, float)):
@@ -77,7 +84,7 @@ def comparison_note(data):
     return "\n".join(notes)
 
 
-def describe_source(configs):
+def describe_source(configs: Mapping[Config, Mapping[str, Any]]) -> str:
     """'model · device · vLLM x' from the files, where they say it (and all agree)."""
     parts = []
     for getter in (lambda d: d.get("model"),
@@ -91,7 +98,7 @@ def describe_source(configs):
     return " · ".join(os.path.basename(str(p).rstrip("/")) if i == 0 else str(p) for i, p in enumerate(parts))
 
 
-def summary_table(configs):
+def summary_table(configs: Mapping[Config, Mapping[str, Any]]) -> str:
     """Markdown table of every config, for the console and READMEs."""
     conds = conditions_present(configs)
     head = ["config"] + [f"{CONDITION_NAMES[c]} TTFT ms" for c in conds] + ["miss vs hit"]
@@ -118,15 +125,26 @@ def summary_table(configs):
     return "\n".join(rows)
 
 
-def tier_table(configs):
+def tier_floor_ms(hbm_hit_ms: float, bytes_per_request: float, link: Mapping[str, Any] | None) -> float | None:
+    """The least a tier hit can take on the machine that ran: an HBM hit's TTFT plus its KV's
+    bytes at the pinned copy rate measured there (environment.host_link). None without one."""
+    rate = (link or {}).get("pinned_gb_s")
+    return hbm_hit_ms + bytes_per_request / (rate * 1e9) * 1e3 if rate else None
+
+
+def tier_table(configs: Mapping[Config, Mapping[str, Any]]) -> str | None:
     """Markdown: per config with a tier condition, a hit from the tier against an HBM hit and
-    cold, and what was loaded; None where no config measured one."""
+    cold, and what was loaded; where the run measured its host link, the tier hit against its
+    floor there. None where no config measured one."""
     tiered = {key: d for key, d in configs.items() if isinstance(d.get("cache_tier"), dict)}
     if not tiered:
         return None
+    links = {key: d["environment"].get("host_link") for key, d in tiered.items()}
+    measured = any((link or {}).get("pinned_gb_s") for link in links.values())
     rows = ["| config | tier hit TTFT ms | HBM hit TTFT ms | cold TTFT ms | tier hit saves vs cold (95% CI) | "
-            "tier hit vs HBM hit (95% CI) | tokens from the tier | KV loaded per request | load rate |",
-            "|" + "---|" * 9]
+            "tier hit vs HBM hit (95% CI) | tokens from the tier | KV loaded per request | load rate |" +
+            (" floor ms | tier hit / floor |" if measured else ""),
+            "|" + "---|" * (11 if measured else 9)]
     for (a, b), d in tiered.items():
         stats = d["cache_tier"]["stats"]
         load = stats.get("tier_load")
@@ -136,15 +154,23 @@ def tier_table(configs):
                  str(stats.get("tier_cached_tokens", "-")),
                  f"{load['bytes_per_request'] / 1e9:.2f} GB" if load else "-",
                  f"{load['gb_s']:.1f} GB/s" if load else "-"]
+        if measured:
+            floor = tier_floor_ms(d["cache_hit"]["stats"]["ttft_mean"], load["bytes_per_request"], links[(a, b)]) \
+                if load else None
+            cells += [f"{floor:.2f}", f"{stats['ttft_mean'] / floor:.2f}x"] if floor else ["-", "-"]
         rows.append("| " + " | ".join(cells) + " |")
     tier = next(iter(tiered.values()))["environment"].get("tier") or {}
     size = f", {tier['size_gib']:g} GiB" if tier.get("size_gib") else ""
     rows.append(f"\nThe tier: {tier.get('connector', '?')} ({tier.get('backend')}{size}). The load rate: the "
-                f"connector's own copy time (vllm:kv_offload_load_time), all requests together.")
+                f"connector's own copy time (vllm:kv_offload_load_time), all requests together." +
+                (" The floor: the HBM hit plus the KV loaded at the host link's pinned copy rate measured on "
+                 "the machine before the engine started (" + ", ".join(sorted(
+                     {f"{link['pinned_gb_s']:.1f} GB/s pinned, {link['pageable_gb_s']:.1f} pageable"
+                      for link in links.values() if (link or {}).get("pinned_gb_s")})) + ")." if measured else ""))
     return "\n".join(rows)
 
 
-def independent_means(data, condition):
+def independent_means(data: Mapping[str, Any], condition: str) -> np.ndarray | None:
     """One condition's TTFT per unit its run's interval treats as independent: engine processes
     where there are several, else time blocks; per trial where there are fewer than 2 of either.
     None where no trial of the file has a TTFT (the design's schema names no trial keys; its
@@ -159,7 +185,7 @@ def independent_means(data, condition):
     return unit_means(trials, condition, "trial")
 
 
-def server_path_cost(phases):
+def server_path_cost(phases: Mapping[str, Mapping[Config, Mapping[str, Any]]]) -> dict[Config, dict[str, PathCost]]:
     """{(A, B): {condition: (phase 1 ms, phase 2 ms, added ms, [95% CI])}} for every config
     that phase 1 (the server) and phase 2 (the offline engine) measured on the same model:
     what the HTTP and streaming path adds to TTFT. Welch's interval over the units each run's
@@ -167,13 +193,13 @@ def server_path_cost(phases):
     from scipy import stats
     server, offline = phases.get("phase1", {}), phases.get("phase2", {})
     name = lambda d: os.path.basename(str(d.get("model")).rstrip("/"))
-    costs = {}
+    costs: dict[Config, dict[str, PathCost]] = {}
     for ab in sorted(set(server) & set(offline)):
         d1, d2 = server[ab], offline[ab]
         devices = {d.get("environment", {}).get("device") for d in (d1, d2)} - {None, REMOTE_DEVICE}
         if name(d1) != name(d2) or len(devices) > 1:      # another model, or another machine
             continue
-        row = {}
+        row: dict[str, PathCost] = {}
         for c in CONDITION_NAMES:
             x, y = (independent_means(d, c) if isinstance(d.get(c), dict) else None for d in (d1, d2))
             if x is not None and y is not None:
@@ -184,7 +210,7 @@ def server_path_cost(phases):
     return costs
 
 
-def server_path_table(costs):
+def server_path_table(costs: Mapping[Config, Mapping[str, PathCost]]) -> str:
     """Markdown: per config and condition, phase 2's TTFT, phase 1's, and what the server path adds."""
     conds = [c for c in CONDITION_NAMES if any(c in row for row in costs.values())]
     rows = ["| config | " + " | ".join(f"{CONDITION_NAMES[c]}: offline → server ms (added, 95% CI)" for c in conds) + " |",
@@ -196,9 +222,9 @@ def server_path_table(costs):
     return "\n".join(rows)
 
 
-def interval_note(configs):
+def interval_note(configs: Mapping[Config, Mapping[str, Any]]) -> str:
     """One line on what the intervals of these files are taken over."""
-    intervals = [d.get("interval") for d in configs.values()]
+    intervals: list[Any] = [d.get("interval") for d in configs.values()]      # None where a file has none
     if not all(intervals):
         return "95% intervals: paired over rounds (files made before intervals were taken over time blocks)."
     if len({m["unit"] for m in intervals}) != 1:
@@ -214,7 +240,7 @@ def interval_note(configs):
     return f"95% intervals: {m['statistic']}."
 
 
-def compare_runs(run_dirs):
+def compare_runs(run_dirs: Sequence[str]) -> str:
     """Markdown table: each config's saving in every run, and whether every pair of runs agrees;
     then where each run came from, so that a reader can see the runs are comparable."""
     runs = [discover_results(d)[0] for d in run_dirs]
@@ -228,7 +254,7 @@ def compare_runs(run_dirs):
     hosts = [o["host_ms"] for o in origins]
     host_notes = []
     for phase, (a, b) in keys:
-        found = [r.get(phase, {}).get((a, b)) for r in runs]
+        found: list[Any] = [r.get(phase, {}).get((a, b)) for r in runs]       # None where a run lacks the config
         cells = [f"{d['ttft_saving_pct']:.1f}% {ci_text(d['ttft_saving_ci95'])}"
                  + (" UNSTABLE" if unstable(d) else "") if d else "-" for d in found]
         present = [i for i, d in enumerate(found) if d]
@@ -264,7 +290,7 @@ def compare_runs(run_dirs):
 HOST_SPREAD_FLAG = 1.5      # a run whose processes' host figures differ this many times is flagged
 
 
-def run_origin(run):
+def run_origin(run: Mapping[str, Mapping[Config, Mapping[str, Any]]]) -> dict[str, Any]:
     """What a run's files record of where it ran: its GPU (or CPU), vLLM version, the tool's code,
     describe_provenance's text, its host-speed figure (host.python_loop_ms; the median over its
     engine processes, None where its files predate it) and the spread of its processes' figures
@@ -281,7 +307,7 @@ def run_origin(run):
             "host_spread": (min(per_process), max(per_process)) if len(per_process) > 1 else None}
 
 
-def machine_notes(origins):
+def machine_notes(origins: Sequence[Mapping[str, Any]]) -> list[str]:
     """A line for each of GPU model and vLLM version on which the runs differ."""
     notes = []
     for key, what in (("device", "GPUs"), ("vllm", "vLLM versions")):
@@ -292,7 +318,7 @@ def machine_notes(origins):
     return notes
 
 
-def candidate_causes(origins, hosts, i, j):
+def candidate_causes(origins: Sequence[Mapping[str, Any]], hosts: Sequence[float | None], i: int, j: int) -> list[str]:
     """What differs between runs i and j in what their files record, in words: the GPU, vLLM,
     the tool's code, a run whose processes' hosts differ, how fast their hosts were."""
     a, b = origins[i], origins[j]
@@ -313,7 +339,7 @@ def candidate_causes(origins, hosts, i, j):
     return causes or ["none that the files record (the same GPU, vLLM, tool code and host speed)"]
 
 
-def host_difference(ms_i, ms_j, i, j):
+def host_difference(ms_i: float | None, ms_j: float | None, i: int, j: int) -> str | None:
     """How two runs' hosts differ, in words, for a pair of runs that disagree; None where they
     ran the fixed Python workload equally fast."""
     if not ms_i or not ms_j:
@@ -326,7 +352,7 @@ def host_difference(ms_i, ms_j, i, j):
             f"{faster + 1}'s ({max(ms_i, ms_j):.1f} ms against {min(ms_i, ms_j):.1f} ms)")
 
 
-def across_runs(savings):
+def across_runs(savings: Sequence[float]) -> str:
     """The runs' mean saving with a Student's t interval over runs: each process one value, as
     pyperf takes it. It holds what differs between processes, which one run cannot see."""
     if len(savings) < 2:
@@ -335,7 +361,7 @@ def across_runs(savings):
     return f"{np.mean(savings):.1f}% [{low:.1f}, {high:.1f}] (n={len(savings)})"
 
 
-def anatomy_rows(configs):
+def anatomy_rows(configs: Mapping[Config, Mapping[str, Any]]) -> list[AnatomyRow]:
     """[(config label, condition, stats, floor or None, (GPU busy, step's rest) or None)] of every
     condition whose file carries the TTFT breakdown, in config order."""
     return [(f"A={a} / B={b}", c, data[c]["stats"], condition_floor(data, c),
@@ -344,7 +370,7 @@ def anatomy_rows(configs):
             if data[c]["stats"].get("ttft_breakdown_mean_ms")]
 
 
-def anatomy_table(configs):
+def anatomy_table(configs: Mapping[Config, Mapping[str, Any]]) -> str | None:
     """Markdown: where each condition's mean TTFT goes, and the GPU's floor for that prefill
     (prefill_fit.gpu_floor), with the TTFT as a multiple of it. Where the file has the GPU-busy
     segment (gpu_busy), the prefill step's GPU-busy part and the share of the TTFT that is not
@@ -354,8 +380,9 @@ def anatomy_table(configs):
         return None
     busy_columns = any(split for *_, split in rows)
     extra = ["step: GPU busy", "not GPU work"] if busy_columns else []
-    lines = ["| config | condition | TTFT ms | " + " | ".join([label for _, label in BREAKDOWN_PARTS] + extra) +
-             " | GPU floor ms | TTFT / floor |", "|---|---|" + "---:|" * (len(BREAKDOWN_PARTS) + len(extra) + 3)]
+    columns = breakdown_columns([stats["ttft_breakdown_mean_ms"] for _, _, stats, _, _ in rows])
+    lines = ["| config | condition | TTFT ms | " + " | ".join([label for _, label in columns] + extra) +
+             " | GPU floor ms | TTFT / floor |", "|---|---|" + "---:|" * (len(columns) + len(extra) + 3)]
     for label, condition, stats, floor, split in rows:
         parts = stats["ttft_breakdown_mean_ms"]
         floor_cells = (f"{floor['floor_ms']:.2f} ({floor['bound']}) | {stats['ttft_mean'] / floor['floor_ms']:.1f}x"
@@ -363,5 +390,6 @@ def anatomy_table(configs):
         busy_cells = ([f"{split[0]:.2f}", f"{100 * (1 - split[0] / stats['ttft_mean']):.0f}%"] if split else ["-", "-"]) \
             if busy_columns else []
         lines.append(f"| {label} | {condition.removeprefix('cache_')} | {stats['ttft_mean']:.2f} | " +
-                     " | ".join([f"{parts[key]:.2f}" for key, _ in BREAKDOWN_PARTS] + busy_cells) + f" | {floor_cells} |")
+                     " | ".join([f"{parts[key]:.2f}" if key in parts else "-" for key, _ in columns] + busy_cells) +
+                     f" | {floor_cells} |")
     return "\n".join(lines)

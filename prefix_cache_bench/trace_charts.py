@@ -2,29 +2,36 @@
 simulated, ideal), and the capacity curve with the replayed points on it (matplotlib, imported
 when drawing).
 """
+from __future__ import annotations
+
 import os
+from collections.abc import Iterable, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
 from .trace_tables import curve_table, trace_summary
 
+if TYPE_CHECKING:
+    from .result_schema import CapacityCurve, TraceResult
+
 ARM_COLOURS = {"cached": "#2a9d8f", "cold": "#8d99ae"}
 SHARE_STYLES = {"measured": ("#2a9d8f", "-"), "simulated": ("#e76f51", "--"), "ideal": ("#264653", ":")}
 
 
-def pyplot():
+def pyplot() -> Any:
     import matplotlib
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
     return plt
 
 
-def arm_ttfts(result, arm):
+def arm_ttfts(result: TraceResult, arm: str) -> list[float]:
     return sorted(r["ttft_ms"] for run in result["passes"] if arm in run for r in run[arm]["requests"]
                   if r["error"] is None)
 
 
-def share_over_time(result, key):
+def share_over_time(result: TraceResult, key: str) -> tuple[list[float], list[float]]:
     """The cached arm's hit share in each span of the window, the passes' mean."""
     series = [run["cached"]["stats"].get("hit_share_over_time") or [] for run in result["passes"] if "cached" in run]
     series = [s for s in series if s]
@@ -35,7 +42,7 @@ def share_over_time(result, key):
     return mids, values
 
 
-def plot_trace(result, outfile):
+def plot_trace(result: TraceResult, outfile: str) -> None:
     """TTFT CDF per arm (every pass's requests) and the cached arm's hit share over the window."""
     plt = pyplot()
     fig, (ax_cdf, ax_share) = plt.subplots(1, 2, figsize=(12, 4.5))
@@ -63,7 +70,7 @@ def plot_trace(result, outfile):
     plt.close(fig)
 
 
-def replayed_points(replays):
+def replayed_points(replays: Iterable[tuple[str, TraceResult]]) -> list[tuple[int, float, str]]:
     """[(simulated capacity tokens, measured hit share, label)] of replays' cached arms."""
     points = []
     for _, result in replays:
@@ -74,7 +81,7 @@ def replayed_points(replays):
     return points
 
 
-def plot_curve(curve_result, points, outfile):
+def plot_curve(curve_result: CapacityCurve, points: Iterable[tuple[int, float, str]], outfile: str) -> None:
     """The simulated reusable share against capacity (log x), the ideal as a line, replayed points on it."""
     plt = pyplot()
     curve = curve_result["curve"]
@@ -96,12 +103,13 @@ def plot_curve(curve_result, points, outfile):
     plt.close(fig)
 
 
-def chart_name(path):
+def chart_name(path: str) -> str:
     """The chart of a result file: results_trace_X.json -> trace_X.png."""
     return os.path.basename(path).removeprefix("results_").removesuffix(".json") + ".png"
 
 
-def trace_outputs(replays, curves, out_dir):
+def trace_outputs(replays: Sequence[tuple[str, TraceResult]], curves: Iterable[tuple[str, CapacityCurve]],
+                  out_dir: str) -> list[tuple[str, str]]:
     """Charts and Markdown of replays and capacity curves ([(path, result)]): [(text, chart path)].
     A curve's chart carries the replays of its trace."""
     outputs = []
@@ -117,6 +125,6 @@ def trace_outputs(replays, curves, out_dir):
     return outputs
 
 
-def same_trace(replays, curve_result):
+def same_trace(replays: Iterable[tuple[str, TraceResult]], curve_result: CapacityCurve) -> list[tuple[str, TraceResult]]:
     """The replays of the trace a capacity curve was drawn from."""
     return [(p, r) for p, r in replays if r["config"]["trace"] == curve_result["config"]["trace"]]

@@ -2,21 +2,25 @@
 --simulate-capacities, the capacity curve of a window without a server (no vLLM import).
 """
 from __future__ import annotations
+import argparse
 import datetime
 import time
+from typing import Any
 
 from .cli import checked, positive_int
 from .defaults import GPU_BLOCK_TOKENS, MAX_IN_FLIGHT, SERVER_PHASE, TRACE_BLOCK_TOKENS, TRACE_DRAIN_S
 from .errors import usage_error
 from .console import print_curve
+from .result_schema import build_capacity_curve
 from .results import trace_results_path, write_result
 from .settings import TraceSettings
 from .tiers import flag_value
-from .traces import check_block_sizes, parse_capacities, read_trace, select_window, simulate_capacities
+from .traces import (TraceRequest, TraceWindow, check_block_sizes, parse_capacities, read_trace, select_window,
+                     simulate_capacities)
 
 
 
-def add_trace_flags(parser):
+def add_trace_flags(parser: argparse.ArgumentParser) -> None:
     g = parser.add_argument_group("replaying a production trace (Mooncake format: timestamp, input_length, "
                                   "output_length, hash_ids)")
     seconds = checked(float, lambda v: 0 <= v < float("inf"), "a number >= 0")
@@ -54,7 +58,7 @@ def add_trace_flags(parser):
 LOAD_FLAGS = ("concurrency", "request_rate", "num_prefixes", "sizes", "size_a", "size_b")
 
 
-def check_trace_flags(flags, vllm_flags: list[str]) -> list | None:
+def check_trace_flags(flags: argparse.Namespace, vllm_flags: list[str]) -> list[TraceRequest] | None:
     """--trace's companions; the trace read and its window checked (exit 2 on bad input, before
     any server starts). Returns the trace's requests (None without --trace)."""
     if not flags.trace:
@@ -73,40 +77,46 @@ def check_trace_flags(flags, vllm_flags: list[str]) -> list | None:
             usage_error(f"--block-size {block!r}: expected an integer")
         check_block_sizes(flags.trace_block_size, int(block), flags.trace)
     requests = read_trace(flags.trace, flags.trace_block_size)
-    window_of(TraceSettings.from_flags(flags), requests, flags.max_input_tokens, None)     # an empty window: exit 2 now
+    trace = TraceSettings.from_flags(flags)
+    if trace is None:
+        raise ValueError("TraceSettings.from_flags gave no settings though --trace is given")
+    window_of(trace, requests, flags.max_input_tokens, None)     # an empty window: exit 2 now
     return requests
 
 
-def window_of(trace: TraceSettings, requests: list, max_input_tokens: int | None, history_tokens: int | None):
+def window_of(trace: TraceSettings, requests: list[TraceRequest], max_input_tokens: int | None,
+              history_tokens: int | None) -> TraceWindow:
     """The window of requests that trace (TraceSettings) selects."""
     return select_window(requests, trace.path, trace.start_s, trace.duration_s, trace.num_requests,
                          max_input_tokens, history_tokens=history_tokens, trace_block_size=trace.trace_block_size)
 
 
-def simulate(trace: TraceSettings, requests: list, results_dir: str, provenance: dict) -> int:
+def simulate(trace: TraceSettings, requests: list[TraceRequest], results_dir: str, provenance: dict[str, Any]) -> int:
     """--simulate-capacities: the window's simulated reusable share at each capacity, printed
     and written. The warm start holds as much history as the largest capacity (or --history-tokens)."""
     check_block_sizes(trace.trace_block_size, trace.engine_block_size, trace.path)
+    if trace.simulate_capacities is None:
+        raise ValueError("simulate needs settings with capacities (TraceSettings.simulate_capacities)")
     capacities = parse_capacities(trace.simulate_capacities, trace.kv_capacity_tokens)
     started = time.perf_counter()
     history = trace.history_tokens if trace.history_tokens is not None else max(tokens for _, tokens in capacities)
     window = window_of(trace, requests, trace.max_input_tokens, history)
     curve = simulate_capacities(window, capacities, trace.engine_block_size, trace.trace_block_size)
     elapsed_s = time.perf_counter() - started
-    result = {
-        "phase": SERVER_PHASE, "experiment": "capacity_curve",
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"trace": trace.path, "trace_block_size": trace.trace_block_size,
-                   "engine_block_size": trace.engine_block_size, "trace_start_s": trace.start_s,
-                   "trace_duration_s": trace.duration_s, "trace_num_requests": trace.num_requests,
-                   "max_input_tokens": trace.max_input_tokens, "history_tokens": history,
-                   "kv_capacity_tokens": trace.kv_capacity_tokens, "capacities": trace.simulate_capacities},
-        "window": {"requests": len(window.measured), "skipped": len(window.skipped),
-                   "history_requests": len(window.history), "start_s": window.start_s,
-                   "trace_span_s": window.duration_s},
-        "curve": curve, "simulation_s": elapsed_s,
-        "environment": provenance,
-    }
+    result = build_capacity_curve(
+        phase=SERVER_PHASE, experiment="capacity_curve",
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config={"trace": trace.path, "trace_block_size": trace.trace_block_size,
+                "engine_block_size": trace.engine_block_size, "trace_start_s": trace.start_s,
+                "trace_duration_s": trace.duration_s, "trace_num_requests": trace.num_requests,
+                "max_input_tokens": trace.max_input_tokens, "history_tokens": history,
+                "kv_capacity_tokens": trace.kv_capacity_tokens, "capacities": trace.simulate_capacities},
+        window={"requests": len(window.measured), "skipped": len(window.skipped),
+                "history_requests": len(window.history), "start_s": window.start_s,
+                "trace_span_s": window.duration_s},
+        curve=curve, simulation_s=elapsed_s,
+        environment=provenance,
+    )
     path = trace_results_path(results_dir, result)
     write_result(path, result)
     print_curve(result)

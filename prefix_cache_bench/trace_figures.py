@@ -3,6 +3,9 @@ found cached, by input length), send lag, hit shares (measured, simulated, ideal
 the ledger's audit and fidelity; the figures over passes; what the cache buys (cached against
 cold, pass by pass). Imports no measurement module: it runs on a result's records anywhere.
 """
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import Any
+
 import numpy as np
 
 from .intervals import batch_means_ci95, mean_ci95, quantile_ci95, throughput_ci95
@@ -22,14 +25,14 @@ SAVING_FIGURES = ("mean", "p50", "p90", "p99")
 LEDGER_FIELDS = {"measured": "cached_tokens", "simulated": "simulated_tokens", "ideal": "ideal_tokens"}
 
 
-def cached_share_bin(cached_tokens, input_tokens):
+def cached_share_bin(cached_tokens: int, input_tokens: int) -> str:
     share = cached_tokens / input_tokens
     if share == 0:
         return "none"
     return next(label for label, low, high in CACHED_SHARE_BINS[1:] if low <= share < high)
 
 
-def input_length_bin(input_tokens):
+def input_length_bin(input_tokens: int) -> str:
     """'1k-2k' style label of the length bin of a request of input_tokens."""
     low = 0
     for edge in INPUT_LENGTH_EDGES_TOKENS:
@@ -39,7 +42,7 @@ def input_length_bin(input_tokens):
     return f"{low // 1024}k and over"
 
 
-def percentiles(values):
+def percentiles(values: Sequence[float]) -> dict[str, float]:
     """{count, mean, p50, p90, p99} of values (ms), or {count: 0}."""
     if not values:
         return {"count": 0}
@@ -47,30 +50,32 @@ def percentiles(values):
             **{f"p{q}": float(np.percentile(values, q)) for q in (50, 90, 99)}}
 
 
-def grouped_ttft(requests, label_of, order):
+def grouped_ttft(requests: Iterable[Mapping[str, Any]], label_of: Callable[[Mapping[str, Any]], str],
+                 order: Iterable[str]) -> dict[str, dict[str, float]]:
     """{label: percentiles of the TTFTs of the requests label_of puts there}, in order."""
-    groups = {}
+    groups: dict[str, list[float]] = {}
     for r in requests:
         groups.setdefault(label_of(r), []).append(r["ttft_ms"])
     return {label: percentiles(groups[label]) for label in order if label in groups}
 
 
-def length_labels():
+def length_labels() -> list[str]:
     return [input_length_bin(edge - 1) for edge in INPUT_LENGTH_EDGES_TOKENS] + [input_length_bin(10 ** 9)]
 
 
-def hit_share(requests, key):
+def hit_share(requests: Sequence[Mapping[str, Any]], key: str) -> float | None:
     """Cached (or reusable) tokens over input tokens of the requests."""
     total = sum(r["input_tokens"] for r in requests)
     found = [r[key] for r in requests if r[key] is not None]
     return sum(found) / total if total and len(found) == len(requests) else None
 
 
-def hit_share_over_time(requests, window_s, buckets=HIT_SHARE_BUCKETS):
+def hit_share_over_time(requests: Iterable[Mapping[str, Any]], window_s: float,
+                        buckets: int = HIT_SHARE_BUCKETS) -> list[dict[str, Any]]:
     """The window cut into equal spans of scheduled time: each span's requests and their
     measured, simulated and ideal hit shares."""
     span_s = max(window_s, 1e-9) / buckets
-    spans = [[] for _ in range(buckets)]
+    spans: list[list[Mapping[str, Any]]] = [[] for _ in range(buckets)]
     for r in requests:
         spans[min(int(r["scheduled_s"] / span_s), buckets - 1)].append(r)
     return [{"start_s": k * span_s, "end_s": (k + 1) * span_s, "requests": len(found),
@@ -78,7 +83,7 @@ def hit_share_over_time(requests, window_s, buckets=HIT_SHARE_BUCKETS):
             for k, found in enumerate(spans)]
 
 
-def fidelity(requests, trace_block_size):
+def fidelity(requests: Iterable[Mapping[str, Any]], trace_block_size: int) -> float | None:
     """The share of requests whose measured cached tokens are within one trace block of the
     simulated ones: how closely the LRU model followed the server. None without measurements."""
     judged = [r for r in requests if r["cached_tokens"] is not None]
@@ -87,7 +92,7 @@ def fidelity(requests, trace_block_size):
     return sum(abs(r["cached_tokens"] - r["simulated_tokens"]) <= trace_block_size for r in judged) / len(judged)
 
 
-def ledger_problems(requests, arm):
+def ledger_problems(requests: Iterable[Mapping[str, Any]], arm: str) -> list[str]:
     """The audit of each request: the cached arm never finds more than an infinite cache could
     hold (the ideal ledger); the cold arm (a salt per request) finds nothing."""
     problems = []
@@ -103,10 +108,11 @@ def ledger_problems(requests, arm):
     return problems
 
 
-def arm_stats(requests, window_s, slo_ttft_ms, trace_block_size):
+def arm_stats(requests: Sequence[Mapping[str, Any]], window_s: float, slo_ttft_ms: float | None,
+              trace_block_size: int) -> dict[str, Any]:
     """One arm pass's figures from its request records."""
     done = [r for r in requests if r["error"] is None]
-    stats = {"num_requests": len(requests), "failed": len(requests) - len(done),
+    stats: dict[str, Any] = {"num_requests": len(requests), "failed": len(requests) - len(done),
              "unfinished": sum(1 for r in requests if r["error"] and r["error"].startswith("unfinished"))}
     lags = [r["send_lag_ms"] for r in requests if r["send_lag_ms"] is not None]
     stats["send_lag_ms"] = {**percentiles(lags), "max": max(lags) if lags else None}
@@ -135,14 +141,14 @@ def arm_stats(requests, window_s, slo_ttft_ms, trace_block_size):
     return stats
 
 
-def figure(stats, group, key):
+def figure(stats: Mapping[str, Any], group: str | None, key: str) -> Any:
     return (stats.get(group) or {}).get(key) if group else stats.get(key)
 
 
-def summarize_passes(passes):
+def summarize_passes(passes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     """One arm's figures over its passes: each the passes' mean, a t-interval over their values
     (each pass one value) and the values themselves. One pass: its values, no interval."""
-    summary = {"passes": len(passes), "num_requests": sum(p["num_requests"] for p in passes),
+    summary: dict[str, Any] = {"passes": len(passes), "num_requests": sum(p["num_requests"] for p in passes),
                "failed": sum(p["failed"] for p in passes)}
     for group, key in PASS_FIGURES:
         values = [figure(p, group, key) for p in passes]
@@ -154,7 +160,7 @@ def summarize_passes(passes):
     return summary
 
 
-def cache_buys(cached_passes, cold_passes):
+def cache_buys(cached_passes: Iterable[Mapping[str, Any]], cold_passes: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """What the cache buys on this traffic: for each TTFT figure, the saving 1 - cached / cold
     in % and the difference cold - cached in ms, pass by pass (the k-th cached pass against the
     k-th cold one), with their mean and a t-interval over the pairs."""

@@ -12,6 +12,8 @@ import resource
 import sys
 import time
 import uuid
+from collections.abc import Callable, Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 from .audit import counter_growth, counter_problems, wait_for_counters
 from .defaults import FLUSH_PROMPT_TOKENS, SERVER_PHASE
@@ -24,19 +26,23 @@ from .prometheus import server_times, total_counters
 from .protocol import flush_engine_stats
 from .open_loop import OpenLoopSender
 from .raw_stream import request_bytes
+from .result_schema import TraceResult, build_request_audit, build_trace_result
 from .results import trace_results_path, write_result
 from .trace_cli import window_of
 from .trace_figures import arm_stats, cache_buys, ledger_problems, summarize_passes
-from .traces import (IdealLedger, PrefixCacheSimulator, PromptMaker, check_block_sizes, ordinary_token_ids,
-                     prefix_keys, unique_tokens)
+from .traces import (IdealLedger, PrefixCacheSimulator, PromptMaker, TraceRequest, TraceWindow, check_block_sizes,
+                     ordinary_token_ids, prefix_keys, unique_tokens)
 from .settings import TraceSettings
+
+if TYPE_CHECKING:
+    import numpy
 
 SEND_LAG_LIMIT_MS = 5.0         # a sender whose p99 send lag passes this did not keep to the trace's times
 FIDELITY_WARNING = 0.9          # under this share of requests within a trace block of the model: a warning
 WARM_START_TOKENS = 1           # tokens the untimed warm-start requests generate
 
 
-def client_rss_mb():
+def client_rss_mb() -> float:
     """This process's peak resident memory, MB."""
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
@@ -46,14 +52,15 @@ class TracePlan:
     (trace seconds from the window's start, times --time-scale) and output tokens, and the
     prompts, built from hash IDs when they are sent."""
 
-    def __init__(self, window, time_scale, max_output_tokens, vocab_ids, seed, trace_block_size):
+    def __init__(self, window: TraceWindow, time_scale: float, max_output_tokens: int | None, vocab_ids: numpy.ndarray,
+                 seed: int, trace_block_size: int):
         self.window, self.trace_block_size = window, trace_block_size
         start_ms = window.measured[0].timestamp_ms
         self.scheduled_s = [(r.timestamp_ms - start_ms) / 1e3 * time_scale for r in window.measured]
         self.max_tokens = [max(1, min(r.output_length, max_output_tokens or r.output_length)) for r in window.measured]
         self.maker = PromptMaker(vocab_ids, seed, trace_block_size)
 
-    def body(self, model, request, max_tokens, salt):
+    def body(self, model: str, request: TraceRequest, max_tokens: int, salt: str) -> bytes:
         """The serialised /v1/completions body of one request (its prompt's JSON from the blocks'
         cached JSON: PromptMaker.prompt_json)."""
         rest = json.dumps({"model": model, "max_tokens": max_tokens, "temperature": 0.0, "ignore_eos": True,
@@ -61,7 +68,7 @@ class TracePlan:
         return b'{"prompt": ' + self.maker.prompt_json(request) + b", " + rest[1:].encode()
 
 
-def ledger(window, engine_block_size, capacity_tokens, trace_block_size):
+def ledger(window: TraceWindow, engine_block_size: int, capacity_tokens: int, trace_block_size: int) -> list[tuple[int, int]]:
     """[(ideal, simulated) reusable tokens] of each measured request of a cached pass: the warm
     start's history first, then the window in trace order, through an infinite cache and
     through the LRU model of the server's cache at its capacity."""
@@ -75,7 +82,8 @@ def ledger(window, engine_block_size, capacity_tokens, trace_block_size):
     return [both(r) for r in window.measured]
 
 
-async def send_open_loop(base_url, plan, model, salts, drain_s, max_in_flight):
+async def send_open_loop(base_url: str, plan: TracePlan, model: str, salts: Callable[[int], str], drain_s: float,
+                         max_in_flight: int) -> tuple[list[StreamedResponse | None], float, str | None, int]:
     """The window's requests, open loop at their scheduled times (open_loop.OpenLoopSender),
     each with its cache salt (salts(k)). Returns (records, the arm's start in perf_counter s,
     the overload or None, the most requests in flight)."""
@@ -87,11 +95,13 @@ async def send_open_loop(base_url, plan, model, salts, drain_s, max_in_flight):
     return await sender.run(drain_s)
 
 
-def request_record(k, request, record, scheduled_s, t0, max_tokens, audited, ideal, simulated):
+def request_record(k: int, request: TraceRequest, record: StreamedResponse | None, scheduled_s: float, t0: float,
+                   max_tokens: int, audited: bool, ideal: int, simulated: int) -> dict[str, Any]:
     """The JSON record of window request k: its times (s since the arm's clock began), send lag,
     TTFT, and its ledger (ideal, simulated and measured cached tokens)."""
     if record is None:
-        record = StreamedResponse(None, [], None, None, "not sent: an earlier request failed or the arm was overloaded")
+        record = StreamedResponse(None, [], None, None,  # type: ignore[arg-type]  # never sent: no send or end time
+                                  "not sent: an earlier request failed or the arm was overloaded")
     usage = record.usage or {}
     error = record.error
     first = record.token_times_s[0] if record.token_times_s else None
@@ -117,7 +127,7 @@ def request_record(k, request, record, scheduled_s, t0, max_tokens, audited, ide
     }
 
 
-def warm_start(engine, plan, namespace, concurrency):
+def warm_start(engine: LoadServer, plan: TracePlan, namespace: str, concurrency: int) -> None:
     """The window's history, sent untimed in the pass's namespace (WARM_START_TOKENS each,
     `concurrency` at a time, in trace order), so that the window starts on a full cache."""
     history = plan.window.history
@@ -139,7 +149,8 @@ def warm_start(engine, plan, namespace, concurrency):
                                   f"{record.error if record else 'not sent'}")
 
 
-def server_counters_around(engine, sent_records, before, flush_ids):
+def server_counters_around(engine: LoadServer, sent_records: list[dict[str, Any]], before: Mapping[str, Any],
+                           flush_ids: list[int]) -> tuple[dict[str, Any], list[str]]:
     """The servers' counters grown over an arm's requests (and a salted flush after them, so
     that every count has arrived): (counters, problems)."""
     flush = flush_engine_stats(engine.request, flush_ids)
@@ -154,7 +165,8 @@ def server_counters_around(engine, sent_records, before, flush_ids):
     return counters, problems
 
 
-def run_arm(engine, plan, arm, namespace, ledger_rows, trace):
+def run_arm(engine: LoadServer, plan: TracePlan, arm: str, namespace: str, ledger_rows: Sequence[tuple[int, int]],
+            trace: TraceSettings) -> dict[str, Any]:
     """One arm, one pass: the cached arm's warm start, then the window open loop. Returns the
     pass's record: its figures, server counters and gauges, problems and every request."""
     client = engine.client
@@ -191,7 +203,7 @@ def run_arm(engine, plan, arm, namespace, ledger_rows, trace):
             "problems": problems, "requests": requests}
 
 
-def pass_failure(arm, rep, run):
+def pass_failure(arm: str, rep: int, run: Mapping[str, Any]) -> str | None:
     """The one line that ends the replay after this pass, or None."""
     failed = [r for r in run["requests"] if r["error"] and not r["error"].startswith(("not sent", "unfinished"))]
     if run["server_error"]:
@@ -202,7 +214,7 @@ def pass_failure(arm, rep, run):
     return None
 
 
-def kv_bytes_per_token(model_dir):
+def kv_bytes_per_token(model_dir: str) -> int | None:
     """Bytes of KV cache one token takes, from the model folder's config.json (K and V of every
     layer, in the model's dtype); None where the folder or a field is missing."""
     try:
@@ -217,7 +229,7 @@ def kv_bytes_per_token(model_dir):
         return None
 
 
-def tier_capacity_tokens(tier, model_dir):
+def tier_capacity_tokens(tier: Mapping[str, Any] | None, model_dir: str | None) -> int | None:
     """Tokens the server's native tier holds (its size over the model's KV bytes per token);
     0 without a tier, None where its size or the model's layout is unknown."""
     if not tier:
@@ -228,7 +240,7 @@ def tier_capacity_tokens(tier, model_dir):
     return int(tier["size_gib"] * 2 ** 30 / per_token)
 
 
-def check_server(trace, env):
+def check_server(trace: TraceSettings, env: Mapping[str, Any]) -> None:
     """The checks that need the server, before any request: its cache block against the trace's
     block, and a published cache size for the ledger's model."""
     check_block_sizes(trace.trace_block_size, env["cache_block_size"], trace.path)
@@ -237,7 +249,7 @@ def check_server(trace, env):
                               "model of its cache needs it")
 
 
-def input_cap_tokens(trace, requests, max_model_len):
+def input_cap_tokens(trace: TraceSettings, requests: Iterable[TraceRequest], max_model_len: int | None) -> int | None:
     """The longest input replayed: --max-input-tokens, and no more than the server's context
     leaves beside the longest output the replay asks for."""
     longest_output = trace.max_output_tokens or max(r.output_length for r in requests)
@@ -245,13 +257,16 @@ def input_cap_tokens(trace, requests, max_model_len):
     return min(caps) if caps else None
 
 
-def run_trace(engine: LoadServer, tokenizer, trace: TraceSettings, seed: int, env: dict, unaudited: str | None,
-              requests: list, model_dir: str | None = None) -> dict:
+def run_trace(engine: LoadServer, tokenizer: Any, trace: TraceSettings, seed: int, env: dict[str, Any],
+              unaudited: str | None, requests: list[TraceRequest], model_dir: str | None = None) -> TraceResult:
     """The replay: --repeats passes, each a cached and a cold arm in alternating order, at the
     window's times. Returns the result dict (also after a failure: what was measured)."""
     rss_before_mb = client_rss_mb()
     check_server(trace, env)
     gpu_tokens = engine.total_kv_capacity_tokens()
+    if gpu_tokens is None:
+        raise ExperimentError("the server does not publish its KV cache's size (vllm:cache_config_info): the ledger's "
+                              "model of its cache needs it")
     tier_tokens = tier_capacity_tokens(engine.tier(), model_dir)
     if tier_tokens is None:
         print("note: the tier's size in tokens is unknown (no native tier size, or no model folder to read its KV "
@@ -274,7 +289,7 @@ def run_trace(engine: LoadServer, tokenizer, trace: TraceSettings, seed: int, en
           + (f" + a tier of {tier_tokens}" if tier_tokens else ""), flush=True)
     for rep in range(trace.repeats):
         order = ("cached", "cold") if rep % 2 == 0 else ("cold", "cached")
-        run = {"repeat": rep, "order": list(order)}
+        run: dict[str, Any] = {"repeat": rep, "order": list(order)}
         for arm in order:
             print(f"\n--- pass {rep + 1} of {trace.repeats}, {arm} arm ({time.perf_counter() - started:.0f} s so far) ---",
                   flush=True)
@@ -293,8 +308,9 @@ def run_trace(engine: LoadServer, tokenizer, trace: TraceSettings, seed: int, en
     return result
 
 
-def trace_result(trace, seed, model, env, window, plan, passes, failure, unaudited, gpu_tokens, tier_tokens, rows,
-                 input_cap):
+def trace_result(trace: TraceSettings, seed: int, model: str, env: dict[str, Any], window: TraceWindow, plan: TracePlan,
+                 passes: list[dict[str, Any]], failure: str | None, unaudited: str | None, gpu_tokens: int,
+                 tier_tokens: int, rows: Sequence[tuple[int, int]], input_cap: int | None) -> TraceResult:
     """The result dict of a replay."""
     arms = {}
     for arm in ("cached", "cold"):
@@ -307,40 +323,39 @@ def trace_result(trace, seed, model, env, window, plan, passes, failure, unaudit
     lags = [run[arm]["stats"]["send_lag_ms"].get("p99") for run in passes for arm in ("cached", "cold") if arm in run]
     lags = [lag for lag in lags if lag is not None]
     measured_input = sum(r.input_length for r in window.measured)
-    return {
-        "phase": SERVER_PHASE, "experiment": "trace", "model": model,
-        "timestamp": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
-        "config": {"trace": trace.path, "trace_block_size": trace.trace_block_size, "trace_start_s": trace.start_s,
-                   "trace_duration_s": trace.duration_s, "trace_num_requests": trace.num_requests,
-                   "time_scale": trace.time_scale, "max_input_tokens": trace.max_input_tokens, "input_cap_tokens": input_cap,
-                   "max_output_tokens": trace.max_output_tokens, "repeats": trace.repeats,
-                   "history_tokens": trace.history_tokens, "warmup_concurrency": trace.warmup_concurrency,
-                   "drain_s": trace.drain_s, "max_in_flight": trace.max_in_flight, "slo_ttft_ms": trace.slo_ttft_ms,
-                   "seed": seed},
-        "window": {"requests": len(window.measured), "skipped": len(window.skipped),
-                   "skipped_lines": [r.line for r in window.skipped][:100],
-                   "history_requests": len(window.history), "start_s": window.start_s,
-                   "trace_span_s": window.duration_s, "replay_span_s": plan.scheduled_s[-1],
-                   "input_tokens": measured_input, "unique_tokens": unique_tokens(window.measured, trace.trace_block_size),
-                   "ideal_reusable_tokens": sum(i for i, _ in rows),
-                   "simulated_reusable_tokens": sum(s for _, s in rows)},
-        "kv_capacity_tokens": gpu_tokens, "tier_capacity_tokens": tier_tokens,
-        "simulated_capacity_tokens": gpu_tokens + tier_tokens, "engine_block_size": env["cache_block_size"],
-        "arms": arms,
-        "cache_buys": cache_buys([run["cached"]["stats"] for run in complete_pairs],
-                                 [run["cold"]["stats"] for run in complete_pairs]) if complete_pairs else {},
-        "client": {"max_rss_mb": client_rss_mb(), "send_lag_p99_ms_max": max(lags) if lags else None,
-                   "sender_kept_up": all(lag <= SEND_LAG_LIMIT_MS for lag in lags) if lags else None,
-                   "send_lag_limit_ms": SEND_LAG_LIMIT_MS},
-        "passes": passes,
-        "complete": failure is None, "failure": failure,
-        "cache_audit": {"ok": None if unaudited else not problems, "problems": problems, "requests_checked": checked,
-                        **({"unaudited": unaudited} if unaudited else {})},
-        "environment": env,
-    }
+    return build_trace_result(
+        phase=SERVER_PHASE, experiment="trace", model=model,
+        timestamp=datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
+        config={"trace": trace.path, "trace_block_size": trace.trace_block_size, "trace_start_s": trace.start_s,
+                "trace_duration_s": trace.duration_s, "trace_num_requests": trace.num_requests,
+                "time_scale": trace.time_scale, "max_input_tokens": trace.max_input_tokens, "input_cap_tokens": input_cap,
+                "max_output_tokens": trace.max_output_tokens, "repeats": trace.repeats,
+                "history_tokens": trace.history_tokens, "warmup_concurrency": trace.warmup_concurrency,
+                "drain_s": trace.drain_s, "max_in_flight": trace.max_in_flight, "slo_ttft_ms": trace.slo_ttft_ms,
+                "seed": seed},
+        window={"requests": len(window.measured), "skipped": len(window.skipped),
+                "skipped_lines": [r.line for r in window.skipped][:100],
+                "history_requests": len(window.history), "start_s": window.start_s,
+                "trace_span_s": window.duration_s, "replay_span_s": plan.scheduled_s[-1],
+                "input_tokens": measured_input, "unique_tokens": unique_tokens(window.measured, trace.trace_block_size),
+                "ideal_reusable_tokens": sum(i for i, _ in rows),
+                "simulated_reusable_tokens": sum(s for _, s in rows)},
+        kv_capacity_tokens=gpu_tokens, tier_capacity_tokens=tier_tokens,
+        simulated_capacity_tokens=gpu_tokens + tier_tokens, engine_block_size=env["cache_block_size"],
+        arms=arms,
+        cache_buys=cache_buys([run["cached"]["stats"] for run in complete_pairs],
+                              [run["cold"]["stats"] for run in complete_pairs]) if complete_pairs else {},
+        client={"max_rss_mb": client_rss_mb(), "send_lag_p99_ms_max": max(lags) if lags else None,
+                "sender_kept_up": all(lag <= SEND_LAG_LIMIT_MS for lag in lags) if lags else None,
+                "send_lag_limit_ms": SEND_LAG_LIMIT_MS},
+        passes=passes,
+        complete=failure is None, failure=failure,
+        cache_audit=build_request_audit(problems, checked, unaudited),
+        environment=env,
+    )
 
 
-def finish_trace(result: dict, results_dir: str) -> int:
+def finish_trace(result: TraceResult, results_dir: str) -> int:
     """Write the replay's JSON, say how it ended and warn where its figures are weak. Returns the exit code."""
     path = trace_results_path(results_dir, result)
     write_result(path, result)

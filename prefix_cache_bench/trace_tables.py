@@ -1,9 +1,16 @@
 """Markdown tables of trace replays and capacity curves: each arm's figures over passes, what
 the cache buys, the capacity curve with the replayed points beside it.
 """
+from __future__ import annotations
+
+from collections.abc import Iterable, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
+
+if TYPE_CHECKING:
+    from .result_schema import TraceResult
 
 
-def fmt(value, spec=".1f", ci=None):
+def fmt(value: float | None, spec: str = ".1f", ci: Sequence[float] | None = None) -> str:
     """value formatted, with its interval in brackets where one is given; '-' for None."""
     if value is None:
         return "-"
@@ -11,11 +18,11 @@ def fmt(value, spec=".1f", ci=None):
     return f"{text} [{format(ci[0], spec)}, {format(ci[1], spec)}]" if ci else text
 
 
-def pct(value, ci=None):
+def pct(value: float | None, ci: Sequence[float] | None = None) -> str:
     return fmt(None if value is None else 100 * value, ".1f", ci and [100 * c for c in ci]) + ("" if value is None else "%")
 
 
-def arms_table(result):
+def arms_table(result: TraceResult) -> str:
     """One row per arm: TTFT percentiles and throughput (passes' mean [t-interval over passes]),
     hit shares, fidelity and the send lag."""
     rows = ["| arm | passes | TTFT p50 ms | TTFT p90 ms | TTFT p99 ms | requests/s | hit share measured | simulated "
@@ -31,7 +38,7 @@ def arms_table(result):
     return "\n".join(rows)
 
 
-def cache_buys_table(result):
+def cache_buys_table(result: TraceResult) -> str:
     """What the cache buys: the saving of each TTFT figure, cached against cold, pass by pass."""
     rows = ["| TTFT | cached vs cold: saving (95% CI over passes) | saved ms |", "|---|---|---|"]
     for key, b in result["cache_buys"].items():
@@ -40,7 +47,7 @@ def cache_buys_table(result):
     return "\n".join(rows)
 
 
-def trace_summary(result):
+def trace_summary(result: TraceResult) -> str:
     """The replay's Markdown: what was replayed, the arms, what the cache buys, the audit."""
     w, cfg, client = result["window"], result["config"], result["client"]
     audit = result["cache_audit"]
@@ -54,7 +61,7 @@ def trace_summary(result):
     return "\n\n".join([head, arms_table(result), cache_buys_table(result)])
 
 
-def curve_table(curve, replayed=()):
+def curve_table(curve: Mapping[str, Any], replayed: Iterable[tuple[int, float, str]] = ()) -> str:
     """The capacity curve: the simulated reusable share at each capacity against the ideal;
     replayed: [(capacity tokens, measured share, label)] of replays to set beside it."""
     rows = ["| capacity | tokens | simulated reusable share | of the ideal |", "|---|---|---|---|"]

@@ -14,8 +14,11 @@ import functools
 import gzip
 import json
 import math
+import os
 import re
+from collections.abc import Iterable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import numpy
 
@@ -84,13 +87,14 @@ def _parse_record(text, path, line, trace_block_size):
     return TraceRequest(line, float(timestamp_ms), input_length, output_length, tuple(hash_ids))
 
 
-def read_trace(path, trace_block_size=TRACE_BLOCK_TOKENS):
+def read_trace(path: str | os.PathLike[str], trace_block_size: int = TRACE_BLOCK_TOKENS) -> list[TraceRequest]:
     """Every request of a Mooncake-format trace, in file order; blank lines skipped.
 
     Read line by line. Raises ExperimentError (exit 2) naming file:line for any bad line, a
     timestamp earlier than the line before it, or a file with no request."""
     if not _is_int(trace_block_size) or trace_block_size < 1:
         raise _usage_error(path, 1, f"trace block size must be a positive integer, got {trace_block_size!r}")
+    requests: list[TraceRequest]
     requests, line = [], 0
     opener = gzip.open if str(path).endswith(".gz") else open        # text lines either way
     try:
@@ -110,7 +114,7 @@ def read_trace(path, trace_block_size=TRACE_BLOCK_TOKENS):
     return requests
 
 
-def check_block_sizes(trace_block_size, engine_block_size, path):
+def check_block_sizes(trace_block_size: int, engine_block_size: int, path: str | os.PathLike[str]) -> None:
     """Exit 2 unless the trace's block size (tokens) is a positive multiple of the engine's."""
     if not (_is_int(trace_block_size) and _is_int(engine_block_size) and engine_block_size > 0
             and trace_block_size > 0 and trace_block_size % engine_block_size == 0):
@@ -120,7 +124,7 @@ def check_block_sizes(trace_block_size, engine_block_size, path):
 
 # ---- blocks and prefixes -----------------------------------------------------------------------
 
-def prefix_keys(hash_ids):
+def prefix_keys(hash_ids: Iterable[int]) -> list[int]:
     """One key per block that stands for the whole prefix of hash IDs up to it: equal keys, equal
     prefixes. key_0 = hash((0, h_0)), key_k = hash((key_{k-1}, h_k))."""
     keys, key = [], 0
@@ -130,7 +134,7 @@ def prefix_keys(hash_ids):
     return keys
 
 
-def block_tokens(request, trace_block_size=TRACE_BLOCK_TOKENS):
+def block_tokens(request: TraceRequest, trace_block_size: int = TRACE_BLOCK_TOKENS) -> list[int]:
     """Tokens of each trace block of the prompt: trace_block_size but the last, which holds the rest."""
     n = len(request.hash_ids)
     return [trace_block_size] * (n - 1) + [request.input_length - (n - 1) * trace_block_size]
@@ -148,10 +152,10 @@ def _add_unique(seen_tokens, request, trace_block_size, keys=None):
     return added
 
 
-def unique_tokens(requests, trace_block_size=TRACE_BLOCK_TOKENS):
+def unique_tokens(requests: Iterable[TraceRequest], trace_block_size: int = TRACE_BLOCK_TOKENS) -> int:
     """Tokens of the distinct prefix blocks (max tokens seen per key): what an infinite cache
     would hold of these prompts."""
-    seen_tokens = {}
+    seen_tokens: dict[int, int] = {}
     return sum(_add_unique(seen_tokens, r, trace_block_size) for r in requests)
 
 
@@ -197,8 +201,10 @@ def _history(preceding, trace_block_size, history_tokens, history_requests):
     return preceding[first:]
 
 
-def select_window(requests, path, start_s=0.0, duration_s=None, num_requests=None, max_input_tokens=None,
-                  history_tokens=None, history_requests=None, trace_block_size=TRACE_BLOCK_TOKENS):
+def select_window(requests: Sequence[TraceRequest], path: str | os.PathLike[str], start_s: float = 0.0,
+                  duration_s: float | None = None, num_requests: int | None = None, max_input_tokens: int | None = None,
+                  history_tokens: int | None = None, history_requests: int | None = None,
+                  trace_block_size: int = TRACE_BLOCK_TOKENS) -> TraceWindow:
     """The requests to replay (times in trace seconds, lengths in tokens) and the history before
     them. Requests over max_input_tokens are skipped and listed, in the window and in the history."""
     _check_window_arguments(path, start_s, duration_s, num_requests)
@@ -219,7 +225,7 @@ def select_window(requests, path, start_s=0.0, duration_s=None, num_requests=Non
 
 # ---- prompts -----------------------------------------------------------------------------------
 
-def ordinary_token_ids(tokenizer):
+def ordinary_token_ids(tokenizer: Any) -> numpy.ndarray:
     """The tokenizer's vocabulary without special or added tokens: sorted int32 ids."""
     excluded = set(tokenizer.all_special_ids) | set(tokenizer.get_added_vocab().values())
     ids = numpy.array([i for i in range(len(tokenizer)) if i not in excluded], dtype=numpy.int32)
@@ -232,7 +238,7 @@ class PromptMaker:
     """Prompt token ids from hash IDs: each hash ID's block is trace_block_size ids drawn from
     vocab_ids, seeded by (seed, hash ID), so equal hash-ID prefixes give equal token prefixes."""
 
-    def __init__(self, vocab_ids, seed, trace_block_size=TRACE_BLOCK_TOKENS):
+    def __init__(self, vocab_ids: numpy.ndarray, seed: int, trace_block_size: int = TRACE_BLOCK_TOKENS):
         self.vocab_ids = numpy.asarray(vocab_ids, dtype=numpy.int32)
         self.seed = int(seed) % SEED_MODULUS
         self.trace_block_size = trace_block_size
@@ -245,16 +251,16 @@ class PromptMaker:
         ids.flags.writeable = False     # shared through the cache
         return ids
 
-    def block(self, hash_id):
+    def block(self, hash_id: int) -> numpy.ndarray:
         """The trace_block_size token ids (int32, read-only) of one hash ID."""
         return self._cached_block(int(hash_id))
 
-    def prompt_ids(self, request):
+    def prompt_ids(self, request: TraceRequest) -> list[int]:
         """The request's prompt: its blocks joined, cut to input_length tokens; plain ints."""
         ids = numpy.concatenate([self.block(h) for h in request.hash_ids])
         return ids[:request.input_length].tolist()
 
-    def prompt_json(self, request):
+    def prompt_json(self, request: TraceRequest) -> bytes:
         """prompt_ids as a JSON array, bytes: each whole block's text is made once and cached, so
         that a prompt of tens of thousands of ids costs tens of microseconds, not milliseconds."""
         *whole, last = request.hash_ids
@@ -263,7 +269,7 @@ class PromptMaker:
             ",".join(map(str, self.block(last)[:cut].tolist())).encode()
         return b"[" + b",".join([*(self.block_json(h) for h in whole), tail]) + b"]"
 
-    def block_json(self, hash_id):
+    def block_json(self, hash_id: int) -> bytes:
         """One block's ids as comma-separated text, bytes (cached beside the block)."""
         return self._cached_json(int(hash_id))
 
@@ -276,11 +282,11 @@ class PromptMaker:
 class IdealLedger:
     """Infinite cache, no eviction: what earlier requests of one cache namespace sent."""
 
-    def __init__(self, engine_block_size, trace_block_size=TRACE_BLOCK_TOKENS):
+    def __init__(self, engine_block_size: int, trace_block_size: int = TRACE_BLOCK_TOKENS):
         self.engine_block_size, self.trace_block_size = engine_block_size, trace_block_size
-        self._sent_tokens = {}          # prefix key -> the most tokens of that block any request sent
+        self._sent_tokens: dict[int, int] = {}          # prefix key -> the most tokens of that block any request sent
 
-    def reusable_tokens(self, request, keys=None):
+    def reusable_tokens(self, request: TraceRequest, keys: Sequence[int] | None = None) -> int:
         """Tokens of the longest prefix earlier requests sent, at most input_length - 1, whole engine blocks."""
         keys = prefix_keys(request.hash_ids) if keys is None else keys
         found = 0
@@ -293,11 +299,11 @@ class IdealLedger:
                 break
         return _round_reusable(found, request.input_length, self.engine_block_size)
 
-    def record(self, request, keys=None):
+    def record(self, request: TraceRequest, keys: Sequence[int] | None = None) -> None:
         """Remember, per prefix key, the most tokens of that block any request sent."""
         _add_unique(self._sent_tokens, request, self.trace_block_size, keys)
 
-    def observe(self, request, keys=None):
+    def observe(self, request: TraceRequest, keys: Sequence[int] | None = None) -> int:
         """reusable_tokens, then record the request: the tokens it could reuse."""
         keys = prefix_keys(request.hash_ids) if keys is None else keys
         reusable = self.reusable_tokens(request, keys)
@@ -311,11 +317,12 @@ class PrefixCacheSimulator:
     A request's blocks go back to the free queue tail first, so after a request its output blocks
     are the least recent of its blocks and its first prompt block the most recent."""
 
-    def __init__(self, capacity_tokens, engine_block_size, trace_block_size=TRACE_BLOCK_TOKENS):
+    def __init__(self, capacity_tokens: int, engine_block_size: int, trace_block_size: int = TRACE_BLOCK_TOKENS):
         self.capacity_tokens, self.engine_block_size, self.trace_block_size = \
             capacity_tokens, engine_block_size, trace_block_size
         self.capacity_blocks = capacity_tokens // engine_block_size
         self._full_blocks = trace_block_size // engine_block_size    # engine blocks of a whole trace block
+        self._nodes: collections.OrderedDict[int | tuple[str, int], int]
         self._nodes = collections.OrderedDict()     # prefix key -> cached engine blocks; last = most recent
         self._cached_blocks = 0
         self._outputs = 0                           # anonymous output nodes made so far
@@ -323,7 +330,7 @@ class PrefixCacheSimulator:
     def _last_blocks(self, request, n):
         return (request.input_length - (n - 1) * self.trace_block_size) // self.engine_block_size
 
-    def lookup(self, request, keys):
+    def lookup(self, request: TraceRequest, keys: Sequence[int]) -> int:
         """Tokens of the request's prompt the cache holds now, capped and in whole engine blocks."""
         nodes, n, found = self._nodes, len(keys), 0
         full, last = self._full_blocks, self._last_blocks(request, n)
@@ -337,7 +344,7 @@ class PrefixCacheSimulator:
                 break
         return _round_reusable(found * self.engine_block_size, request.input_length, self.engine_block_size)
 
-    def store(self, request, keys):
+    def store(self, request: TraceRequest, keys: Sequence[int]) -> None:
         """The request's blocks back in the cache: output least recent, first prompt block most
         recent; then evict least-recent nodes down to capacity."""
         nodes, n, added = self._nodes, len(keys), 0
@@ -368,7 +375,7 @@ class PrefixCacheSimulator:
             cached -= nodes.popitem(last=False)[1]
         self._cached_blocks = cached
 
-    def observe(self, request, keys=None):
+    def observe(self, request: TraceRequest, keys: Sequence[int] | None = None) -> int:
         """The tokens this request finds cached; then the cache as vLLM leaves it after the request."""
         if self.capacity_blocks <= 0:
             return 0
@@ -399,8 +406,9 @@ def _capacity_tokens(item, reference_tokens, text):
     return int(number * SUFFIX_TOKENS[suffix])
 
 
-def parse_capacities(text, reference_tokens):
+def parse_capacities(text: str, reference_tokens: int | None) -> list[tuple[str, int]]:
     """'0.5x,1x,200k,1000000' -> [(label, tokens)], in the given order; duplicates refused."""
+    labels_by_tokens: dict[int, str]
     capacities, labels_by_tokens = [], {}
     for item in (part.strip() for part in text.split(",")):
         tokens = _capacity_tokens(item, reference_tokens, text)
@@ -412,7 +420,8 @@ def parse_capacities(text, reference_tokens):
     return capacities
 
 
-def simulate_capacities(window, capacities, engine_block_size, trace_block_size=TRACE_BLOCK_TOKENS):
+def simulate_capacities(window: TraceWindow, capacities: Sequence[tuple[str, int]], engine_block_size: int,
+                        trace_block_size: int = TRACE_BLOCK_TOKENS) -> dict[str, Any]:
     """History then measured requests through the ideal ledger and one LRU model per capacity;
     the measured requests' reusable tokens and shares of their input tokens, as a JSON-able dict."""
     ledger = IdealLedger(engine_block_size, trace_block_size)

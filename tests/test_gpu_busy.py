@@ -3,10 +3,13 @@ requests on the real CPU engine and a real server with a tier. This machine has 
 the worker extension is driven for real (it answers that there is nothing to trace), and only
 the GPU's clock itself is faked, as a known activity per request."""
 import dataclasses
+
+import pytest
+
 import phase1_experiment as p1
 from test_experiment import run_many
 from test_tiers import QUICK
-from prefix_cache_bench import analysis, defaults, gpu_busy, offline_engine, protocol, server_engine, tables
+from prefix_cache_bench import analysis, defaults, engine_api, gpu_busy, offline_engine, protocol, server_engine, tables
 from prefix_cache_bench.defaults import TIER_CONDITION
 
 
@@ -17,6 +20,41 @@ def test_overlapping_device_activities_count_once_and_the_span_covers_the_gaps()
     assert gpu_busy.device_busy_ms(spans) == (18.0, 25.0)
     assert gpu_busy.device_busy_ms([]) == (0.0, 0.0)
     assert gpu_busy.device_busy_ms([(3 * ms, 3 * ms + 500_000)]) == (0.5, 0.5)
+
+
+def test_a_tier_hit_whose_copies_fall_in_the_queue_has_no_negative_part():
+    """The H100 tier hit at 32k: its KV copies from host memory (91 ms) ran while it waited in the
+    queue (105.78 ms), its prefill step took 20.38 ms and the step's kernels 18 ms. Counted with
+    every activity, the profiled GPU-busy time (109 ms) exceeded the step and "step: the rest"
+    read -88 ms. The copies are the tier's: a part of their own in the queue, apart from the
+    step's kernels."""
+    ms = 1_000_000
+    # the profiled window: 1,032 block copies back to back over 0-91 ms, then the step's kernels over 106-124 ms
+    copies = [("Memcpy HtoD (Pinned -> Device)", k * 88_178, (k + 1) * 88_178) for k in range(1032)]
+    kernels = [("ampere_bf16_gemm", 106 * ms + k * ms, 106 * ms + (k + 1) * ms - 10) for k in range(18)]
+    activity = gpu_busy.busy_by_kind(copies + [("Memset (Device)", 105 * ms, 105 * ms + 5_000)] + kernels)
+    assert round(activity["gpu_copy_ms"], 1) == 91.0 and round(activity["gpu_kernel_busy_ms"], 3) == 18.005
+    assert activity["gpu_busy_ms"] > 108 and activity["device_activities"] == 1032 + 1 + 18
+    tier_hit = engine_api.RequestResult(wall_ms=148.9, prompt_tokens=33041, cached_tokens=33024, output_tokens=1,
+                                        engine_ttft_ms=147.2, queue_ms=105.78, prefill_ms=20.38,
+                                        hbm_cached_tokens=0, tier_cached_tokens=33024, tier_load_ms=91.0)
+    parts = tier_hit.ttft_breakdown()
+    assert parts == {"outside_engine_ms": pytest.approx(1.7), "frontend_ipc_ms": pytest.approx(21.04),
+                     "queue_ms": pytest.approx(14.78), "tier_wait_ms": 91.0, "prefill_step_ms": 20.38}
+    assert min(parts.values()) >= 0 and sum(parts.values()) == pytest.approx(148.9)
+    # without the connector's copy time, the whole queue is the wait for the copies
+    parts = dataclasses.replace(tier_hit, tier_load_ms=None).ttft_breakdown()
+    assert (parts["queue_ms"], parts["tier_wait_ms"]) == (0.0, 105.78)
+    # an HBM hit's breakdown has no tier part
+    assert "tier_wait_ms" not in dataclasses.replace(tier_hit, tier_cached_tokens=0, hbm_cached_tokens=33024).ttft_breakdown()
+    # the step split: the step's kernels, not the window's copies
+    segment = gpu_busy.segment_summary([{**record(TIER_CONDITION, activity["gpu_busy_ms"], 33024, 33024), **activity}], 1)
+    busy, rest = analysis.step_split({"ttft_breakdown_mean_ms": parts}, segment, TIER_CONDITION)
+    assert (round(busy, 3), round(rest, 3)) == (18.005, 2.375)
+    assert segment["by_condition"][TIER_CONDITION]["gpu_copy_mean_ms"] == pytest.approx(91.0, abs=0.01)
+    # a file from before the kinds were told apart: every activity counts, as it did
+    old = gpu_busy.segment_summary([record(TIER_CONDITION, 108.65, 33024, 33024)], 1)
+    assert analysis.step_split({"ttft_breakdown_mean_ms": parts}, old, TIER_CONDITION)[1] == pytest.approx(-88.27)
 
 
 def record(condition, busy_ms, cached=0, expected=0):

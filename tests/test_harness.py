@@ -54,3 +54,20 @@ def test_shape_folders_hold_the_published_architecture_and_no_weights(tmp_path, 
     names = set(os.listdir(tmp_path))
     assert {"config.json", "tokenizer.json"} <= names
     assert not any(n.endswith((".safetensors", ".bin")) for n in names)     # --load-format dummy makes them up
+
+
+def test_the_bare_generate_check_pairs_the_tool_s_request_with_a_bare_generate_on_one_engine(llm, tiny_tokenizer):
+    """tools/bare_generate_check.py on the real engine: per condition, both requests found what
+    their condition promises (the audit), each pair timed, the difference their means' difference."""
+    from conftest import load_tool
+    check = load_tool("bare_generate_check")
+    block = llm.llm_engine.vllm_config.cache_config.block_size
+    rows, problems = check.compare(llm, "tiny", tiny_tokenizer, [(300, 100)], 3, 0, 0.0, block)
+    assert problems == []
+    assert [row["condition"] for row in rows] == ["cache_hit", "cache_miss", "cache_cold"]
+    for row in rows:
+        assert row["pairs"] == 3 and len(row["tool_ttft_ms"]) == len(row["bare_ttft_ms"]) == 3
+        assert row["difference_mean_ms"] == pytest.approx(row["tool_ttft_mean_ms"] - row["bare_ttft_mean_ms"])
+        low, high = row["difference_ci95"]
+        assert low <= row["difference_mean_ms"] <= high
+    assert "| A=300 / B=100 | hit |" in check.table(rows)

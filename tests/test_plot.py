@@ -141,7 +141,7 @@ def test_cli_skips_bad_files_with_one_line_each_and_plots_the_rest(tmp_path):
     skipped = [line for line in proc.stderr.splitlines() if line.startswith("skipped")]
     assert len(skipped) == 2
     assert any("results_phase2_a1024_b256.json: not valid JSON" in line for line in skipped)
-    assert any("a2048_b256.json: cache_miss.stats lacks throughput_mean" in line for line in skipped)
+    assert any("a2048_b256.json: a phase 1/2 result without cache_miss.stats.throughput_mean" in line for line in skipped)
     assert os.path.exists(tmp_path / "png" / "experiment1_all_configs_phase2.png")
     assert "| A=256 / B=256 |" in proc.stdout and "| A=512 / B=256 |" in proc.stdout
     assert "Traceback" not in proc.stderr
@@ -433,8 +433,12 @@ def test_unbounded_intervals_are_shown_and_compared_as_infinite():
 
 def load_file(levels):
     """A phase 1 load result: {concurrency: {condition: (TTFT p50 ms, its interval)}}."""
-    return {"phase": "phase1_server_api", "experiment": "load", "config": {"document_tokens": 8192},
-            "levels": [{"concurrency": c, "request_rate": None, "num_prefixes": 8,
+    return {"phase": "phase1_server_api", "experiment": "load", "model": "m", "timestamp": "2026-12-07T00:00:00",
+            "config": {"document_tokens": 8192, "query_tokens": 16, "max_output_tokens": 4, "num_requests": 64,
+                       "repeats": 3, "num_prefixes": [8], "load": "concurrency"},
+            "kv_capacity_tokens": 100_000, "complete": True, "failure": None, "cache_audit": {"ok": True, "problems": []},
+            "environment": {},
+            "levels": [{"concurrency": c, "request_rate": None, "num_prefixes": 8, "runs": [],
                         **{cond: {"ttft_ms": {"p50": p50, "p50_ci95": ci}} for cond, (p50, ci) in conds.items()}}
                        for c, conds in levels.items()]}
 
@@ -533,7 +537,7 @@ def test_a_truncated_file_and_one_missing_keys_are_each_named_in_one_line_and_sk
     assert proc.returncode == 0 and "Traceback" not in proc.stderr, proc.stderr[-3000:]
     skipped = sorted(line for line in proc.stderr.splitlines() if line.startswith("skipped"))
     assert len(skipped) == 2
-    assert "a1024_b256.json: no cache_hit.stats" in skipped[0]
+    assert "a1024_b256.json: a phase 1/2 result without cache_hit" in skipped[0]
     assert "a512_b256.json: not valid JSON" in skipped[1]
 
 
@@ -599,3 +603,28 @@ def test_the_anatomy_chart_stacks_the_breakdown_and_marks_the_floor(tmp_path):
     proc = run_script(["plot_results.py", "--results-dir", str(tmp_path), "--out-dir", str(tmp_path / "out")])
     assert proc.returncode == 0 and (tmp_path / "out" / "ttft_anatomy_phase2.png").exists()
     assert "| A=8192 / B=256 | hit | 10.00 | 0.50 | 1.00 | 0.10 | 8.40 | 3.36 (memory) | 3.0x |" in proc.stdout
+
+
+def test_a_tier_hit_is_set_against_its_floor_at_the_link_rate_measured_on_its_machine():
+    """HBM hit 45.1 ms + 4.33 GB of KV at 55.0 GB/s (78.7 ms) = 123.8 ms; the tier hit's 148.9 ms is
+    1.20 times it. A run that measured no link gets no floor columns."""
+    r = extended_result(32768, 256, hit=45.1, cold=1269.0)
+    r["cache_tier"] = {"trials": [], "stats": stats(148.9, 300.0, tier_cached_tokens=33024,
+                                                    tier_load={"bytes_per_request": 4.33e9, "gb_s": 47.1})}
+    r.update(tier_ttft_saving_pct=88.3, tier_ttft_saving_ci95=[87.0, 89.0], tier_over_hit_pct=230.2,
+             tier_over_hit_ci95=[200.0, 260.0])
+    r["environment"]["tier"] = {"connector": "OffloadingConnector", "backend": "native", "size_gib": 48.0}
+    assert "floor" not in tables.tier_table({(32768, 256): r})
+    r["environment"]["host_link"] = {"pinned_gb_s": 55.0, "pageable_gb_s": 5.1, "bytes": 1 << 30}
+    row = tables.tier_table({(32768, 256): r}).splitlines()[2]
+    assert row.endswith("| 4.33 GB | 47.1 GB/s | 123.83 | 1.20x |")
+    assert "55.0 GB/s pinned, 5.1 pageable" in tables.tier_table({(32768, 256): r})
+
+
+def test_the_link_probe_runs_only_beside_an_nvidia_gpu_and_tells_its_failure_in_one_line(monkeypatch):
+    from prefix_cache_bench import tiers
+    monkeypatch.setattr(tiers, "has_nvidia_gpu", lambda: False)
+    assert tiers.measure_host_link() is None and tiers.measure_link_for_tier(True) == {}
+    monkeypatch.setattr(tiers, "has_nvidia_gpu", lambda: True)
+    assert tiers.measure_host_link(python="/bin/false") == {"error": "the copy probe failed: exit 1"}
+    assert tiers.measure_link_for_tier(False) == {}

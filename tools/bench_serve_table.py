@@ -5,9 +5,11 @@
 
 Each figure is the mean over the comparison's rounds, with its 95% t-interval over them.
 """
-import json
 import os
 import sys
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+from prefix_cache_bench.results import read_result  # noqa: E402
 
 # (row label, figure key); the bench's hits are its requests whose document was already cached
 ROWS = (("TTFT p50 ms", "ttft_p50_ms"), ("TTFT p99 ms", "ttft_p99_ms"), ("TTFT mean ms", "ttft_mean_ms"),
@@ -70,8 +72,7 @@ def main(argv):
     write = "--write-readme" in argv
     paths = [a for a in argv if a != "--write-readme"]
     for k, path in enumerate(paths):
-        with open(path) as f:
-            comparison = json.load(f)
+        comparison = read_result(path)
         print(("\n" if k else "") + table(comparison))
         if write:
             folder = os.path.dirname(os.path.abspath(path))

@@ -35,6 +35,7 @@ from prefix_cache_bench.intervals import mean_ci95  # noqa: E402
 from prefix_cache_bench.prometheus import API_SERVER_CPU, load_counters, metric_total, parse_metrics, server_times  # noqa: E402
 from prefix_cache_bench.host import machine_info  # noqa: E402
 from prefix_cache_bench.provenance import device_name, provenance  # noqa: E402
+from prefix_cache_bench.result_schema import BENCH_SERVE_SCHEMA, build_bench_serve_comparison  # noqa: E402
 from prefix_cache_bench.results import rounded, write_json_atomic  # noqa: E402
 from prefix_cache_bench.servers import EmbeddedServer, free_port  # noqa: E402
 
@@ -256,11 +257,12 @@ def main(argv=None):
 
     summary = summarize(rounds)
     print_table(summary)
-    write_json_atomic(opts.out, rounded({
-        "schema": "bench_serve_comparison/1", "config": config, "vllm_version": vllm.__version__,
+    comparison = build_bench_serve_comparison(**{
+        "schema": BENCH_SERVE_SCHEMA, "config": config, "vllm_version": vllm.__version__,
         "device": device_name(), "machine": machine_info(), "server_start_s": start_s,
         **provenance(sys.argv[1:] if argv is None else argv, "tools/compare_bench_serve.py", __file__),
-        "rounds": rounds, "summary": summary}))
+        "rounds": rounds, "summary": summary})
+    write_json_atomic(opts.out, rounded(comparison))
     print(f"wrote {opts.out}")
 
 

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prefix_cache_bench.http_client import HttpClient  # noqa: E402
+from prefix_cache_bench.result_schema import build_sender_bench  # noqa: E402
 from prefix_cache_bench.results import write_result  # noqa: E402
 from prefix_cache_bench.trace_figures import arm_stats  # noqa: E402
 from prefix_cache_bench.trace_replay import (SEND_LAG_LIMIT_MS, TracePlan, client_rss_mb, request_record,  # noqa: E402
@@ -113,12 +114,12 @@ def main(argv=None):
     requests = [request_record(k, r, record, plan.scheduled_s[k], t0, plan.max_tokens[k], True, 0, 0)
                 for k, (r, record) in enumerate(zip(window.measured, records))]
     stats = arm_stats(requests, plan.scheduled_s[-1], None, 512)
-    result = {"experiment": "trace_sender_bench", "trace": args.trace, "requests": len(requests),
+    result = build_sender_bench(**{"experiment": "trace_sender_bench", "trace": args.trace, "requests": len(requests),
               "replay_span_s": plan.scheduled_s[-1], "time_scale": args.time_scale,
               "max_output_tokens": args.max_output_tokens, "ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
               "failed": stats["failed"], "overloaded": overload, "max_in_flight": in_flight,
               "send_lag_ms": stats["send_lag_ms"], "send_lag_limit_ms": SEND_LAG_LIMIT_MS,
-              "client_max_rss_mb": client_rss_mb(), "wall_s": time.perf_counter() - started}
+              "client_max_rss_mb": client_rss_mb(), "wall_s": time.perf_counter() - started})
     write_result(args.out, result)
     lag = stats["send_lag_ms"]
     print(f"{len(requests)} requests over {plan.scheduled_s[-1]:.0f} s ({stats['failed']} failed, at most {in_flight} "

@@ -1,0 +1,152 @@
+"""How much of phase 2's TTFT is the tool itself: its request against a bare `llm.generate`.
+
+    python tools/bare_generate_check.py --sizes 512x256,2048x256,8192x256 --rounds 30 [phase 2's flags]
+
+One engine, started as phase2_experiment.py starts it (the same flags, the same parser). Each
+config's [A, B] is warmed once; then, round after round, every config's hit, miss and cold
+condition sends two requests with fresh queries: the tool's (offline_engine.OfflineEngine.request,
+the path phase 2's measured rounds time) and a bare one,
+
+    t0 = time.perf_counter(); llm.generate([TokensPrompt(prompt_token_ids=ids)], SamplingParams(max_tokens=1))
+
+timed the same way; which goes first alternates from round to round. Per config and condition:
+both means, the mean of the paired differences (tool - bare) with its 95% t interval over the
+rounds, and whether the difference is within BUDGET_MS. Every request's cached tokens are
+audited as phase 2 audits them. Writes --out (bare_generate_check.json).
+"""
+import os
+import sys
+import time
+
+import numpy as np
+
+sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+import phase2_experiment  # noqa: E402
+from prefix_cache_bench.audit import expected_cached_tokens  # noqa: E402
+from prefix_cache_bench.defaults import CONDITIONS  # noqa: E402
+from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signals  # noqa: E402
+from prefix_cache_bench.intervals import mean_ci95  # noqa: E402
+from prefix_cache_bench.offline_engine import OfflineEngine  # noqa: E402
+from prefix_cache_bench.prompts import ConfigPrompts  # noqa: E402
+from prefix_cache_bench.protocol import warm_cache  # noqa: E402
+from prefix_cache_bench.provenance import provenance  # noqa: E402
+from prefix_cache_bench.result_schema import build_bare_generate_check  # noqa: E402
+from prefix_cache_bench.results import write_result  # noqa: E402
+
+BUDGET_MS = 0.5         # the tool's TTFT within this of a bare generate's, at every size
+PROG = "bare_generate_check.py"
+
+
+def bare_generate_ms(llm, prompt_ids, cache_salt):
+    """A bare LLM.generate of one token, as a user writes it: (wall ms, cached tokens)."""
+    from vllm import SamplingParams
+    from vllm.inputs import TokensPrompt
+
+    prompt = TokensPrompt(prompt_token_ids=prompt_ids)
+    if cache_salt is not None:              # the miss and cold conditions' namespace: nothing to reuse
+        prompt["cache_salt"] = cache_salt
+    t0 = time.perf_counter()
+    out = llm.generate([prompt], SamplingParams(max_tokens=1))
+    return (time.perf_counter() - t0) * 1e3, out[0].num_cached_tokens
+
+
+def compare(llm, model, tokenizer, sizes, rounds, seed, pause_s, block):
+    """Every config's conditions, the tool's request against a bare one, `rounds` pairs each.
+    Returns (rows, problems): a row per config and condition; problems lists every request
+    whose cached tokens broke its condition."""
+    engine = OfflineEngine(llm, model)
+    configs = [ConfigPrompts(tokenizer, a, b, block, seed, f"bare-{seed}") for a, b in sizes]
+    for c in configs:
+        warm_cache(engine.request, c.warmup_ids, pause_s)
+    pairs = {(k, condition): [] for k in range(len(configs)) for condition in CONDITIONS}
+    problems = []
+    for r in range(rounds):
+        for k, c in enumerate(configs):
+            for condition in CONDITIONS:
+                (tool_ids, tool_salt), (bare_ids, bare_salt) = c.trial_prompts(condition, r)
+                want = expected_cached_tokens(condition, len(c.warmup_ids), block)
+                timed = {}
+                for who in (("tool", "bare") if r % 2 == 0 else ("bare", "tool")):
+                    if who == "tool":
+                        result = engine.request(tool_ids, 1, tool_salt)
+                        timed[who] = (result.wall_ms, result.cached_tokens)
+                    else:
+                        timed[who] = bare_generate_ms(llm, bare_ids, bare_salt)
+                    time.sleep(pause_s)
+                problems += [f"A={c.size_a} B={c.size_b} {condition} round {r} {who}: cached_tokens={cached}, "
+                             f"expected {want}" for who, (_, cached) in timed.items() if cached != want]
+                pairs[(k, condition)].append((timed["tool"][0], timed["bare"][0]))
+    rows = []
+    for (k, condition), values in pairs.items():
+        tool_ms, bare_ms = np.array(values).T
+        diff = tool_ms - bare_ms
+        low, high = mean_ci95(diff) if len(diff) > 1 else (None, None)
+        rows.append({"context_size_a": configs[k].size_a, "context_size_b": configs[k].size_b, "condition": condition,
+                     "pairs": len(diff), "tool_ttft_mean_ms": float(tool_ms.mean()),
+                     "bare_ttft_mean_ms": float(bare_ms.mean()), "difference_mean_ms": float(diff.mean()),
+                     "difference_ci95": [low, high], "within_budget": bool(abs(diff.mean()) <= BUDGET_MS),
+                     "tool_ttft_ms": tool_ms.tolist(), "bare_ttft_ms": bare_ms.tolist()})
+    return rows, problems
+
+
+def table(rows):
+    lines = ["| config | condition | tool TTFT ms | bare generate ms | tool - bare ms (95% CI) | within "
+             f"{BUDGET_MS:g} ms |", "|---|---|---:|---:|---:|---|"]
+    for row in rows:
+        low, high = row["difference_ci95"]
+        ci = f" [{low:+.2f}, {high:+.2f}]" if low is not None else ""
+        lines.append(f"| A={row['context_size_a']} / B={row['context_size_b']} | {row['condition'].removeprefix('cache_')} | "
+                     f"{row['tool_ttft_mean_ms']:.2f} | {row['bare_ttft_mean_ms']:.2f} | "
+                     f"{row['difference_mean_ms']:+.2f}{ci} | {'yes' if row['within_budget'] else 'no'} |")
+    return "\n".join(lines)
+
+
+def take_flag(argv, name, default, kind):
+    """(value, argv without it) of one of this tool's own flags; the rest go to phase 2's parser."""
+    if name not in argv:
+        return default, argv
+    k = argv.index(name)
+    if k + 1 >= len(argv):
+        raise ExperimentError(f"{name} needs a value", 2)
+    try:
+        return kind(argv[k + 1]), argv[:k] + argv[k + 2:]
+    except ValueError:
+        raise ExperimentError(f"{name}: not a valid value: {argv[k + 1]!r}", 2)
+
+
+def main(argv):
+    from vllm import LLM
+
+    rounds, argv = take_flag(argv, "--rounds", 20, int)
+    out, argv = take_flag(argv, "--out", "bare_generate_check.json", str)
+    if rounds < 2:
+        raise ExperimentError("--rounds must be at least 2 (an interval needs two pairs)", 2)
+    settings, engine_args = phase2_experiment.parse_args(argv)
+    phase2_experiment.check_model_fits(settings, engine_args)
+    llm = LLM.from_engine_args(engine_args)
+    try:
+        block = llm.llm_engine.vllm_config.cache_config.block_size
+        rows, problems = compare(llm, settings.model, llm.get_tokenizer(), settings.configs, rounds, settings.seed,
+                                 settings.pause_ms / 1e3, block)
+    finally:
+        llm.llm_engine.engine_core.shutdown()
+    import vllm
+    result = build_bare_generate_check(experiment="bare_generate_check", model=settings.model, vllm_version=vllm.__version__,
+                                       rounds=rounds, budget_ms=BUDGET_MS, rows=rows,
+                                       cache_audit={"ok": not problems, "problems": problems},
+                                       environment=provenance(sys.argv[1:], "tools/bare_generate_check.py", __file__))
+    write_result(out, result)
+    print(table(rows))
+    print(f"wrote {out}")
+    for problem in problems[:10]:
+        print(f"!!! {problem}", file=sys.stderr)
+    return 3 if problems else 0
+
+
+if __name__ == "__main__":
+    stop_on_signals()
+    try:
+        sys.exit(main(sys.argv[1:]))
+    except (ExperimentError, Interrupted) as e:
+        print(f"{PROG}: {'error: ' if isinstance(e, ExperimentError) else ''}{e}", file=sys.stderr)
+        sys.exit(e.exit_code)
