@@ -133,11 +133,13 @@ def load_headline_table(data: Mapping[str, Any]) -> str:
 
 
 def load_file_tables(data: Mapping[str, Any]) -> str:
-    """The tables of one load file: a working-set sweep's, or a load sweep's and where its TTFT went."""
+    """The tables of one load file: a working-set sweep's, or a load sweep's (cached and cold side by
+    side, then each condition's figures) and where its TTFT went."""
     if data["experiment"] == "working_set":
         return working_set_table(data)
     times = server_time_table(data)
-    return load_table(data) + (f"\n\nWhere the TTFT went:\n\n{times}" if times else "")
+    return (f"Cached against cold:\n\n{load_headline_table(data)}\n\nEach condition:\n\n{load_table(data)}" +
+            (f"\n\nWhere the TTFT went:\n\n{times}" if times else ""))
 
 
 def with_spread(value: float | None, per_pass: Sequence[float | None] | None, digits: int = 1) -> str:

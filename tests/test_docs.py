@@ -150,7 +150,13 @@ def test_readme_and_reproducibility_say_what_the_runs_of_one_code_on_two_leases_
     slower = [sixth[a]["cache_hit"]["stats"]["ttft_mean"] - fifth[a]["cache_hit"]["stats"]["ttft_mean"]
               for a in (512, 2048, 8192)]
     assert f"{min(slower):.1f}-{max(slower):.1f} ms slower" in readme and f"{min(slower):.1f}-{max(slower):.1f} ms slower" in page
+    # the runs of the older code (another hash): their hits at 2048 against the newer code's on a normal host (run 5)
+    older = [r for r in runs.values() if r[2048]["environment"]["tool_version"].get("code_sha256") !=
+             fifth[2048]["environment"]["tool_version"]["code_sha256"]]
+    gaps = [r[2048]["cache_hit"]["stats"]["ttft_mean"] - fifth[2048]["cache_hit"]["stats"]["ttft_mean"] for r in older]
+    assert len(older) == 4 and f"Four runs of older code had hits {min(gaps):.1f}-{max(gaps):.1f} ms slower at 2048" in readme
     hosts = sixth[512]["environment"]["host_python_loop_ms_per_process"]
+    assert f"up to {max(hosts) / min(fifth[512]['environment']['host_python_loop_ms_per_process']):.1f} times slower" in readme
     assert "were " + ", ".join(f"{ms:.1f}" for ms in hosts[:-1]) + f" and {hosts[-1]:.1f} ms" in page
     # the two slow-host processes had the run's slowest hits, at every size
     for a in (512, 2048, 8192):

@@ -487,6 +487,10 @@ def test_the_headline_load_table_puts_cached_and_cold_side_by_side():
     assert rows[2:] == [
         "| 4 | 20.0 [19.0, 21.0] | 30.0 | 200.0 [199.0, 201.0] | 300.0 | 9.00 [8.50, 9.50] | 2.00 [1.50, 2.50] |",
         "| 16 | 50.0 [49.0, 51.0] | 70.0 | - | - | 12.50 [12.00, 13.00] | - |"]
+    # plot_results prints it first for a load sweep (the README's load table is this table of a shipped file)
+    shipped = results_module.read_result(os.path.join(ROOT, "results", "cpu-tiny-load", "run1",
+                                                      "results_load_a1500_p4_concurrency.json.gz"))
+    assert load_tables.load_file_tables(shipped).startswith(f"Cached against cold:\n\n{load_tables.load_headline_table(shipped)}")
 
 
 def test_a_correction_made_after_the_run_is_stated_in_the_folder_s_readme(tmp_path):
