@@ -279,9 +279,9 @@ class BareGenerateCheck(TypedDict):
     experiment: Literal["bare_generate_check"]
     model: str
     vllm_version: str           # the engine's vLLM
-    rounds: int                 # pairs per config and condition
-    budget_ms: float            # the tool's TTFT must be within this of the bare call's
-    rows: list[dict[str, Any]]  # per config and condition: both means, tool - bare with its interval, within_budget
+    rounds: int                 # per config and condition: one request of each arm a round
+    budget_ms: float            # the tool's TTFT must be within this of the quiet bare call's
+    rows: list[dict[str, Any]]  # per config and condition: the arms' means, tool - bare, tool - quiet bare, within_budget
     cache_audit: CacheAudit
     environment: dict[str, Any]     # as Provenance: command, tool_version, machine
     schema_version: NotRequired[int]

@@ -66,8 +66,10 @@ def test_the_bare_generate_check_pairs_the_tool_s_request_with_a_bare_generate_o
     assert problems == []
     assert [row["condition"] for row in rows] == ["cache_hit", "cache_miss", "cache_cold"]
     for row in rows:
-        assert row["pairs"] == 3 and len(row["tool_ttft_ms"]) == len(row["bare_ttft_ms"]) == 3
+        assert row["rounds"] == 3 and len(row["tool_ttft_ms"]) == len(row["bare_ttft_ms"]) == len(row["quiet_bare_ttft_ms"]) == 3
         assert row["difference_mean_ms"] == pytest.approx(row["tool_ttft_mean_ms"] - row["bare_ttft_mean_ms"])
+        assert row["quiet_difference_mean_ms"] == pytest.approx(row["tool_ttft_mean_ms"] - row["quiet_bare_ttft_mean_ms"])
         low, high = row["difference_ci95"]
         assert low <= row["difference_mean_ms"] <= high
+        assert row["within_budget"] == (abs(row["quiet_difference_mean_ms"]) <= check.BUDGET_MS)
     assert "| A=300 / B=100 | hit |" in check.table(rows)
