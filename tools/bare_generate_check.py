@@ -31,6 +31,7 @@ from prefix_cache_bench.intervals import mean_ci95  # noqa: E402
 from prefix_cache_bench.offline_engine import OfflineEngine  # noqa: E402
 from prefix_cache_bench.prompts import ConfigPrompts  # noqa: E402
 from prefix_cache_bench.protocol import warm_cache  # noqa: E402
+from prefix_cache_bench.host import machine_info  # noqa: E402
 from prefix_cache_bench.provenance import provenance  # noqa: E402
 from prefix_cache_bench.result_schema import build_bare_generate_check  # noqa: E402
 from prefix_cache_bench.results import write_result  # noqa: E402
@@ -141,6 +142,7 @@ def main(argv):
     if rounds < 2:
         raise ExperimentError("--rounds must be at least 2 (an interval needs two pairs)", 2)
     settings, engine_args = phase2_experiment.parse_args(argv)
+    machine = machine_info()                    # the host's speed while no engine runs beside it
     phase2_experiment.check_model_fits(settings, engine_args)
     llm = LLM.from_engine_args(engine_args)
     try:
@@ -153,7 +155,8 @@ def main(argv):
     result = build_bare_generate_check(experiment="bare_generate_check", model=settings.model, vllm_version=vllm.__version__,
                                        rounds=rounds, budget_ms=BUDGET_MS, rows=rows,
                                        cache_audit={"ok": not problems, "problems": problems},
-                                       environment=provenance(sys.argv[1:], "tools/bare_generate_check.py", __file__))
+                                       environment={"machine": machine,
+                                                    **provenance(sys.argv[1:], "tools/bare_generate_check.py", __file__)})
     write_result(out, result)
     print(table(rows))
     print(f"wrote {out}")
