@@ -334,3 +334,21 @@ def test_load_page_bench_serve_comparison_is_the_shipped_files():
     assert (f"{tool_p50[0]:.1f} ms in the first round but {tool_p50[1]:.1f} and {tool_p50[2]:.1f} ms in the other "
             f"two, while the server's own TTFT mean stayed at {span(server)} ms") in flat
     assert f"The bench's hits had a p50 of {cpu['summary']['bench_hits']['ttft_p50_ms']['mean']:.1f} ms" in flat
+
+
+def test_the_tool_s_own_cost_the_docs_state_is_the_shipped_bare_generate_check():
+    from conftest import load_tool
+    check = load_tool("bare_generate_check")
+    folder = os.path.join(ROOT, "results", "cpu-tiny-bare-generate")
+    data = results.read_result(os.path.join(folder, "bare_generate_check.json"))
+    table = check.table(data["rows"])
+    page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
+    assert table in page and table in open(os.path.join(folder, "README.md")).read()
+    rows = data["rows"]
+    assert data["cache_audit"]["ok"] is True and all(r["within_budget"] for r in rows)
+    quiet = max(abs(r["quiet_difference_mean_ms"]) for r in rows)
+    assert quiet <= 0.15 and all(r["quiet_difference_ci95"][0] <= 0 <= r["quiet_difference_ci95"][1] for r in rows)
+    bar = [-r["difference_mean_ms"] for r in rows]
+    flat = " ".join(page.split())
+    assert "within 0.15 ms at both sizes and all three conditions, every interval holding 0" in flat
+    assert f"A default `llm.generate` call is {min(bar):.1f}-{max(bar):.1f} ms slower than both" in flat
