@@ -1,13 +1,16 @@
-"""How a run ends: the exit codes, the one-line error, and Ctrl-C/SIGTERM as an exception that
-no `except Exception` inside vLLM can swallow. Imports nothing of the package.
+"""How a run ends: the exit codes, the one-line error, Ctrl-C/SIGTERM as an exception that no
+`except Exception` inside vLLM can swallow, and the watchdog that ends a run whose main thread
+cannot take the signal. Imports nothing of the package.
 """
 from __future__ import annotations
 
 import _thread
+import os
 import re
 import signal
 import sys
 import threading
+import time
 from types import FrameType
 from typing import NoReturn
 
@@ -72,6 +75,44 @@ def stop_on_signals() -> None:
     signal.signal(signal.SIGINT, stop_on_signal)
     signal.signal(signal.SIGTERM, stop_on_signal)
     sys.unraisablehook = redeliver_interruption
+    watch_for_a_stuck_main_thread()
+
+
+# How long a run may take to end after its signal before it is ended: vLLM's engine start waits
+# for its engine in one C call (a poll of up to 600 s) in which the main thread runs no handler.
+INTERRUPT_GRACE_S = 30.0
+
+
+def watch_for_a_stuck_main_thread() -> None:
+    """A thread that learns of a signal as it arrives (signal.set_wakeup_fd: written by the C-level
+    handler, whatever the main thread is doing) and, if the process has not ended
+    INTERRUPT_GRACE_S later, ends it as the signal says: its one line, every process it started
+    killed, exit 128 + the signal. Nothing was written: results are written at the run's end."""
+    read_fd, write_fd = os.pipe()
+    os.set_blocking(write_fd, False)
+    signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+
+    def watch() -> None:
+        signum = 0
+        while signum not in (signal.SIGINT, signal.SIGTERM):    # the fd hears every signal with a Python handler
+            signum = os.read(read_fd, 1)[0]
+        time.sleep(INTERRUPT_GRACE_S)
+        end_now(signum)
+    threading.Thread(target=watch, name="interrupt-watchdog", daemon=True).start()
+
+
+def end_now(signum: int) -> NoReturn:
+    """The run's end for a signal whose run did not end by itself: the one line, every process
+    this one started killed, exit 128 + signum."""
+    import psutil
+    prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
+    print(f"\n{prog}: {Interrupted(signum)} (ended {INTERRUPT_GRACE_S:g} s after the signal)", file=sys.stderr, flush=True)
+    for child in psutil.Process().children(recursive=True):
+        try:
+            child.kill()
+        except psutil.Error:
+            pass
+    os._exit(128 + signum)
 
 
 def redeliver_interruption(unraisable: sys.UnraisableHookArgs) -> None:

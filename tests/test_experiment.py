@@ -288,14 +288,16 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes_with_a_ti
 
 
 # SIGINT and SIGTERM take the same handler: SIGINT is tried as a terminal sends it, to the group.
-@pytest.mark.parametrize("sig,code,whole_group,processes", [
-    # kill <pid>, a batch scheduler's stop: passed on to the running engine process (of several)
-    (signal.SIGTERM, 143, False, []),
+@pytest.mark.parametrize("sig,code,whole_group,processes,when", [
+    # kill <pid>, a batch scheduler's stop: passed on to the running engine process (of several),
+    # while its engine starts
+    (signal.SIGTERM, 143, False, [], "starting vLLM engine"),
     # Ctrl-C in a terminal: vLLM's engine processes get it too; the engine in this process itself
-    # (--processes 1), so that both ways a run holds its engine are stopped by a signal
-    (signal.SIGINT, 130, True, ["--processes", "1"]),
+    # (--processes 1), mid-run, so that both ways a run holds its engine are stopped by a signal
+    (signal.SIGINT, 130, True, ["--processes", "1"], "measured rounds in"),
 ], ids=["sigterm", "ctrl-c-group"])
-def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tmp_path, sig, code, whole_group, processes):
+def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tmp_path, sig, code, whole_group, processes,
+                                                              when):
     out = tmp_path / "results"
     out.mkdir()
     old = out / "results_phase2_a255_b128.json"
@@ -304,7 +306,7 @@ def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tm
         "--model", tiny_model_dir, "--sizes", "200x100,255x128", "--num-trials", "400", "--pause-ms", "5",
         "--max-output-tokens", "5", *processes, "--results-dir", str(out), *ENGINE_FLAGS])
     try:
-        before = wait_for_line(proc, "measured rounds in")        # the measured rounds are under way
+        before = wait_for_line(proc, when)          # the engine is starting, or the measured rounds are under way
         assert f"note: {old} exists; it is replaced only once the run completes" in before
         time.sleep(1.5)
         if whole_group:
@@ -353,9 +355,10 @@ def _kill_vllm_process(pid, name="VLLM::Worker", timeout=300):
     pytest.fail(f"no {name} process appeared")
 
 
-# mid-run: in one of several engine processes, whose exit 1 ends the whole run; at start: the
-# engine in this process itself (no start spent on a second process)
-@pytest.mark.parametrize("when,processes", [("mid_run", []), ("at_start", ["--processes", "1"])], ids=["mid_run", "at_start"])
+# mid-run: the engine in this process itself (--processes 1); at start: in one of several engine
+# processes, whose exit 1 ends the whole run (so that each way a run holds its engine is tested
+# once, and the engine starts once in each)
+@pytest.mark.parametrize("when,processes", [("mid_run", ["--processes", "1"]), ("at_start", [])], ids=["mid_run", "at_start"])
 def test_dead_engine_ends_the_run_with_one_line(tiny_model_dir, tmp_path, when, processes):
     out = tmp_path / "results"
     proc = start_script("phase2_experiment.py", [

@@ -487,3 +487,32 @@ def test_one_context_fit_check_serves_both_phases():
                                    "max_model_len is 2048: A + B must be at most 1981, e.g. --size-a 1881 --size-b 100")
     prompts.check_context_fits([(1900, 100)], 2067, 1, 50, "fits exactly")
     prompts.check_context_fits([(1900, 100)], None, 1, 50, "a server that does not say")
+
+
+def test_a_run_whose_main_thread_does_not_end_after_a_signal_is_ended_with_its_processes():
+    """vLLM's engine start waits in one C call that runs no signal handler until it returns (up to
+    600 s); a library may also swallow the signal's exception and wait on. The watchdog thread
+    hears the signal as it arrives and ends the run INTERRUPT_GRACE_S later: its line, exit 143,
+    the processes it started killed."""
+    import signal as signals
+    import subprocess
+    code = textwrap.dedent("""
+        import subprocess, sys, time
+        from prefix_cache_bench import errors
+        errors.INTERRUPT_GRACE_S = 0.5
+        errors.stop_on_signals()
+        child = subprocess.Popen(["sleep", "60"])
+        print(child.pid, flush=True)
+        try:
+            time.sleep(60)
+        except BaseException:            # a library that swallows the signal's exception, and waits on
+            time.sleep(60)
+        """)
+    proc = subprocess.Popen([sys.executable, "-c", code], cwd=ROOT, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)
+    child = int(proc.stdout.readline())
+    proc.send_signal(signals.SIGTERM)
+    _, err = proc.communicate(timeout=30)
+    assert proc.returncode == 143, err
+    assert err.strip().splitlines()[-1] == "-c: interrupted (SIGTERM): no partial results written (ended 0.5 s after the signal)"
+    import psutil
+    assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
