@@ -296,8 +296,9 @@ def test_cli_writes_one_audited_json_per_config_over_several_processes_with_a_ti
     # (--processes 1), mid-run, so that both ways a run holds its engine are stopped by a signal
     (signal.SIGINT, 130, True, ["--processes", "1"], "measured rounds in"),
 ], ids=["sigterm", "ctrl-c-group"])
-def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tmp_path, sig, code, whole_group, processes,
-                                                              when):
+def test_interrupt_writes_nothing_and_leaves_old_files_intact(tiny_model_dir, tmp_path, monkeypatch, sig, code, whole_group,
+                                                              processes, when):
+    monkeypatch.setenv("PREFIX_CACHE_BENCH_INTERRUPT_GRACE_S", "5")    # an engine start does not end by itself
     out = tmp_path / "results"
     out.mkdir()
     old = out / "results_phase2_a255_b128.json"
