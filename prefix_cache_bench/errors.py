@@ -12,7 +12,7 @@ import sys
 import threading
 import time
 from types import FrameType
-from typing import NoReturn
+from typing import Any, NoReturn
 
 
 EXIT_SETUP, EXIT_USAGE, EXIT_AUDIT = 1, 2, 3
@@ -89,25 +89,31 @@ def watch_for_a_stuck_main_thread() -> None:
     handler, whatever the main thread is doing) and, if the process has not ended
     INTERRUPT_GRACE_S later, ends it as the signal says: its one line, every process it started
     killed, exit 128 + the signal. Nothing was written: results are written at the run's end."""
+    import atexit
+
+    import psutil               # imported now: an import in the watchdog could deadlock with the exit's own
     read_fd, write_fd = os.pipe()
     os.set_blocking(write_fd, False)
     signal.set_wakeup_fd(write_fd, warn_on_full_buffer=False)
+    exiting = threading.Event()
+    atexit.register(exiting.set)    # a run that ends by itself is not ended again
 
     def watch() -> None:
         signum = 0
         while signum not in (signal.SIGINT, signal.SIGTERM):    # the fd hears every signal with a Python handler
             signum = os.read(read_fd, 1)[0]
         time.sleep(INTERRUPT_GRACE_S)
-        end_now(signum)
+        if not exiting.is_set():
+            end_now(signum, psutil)
     threading.Thread(target=watch, name="interrupt-watchdog", daemon=True).start()
 
 
-def end_now(signum: int) -> NoReturn:
+def end_now(signum: int, psutil: Any) -> NoReturn:
     """The run's end for a signal whose run did not end by itself: the one line, every process
-    this one started killed, exit 128 + signum."""
-    import psutil
+    this one started killed, exit 128 + signum. Written with os.write, which takes no lock the
+    main thread may hold (sys.stderr's)."""
     prog = os.path.basename(sys.argv[0]) if sys.argv and sys.argv[0] else "python"
-    print(f"\n{prog}: {Interrupted(signum)} (ended {INTERRUPT_GRACE_S:g} s after the signal)", file=sys.stderr, flush=True)
+    os.write(2, f"\n{prog}: {Interrupted(signum)} (ended {INTERRUPT_GRACE_S:g} s after the signal)\n".encode())
     for child in psutil.Process().children(recursive=True):
         try:
             child.kill()

@@ -73,7 +73,8 @@ def run_processes(settings: RunSettings, argv: list[str], script: str) -> int:
 def run_worker(script: str, args: Sequence[str]) -> int:
     """One engine process: the entry script run again with args (never this module: the
     worker must be the script the user ran, with its __main__); its exit code. On a signal here, the same one there;
-    if it has not ended 120 s later, SIGKILL to it and every process it started."""
+    if it has not ended 120 s later, SIGKILL to it and every process it started (errors' watchdog ends this
+    process, and them, INTERRUPT_GRACE_S after the signal, 30 s unless set)."""
     import psutil
 
     proc = subprocess.Popen([sys.executable, os.path.abspath(script), *args])

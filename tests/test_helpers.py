@@ -502,8 +502,8 @@ def test_a_run_whose_main_thread_does_not_end_after_a_signal_is_ended_with_its_p
         errors.INTERRUPT_GRACE_S = 0.5
         errors.stop_on_signals()
         child = subprocess.Popen(["sleep", "60"])
-        print(child.pid, flush=True)
         try:
+            print(child.pid, flush=True)     # the test's signal may land here already
             time.sleep(60)
         except BaseException:            # a library that swallows the signal's exception, and waits on
             time.sleep(60)
