@@ -53,7 +53,8 @@ import sys
 
 from prefix_cache_bench.cli import check_model_folder, checked, experiment_parser, number_list, positive_int
 from prefix_cache_bench.defaults import (DETAILS_FLAG, IDEAL, LOAD_NUM_PREFIXES, LOAD_NUM_REQUESTS, LOAD_REPEATS,
-                                         LOAD_REQUESTS_PER_CLIENT, MODEL_NAME, REQUEST_TIMEOUT_S, SEED, SERVER_HOST,
+                                         LOAD_REQUESTS_PER_CLIENT, MODEL_NAME, PREFIX_CACHING_OFF, REQUEST_TIMEOUT_S, SEED,
+                                         SERVER_HOST,
                                          SERVER_MIN_BLOCK_SECONDS, SERVER_NUM_BLOCKS, SERVER_START_TIMEOUT_S)
 from prefix_cache_bench.defaults import SERVER_PROG as PROG
 from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signals, usage_error
@@ -156,7 +157,7 @@ def parse_args(argv):
     if flags.base_url and vllm_flags:
         usage_error(f"unknown flags {vllm_flags}: vLLM flags go to an embedded server, and --base-url "
                     f"measures one that is already running")
-    refused = [f for f in vllm_flags if f in ("--no-enable-prefix-caching", "--disable-log-stats")]
+    refused = [f for f in vllm_flags if f.partition("=")[0] in PREFIX_CACHING_OFF + ("--disable-log-stats",)]
     if refused:
         usage_error(f"{refused[0]}: the prefix cache and its /metrics are what this tool measures")
     if api_server_count(vllm_flags) not in (None, "1"):

@@ -84,7 +84,7 @@ def parse_args(argv):
     engine_ns = parser.parse_args(engine_argv)           # --help prints both groups and exits here
     if not engine_ns.enable_prefix_caching or engine_ns.disable_log_stats:
         usage_error("prefix caching and engine stats are what this tool measures: they are always on "
-                    "(drop --no-enable-prefix-caching / --disable-log-stats)")
+                    "(drop --no-enable-prefix-caching / --disable-prefix-caching / --disable-log-stats)")
     if (engine_ns.model, engine_ns.seed) != (settings.model, settings.seed):
         usage_error("--model and --seed: give them on the command line (the seed makes the prompts too)")
     try:

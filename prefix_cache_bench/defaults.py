@@ -108,6 +108,8 @@ FLUSH_PROMPT_TOKENS = 16
 SERVER_PROG = "phase1_experiment.py"
 SERVER_PHASE = "phase1_server_api"
 DETAILS_FLAG = "--enable-prompt-tokens-details"
+# vLLM flags that turn the prefix cache off (vLLM 0.33 gives every --enable-X a --disable-X twin)
+PREFIX_CACHING_OFF = ("--no-enable-prefix-caching", "--disable-prefix-caching")
 CONNECTION = ("one keep-alive HTTP/1.1 connection, opened by an untimed request before the first timed one; "
               "TTFT runs from just before a request is sent to the first streamed chunk carrying a token")
 

@@ -32,6 +32,13 @@ METHOD = ("after the measured rounds, each request alone inside a torch profiler
           "union of its memory copies (a tier's loads among them), span = first start to last end; requests "
           "whose cached tokens broke their condition are left out")
 COPY_PREFIX = "Memcpy"          # CUPTI names a copy "Memcpy HtoD (Pinned -> Device)", "Memcpy DtoH ...", ...
+# vLLM's native tier moves small pinned pages (under 28 KiB) with a Triton kernel of this name, not a copy
+COPY_KERNEL_NAME = "swap_blocks"
+
+
+def is_copy(name: str) -> bool:
+    """Whether a device activity moves memory: a copy, or the tier's block-swapping kernel."""
+    return name.startswith(COPY_PREFIX) or COPY_KERNEL_NAME in name
 
 
 def device_busy_ms(spans_ns: Sequence[tuple[int, int]]) -> tuple[float, float]:
@@ -55,10 +62,10 @@ def device_busy_ms(spans_ns: Sequence[tuple[int, int]]) -> tuple[float, float]:
 def busy_by_kind(activities: Sequence[tuple[str, int, int]]) -> dict[str, float]:
     """A profiled window's figures from its device activities [(name, start_ns, end_ns)]:
     gpu_busy_ms and gpu_span_ms over them all, gpu_kernel_busy_ms over the kernels and memsets,
-    gpu_copy_ms over the memory copies, and their count."""
+    gpu_copy_ms over the memory copies (the tier's swap kernel among them), and their count."""
     spans = [(start, end) for _, start, end in activities]
-    kernels = [(start, end) for name, start, end in activities if not name.startswith(COPY_PREFIX)]
-    copies = [(start, end) for name, start, end in activities if name.startswith(COPY_PREFIX)]
+    kernels = [(start, end) for name, start, end in activities if not is_copy(name)]
+    copies = [(start, end) for name, start, end in activities if is_copy(name)]
     busy_ms, span_ms = device_busy_ms(spans)
     return {"gpu_busy_ms": busy_ms, "gpu_span_ms": span_ms, "gpu_kernel_busy_ms": device_busy_ms(kernels)[0],
             "gpu_copy_ms": device_busy_ms(copies)[0], "device_activities": len(spans)}

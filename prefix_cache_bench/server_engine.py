@@ -26,6 +26,7 @@ from .prometheus import (REQUEST_TIME_HISTOGRAMS, REQUEST_TOKEN_HISTOGRAMS, cach
 from .prompts import check_context_fits, special_prefix_ids
 from .provenance import device_name, engine_environment, installed_version
 from .servers import EmbeddedServer
+from .tiers import offloading_connector
 from .settings import Phase1Settings
 
 # Why a server's run has no GPU-busy segment (gpu_busy.py): vLLM's profiler writes its traces on the
@@ -167,10 +168,12 @@ class ServerEngine:
             if counters.get("external_prefix_cache_queries"):
                 labels = next(iter(self.cache_configs().values()), {})
                 size = labels.get("kv_offloading_size")
-                native = size not in (None, "", "None")
-                self.tier_description = {"connector": "OffloadingConnector" if native else "a KV connector",
-                                         "backend": labels.get("kv_offloading_backend") if native else None,
-                                         "size_gib": float(size) if native and size is not None else None, "extra_config": {}}
+                offloading = size not in (None, "", "None")
+                backend = labels.get("kv_offloading_backend") if offloading else None
+                # the server's environment is not known here: VLLM_USE_SIMPLE_KV_OFFLOAD is taken as unset
+                self.tier_description = {"connector": offloading_connector(backend, {}) or "a KV connector",
+                                         "backend": backend,
+                                         "size_gib": float(size) if offloading and size is not None else None, "extra_config": {}}
         return self.tier_description or None
 
     def counters(self) -> dict[str, Any] | None:

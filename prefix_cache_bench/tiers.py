@@ -8,7 +8,7 @@ import os
 import subprocess
 import sys
 import time
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Mapping, Sequence
 from typing import Any
 
 from .defaults import HBM_RESET_TIMEOUT_S, TIER_CONDITION
@@ -110,6 +110,14 @@ def flag_value(flags: Sequence[str], *names: str) -> str | None:
     return None
 
 
+def offloading_connector(backend: str | None, environ: Mapping[str, str]) -> str | None:
+    """The KV connector vLLM builds for --kv-offloading-backend (vllm/config/vllm.py), None for none."""
+    if backend == "native":
+        simple = environ.get("VLLM_USE_SIMPLE_KV_OFFLOAD", "0").strip().lower() in ("1", "true")
+        return "SimpleCPUOffloadConnector" if simple else "OffloadingConnector"
+    return {"lmcache": "LMCacheMPConnector"}.get(backend or "")
+
+
 def tier_from_flags(vllm_flags: Sequence[str]) -> dict[str, Any] | None:
     """What a result records of an embedded server's tier, from its vLLM flags; None without one."""
     size, config = flag_value(vllm_flags, "--kv-offloading-size"), flag_value(vllm_flags, "--kv-transfer-config")
@@ -124,8 +132,7 @@ def tier_from_flags(vllm_flags: Sequence[str]) -> dict[str, Any] | None:
     if not isinstance(extra, dict):
         raise ExperimentError(f"--kv-transfer-config must be a JSON object, got {config!r}", EXIT_USAGE)
     backend = (flag_value(vllm_flags, "--kv-offloading-backend") or "native") if size else None
-    return {"connector": extra.get("kv_connector") or
-                         {"native": "OffloadingConnector", "lmcache": "LMCache"}.get(backend or ""),    # "": no backend
+    return {"connector": extra.get("kv_connector") or offloading_connector(backend, os.environ),
             "backend": backend or "--kv-transfer-config",
             "size_gib": size_gib, "extra_config": extra.get("kv_connector_extra_config", {})}
 

@@ -22,6 +22,15 @@ def test_overlapping_device_activities_count_once_and_the_span_covers_the_gaps()
     assert gpu_busy.device_busy_ms([(3 * ms, 3 * ms + 500_000)]) == (0.5, 0.5)
 
 
+def test_the_tier_s_block_swapping_kernel_counts_as_a_copy():
+    """vLLM's native tier moves small pinned pages with a Triton kernel (_swap_blocks_kernel): its
+    time is a load, not the step's own work."""
+    ms = 1_000_000
+    activity = gpu_busy.busy_by_kind([("_swap_blocks_kernel", 0, 2 * ms), ("Memcpy HtoD (Pinned -> Device)", 2 * ms, 3 * ms),
+                                      ("ampere_bf16_gemm", 5 * ms, 9 * ms)])
+    assert activity["gpu_copy_ms"] == 3.0 and activity["gpu_kernel_busy_ms"] == 4.0 and activity["gpu_busy_ms"] == 7.0
+
+
 def test_a_tier_hit_whose_copies_fall_in_the_queue_has_no_negative_part():
     """The H100 tier hit at 32k read queue 105.78 ms, prefill step 20.38 ms, GPU busy 108.65 ms and
     "step: the rest" -88.27 ms (issue 39's figures). Its window is rebuilt here with copies of

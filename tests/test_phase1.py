@@ -77,6 +77,7 @@ def test_a_server_without_prefix_cache_metrics_has_no_counters():
     (["--base-url", "localhost:8000"], "--base-url must look like"),
     (["--base-url", "http://127.0.0.1:1", "--enforce-eager"], "vLLM flags go to an embedded server"),
     (["--no-enable-prefix-caching"], "what this tool measures"),
+    (["--disable-prefix-caching"], "what this tool measures"),        # vLLM 0.33's twin of the flag above
     (["--disable-log-stats"], "what this tool measures"),
     (["--api-server-count", "4"], "runs one API server process"),
     (["--api-server-count=2", "--concurrency", "4"], "runs one API server process"),

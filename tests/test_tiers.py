@@ -147,11 +147,20 @@ def test_the_offloading_connector_s_stats_payload_gives_bytes_and_seconds_loaded
     assert tiers.connector_load(None) == (0, 0.0) and tiers.connector_load({"x": 1}) == (0, 0.0)
 
 
+def test_the_connector_named_is_the_one_vllm_builds_for_the_backend():
+    assert tiers.offloading_connector("native", {}) == "OffloadingConnector"
+    assert tiers.offloading_connector("native", {"VLLM_USE_SIMPLE_KV_OFFLOAD": "1"}) == "SimpleCPUOffloadConnector"
+    assert tiers.offloading_connector("native", {"VLLM_USE_SIMPLE_KV_OFFLOAD": "0"}) == "OffloadingConnector"
+    assert tiers.offloading_connector("lmcache", {}) == "LMCacheMPConnector"
+    assert tiers.offloading_connector(None, {}) is None
+
+
 def test_the_tier_of_a_server_is_read_from_its_flags():
     assert tiers.tier_from_flags(["--enforce-eager"]) is None
     assert tiers.tier_from_flags(["--kv-offloading-size", "64"]) == {
         "connector": "OffloadingConnector", "backend": "native", "size_gib": 64.0, "extra_config": {}}
-    assert tiers.tier_from_flags(["--kv-offloading-size=8", "--kv-offloading-backend", "lmcache"])["backend"] == "lmcache"
+    lmcache = tiers.tier_from_flags(["--kv-offloading-size=8", "--kv-offloading-backend", "lmcache"])
+    assert (lmcache["backend"], lmcache["connector"]) == ("lmcache", "LMCacheMPConnector")
     tier = tiers.tier_from_flags(["--kv-transfer-config", kv_transfer_config("/s")])
     assert tier["connector"] == "SaltedExampleConnector" and tier["extra_config"] == {"shared_storage_path": "/s"}
     for flags in (["--kv-transfer-config", "{not json"], ["--kv-transfer-config", "[1]"], ["--kv-offloading-size", "many"]):

@@ -146,7 +146,8 @@ def main(argv):
     phase2_experiment.check_model_fits(settings, engine_args)
     llm = LLM.from_engine_args(engine_args)
     try:
-        block = llm.llm_engine.vllm_config.cache_config.block_size
+        cache_config = llm.llm_engine.vllm_config.cache_config     # the unit a prefix match counts in
+        block = getattr(cache_config, "prefix_match_unit", None) or cache_config.block_size
         rows, problems = compare(llm, settings.model, llm.get_tokenizer(), settings.configs, rounds, settings.seed,
                                  settings.pause_ms / 1e3, block)
     finally:
