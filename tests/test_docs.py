@@ -15,6 +15,7 @@ import phase2_experiment as p
 import plot_results
 from conftest import ROOT, load_tool
 from prefix_cache_bench import load_tables, prefill_fit, results, tables
+from prefix_cache_bench.defaults import CONDITIONS
 
 DOCS = [os.path.join(ROOT, "README.md")] + sorted(glob.glob(os.path.join(ROOT, "docs", "*.md")))
 SCRIPTS = ("phase1_experiment.py", "phase2_experiment.py", "plot_results.py", "tests/make_model.py", "tests/run_tests.sh",
@@ -154,7 +155,7 @@ def test_readme_and_reproducibility_say_what_the_runs_of_one_code_on_two_leases_
     older = [r for r in runs.values() if r[2048]["environment"]["tool_version"].get("code_sha256") !=
              fifth[2048]["environment"]["tool_version"]["code_sha256"]]
     gaps = [r[2048]["cache_hit"]["stats"]["ttft_mean"] - fifth[2048]["cache_hit"]["stats"]["ttft_mean"] for r in older]
-    assert len(older) == 4 and f"Four runs of older code had hits {min(gaps):.1f}-{max(gaps):.1f} ms slower at 2048" in readme
+    assert len(older) == 4 and f"were {min(gaps):.1f}-{max(gaps):.1f} ms slower than the newer code's on four H200 runs" in page
     hosts = sixth[512]["environment"]["host_python_loop_ms_per_process"]
     assert f"up to {max(hosts) / min(fifth[512]['environment']['host_python_loop_ms_per_process']):.1f} times slower" in readme
     assert "were " + ", ".join(f"{ms:.1f}" for ms in hosts[:-1]) + f" and {hosts[-1]:.1f} ms" in page
@@ -165,6 +166,44 @@ def test_readme_and_reproducibility_say_what_the_runs_of_one_code_on_two_leases_
         slow = sorted(sorted(range(5), key=lambda p: -hosts[p])[:2])
         assert sorted(range(5), key=lambda p: -hit_ms[p])[:2] == sorted(slow, key=lambda p: -hit_ms[p])
         assert f"{hit_ms[slow[0]]:.1f} and {hit_ms[slow[1]]:.1f} ms at {a}" in page
+
+
+LEASE = os.path.join(ROOT, "results", "h100-llama3.1-8b-shape-lease-20261207")
+
+
+def lease_run(name: str) -> dict:
+    """{A: result} of one run of the H100 lease that ran both codes and both vLLM versions."""
+    return {a: results.read_result(os.path.join(LEASE, name, f"results_phase2_a{a}_b256.json")) for a in (512, 2048, 8192)}
+
+
+def test_reproducibility_tables_of_the_old_and_new_code_and_of_two_vllm_versions_are_the_shipped_files():
+    old, new, v033 = (lease_run(n) for n in ("run1-old-code-vllm0.26", "run2-vllm0.26", "run3-vllm0.33-one-process"))
+    assert {old[512]["environment"]["vllm_version"], new[512]["environment"]["vllm_version"]} == {"0.26.0"}
+    assert v033[512]["environment"]["vllm_version"] == "0.33.0"
+    assert all(run[a]["cache_audit"]["ok"] for run in (old, new, v033) for a in run)
+    page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
+    readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
+
+    def stats(run, a, c):
+        return run[a][c]["stats"]
+    for a in (512, 2048, 8192):
+        for c in CONDITIONS:
+            o, n = stats(old, a, c), stats(new, a, c)
+            row = (f"| A={a} / B=256 | {c[6:]} | {o['ttft_mean']:.2f} | {n['ttft_mean']:.2f} | "
+                   f"{o['ttft_mean'] - o['engine_ttft_mean']:.2f} | {n['ttft_mean'] - n['engine_ttft_mean']:.2f} | "
+                   f"{o['prefill_mean']:.2f} | {n['prefill_mean']:.2f} |")
+            assert row in page, row
+            for version, run in (("0.26.0", new), ("0.33.0", v033)):
+                s, parts = stats(run, a, c), stats(run, a, c)["ttft_breakdown_mean_ms"]
+                busy = run[a]["gpu_busy"]["by_condition"][c]["gpu_kernel_busy_mean_ms"]
+                saving = (f"{run[a]['ttft_saving_pct']:.1f}% [{run[a]['ttft_saving_ci95'][0]:.1f}, "
+                          f"{run[a]['ttft_saving_ci95'][1]:.1f}]" if c == "cache_hit" else "")
+                row = (f"| A={a} / B=256 | {version} | {c[6:]} | {s['ttft_mean']:.2f} | "
+                       f"{parts['outside_engine_ms']:.2f} | {parts['frontend_ipc_ms']:.2f} | {parts['queue_ms']:.2f} | "
+                       f"{parts['prefill_step_ms']:.2f} | {busy:.2f} |")
+                assert row + (f" {saving} |" if saving else " |") in page, row
+    gaps = [stats(old, a, "cache_hit")["ttft_mean"] - stats(new, a, "cache_hit")["ttft_mean"] for a in (512, 2048, 8192)]
+    assert f"Older code's hits were {min(gaps):.1f}-{max(gaps):.1f} ms slower on an H100" in readme
 
 
 def test_server_page_table_is_the_shipped_files_table():
@@ -179,7 +218,13 @@ def test_tiers_page_table_and_readme_figures_are_the_shipped_files():
     assert not skipped
     configs = phases["phase2"]
     table = tables.tier_table(configs).split("\n\n")[0]
-    assert table in open(os.path.join(ROOT, "docs", "tiers.md")).read()
+    page = open(os.path.join(ROOT, "docs", "tiers.md")).read()
+    assert table in page
+    h100, skipped = results.discover_results(os.path.join(ROOT, "results", "h100-llama3.1-8b-shape-tier-32k"))
+    assert not skipped and tables.tier_table(h100["phase2"]).split("\n\n")[0] in page
+    assert tables.anatomy_table(h100["phase2"]) in page
+    for _, _, stats, _, split in tables.anatomy_rows(h100["phase2"]):       # no negative part
+        assert min(stats["ttft_breakdown_mean_ms"].values()) >= 0 and split is not None and min(split) >= 0
     ms = lambda a, c: configs[(a, 256)][c]["stats"]["ttft_mean"]
     readme = " ".join(open(os.path.join(ROOT, "README.md")).read().split())
     assert (f"{ms(8192, 'cache_tier'):.1f} ms at 8k and {ms(65536, 'cache_tier'):.0f} ms at 64k, against "
