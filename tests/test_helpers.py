@@ -211,6 +211,19 @@ def test_multicast_guard_leaves_other_setups_alone(environ, tp):
     assert environ == before
 
 
+def test_an_engine_failure_is_one_line_naming_the_vllm_process_s_error_or_what_the_tool_did_not_find():
+    dead = offline.engine_failure(RuntimeError("Engine core initialization failed.\nSee above"),
+                                  ["(EngineCore pid=7) ERROR ... CUDA out of memory"], "start", "0.33.0")
+    assert dead == "the vLLM engine failed during its start: (EngineCore pid=7) ERROR ... CUDA out of memory"
+    missing = offline.engine_failure(AttributeError("'LLM' object has no attribute 'collective_rpc'"), [], "run", "0.20.0")
+    assert missing.startswith("vLLM 0.20.0 lacks what this tool drives (AttributeError: 'LLM' object has no attribute "
+                              "'collective_rpc'); it has run on vLLM ")
+    assert offline.engine_failure(ImportError("cannot import name 'TokensPrompt'"), [], "run", None).startswith("vLLM ? lacks")
+    assert offline.engine_failure(ValueError("bad\nsecond line"), [], "run", "0.33.0") == (
+        "the vLLM engine failed during its run: ValueError: bad")
+    assert all("\n" not in line for line in (dead, missing))
+
+
 def test_engine_environment_keeps_engine_switches_not_secrets():
     environ = {"VLLM_USE_V1": "1", "NCCL_NVLS_ENABLE": "0", "CUDA_VISIBLE_DEVICES": "0,1", "HOME": "/root",
                "VLLM_API_KEY": "s3cret", "HF_TOKEN": "hf_x", "PATH": "/usr/bin"}
