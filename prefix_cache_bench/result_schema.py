@@ -287,13 +287,30 @@ class BareGenerateCheck(TypedDict):
     schema_version: NotRequired[int]
 
 
-Result = PhaseResult | LoadResult | TraceResult | CapacityCurve | SenderBench | BenchServeComparison | BareGenerateCheck
+class MinimalClientCheck(TypedDict):
+    """tools/minimal_client_check.py: phase 1's streamed request against a minimal http.client one,
+    interleaved on one server."""
+    experiment: Literal["minimal_client_check"]
+    model: str
+    vllm_version: str | None    # the server's vLLM (its /version)
+    rounds: int                 # per config and condition: one request of each arm a round
+    budget_ms: float            # phase 1's TTFT must be within this of the minimal client's
+    rows: list[dict[str, Any]]  # per config and condition: both arms' means, tool - minimal, within_budget
+    cache_audit: CacheAudit
+    environment: dict[str, Any]     # as Provenance: command, tool_version, machine, the server's
+    schema_version: NotRequired[int]
+
+
+Result = (PhaseResult | LoadResult | TraceResult | CapacityCurve | SenderBench | BenchServeComparison | BareGenerateCheck
+          | MinimalClientCheck)
 KINDS: dict[str, type] = {"phase": PhaseResult, "load": LoadResult, "working_set": LoadResult, "trace": TraceResult,
                           "capacity_curve": CapacityCurve, "trace_sender_bench": SenderBench,
-                          "bench_serve_comparison": BenchServeComparison, "bare_generate_check": BareGenerateCheck}
+                          "bench_serve_comparison": BenchServeComparison, "bare_generate_check": BareGenerateCheck,
+                          "minimal_client_check": MinimalClientCheck}
 KIND_NAMES = {"phase": "phase 1/2 result", "load": "load result", "working_set": "working-set result",
               "trace": "trace replay", "capacity_curve": "capacity curve", "trace_sender_bench": "sender benchmark",
-              "bench_serve_comparison": "bench-serve comparison", "bare_generate_check": "bare-generate check"}
+              "bench_serve_comparison": "bench-serve comparison", "bare_generate_check": "bare-generate check",
+              "minimal_client_check": "minimal-client check"}
 
 
 def kind_of(data: Mapping[str, object]) -> str | None:
@@ -390,6 +407,11 @@ def build_sender_bench(**keys: Unpack[SenderBench]) -> SenderBench:
 def build_bare_generate_check(**keys: Unpack[BareGenerateCheck]) -> BareGenerateCheck:
     """tools/bare_generate_check.py's result."""
     return built(BareGenerateCheck, keys)
+
+
+def build_minimal_client_check(**keys: Unpack[MinimalClientCheck]) -> MinimalClientCheck:
+    """tools/minimal_client_check.py's result."""
+    return built(MinimalClientCheck, keys)
 
 
 def build_bench_serve_comparison(**keys: Unpack[BenchServeComparison]) -> BenchServeComparison:

@@ -124,6 +124,69 @@ def test_every_streamed_request_finds_exactly_what_its_condition_promises(server
     assert "cache audit: OK, all 32 requests as expected" in proc.stdout
 
 
+def test_the_minimal_client_check_pairs_phase1_s_request_with_a_minimal_http_client_on_one_server(vllm_server, tmp_path):
+    """tools/minimal_client_check.py against the session's server: per condition, both clients'
+    requests found what their condition promises (the audit), each pair timed, the difference their
+    means' difference, the file read back as its kind."""
+    from conftest import load_tool
+    out = tmp_path / "minimal_client_check.json"
+    proc = run_script(["tools/minimal_client_check.py", "--base-url", vllm_server.base_url, "--size-a", "300",
+                       "--size-b", "100", "--rounds", "3", "--out", str(out)], timeout=300)
+    assert proc.returncode == 0, proc.stderr[-3000:]
+    check = load_tool("minimal_client_check")
+    data = results.read_result(str(out))
+    assert data["experiment"] == "minimal_client_check" and data["cache_audit"] == {"ok": True, "problems": []}
+    assert data["vllm_version"] == data["environment"]["server"]["vllm_version"] and data["rounds"] == 3
+    assert [r["condition"] for r in data["rows"]] == ["cache_hit", "cache_miss", "cache_cold"]
+    for r in data["rows"]:
+        assert len(r["tool_ttft_ms"]) == len(r["minimal_ttft_ms"]) == 3 and min(r["minimal_ttft_ms"]) > 0
+        assert r["difference_mean_ms"] == pytest.approx(r["tool_ttft_mean_ms"] - r["minimal_ttft_mean_ms"], abs=2e-3)  # 3 decimals in the file
+        low, high = r["difference_ci95"]
+        assert low <= r["difference_mean_ms"] <= high
+        assert r["within_budget"] == (abs(r["difference_mean_ms"]) <= check.BUDGET_MS)
+    assert check.table(data["rows"]) in proc.stdout
+
+
+def test_the_minimal_client_s_clock_stops_at_the_first_data_line(tmp_path):
+    """The minimal client's TTFT ends at the first `data:` line: a server that holds its second
+    chunk 0.3 s reads well under that, and the usage comes from the last chunk."""
+    import http.server
+    import threading
+    from conftest import load_tool
+
+    class Slow(http.server.BaseHTTPRequestHandler):
+        protocol_version = "HTTP/1.1"
+
+        def log_message(self, *args):
+            pass
+
+        def do_POST(self):
+            self.rfile.read(int(self.headers["Content-Length"]))
+            self.send_response(200)
+            self.send_header("Content-Type", "text/event-stream")
+            self.send_header("Transfer-Encoding", "chunked")
+            self.end_headers()
+            for k, line in enumerate((b'data: {"choices": [{"text": "x"}]}\n\n',
+                                      b'data: {"choices": [], "usage": {"prompt_tokens_details": {"cached_tokens": 7}}}\n\n',
+                                      b"data: [DONE]\n\n")):
+                if k == 1:
+                    time.sleep(0.3)
+                self.wfile.write(b"%x\r\n%s\r\n" % (len(line), line))
+                self.wfile.flush()
+            self.wfile.write(b"0\r\n\r\n")
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), Slow)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    try:
+        client = load_tool("minimal_client_check").MinimalClient(f"http://127.0.0.1:{server.server_port}", 10)
+        client.last_end = time.perf_counter()           # no /health first: this server has none
+        ttft_ms, usage = client.request(b"{}")
+        assert ttft_ms < 250 and usage == {"prompt_tokens_details": {"cached_tokens": 7}}
+        client.close()
+    finally:
+        server.shutdown()
+
+
 def test_the_json_has_the_design_keys_and_what_the_server_path_adds(server_run):
     _, r, _ = server_run
     assert all(k in r for k in SEED_TOP_KEYS) and all(k in r["config"] for k in SEED_CONFIG_KEYS)
