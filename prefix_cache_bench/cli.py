@@ -96,6 +96,20 @@ def number_list(cast: Callable[[str], T], what: str) -> Callable[[str], list[T]]
     return convert
 
 
+def take_flag(argv: list[str], name: str, default: T, kind: Callable[[str], T]) -> tuple[T, list[str]]:
+    """(value, argv without it) of a tool's own flag, given as `name VALUE`; the rest of argv
+    goes on to an experiment's parser (tools/bare_generate_check.py, tools/minimal_client_check.py)."""
+    if name not in argv:
+        return default, argv
+    k = argv.index(name)
+    if k + 1 >= len(argv):
+        raise ExperimentError(f"{name} needs a value", 2)
+    try:
+        return kind(argv[k + 1]), argv[:k] + argv[k + 2:]
+    except ValueError:
+        raise ExperimentError(f"{name}: not a valid value: {argv[k + 1]!r}", 2)
+
+
 def check_model_folder(model: str) -> str:
     """model, unless it names a local folder (a path) that is not there: then one line, exit 1,
     before anything starts."""

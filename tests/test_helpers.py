@@ -529,3 +529,12 @@ def test_a_run_whose_main_thread_does_not_end_after_a_signal_is_ended_with_its_p
     assert err.strip().splitlines()[-1] == "-c: interrupted (SIGTERM): no partial results written (ended 0.5 s after the signal)"
     import psutil
     assert not psutil.pid_exists(child) or psutil.Process(child).status() == psutil.STATUS_ZOMBIE
+
+
+def test_a_tool_s_own_flag_is_taken_out_and_the_rest_passed_on():
+    assert cli.take_flag(["--rounds", "5", "--size-a", "9"], "--rounds", 20, int) == (5, ["--size-a", "9"])
+    assert cli.take_flag(["--size-a", "9"], "--rounds", 20, int) == (20, ["--size-a", "9"])
+    for argv, message in ((["--rounds"], "--rounds needs a value"), (["--rounds", "x"], "not a valid value: 'x'")):
+        with pytest.raises(errors.ExperimentError) as e:
+            cli.take_flag(argv, "--rounds", 20, int)
+        assert message in str(e.value) and e.value.exit_code == 2

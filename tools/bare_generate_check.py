@@ -25,6 +25,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import phase2_experiment  # noqa: E402
 from prefix_cache_bench.audit import expected_cached_tokens  # noqa: E402
+from prefix_cache_bench.cli import take_flag  # noqa: E402
 from prefix_cache_bench.defaults import CONDITIONS  # noqa: E402
 from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signals  # noqa: E402
 from prefix_cache_bench.intervals import mean_ci95  # noqa: E402
@@ -119,19 +120,6 @@ def table(rows):
                      f"{cell(r['quiet_difference_mean_ms'], r['quiet_difference_ci95'])} | "
                      f"{'yes' if r['within_budget'] else 'no'} |")
     return "\n".join(lines)
-
-
-def take_flag(argv, name, default, kind):
-    """(value, argv without it) of one of this tool's own flags; the rest go to phase 2's parser."""
-    if name not in argv:
-        return default, argv
-    k = argv.index(name)
-    if k + 1 >= len(argv):
-        raise ExperimentError(f"{name} needs a value", 2)
-    try:
-        return kind(argv[k + 1]), argv[:k] + argv[k + 2:]
-    except ValueError:
-        raise ExperimentError(f"{name}: not a valid value: {argv[k + 1]!r}", 2)
 
 
 def main(argv):

@@ -33,7 +33,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 import phase1_experiment  # noqa: E402
 from prefix_cache_bench.audit import expected_cached_tokens  # noqa: E402
-from prefix_cache_bench.cli import check_model_folder  # noqa: E402
+from prefix_cache_bench.cli import check_model_folder, take_flag  # noqa: E402
 from prefix_cache_bench.defaults import CONDITIONS, IDLE_RECONNECT_S, MODEL_NAME  # noqa: E402
 from prefix_cache_bench.errors import ExperimentError, Interrupted, stop_on_signals  # noqa: E402
 from prefix_cache_bench.host import machine_info  # noqa: E402
@@ -155,19 +155,6 @@ def table(rows):
                      f"{r['tool_ttft_mean_ms']:.2f} | {r['minimal_ttft_mean_ms']:.2f} | "
                      f"{cell(r['difference_mean_ms'], r['difference_ci95'])} | {'yes' if r['within_budget'] else 'no'} |")
     return "\n".join(lines)
-
-
-def take_flag(argv, name, default, kind):
-    """(value, argv without it) of one of this tool's own flags; the rest go to phase 1's parser."""
-    if name not in argv:
-        return default, argv
-    k = argv.index(name)
-    if k + 1 >= len(argv):
-        raise ExperimentError(f"{name} needs a value", 2)
-    try:
-        return kind(argv[k + 1]), argv[:k] + argv[k + 2:]
-    except ValueError:
-        raise ExperimentError(f"{name}: not a valid value: {argv[k + 1]!r}", 2)
 
 
 def main(argv):
