@@ -143,6 +143,8 @@ def test_the_minimal_client_check_pairs_phase1_s_request_with_a_minimal_http_cli
         assert r["difference_mean_ms"] == pytest.approx(r["tool_ttft_mean_ms"] - r["minimal_ttft_mean_ms"], abs=2e-3)  # 3 decimals in the file
         low, high = r["difference_ci95"]
         assert low <= r["difference_mean_ms"] <= high
+        diffs = sorted(t - m for t, m in zip(r["tool_ttft_ms"], r["minimal_ttft_ms"]))
+        assert r["difference_median_ms"] == pytest.approx(diffs[1], abs=2e-3)          # the middle of 3
         assert r["within_budget"] == (abs(r["difference_mean_ms"]) <= check.BUDGET_MS)
     assert check.table(data["rows"]) in proc.stdout
 
