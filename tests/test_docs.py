@@ -381,6 +381,24 @@ def test_load_page_bench_serve_comparison_is_the_shipped_files():
     assert f"The bench's hits had a p50 of {cpu['summary']['bench_hits']['ttft_p50_ms']['mean']:.1f} ms" in flat
 
 
+def test_phase1_s_client_cost_the_docs_state_is_the_shipped_minimal_client_check():
+    from conftest import load_tool
+    check = load_tool("minimal_client_check")
+    folder = os.path.join(ROOT, "results", "cpu-tiny-minimal-client")
+    data = results.read_result(os.path.join(folder, "minimal_client_check.json"))
+    table = check.table(data["rows"])
+    page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
+    assert table in page and table in open(os.path.join(folder, "README.md")).read()
+    rows = data["rows"]
+    assert data["cache_audit"]["ok"] is True and data["environment"]["tool_version"]["git_commit"].startswith("784a30b")
+    medians = [r["difference_median_ms"] for r in rows]
+    flat = " ".join(page.split())
+    assert f"the medians of the paired differences were {min(medians):+.2f} to {max(medians):+.2f} ms" in flat
+    within = [r for r in rows if r["within_budget"]]
+    assert len(within) == 4 and all(r["difference_ci95"][0] <= 0 <= r["difference_ci95"][1] for r in within)
+    assert "four of six means were within 0.5 ms" in flat and max(medians) <= 0.6
+
+
 def test_the_tool_s_own_cost_the_docs_state_is_the_shipped_bare_generate_check():
     from conftest import load_tool
     check = load_tool("bare_generate_check")
