@@ -381,14 +381,20 @@ def test_load_page_bench_serve_comparison_is_the_shipped_files():
     assert f"The bench's hits had a p50 of {cpu['summary']['bench_hits']['ttft_p50_ms']['mean']:.1f} ms" in flat
 
 
-def test_phase1_s_client_cost_the_docs_state_is_the_shipped_minimal_client_check():
+def shipped_check(tool: str, folder: str) -> tuple[dict, str]:
+    """(the shipped result of tools/<tool>.py in results/<folder>, docs/reproducibility.md); the
+    tool's table() of it stands in both the page and the folder's README."""
     from conftest import load_tool
-    check = load_tool("minimal_client_check")
-    folder = os.path.join(ROOT, "results", "cpu-tiny-minimal-client")
-    data = results.read_result(os.path.join(folder, "minimal_client_check.json"))
+    check = load_tool(tool)
+    data = results.read_result(os.path.join(ROOT, "results", folder, f"{tool}.json"))
     table = check.table(data["rows"])
     page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
-    assert table in page and table in open(os.path.join(folder, "README.md")).read()
+    assert table in page and table in open(os.path.join(ROOT, "results", folder, "README.md")).read()
+    return data, page
+
+
+def test_phase1_s_client_cost_the_docs_state_is_the_shipped_minimal_client_check():
+    data, page = shipped_check("minimal_client_check", "cpu-tiny-minimal-client")
     rows = data["rows"]
     assert data["cache_audit"]["ok"] is True and data["environment"]["tool_version"]["git_commit"].startswith("784a30b")
     medians = [r["difference_median_ms"] for r in rows]
@@ -400,13 +406,7 @@ def test_phase1_s_client_cost_the_docs_state_is_the_shipped_minimal_client_check
 
 
 def test_the_tool_s_own_cost_the_docs_state_is_the_shipped_bare_generate_check():
-    from conftest import load_tool
-    check = load_tool("bare_generate_check")
-    folder = os.path.join(ROOT, "results", "cpu-tiny-bare-generate")
-    data = results.read_result(os.path.join(folder, "bare_generate_check.json"))
-    table = check.table(data["rows"])
-    page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
-    assert table in page and table in open(os.path.join(folder, "README.md")).read()
+    data, page = shipped_check("bare_generate_check", "cpu-tiny-bare-generate")
     rows = data["rows"]
     assert data["cache_audit"]["ok"] is True and all(r["within_budget"] for r in rows)
     quiet = max(abs(r["quiet_difference_mean_ms"]) for r in rows)
