@@ -68,19 +68,35 @@ class HttpClient:
 
     def close(self) -> None:
         """Close the connections and the loop; a request a signal broke off is cancelled first,
-        and a session its cancelled task did not get to close is closed here."""
+        and a session its cancelled task did not get to close is closed here. A signal that
+        lands during this (a redelivery among them) is raised once every step has run: a
+        session left open would print aiohttp's "Unclosed connector" after the run's last line."""
+        interrupted: KeyboardInterrupt | None = None
+        for step in (self._cancel_pending, self._close_sessions):
+            for _ in range(2):              # the step again after a signal broke it off
+                try:
+                    step()
+                    break
+                except KeyboardInterrupt as e:
+                    interrupted = interrupted or e
+        self.loop.close()
+        if interrupted is not None:
+            raise interrupted
+
+    def _cancel_pending(self) -> None:
         pending = [task for task in asyncio.all_tasks(self.loop) if not task.done()]
         for task in pending:
             task.cancel()
         if pending:       # bounded: a task that ignores its cancellation must not hold the exit
             self.loop.run_until_complete(asyncio.wait(pending, timeout=CLOSE_WAIT_S))
+
+    def _close_sessions(self) -> None:
         open_sessions = [s for s in [self.session, *self.load_sessions] if not s.closed]
 
         async def close_all():
             await asyncio.wait_for(asyncio.gather(*[s.close() for s in open_sessions]), CLOSE_WAIT_S)
         if open_sessions:
             self.loop.run_until_complete(close_all())
-        self.loop.close()
 
     def run(self, what: str, coroutine: Coroutine[Any, Any, T]) -> T:
         """Run one request to completion; network failures end the run with one line."""

@@ -5,6 +5,7 @@ import json
 import math
 import os
 import random
+import signal
 import sys
 import textwrap
 import threading
@@ -434,6 +435,29 @@ def test_closing_the_client_closes_a_load_session_a_signal_left_open():
     session = client.loop.run_until_complete(open_one())
     client.close()
     assert session.closed and client.session.closed and client.loop.is_closed()
+
+
+def test_a_signal_during_the_client_s_close_still_closes_every_session_then_ends_the_run(monkeypatch):
+    """A signal (or a swallowed one's redelivery) that lands in close() must not leave a session
+    open: every step runs again, the loop is closed, and then the signal's Interrupted is raised."""
+    from prefix_cache_bench.http_client import HttpClient
+
+    client = HttpClient("http://127.0.0.1:9", 5)
+
+    async def open_one():
+        return client.load_session()
+    session = client.loop.run_until_complete(open_one())
+    calls, close_sessions = [], client._close_sessions
+
+    def interrupted_once():
+        calls.append(1)
+        if len(calls) == 1:
+            raise errors.Interrupted(signal.SIGINT)
+        close_sessions()
+    monkeypatch.setattr(client, "_close_sessions", interrupted_once)
+    with pytest.raises(errors.Interrupted):
+        client.close()
+    assert len(calls) == 2 and session.closed and client.session.closed and client.loop.is_closed()
 
 
 def test_a_failure_that_replaced_a_signal_s_exception_is_told_as_the_signal(monkeypatch):
