@@ -8,6 +8,7 @@ from vllm import SamplingParams
 from vllm.inputs import TokensPrompt
 
 from make_model import PRESETS, build_shape
+from prefix_cache_bench.errors import ExperimentError
 
 
 
@@ -73,3 +74,14 @@ def test_the_bare_generate_check_pairs_the_tool_s_request_with_a_bare_generate_o
         assert low <= row["difference_mean_ms"] <= high
         assert row["within_budget"] == (abs(row["quiet_difference_mean_ms"]) <= check.BUDGET_MS)
     assert "| A=300 / B=100 | hit |" in check.table(rows)
+
+
+def test_the_bare_generate_check_refuses_an_out_it_cannot_write_before_its_engine_starts(tiny_model_dir, tmp_path):
+    """--out under a file: one line naming the flag, raised before machine_info or the engine (the
+    measurement is never made only to be lost at its end)."""
+    from conftest import load_tool
+    check = load_tool("bare_generate_check")
+    blocker = tmp_path / "a-file"
+    blocker.write_text("")
+    with pytest.raises(ExperimentError, match="--out's folder .* is a file, not a folder"):
+        check.main(["--model", tiny_model_dir, "--sizes", "300x100", "--out", str(blocker / "bare_generate_check.json")])

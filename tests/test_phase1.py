@@ -129,7 +129,7 @@ def test_the_minimal_client_check_pairs_phase1_s_request_with_a_minimal_http_cli
     requests found what their condition promises (the audit), each pair timed, the difference their
     means' difference, the file read back as its kind."""
     from conftest import load_tool
-    out = tmp_path / "minimal_client_check.json"
+    out = tmp_path / "made-by-the-tool" / "minimal_client_check.json"       # --out's folder is made
     proc = run_script(["tools/minimal_client_check.py", "--base-url", vllm_server.base_url, "--size-a", "300",
                        "--size-b", "100", "--rounds", "3", "--out", str(out)], timeout=300)
     assert proc.returncode == 0, proc.stderr[-3000:]

@@ -35,7 +35,7 @@ from prefix_cache_bench.protocol import warm_cache  # noqa: E402
 from prefix_cache_bench.host import machine_info  # noqa: E402
 from prefix_cache_bench.provenance import provenance  # noqa: E402
 from prefix_cache_bench.result_schema import build_bare_generate_check  # noqa: E402
-from prefix_cache_bench.results import write_result  # noqa: E402
+from prefix_cache_bench.results import check_writable_dir, write_result  # noqa: E402
 
 BUDGET_MS = 0.5         # the tool's TTFT within this of a bare generate's, at every size
 PROG = "bare_generate_check.py"
@@ -130,6 +130,8 @@ def main(argv):
     if rounds < 2:
         raise ExperimentError("--rounds must be at least 2 (an interval needs two pairs)", 2)
     settings, engine_args = phase2_experiment.parse_args(argv)
+    # its folder made and written to now, before an engine starts: not after the measured minutes
+    check_writable_dir(os.path.dirname(out) or ".", "--out's folder")
     machine = machine_info()                    # the host's speed while no engine runs beside it
     phase2_experiment.check_model_fits(settings, engine_args)
     llm = LLM.from_engine_args(engine_args)
@@ -146,8 +148,8 @@ def main(argv):
                                        cache_audit={"ok": not problems, "problems": problems},
                                        environment={"machine": machine,
                                                     **provenance(sys.argv[1:], "tools/bare_generate_check.py", __file__)})
-    write_result(out, result)
     print(table(rows))
+    write_result(out, result)
     print(f"wrote {out}")
     for problem in problems[:10]:
         print(f"!!! {problem}", file=sys.stderr)

@@ -43,7 +43,7 @@ from prefix_cache_bench.prompts import ConfigPrompts  # noqa: E402
 from prefix_cache_bench.protocol import warm_cache  # noqa: E402
 from prefix_cache_bench.provenance import provenance  # noqa: E402
 from prefix_cache_bench.result_schema import build_minimal_client_check  # noqa: E402
-from prefix_cache_bench.results import write_result  # noqa: E402
+from prefix_cache_bench.results import check_writable_dir, write_result  # noqa: E402
 from prefix_cache_bench.server_engine import prepare, server_environment  # noqa: E402
 from prefix_cache_bench.servers import EmbeddedServer, free_port  # noqa: E402
 
@@ -166,6 +166,8 @@ def main(argv):
     if rounds < 2:
         raise ExperimentError("--rounds must be at least 2 (an interval needs two pairs)", 2)
     settings, vllm_flags, _ = phase1_experiment.parse_args(argv)
+    # its folder made and written to now, before an engine starts: not after the measured minutes
+    check_writable_dir(os.path.dirname(out) or ".", "--out's folder")
     if settings.load or settings.trace or settings.fleet:
         raise ExperimentError("one server, one request at a time: no load, trace or fleet flags", 2)
     cfg = settings.server
@@ -194,8 +196,8 @@ def main(argv):
         experiment="minimal_client_check", model=engine.model, vllm_version=env.get("vllm_version"), rounds=rounds,
         budget_ms=BUDGET_MS, rows=rows, cache_audit={"ok": not problems, "problems": problems},
         environment={"machine": machine, "server": env, **provenance(sys.argv[1:], "tools/minimal_client_check.py", __file__)})
-    write_result(out, result)
     print(table(rows))
+    write_result(out, result)
     print(f"wrote {out}")
     for problem in problems[:10]:
         print(f"!!! {problem}", file=sys.stderr)
