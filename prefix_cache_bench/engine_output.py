@@ -27,6 +27,12 @@ def relay_output() -> list[str]:
     """Route fds 1 and 2, which every vLLM process inherits, through pipes: everything is
     passed on as it comes, and the first error line any vLLM process prints is kept (returned
     list) to name the cause if the engine dies. restore_output() undoes it."""
+    from multiprocessing import resource_tracker
+
+    # vLLM starts multiprocessing's resource tracker, which lives until this process exits: started
+    # here, before the pipes, it keeps where fds 1 and 2 went instead of the pipes' write ends
+    # (held by it, a pipe never ended and restore_output waited its whole timeout for each relay)
+    resource_tracker.ensure_running()
     first_error: list[str] = []
     for fd in (1, 2):
         _original_fds[fd] = os.dup(fd)

@@ -5,7 +5,9 @@ import json
 import math
 import os
 import random
+import re
 import signal
+import subprocess
 import sys
 import textwrap
 import threading
@@ -254,6 +256,28 @@ def test_relay_keeps_draining_when_the_reader_is_gone():
         t.join(timeout=10)
     assert not any(t.is_alive() for t in threads), "the writer blocked: the relay stopped reading"
     assert first_error == ["ERROR worker died"]
+
+
+def test_restore_output_does_not_wait_for_the_resource_tracker_vllm_starts():
+    """vLLM starts multiprocessing's resource tracker after relay_output, and it lives until the
+    process exits: had it inherited the pipes, no relay would reach the pipe's end and
+    restore_output would wait its timeout (1 s) for each. A fresh interpreter, where no tracker
+    runs yet; the relayed line still comes out, and the tracker's fds 1 and 2 are no pipe of ours."""
+    code = (
+        "import os, sys, time\n"
+        "from multiprocessing import resource_tracker\n"
+        "from prefix_cache_bench import engine_output\n"
+        "engine_output.relay_output()\n"
+        "resource_tracker.ensure_running()\n"          # as vLLM does once its engine starts
+        "print('relayed line', flush=True)\n"
+        "start = time.monotonic()\n"
+        "engine_output.restore_output()\n"
+        "print(f'restored in {time.monotonic() - start:.3f} s')\n")
+    proc = subprocess.run([sys.executable, "-c", code], cwd=ROOT, capture_output=True, text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    assert "relayed line" in proc.stdout
+    restored_s = float(re.search(r"restored in ([0-9.]+) s", proc.stdout).group(1))
+    assert restored_s < 0.5, proc.stdout
 
 
 # ----------------------------------------------------------------------------- the engine-counter witness
