@@ -2,7 +2,9 @@
 errors, an error inside a stream, a connection dropped mid-run, a /metrics without a process
 collector, requests held until several are in flight.
 It answers what phase1_experiment.py asks (/v1/models, /metrics, /version, streamed
-/v1/completions) and behaves as `mode` says."""
+/v1/completions) and behaves as `mode` says. Its /metrics counts the prompt tokens of the
+completions it answers as vLLM's prefix-cache queries, before the answer, as vLLM does: phase 1's
+probe finds them there at once instead of waiting 5 s for them (audit.wait_for_counters)."""
 import json
 import socket
 import threading
@@ -15,6 +17,7 @@ class FakeServer:
 
     def __init__(self, tokenizer_dir, mode="ok", max_model_len=2048):
         self.mode, self.completions = mode, 0
+        self.queries = 0                        # prompt tokens of the completions answered (vllm:prefix_cache_queries_total)
         # completions in flight at once, at most. Each one of delay_max_tokens output tokens (all, if
         # None) is held before its reply until hold_until_in_flight completions have been in flight
         # together, or delay_s has passed: a count, not a race against this machine's speed.
@@ -26,6 +29,10 @@ class FakeServer:
 
         class Handler(BaseHTTPRequestHandler):
             protocol_version = "HTTP/1.1"
+            # TCP_NODELAY, as uvicorn sets it for vllm serve: the headers and the body of a reply
+            # go out as separate writes, and without it every reply waited for the client's
+            # delayed ACK (about 40 ms on Linux)
+            disable_nagle_algorithm = True
 
             def log_message(self, *args):
                 pass
@@ -44,7 +51,7 @@ class FakeServer:
                 elif self.path == "/metrics":
                     self.reply(200, b'vllm:cache_config_info{block_size="16",num_gpu_blocks="1000"} 1.0\n'
                                     b'vllm:prefix_cache_hits_total{engine="0"} 0.0\n'
-                                    b'vllm:prefix_cache_queries_total{engine="0"} 0.0\n', "text/plain")
+                                    b'vllm:prefix_cache_queries_total{engine="0"} %d.0\n' % fake.queries, "text/plain")
                 elif self.path == "/health":
                     self.reply(200, b"", "text/plain")
                 elif self.path == "/version":
@@ -84,6 +91,8 @@ class FakeServer:
                     self.close_connection = True
                     self.connection.shutdown(socket.SHUT_RDWR)      # no reply at all: the peer sees the socket close
                     return
+                with fake.lock:
+                    fake.queries += len(body["prompt"])
                 usage = {"prompt_tokens": len(body["prompt"]), "completion_tokens": body["max_tokens"],
                          "total_tokens": len(body["prompt"]) + body["max_tokens"],
                          "prompt_tokens_details": {"cached_tokens": 0}}

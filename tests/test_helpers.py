@@ -381,6 +381,22 @@ def test_an_unshared_engine_fails_on_any_counter_mismatch():
     assert problems and "grew by 576" in problems[0]
 
 
+def test_counters_are_read_until_they_hold_the_requests_or_the_time_is_up():
+    """audit.wait_for_counters: counters that hold the requests' tokens end the wait at once; counters
+    that never grow are read until timeout_s has passed, and their last reading is returned."""
+    grown = lambda before, now: now["prompt_tokens"] - before["prompt_tokens"]
+    readings = []
+
+    def never_grows():
+        readings.append(1)
+        return {"prompt_tokens": 5}
+    start = time.monotonic()
+    assert audit.wait_for_counters(never_grows, grown, {"prompt_tokens": 5}, 10, timeout_s=0.3) == {"prompt_tokens": 5}
+    assert time.monotonic() - start >= 0.3 and len(readings) >= 2
+    assert audit.wait_for_counters(lambda: {"prompt_tokens": 15}, grown, {"prompt_tokens": 5}, 10) == {"prompt_tokens": 15}
+    assert audit.wait_for_counters(lambda: None, lambda before, now: None, None, 10) is None    # nothing to wait for
+
+
 def test_compute_stats_leaves_engine_timings_empty_where_the_engine_gives_none():
     trials = [{**_trial(10.0 + i, 100.0), "engine_ttft_ms": None, "prefill_ms": None} for i in range(3)]
     s = analysis.compute_stats(trials)
