@@ -85,24 +85,66 @@ def test_every_link_and_image_exists(path):
         assert os.path.exists(os.path.join(os.path.dirname(path), target.split("#")[0])), target
 
 
-def test_readme_headline_table_and_where_a_hit_goes_are_the_shipped_files():
+def hit_anatomy_sentence(config: dict) -> str:
+    """'At 8k its ... on the host': where a hit's TTFT goes, as the README and real-shapes.md say it."""
+    hit = config["cache_hit"]["stats"]
+    parts, busy = hit["ttft_breakdown_mean_ms"], config["gpu_busy"]["by_condition"]["cache_hit"]
+    floor = prefill_fit.condition_floor(config, "cache_hit")
+    outside = parts["outside_engine_ms"] + parts["frontend_ipc_ms"]
+    return (f"At 8k its {hit['ttft_mean']:.1f} ms hold {busy['gpu_busy_mean_ms']:.1f} ms of GPU work (the GPU's own clock, "
+            f"[profiled apart](" + "{method}" + f"#the-prefill-steps-gpu-busy-time-offline-cuda); the floor is "
+            f"{floor['floor_ms']:.1f} ms), {outside:.1f} ms of `LLM.generate`, front end and IPC, and "
+            f"{parts['prefill_step_ms'] - busy['gpu_busy_mean_ms']:.1f} ms of the prefill step spent on the host")
+
+
+def test_readme_headline_is_the_shipped_vllm_0_33_run():
+    """The README's headline: the 3-config command with all defaults on vLLM 0.33.0, its table
+    what plot_results.py prints for the folder, its sentences the files' figures."""
+    phases, skipped = results.discover_results(os.path.join(ROOT, "results", "h100-llama3.1-8b-shape-vllm0.33"))
+    assert not skipped
+    configs = phases["phase2"]
+    assert all(r["environment"]["vllm_version"] == "0.33.0" and r["cache_audit"]["ok"] for r in configs.values())
+    first = configs[(512, 256)]
+    assert first["interval"]["processes"] == 5 and first["interval"]["num_blocks"] == 15   # the defaults: 5 processes of 3 blocks
+    readme = open(os.path.join(ROOT, "README.md")).read()
+    assert tables.summary_table(configs) in readme
+    said = " ".join(readme.split())
+    assert hit_anatomy_sentence(configs[(8192, 256)]).format(method="docs/method.md") in said
+    assert (f"mean ± stdev of {first['config']['num_trials']} rounds in 5 engine processes" in said and
+            f"{first['environment']['run_wall_s']:.0f} s from the first engine start to exit" in said)
+    ms = lambda a, c: configs[(a, 256)][c]["stats"]["ttft_mean"]
+    assert (f"A cached 8k-token prefix turns a {ms(8192, 'cache_cold'):.0f} ms TTFT into {ms(8192, 'cache_hit'):.1f} ms "
+            f"({configs[(8192, 256)]['ttft_saving_pct']:.1f}% saved); at 2k, {ms(2048, 'cache_cold'):.0f} ms into "
+            f"{ms(2048, 'cache_hit'):.0f} ms ({configs[(2048, 256)]['ttft_saving_pct']:.0f}%)") in said
+    # against vLLM 0.26.0 on an H100 (the lease's run 2): a hit's GPU work, a cold prefill's at 8k
+    v026 = lease_run("run2-vllm0.26")
+    kernels = lambda r, c: r["gpu_busy"]["by_condition"][c]["gpu_kernel_busy_mean_ms"]
+    hit_gap = max(abs(kernels(configs[(a, 256)], "cache_hit") - kernels(v026[a], "cache_hit")) for a in (512, 2048, 8192))
+    cold_less = 1 - kernels(configs[(8192, 256)], "cache_cold") / kernels(v026[8192], "cache_cold")
+    assert (f"a hit's GPU work differs by at most {hit_gap:.1f} ms; 0.33's cold prefill at 8k does "
+            f"{100 * cold_less:.1f}% less" in said)
+    agree = tables.compare_runs([os.path.join(LEASE, "run2-vllm0.26"),
+                                 os.path.join(ROOT, "results", "h100-llama3.1-8b-shape-vllm0.33")])
+    rows = agree.split("\n")[2:5]
+    assert [row.split(" | ")[-2] for row in rows] == ["0 of 1", "1 of 1", "1 of 1"]     # 512 disagrees; 2k and 8k agree
+    assert "the savings at 2k and 8k agree" in said
+    assert "\n".join(agree.split("\n")[:5]) in open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
+
+
+def test_real_shapes_h200_section_is_the_shipped_anatomy_run():
+    """docs/real-shapes.md's six sizes on vLLM 0.26.0 and an H200: the table and the figures."""
     folder = os.path.join(ROOT, "results", "h200-llama3.1-8b-shape-anatomy")
     phases, skipped = results.discover_results(folder)
     assert not skipped
-    readme = open(os.path.join(ROOT, "README.md")).read()
-    assert tables.summary_table(phases["phase2"]) in readme
-    hit = phases["phase2"][(8192, 256)]["cache_hit"]["stats"]
-    parts, busy = hit["ttft_breakdown_mean_ms"], phases["phase2"][(8192, 256)]["gpu_busy"]["by_condition"]["cache_hit"]
-    floor = prefill_fit.condition_floor(phases["phase2"][(8192, 256)], "cache_hit")
-    outside = parts["outside_engine_ms"] + parts["frontend_ipc_ms"]
+    page = open(os.path.join(ROOT, "docs", "real-shapes.md")).read()
+    assert tables.summary_table(phases["phase2"]) in page
     hit_32k = phases["phase2"][(32768, 256)]
     not_gpu_32k = (1 - hit_32k["gpu_busy"]["by_condition"]["cache_hit"]["gpu_busy_mean_ms"]
                    / hit_32k["cache_hit"]["stats"]["ttft_mean"])
-    said = " ".join(readme.split())
-    assert (f"At 8k its {hit['ttft_mean']:.1f} ms hold {busy['gpu_busy_mean_ms']:.1f} ms of GPU work" in said and
-            f"the floor is {floor['floor_ms']:.1f} ms), {outside:.1f} ms of `LLM.generate`, front end and IPC, and "
-            f"{parts['prefill_step_ms'] - busy['gpu_busy_mean_ms']:.1f} ms of the prefill step spent on the host; at 32k, "
-            f"{100 * not_gpu_32k:.0f}% of the hit's {hit_32k['cache_hit']['stats']['ttft_mean']:.1f} ms is not GPU work" in said)
+    said = " ".join(page.split())
+    hit_32k_ms = hit_32k["cache_hit"]["stats"]["ttft_mean"]
+    assert (hit_anatomy_sentence(phases["phase2"][(8192, 256)]).format(method="method.md") +
+            f"; at 32k, {100 * not_gpu_32k:.0f}% of the hit's {hit_32k_ms:.1f} ms is not GPU work") in said
     # the anatomy table, GPU-busy columns and all, is what plot_results.py prints for the folder
     assert "| step: GPU busy | not GPU work |" in tables.anatomy_table(phases["phase2"])
 
@@ -258,9 +300,10 @@ def test_readme_and_traces_page_figures_are_the_shipped_h100_replays_and_curve()
     assert hbm["cache_audit"]["ok"] and tier["cache_audit"]["ok"] and hbm["arms"]["cold"]["passes"] == 3
     share, ideal = f"{cached['hit_share']['measured']:.1%}", f"{curve['curve']['ideal_share']:.1%}"
     ci, p50_ci = bought["saving_pct_ci95"], p50["saving_pct_ci95"]
-    assert (f"One H100, {hbm['window']['requests']} requests of the conversation trace: {share} of the input tokens "
-            f"cached (model {cached['hit_share']['simulated']:.1%}, infinite cache {ideal}), mean TTFT "
-            f"{bought['saving_pct']:.1f}% [{ci[0]:.1f}, {ci[1]:.1f}] lower.") in readme
+    version = hbm["environment"]["vllm_version"]
+    assert (f"One H100 (vLLM {version}), {hbm['window']['requests']} requests of the conversation trace: "
+            f"{share} of the input tokens cached (model {cached['hit_share']['simulated']:.1%}, infinite cache {ideal}), "
+            f"mean TTFT {bought['saving_pct']:.1f}% [{ci[0]:.1f}, {ci[1]:.1f}] lower.") in readme
     assert (f"The cached arm found {share} of its input tokens, in every pass, the LRU model predicted each request "
             f"within a block (fidelity {cached['fidelity']:.0%})") in page
     assert f"An infinite cache would find {ideal} of this window" in page
