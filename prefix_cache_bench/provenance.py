@@ -36,9 +36,14 @@ def code_sha256(named_texts: Iterable[tuple[str, bytes]]) -> str:
     """One hash of the tool's code: [(path relative to the repository, bytes)] of the entry
     script and every module of the package. Names are hashed with the texts, so a module
     renamed or added changes it too."""
+    return code_sha256_of((name, hashlib.sha256(text).hexdigest()) for name, text in named_texts)
+
+
+def code_sha256_of(named_sha256s: Iterable[tuple[str, str]]) -> str:
+    """code_sha256 from [(path, sha256 of its bytes)]."""
     digest = hashlib.sha256()
-    for name, text in sorted(named_texts):
-        digest.update(f"{name}\0{hashlib.sha256(text).hexdigest()}\n".encode())
+    for name, text_sha256 in sorted(named_sha256s):
+        digest.update(f"{name}\0{text_sha256}\n".encode())
     return digest.hexdigest()
 
 
@@ -101,6 +106,35 @@ def git_bytes(*args: str) -> bytes:
     return subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, timeout=30, check=True).stdout
 
 
+def tree_blobs(commit: str, paths: Iterable[str]) -> dict[str, str]:
+    """{path: git blob id} of the files at these paths (and under them) in commit."""
+    blobs = {}
+    for line in git_bytes("ls-tree", "-r", commit, "--", *paths).decode().splitlines():
+        meta, path = line.split("\t", 1)
+        blobs[path] = meta.split()[2]
+    return blobs
+
+
+def blob_sha256s(blob_ids: Iterable[str]) -> dict[str, str]:
+    """{git blob id: sha256 of its bytes}, every blob read by one `git cat-file --batch`."""
+    ids = sorted(set(blob_ids))
+    out = subprocess.run(["git", "-C", REPO_DIR, "cat-file", "--batch"], input="".join(f"{i}\n" for i in ids).encode(),
+                         capture_output=True, timeout=60, check=True).stdout
+    sha256s, pos = {}, 0
+    for blob_id in ids:                     # each: "<id> blob <size>\n", the bytes, "\n"
+        header_end = out.index(b"\n", pos)
+        size = int(out[pos:header_end].split()[2])
+        sha256s[blob_id] = hashlib.sha256(out[header_end + 1:header_end + 1 + size]).hexdigest()
+        pos = header_end + 1 + size + 1
+    return sha256s
+
+
+def commit_trees(paths: list[str]) -> list[tuple[str, dict[str, str]]]:
+    """[(commit, {path: blob id})] of the commits that changed any of paths, newest first."""
+    commits = git_bytes("log", "--format=%h", "--", *paths).decode().split()
+    return [(commit, tree_blobs(commit, paths)) for commit in commits]
+
+
 @functools.lru_cache(maxsize=None)
 def script_commits(sha256: str, path: str = "phase2_experiment.py") -> tuple[str, ...]:
     """The commits of this repository whose script at path has this sha256, newest first
@@ -108,36 +142,29 @@ def script_commits(sha256: str, path: str = "phase2_experiment.py") -> tuple[str
     made it, also where its git_commit could not. For files made before the package existed,
     when the entry script was all the code."""
     try:
-        found = []
-        for commit in git_bytes("log", "--format=%h", "--", path).decode().split():
-            try:
-                blob = git_bytes("show", f"{commit}:{path}")
-            except subprocess.CalledProcessError:
-                continue
-            if hashlib.sha256(blob).hexdigest() == sha256:
-                found.append(commit)
-        return tuple(found)
-    except (OSError, subprocess.SubprocessError):
+        trees = [(commit, blobs[path]) for commit, blobs in commit_trees([path]) if path in blobs]
+        sha256s = blob_sha256s(blob for _, blob in trees)
+        return tuple(commit for commit, blob in trees if sha256s[blob] == sha256)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return ()
 
 
 @functools.lru_cache(maxsize=None)
 def code_commits(sha256: str, script: str) -> tuple[str, ...]:
-    """The commits whose entry script and package have this code_sha256, newest first."""
+    """The commits whose entry script and package have this code_sha256 (the script and the
+    package's own modules, as code_files reads them), newest first."""
     try:
-        found = []
-        for commit in git_bytes("log", "--format=%h", "--", script, PACKAGE).decode().split():
-            try:
-                names = [name for name in git_bytes("ls-tree", "--name-only", f"{commit}:{PACKAGE}").decode().split()
-                         if name.endswith(".py")]
-            except subprocess.CalledProcessError:          # a commit from before the package: older ones too
+        trees = []
+        for commit, blobs in commit_trees([script, PACKAGE]):
+            modules = {path: blob for path, blob in blobs.items()
+                       if path.startswith(f"{PACKAGE}/") and path.count("/") == 1 and path.endswith(".py")}
+            if not modules or script not in blobs:      # a commit from before the package: older ones too
                 break
-            texts = [(script, git_bytes("show", f"{commit}:{script}"))]
-            texts += [(f"{PACKAGE}/{name}", git_bytes("show", f"{commit}:{PACKAGE}/{name}")) for name in names]
-            if code_sha256(texts) == sha256:
-                found.append(commit)
-        return tuple(found)
-    except (OSError, subprocess.SubprocessError):
+            trees.append((commit, {script: blobs[script], **modules}))
+        sha256s = blob_sha256s(blob for _, files in trees for blob in files.values())
+        return tuple(commit for commit, files in trees
+                     if code_sha256_of((name, sha256s[blob]) for name, blob in files.items()) == sha256)
+    except (OSError, subprocess.SubprocessError, ValueError, IndexError):
         return ()
 
 
