@@ -128,7 +128,10 @@ def test_readme_headline_is_the_shipped_vllm_0_33_run():
     rows = agree.split("\n")[2:5]
     assert [row.split(" | ")[-2] for row in rows] == ["0 of 1", "1 of 1", "1 of 1"]     # 512 disagrees; 2k and 8k agree
     assert "the savings at 2k and 8k agree" in said
-    assert "\n".join(agree.split("\n")[:5]) in open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
+    page = open(os.path.join(ROOT, "docs", "reproducibility.md")).read()
+    assert "\n".join(agree.split("\n")[:5]) in page
+    overhead = [f"{configs[(a, 256)]['harness_overhead_ms']:.2f}" for a in (512, 2048, 8192)]
+    assert f"by a median {overhead[0]}, {overhead[1]} and {overhead[2]} ms at 512, 2048 and 8192" in " ".join(page.split())
 
 
 def test_real_shapes_h200_section_is_the_shipped_anatomy_run():
