@@ -27,12 +27,7 @@ def relay_output() -> list[str]:
     """Route fds 1 and 2, which every vLLM process inherits, through pipes: everything is
     passed on as it comes, and the first error line any vLLM process prints is kept (returned
     list) to name the cause if the engine dies. restore_output() undoes it."""
-    from multiprocessing import resource_tracker
-
-    # vLLM starts multiprocessing's resource tracker, which lives until this process exits: started
-    # here, before the pipes, it keeps where fds 1 and 2 went instead of the pipes' write ends
-    # (held by it, a pipe never ended and restore_output waited its whole timeout for each relay)
-    resource_tracker.ensure_running()
+    start_resource_tracker_silenced()
     first_error: list[str] = []
     for fd in (1, 2):
         _original_fds[fd] = os.dup(fd)
@@ -42,6 +37,30 @@ def relay_output() -> list[str]:
         _relays.append(threading.Thread(target=_relay, args=(read_end, _original_fds[fd], first_error), daemon=True))
         _relays[-1].start()
     return first_error
+
+
+def start_resource_tracker_silenced() -> None:
+    """Start multiprocessing's resource tracker now, its fds 1 and 2 on /dev/null. vLLM starts
+    it once its engine starts, and it lives until this process exits: started after
+    relay_output, it held the pipes' write ends, so no relay reached its pipe's end and
+    restore_output waited its whole timeout for each. Its only output, warnings of objects
+    vLLM leaked, comes after the run's last line; it never reached the console through the
+    pipes either (their reader is gone by then)."""
+    from multiprocessing import resource_tracker
+
+    sys.stdout.flush()                      # nothing of ours may go to /dev/null meanwhile
+    sys.stderr.flush()
+    saved = {fd: os.dup(fd) for fd in (1, 2)}
+    devnull = os.open(os.devnull, os.O_WRONLY)
+    try:
+        for fd in saved:
+            os.dup2(devnull, fd)
+        resource_tracker.ensure_running()
+    finally:
+        for fd, copy in saved.items():
+            os.dup2(copy, fd)
+            os.close(copy)
+        os.close(devnull)
 
 
 def _relay(read_end, original, first_error):
