@@ -11,7 +11,7 @@ import re
 import shlex
 import subprocess
 import sys
-from collections.abc import Iterable, Mapping, Sequence
+from collections.abc import Iterable, Iterator, Mapping, Sequence
 from typing import Any
 
 from .result_schema import Provenance
@@ -129,10 +129,11 @@ def blob_sha256s(blob_ids: Iterable[str]) -> dict[str, str]:
     return sha256s
 
 
-def commit_trees(paths: list[str]) -> list[tuple[str, dict[str, str]]]:
-    """[(commit, {path: blob id})] of the commits that changed any of paths, newest first."""
-    commits = git_bytes("log", "--format=%h", "--", *paths).decode().split()
-    return [(commit, tree_blobs(commit, paths)) for commit in commits]
+def commit_trees(paths: list[str]) -> Iterator[tuple[str, dict[str, str]]]:
+    """(commit, {path: blob id}) of the commits that changed any of paths, newest first; each
+    tree read as it is reached (code_commits stops at the first commit before the package)."""
+    for commit in git_bytes("log", "--format=%h", "--", *paths).decode().split():
+        yield commit, tree_blobs(commit, paths)
 
 
 @functools.lru_cache(maxsize=None)

@@ -166,10 +166,10 @@ def main(argv):
     if rounds < 2:
         raise ExperimentError("--rounds must be at least 2 (an interval needs two pairs)", 2)
     settings, vllm_flags, _ = phase1_experiment.parse_args(argv)
-    # its folder made and written to now, before an engine starts: not after the measured minutes
-    check_writable_dir(os.path.dirname(out) or ".", "--out's folder")
     if settings.load or settings.trace or settings.fleet:
         raise ExperimentError("one server, one request at a time: no load, trace or fleet flags", 2)
+    # its folder made and written to now, before a server starts: not after the measured minutes
+    check_writable_dir(os.path.dirname(out) or ".", "--out's folder")
     cfg = settings.server
     machine = machine_info()                    # the host's speed while no engine runs beside it
     server = None
