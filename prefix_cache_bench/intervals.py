@@ -52,9 +52,12 @@ def ratio_ci95(numerator: Values, denominator: Values, paired: bool) -> tuple[fl
 
 
 def mean_ci95(values: Values) -> list[float]:
-    """Student's t interval of the mean."""
+    """Student's t interval of the mean; [nan, nan] for fewer than 2 values (a result file
+    writes null): one value has no spread to take an interval from."""
     from scipy import stats
     values = np.asarray(values, dtype=float)
+    if len(values) < 2:
+        return [float("nan")] * 2
     if np.ptp(values) == 0:
         return [float(values[0])] * 2
     low, high = stats.t.interval(0.95, len(values) - 1, loc=values.mean(), scale=stats.sem(values))

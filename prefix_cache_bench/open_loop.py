@@ -113,6 +113,8 @@ class OpenLoopSender:
         connection, data = self.pool.take(), self.bodies.pop(k)
         exchange = receive(self.pool, connection, send(connection, data), self.base_url) if connection else \
             stream_raw(self.pool, data, self.base_url)
+        self.in_flight += 1             # counted here: a burst is sent before any of its tasks runs
+        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         self.tasks.append(asyncio.create_task(self.one(k, exchange)))
         return True
 
@@ -137,8 +139,6 @@ class OpenLoopSender:
             self.last_collect = time.perf_counter()
 
     async def one(self, k: int, exchange: Awaitable[StreamedResponse]) -> None:
-        self.in_flight += 1
-        self.most_in_flight = max(self.most_in_flight, self.in_flight)
         started = time.perf_counter()
         try:
             self.records[k] = await exchange

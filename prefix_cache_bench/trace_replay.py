@@ -5,6 +5,7 @@ times, over several passes; each request's ledger (ideal, simulated, measured ca
 its audit; the figures, the console table, the file.
 """
 from __future__ import annotations
+import dataclasses
 import datetime
 import json
 import os
@@ -68,18 +69,21 @@ class TracePlan:
         return b'{"prompt": ' + self.maker.prompt_json(request) + b", " + rest[1:].encode()
 
 
-def ledger(window: TraceWindow, engine_block_size: int, capacity_tokens: int, trace_block_size: int) -> list[tuple[int, int]]:
+def ledger(window: TraceWindow, max_tokens: Sequence[int], engine_block_size: int, capacity_tokens: int,
+           trace_block_size: int) -> list[tuple[int, int]]:
     """[(ideal, simulated) reusable tokens] of each measured request of a cached pass: the warm
     start's history first, then the window in trace order, through an infinite cache and
-    through the LRU model of the server's cache at its capacity."""
+    through the LRU model of the server's cache at its capacity. Each request's output is what
+    the replay generates: WARM_START_TOKENS for the history, max_tokens[k] for window request k."""
     ideal = IdealLedger(engine_block_size, trace_block_size)
     model = PrefixCacheSimulator(capacity_tokens, engine_block_size, trace_block_size)
-    def both(r):
+    def both(r, output_tokens):
         keys = prefix_keys(r.hash_ids)
-        return ideal.observe(r, keys), model.observe(r, keys)
+        sent = dataclasses.replace(r, output_length=output_tokens)
+        return ideal.observe(sent, keys), model.observe(sent, keys)
     for r in window.history:
-        both(r)
-    return [both(r) for r in window.measured]
+        both(r, WARM_START_TOKENS)
+    return [both(r, n) for r, n in zip(window.measured, max_tokens, strict=True)]
 
 
 async def send_open_loop(base_url: str, plan: TracePlan, model: str, salts: Callable[[int], str], drain_s: float,
@@ -252,7 +256,7 @@ def check_server(trace: TraceSettings, env: Mapping[str, Any]) -> None:
 def input_cap_tokens(trace: TraceSettings, requests: Iterable[TraceRequest], max_model_len: int | None) -> int | None:
     """The longest input replayed: --max-input-tokens, and no more than the server's context
     leaves beside the longest output the replay asks for."""
-    longest_output = trace.max_output_tokens or max(r.output_length for r in requests)
+    longest_output = max(max(1, min(r.output_length, trace.max_output_tokens or r.output_length)) for r in requests)
     caps = [cap for cap in (trace.max_input_tokens, max_model_len and max_model_len - longest_output) if cap]
     return min(caps) if caps else None
 
@@ -279,7 +283,7 @@ def run_trace(engine: LoadServer, tokenizer: Any, trace: TraceSettings, seed: in
     plan = TracePlan(window, trace.time_scale, trace.max_output_tokens, ordinary_token_ids(tokenizer), seed,
                      trace.trace_block_size)
     block = env["cache_block_size"]
-    rows = ledger(window, block, capacity, trace.trace_block_size)
+    rows = ledger(window, plan.max_tokens, block, capacity, trace.trace_block_size)
     run_id = uuid.uuid4().hex[:12]
     passes, failure = [], None
     started = time.perf_counter()
@@ -308,6 +312,12 @@ def run_trace(engine: LoadServer, tokenizer: Any, trace: TraceSettings, seed: in
     return result
 
 
+def complete_pairs(passes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The passes whose cached and cold arms both ran with no failed or unfinished request: the
+    pairs cache_buys sets side by side, the same passes the per-arm figures take."""
+    return [run for run in passes if all(arm in run and not run[arm]["stats"]["failed"] for arm in ("cached", "cold"))]
+
+
 def trace_result(trace: TraceSettings, seed: int, model: str, env: dict[str, Any], window: TraceWindow, plan: TracePlan,
                  passes: list[dict[str, Any]], failure: str | None, unaudited: str | None, gpu_tokens: int,
                  tier_tokens: int, rows: Sequence[tuple[int, int]], input_cap: int | None) -> TraceResult:
@@ -317,7 +327,7 @@ def trace_result(trace: TraceSettings, seed: int, model: str, env: dict[str, Any
         done = [run[arm]["stats"] for run in passes if arm in run and not run[arm]["stats"]["failed"]]
         if done:
             arms[arm] = summarize_passes(done)
-    complete_pairs = [run for run in passes if "cached" in run and "cold" in run]
+    pairs = complete_pairs(passes)
     problems = [p for run in passes for arm in ("cached", "cold") if arm in run for p in run[arm]["problems"]]
     checked = sum(len(run[arm]["requests"]) for run in passes for arm in ("cached", "cold") if arm in run)
     lags = [run[arm]["stats"]["send_lag_ms"].get("p99") for run in passes for arm in ("cached", "cold") if arm in run]
@@ -343,8 +353,8 @@ def trace_result(trace: TraceSettings, seed: int, model: str, env: dict[str, Any
         kv_capacity_tokens=gpu_tokens, tier_capacity_tokens=tier_tokens,
         simulated_capacity_tokens=gpu_tokens + tier_tokens, engine_block_size=env["cache_block_size"],
         arms=arms,
-        cache_buys=cache_buys([run["cached"]["stats"] for run in complete_pairs],
-                              [run["cold"]["stats"] for run in complete_pairs]) if complete_pairs else {},
+        cache_buys=cache_buys([run["cached"]["stats"] for run in pairs],
+                              [run["cold"]["stats"] for run in pairs]) if pairs else {},
         client={"max_rss_mb": client_rss_mb(), "send_lag_p99_ms_max": max(lags) if lags else None,
                 "sender_kept_up": all(lag <= SEND_LAG_LIMIT_MS for lag in lags) if lags else None,
                 "send_lag_limit_ms": SEND_LAG_LIMIT_MS},

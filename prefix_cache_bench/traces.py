@@ -330,6 +330,11 @@ class PrefixCacheSimulator:
     def _last_blocks(self, request, n):
         return (request.input_length - (n - 1) * self.trace_block_size) // self.engine_block_size
 
+    def _output_blocks(self, request):
+        """Full engine blocks past the prompt's: KV of the prompt and all but the last output token."""
+        computed_tokens = request.input_length + max(0, request.output_length - 1)
+        return computed_tokens // self.engine_block_size - request.input_length // self.engine_block_size
+
     def lookup(self, request: TraceRequest, keys: Sequence[int]) -> int:
         """Tokens of the request's prompt the cache holds now, capped and in whole engine blocks."""
         nodes, n, found = self._nodes, len(keys), 0
@@ -348,7 +353,7 @@ class PrefixCacheSimulator:
         """The request's blocks back in the cache: output least recent, first prompt block most
         recent; then evict least-recent nodes down to capacity."""
         nodes, n, added = self._nodes, len(keys), 0
-        output_blocks = request.output_length // self.engine_block_size
+        output_blocks = self._output_blocks(request)
         if output_blocks:
             self._outputs += 1
             nodes[("output", self._outputs)] = output_blocks

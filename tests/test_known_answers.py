@@ -75,6 +75,7 @@ def test_mean_ci95_by_hand_and_constant():
     assert intervals.mean_ci95([1, 2, 3, 4, 5]) == [approx(3 - half), approx(3 + half)]
     assert intervals.mean_ci95([4, 1, 5, 3, 2]) == [approx(3 - half), approx(3 + half)]
     assert intervals.mean_ci95([7.5, 7.5, 7.5]) == [7.5, 7.5]
+    assert all(math.isnan(x) for x in intervals.mean_ci95([12.5]))    # one value: no interval (scipy: nan)
 
 
 def test_saving_degradation_and_agree():

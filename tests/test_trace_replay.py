@@ -13,7 +13,9 @@ import pytest
 import phase1_experiment
 import plot_results as pr
 from conftest import ROOT, load_tool, run_script
-from prefix_cache_bench import open_loop, raw_stream, trace_figures
+from prefix_cache_bench import open_loop, raw_stream, trace_figures, trace_replay
+from prefix_cache_bench.settings import TraceSettings
+from prefix_cache_bench.traces import TraceRequest, TraceWindow
 from prefix_cache_bench.errors import EXIT_USAGE, ExperimentError
 
 # Trace blocks of 512 tokens, four KV blocks of 128 on this CPU. Lines 1-2 are the window's
@@ -141,6 +143,17 @@ def test_the_audit_names_a_request_that_found_more_than_was_ever_sent():
     assert "cold request 3" in problem
 
 
+def test_the_ledger_models_the_outputs_the_replay_generates_not_the_traces():
+    # engine block 4, trace block 8, a cache of 8 engine blocks; every trace output is 100 tokens
+    # (25 blocks, more than the cache): the warm start generates 1 token, the window max_tokens
+    def request(hash_ids, input_length):
+        return TraceRequest(1, 0.0, input_length, 100, tuple(hash_ids))
+    window = TraceWindow(history=[request([1, 2], 16), request([5], 8)], measured=[request([6], 8), request([1, 2], 16)],
+                         skipped=[], start_s=0.0, duration_s=0.0)
+    assert trace_replay.ledger(window, [1, 1], 4, 32, 8) == [(0, 0), (12, 12)]
+    assert trace_replay.ledger(window, [100, 1], 4, 32, 8) == [(0, 0), (12, 0)]   # request 0's output evicts
+
+
 def test_fidelity_counts_requests_within_one_trace_block_of_the_model():
     rows = [{"cached_tokens": m, "simulated_tokens": s} for m, s in ((0, 0), (512, 0), (513, 0), (1024, 2048))]
     assert trace_figures.fidelity(rows, 512) == 0.5
@@ -152,6 +165,28 @@ def test_savings_pair_each_cached_pass_with_its_cold_pass():
     bought = trace_figures.cache_buys(cached, cold)["ttft_p50"]
     assert bought["saving_pct_per_pass"] == [75.0, 50.0] and bought["saving_pct"] == 62.5
     assert bought["saved_ms"] == 30.0 and bought["saved_ms_ci95"] == [30.0, 30.0]
+
+
+def test_savings_take_only_passes_whose_arms_both_finished_every_request():
+    def arm(failed):
+        return {"stats": {"failed": failed}}
+    passes = [{"cached": arm(0), "cold": arm(0)}, {"cached": arm(3), "cold": arm(0)},
+              {"cached": arm(0), "cold": arm(1)}, {"cached": arm(0)}, {"cold": arm(0), "cached": arm(0)}]
+    assert trace_replay.complete_pairs(passes) == [passes[0], passes[4]]
+
+
+def test_the_input_cap_leaves_room_for_the_longest_output_the_replay_asks_for():
+    def request(output_length):
+        return TraceRequest(1, 0.0, 100, output_length, (1,))
+    def cap(outputs, max_output_tokens=None, max_input_tokens=None, max_model_len=1000):
+        settings = TraceSettings(path="t.jsonl", max_output_tokens=max_output_tokens, max_input_tokens=max_input_tokens)
+        return trace_replay.input_cap_tokens(settings, [request(n) for n in outputs], max_model_len)
+    assert cap([10, 300]) == 700
+    assert cap([10, 300], max_output_tokens=128) == 872
+    assert cap([10, 20], max_output_tokens=128) == 980         # the flag caps outputs; it does not lengthen them
+    assert cap([0, 0]) == 999                                   # an output of 0 still generates 1 token
+    assert cap([10, 20], max_input_tokens=500) == 500
+    assert cap([10], max_model_len=None) is None
 
 
 def test_cached_share_and_length_bins():
@@ -218,6 +253,13 @@ def test_an_arm_with_too_many_in_flight_stops_sending(slow_stand_in):
     records, _, overload, most = run_sender(slow_stand_in, [0.0, 0.01, 0.02, 0.03], max_in_flight=2)
     assert "2 requests in flight at request 2 of 4" in overload and most == 2
     assert records[2] is None and records[3] is None and records[0].error is None
+
+
+def test_a_burst_is_counted_in_flight_as_it_is_sent(slow_stand_in):
+    # five requests due at once leave before any of their tasks runs: the limit still holds
+    records, _, overload, most = run_sender(slow_stand_in, [0.0] * 5, max_in_flight=2)
+    assert "2 requests in flight at request 2 of 5" in overload and most == 2
+    assert records[2:] == [None] * 3 and all(r.error is None for r in records[:2])
 
 
 def test_bursts_are_the_requests_scheduled_within_10_ms_of_the_first():

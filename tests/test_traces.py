@@ -304,6 +304,17 @@ def test_output_blocks_take_room():
     assert [cache.observe(r) for r in (X, Y, X)] == [0, 0, 12]            # without outputs both fit
 
 
+def test_output_blocks_are_the_full_blocks_the_engine_computed_past_the_prompt():
+    # KV for the prompt and all but the last generated token: 6 + 3 - 1 = 8 tokens, 2 full blocks,
+    # one of them the prompt's tail with the output's first tokens
+    def blocks(input_length, output_length):
+        return simulator(1000)._output_blocks(req([1, 2], input_length, output_length=output_length))
+    assert [blocks(6, 3), blocks(6, 2), blocks(16, 4), blocks(16, 5), blocks(16, 9), blocks(16, 0)] == [1, 0, 0, 1, 2, 0]
+    cache = simulator(12)                                     # 3 blocks
+    a, c = req([1], 8), req([2], 6, output_length=3)          # A: 2 blocks; C: 1 prompt block + 1 of tail and output
+    assert [cache.observe(r) for r in (a, c, a)] == [0, 0, 0]  # C's 2 blocks push A's out
+
+
 def test_a_request_longer_than_the_capacity():
     cache = simulator(12)                                     # 3 blocks: X's tail block never fits
     assert [cache.observe(X) for _ in range(3)] == [0, 8, 8]
