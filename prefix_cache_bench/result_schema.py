@@ -253,6 +253,7 @@ class SenderBench(TypedDict):
     max_output_tokens: int | None        # None: each request's own output length from the trace
     failed: int                 # requests that failed
     overloaded: str | None      # why the sender was overloaded (in flight past its cap), or None
+    environment: NotRequired[dict[str, Any]]     # as Provenance: command, tool_version
     schema_version: NotRequired[int]
 
 

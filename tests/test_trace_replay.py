@@ -262,6 +262,19 @@ def test_a_burst_is_counted_in_flight_as_it_is_sent(slow_stand_in):
     assert records[2:] == [None] * 3 and all(r.error is None for r in records[:2])
 
 
+def test_the_sender_bench_replays_a_trace_and_names_its_code(tmp_path):
+    trace, out = write_trace(tmp_path / "hand.jsonl", HAND_TRACE), tmp_path / "bench.json"
+    proc = run_script(["tools/trace_sender_bench.py", trace, "--max-output-tokens", "2", "--out", str(out)], timeout=120)
+    assert proc.returncode == 0, proc.stdout[-2000:] + proc.stderr[-2000:]
+    with open(out) as f:
+        bench = json.load(f)
+    assert (bench["requests"], bench["failed"], bench["overloaded"], bench["replay_span_s"]) == (7, 0, None, 0.6)
+    assert 1 <= bench["max_in_flight"] <= 7 and bench["send_lag_ms"]["p99"] >= 0
+    assert bench["environment"]["command"].endswith(f"tools/trace_sender_bench.py {trace} --max-output-tokens 2 "
+                                                    f"--out {out}")
+    assert len(bench["environment"]["tool_version"]["code_sha256"]) == 64
+
+
 def test_bursts_are_the_requests_scheduled_within_10_ms_of_the_first():
     assert open_loop.burst_sizes([0.0, 0.0, 0.005, 0.02, 3.0, 3.0]) == [3, 0, 0, 1, 2, 0]
 

@@ -26,6 +26,7 @@ import numpy as np
 sys.path.insert(0, os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
 
 from prefix_cache_bench.http_client import HttpClient  # noqa: E402
+from prefix_cache_bench.provenance import provenance  # noqa: E402
 from prefix_cache_bench.result_schema import build_sender_bench  # noqa: E402
 from prefix_cache_bench.results import write_result  # noqa: E402
 from prefix_cache_bench.trace_figures import arm_stats  # noqa: E402
@@ -119,7 +120,9 @@ def main(argv=None):
               "max_output_tokens": args.max_output_tokens, "ttft_ms": args.ttft_ms, "itl_ms": args.itl_ms,
               "failed": stats["failed"], "overloaded": overload, "max_in_flight": in_flight,
               "send_lag_ms": stats["send_lag_ms"], "send_lag_limit_ms": SEND_LAG_LIMIT_MS,
-              "client_max_rss_mb": client_rss_mb(), "wall_s": time.perf_counter() - started})
+              "client_max_rss_mb": client_rss_mb(), "wall_s": time.perf_counter() - started,
+              "environment": provenance(sys.argv[1:] if argv is None else list(argv), "tools/trace_sender_bench.py",
+                                        __file__)})
     write_result(args.out, result)
     lag = stats["send_lag_ms"]
     print(f"{len(requests)} requests over {plan.scheduled_s[-1]:.0f} s ({stats['failed']} failed, at most {in_flight} "
