@@ -65,7 +65,7 @@ def provenance(argv: Sequence[str], prog: str, script: str) -> Provenance:
     (the entry script and the package), which name the code without git too."""
     try:
         commit = git_bytes("rev-parse", "HEAD").decode().strip()
-        dirty = bool(git_bytes("status", "--porcelain", "--untracked-files=no").strip())
+        dirty = code_differs([os.path.abspath(script), PACKAGE_DIR])
     except (OSError, subprocess.SubprocessError):           # no git here, or not a checkout
         commit, dirty = None, None
     texts = code_files(script)
@@ -104,6 +104,12 @@ SCRIPTS: dict[str | None, str] = {"phase1_server_api": "phase1_experiment.py", "
 def git_bytes(*args: str) -> bytes:
     """What a git command in this repository printed, as bytes; raises OSError/SubprocessError."""
     return subprocess.run(["git", "-C", REPO_DIR, *args], capture_output=True, timeout=30, check=True).stdout
+
+
+def code_differs(paths: Sequence[str]) -> bool:
+    """Do these files (and those under these folders) differ from HEAD? A result written into
+    the checkout earlier does not make the code differ."""
+    return bool(git_bytes("status", "--porcelain", "--untracked-files=no", "--", *paths).strip())
 
 
 def tree_blobs(commit: str, paths: Iterable[str]) -> dict[str, str]:

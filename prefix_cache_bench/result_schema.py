@@ -20,7 +20,7 @@ Interval = list[float]          # [low, high], a 95% interval
 
 class ToolVersion(TypedDict, total=False):
     git_commit: str | None      # the commit checked out when the run started
-    git_dirty: bool | None      # the tree differed from that commit
+    git_dirty: bool | None      # the code (entry script, package) differed from that commit
     script_sha256: str          # the entry script alone
     code_sha256: str            # the entry script and every module of prefix_cache_bench/
 

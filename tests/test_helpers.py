@@ -234,6 +234,26 @@ def test_engine_environment_keeps_engine_switches_not_secrets():
     assert provenance.engine_environment(environ) == {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
 
 
+def test_only_the_code_makes_a_result_dirty(tmp_path, monkeypatch):
+    import subprocess
+    def git(*args):
+        subprocess.run(["git", "-C", str(tmp_path), *args], check=True, capture_output=True)
+    (tmp_path / "pkg").mkdir()
+    (tmp_path / "results").mkdir()
+    for name in ("run.py", "pkg/mod.py", "results/a.json"):
+        (tmp_path / name).write_text("0")
+    git("init", "-q")
+    git("add", ".")
+    git("-c", "user.name=t", "-c", "user.email=t@t", "commit", "-q", "-m", "one")
+    monkeypatch.setattr(provenance, "REPO_DIR", str(tmp_path))
+    code = [str(tmp_path / "run.py"), str(tmp_path / "pkg")]
+    (tmp_path / "results" / "a.json").write_text("1")          # a result written by an earlier run
+    (tmp_path / "notes.md").write_text("new")
+    assert provenance.code_differs(code) is False
+    (tmp_path / "pkg" / "mod.py").write_text("1")
+    assert provenance.code_differs(code) is True
+
+
 def test_relay_keeps_draining_when_the_reader_is_gone():
     """`phase2_experiment.py | head`: once head exits, writes fail; the relay must keep reading
     (a full pipe would block every vLLM process writing to it) and still catch the first error."""
