@@ -61,13 +61,17 @@ def code_files(script: str) -> list[tuple[str, bytes]]:
 
 def provenance(argv: Sequence[str], prog: str, script: str) -> Provenance:
     """Where a result came from: the command as typed, and the tool's version: the git commit,
-    whether the tree differed from it, the entry script's own hash and the hash of all the code
-    (the entry script and the package), which name the code without git too."""
+    whether the code differed from it (None where git cannot tell: no git, no checkout, a script
+    outside it), the entry script's own hash and the hash of all the code (the entry script and
+    the package), which name the code without git too."""
     try:
-        commit = git_bytes("rev-parse", "HEAD").decode().strip()
-        dirty = code_differs([os.path.abspath(script), PACKAGE_DIR])
+        commit: str | None = git_bytes("rev-parse", "HEAD").decode().strip()
     except (OSError, subprocess.SubprocessError):           # no git here, or not a checkout
-        commit, dirty = None, None
+        commit = None
+    try:
+        dirty = code_differs([os.path.realpath(script), PACKAGE_DIR]) if commit else None
+    except (OSError, subprocess.SubprocessError):           # the script lies outside the checkout
+        dirty = None
     texts = code_files(script)
     return {"command": shlex.join([os.path.basename(sys.executable), prog, *argv]),
             "tool_version": {"git_commit": commit, "git_dirty": dirty,
@@ -107,9 +111,9 @@ def git_bytes(*args: str) -> bytes:
 
 
 def code_differs(paths: Sequence[str]) -> bool:
-    """Do these files (and those under these folders) differ from HEAD? A result written into
-    the checkout earlier does not make the code differ."""
-    return bool(git_bytes("status", "--porcelain", "--untracked-files=no", "--", *paths).strip())
+    """Do these files (and those under these folders) differ from HEAD, a new file among them
+    too? A result written into the checkout earlier does not make the code differ."""
+    return bool(git_bytes("status", "--porcelain", "--untracked-files=all", "--", *paths).strip())
 
 
 def tree_blobs(commit: str, paths: Iterable[str]) -> dict[str, str]:

@@ -48,6 +48,12 @@ def client_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
+def replayed_output_tokens(request: TraceRequest, max_output_tokens: int | None) -> int:
+    """The tokens a replay asks the request to generate: its output_length, capped by
+    --trace-max-output-tokens, at least 1."""
+    return max(1, min(request.output_length, max_output_tokens or request.output_length))
+
+
 class TracePlan:
     """What one replay sends: the window, its warm-start history, each request's scheduled time
     (trace seconds from the window's start, times --time-scale) and output tokens, and the
@@ -58,7 +64,7 @@ class TracePlan:
         self.window, self.trace_block_size = window, trace_block_size
         start_ms = window.measured[0].timestamp_ms
         self.scheduled_s = [(r.timestamp_ms - start_ms) / 1e3 * time_scale for r in window.measured]
-        self.max_tokens = [max(1, min(r.output_length, max_output_tokens or r.output_length)) for r in window.measured]
+        self.max_tokens = [replayed_output_tokens(r, max_output_tokens) for r in window.measured]
         self.maker = PromptMaker(vocab_ids, seed, trace_block_size)
 
     def body(self, model: str, request: TraceRequest, max_tokens: int, salt: str) -> bytes:
@@ -255,8 +261,8 @@ def check_server(trace: TraceSettings, env: Mapping[str, Any]) -> None:
 
 def input_cap_tokens(trace: TraceSettings, requests: Iterable[TraceRequest], max_model_len: int | None) -> int | None:
     """The longest input replayed: --max-input-tokens, and no more than the server's context
-    leaves beside the longest output the replay asks for."""
-    longest_output = max(max(1, min(r.output_length, trace.max_output_tokens or r.output_length)) for r in requests)
+    leaves beside the longest output the replay would ask of any of the trace's requests."""
+    longest_output = max(replayed_output_tokens(r, trace.max_output_tokens) for r in requests)
     caps = [cap for cap in (trace.max_input_tokens, max_model_len and max_model_len - longest_output) if cap]
     return min(caps) if caps else None
 
@@ -314,7 +320,8 @@ def run_trace(engine: LoadServer, tokenizer: Any, trace: TraceSettings, seed: in
 
 def complete_pairs(passes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
     """The passes whose cached and cold arms both ran with no failed or unfinished request: the
-    pairs cache_buys sets side by side, the same passes the per-arm figures take."""
+    pairs cache_buys sets side by side. (The per-arm figures take each arm's finished passes on
+    their own.)"""
     return [run for run in passes if all(arm in run and not run[arm]["stats"]["failed"] for arm in ("cached", "cold"))]
 
 

@@ -250,8 +250,13 @@ def test_only_the_code_makes_a_result_dirty(tmp_path, monkeypatch):
     (tmp_path / "results" / "a.json").write_text("1")          # a result written by an earlier run
     (tmp_path / "notes.md").write_text("new")
     assert provenance.code_differs(code) is False
+    (tmp_path / "pkg" / "new.py").write_text("0")              # a module not committed yet
+    assert provenance.code_differs(code) is True
+    (tmp_path / "pkg" / "new.py").unlink()
     (tmp_path / "pkg" / "mod.py").write_text("1")
     assert provenance.code_differs(code) is True
+    version = provenance.provenance([], "run.py", str(tmp_path / "run.py"))["tool_version"]
+    assert version["git_commit"] and version["git_dirty"] is None    # the package lies outside this checkout
 
 
 def test_relay_keeps_draining_when_the_reader_is_gone():

@@ -175,6 +175,19 @@ def test_savings_take_only_passes_whose_arms_both_finished_every_request():
     assert trace_replay.complete_pairs(passes) == [passes[0], passes[4]]
 
 
+def test_the_charts_draw_the_passes_the_figures_take():
+    from prefix_cache_bench import trace_charts
+    def arm(ttfts, failed=0, share=0.5):
+        requests = [{"ttft_ms": t, "error": None} for t in ttfts] + [{"ttft_ms": None, "error": "unfinished"}] * failed
+        spans = [{"start_s": 0.0, "end_s": 1.0, "measured": share}]
+        return {"requests": requests, "stats": {"failed": failed, "hit_share_over_time": spans}}
+    result = {"passes": [{"cached": arm([3.0, 1.0]), "cold": arm([9.0])},
+                         {"cached": arm([2.0], failed=1, share=0.9), "cold": arm([8.0])}]}
+    assert trace_charts.arm_ttfts(result, "cached") == [1.0, 3.0]
+    assert trace_charts.arm_ttfts(result, "cold") == [8.0, 9.0]
+    assert trace_charts.share_over_time(result, "measured") == ([0.5], [0.5])
+
+
 def test_the_input_cap_leaves_room_for_the_longest_output_the_replay_asks_for():
     def request(output_length):
         return TraceRequest(1, 0.0, 100, output_length, (1,))
