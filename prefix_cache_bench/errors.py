@@ -34,9 +34,21 @@ class Interrupted(KeyboardInterrupt):
         self.exit_code = 128 + signum
 
 
+VALIDATION_HEADER = re.compile(r"^\d+ validation errors? for \w+$")     # pydantic's first line, naming no cause
+
+
 def first_line(error: object) -> str:
-    text = str(error).strip()
-    return text.splitlines()[0] if text else type(error).__name__
+    """The line of an error's text that says what went wrong: its first, or for a pydantic
+    validation error (vLLM's configs) the first error's own line."""
+    lines = [line for line in str(error).strip().splitlines() if line.strip()]
+    if not lines:
+        return type(error).__name__
+    if VALIDATION_HEADER.match(lines[0]):
+        # after the header: a field's name where the error is a field's, then its message, indented
+        for line in lines[1:]:
+            if line[0].isspace():
+                return re.sub(r"\s*\[type=.*$", "", line.strip().removeprefix("Value error, "))
+    return lines[0].strip()
 
 
 def usage_error(message: str) -> NoReturn:

@@ -234,6 +234,24 @@ def test_engine_environment_keeps_engine_switches_not_secrets():
     assert provenance.engine_environment(environ) == {"CUDA_VISIBLE_DEVICES": "0,1", "NCCL_NVLS_ENABLE": "0", "VLLM_USE_V1": "1"}
 
 
+def test_an_errors_line_is_its_cause_also_for_a_pydantic_validation_error():
+    import pydantic
+    from prefix_cache_bench.errors import first_line
+
+    class Config(pydantic.BaseModel):
+        model: str
+
+        @pydantic.field_validator("model")
+        @classmethod
+        def known(cls, value):
+            raise ValueError(f"Invalid repository ID or local directory specified: {value!r}.\nPlease verify ...")
+    with pytest.raises(pydantic.ValidationError) as caught:
+        Config(model="no/such")
+    assert str(caught.value).startswith("1 validation error for Config")
+    assert first_line(caught.value) == "Invalid repository ID or local directory specified: 'no/such'."
+    assert first_line(ValueError("bad\nsecond line")) == "bad" and first_line(KeyError()) == "KeyError"
+
+
 def test_only_the_code_makes_a_result_dirty(tmp_path, monkeypatch):
     import subprocess
     def git(*args):
