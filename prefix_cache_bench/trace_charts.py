@@ -10,6 +10,7 @@ from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
+from .trace_figures import finished_passes
 from .trace_tables import curve_table, trace_summary
 
 if TYPE_CHECKING:
@@ -26,19 +27,13 @@ def pyplot() -> Any:
     return plt
 
 
-def finished_passes(result: TraceResult, arm: str) -> list[Any]:
-    """The arm's passes that finished every request: those its figures (arms) are taken over.
-    A pass with failed or unfinished requests would draw its fastest requests alone."""
-    return [run[arm] for run in result["passes"] if arm in run and not run[arm]["stats"]["failed"]]
-
-
 def arm_ttfts(result: TraceResult, arm: str) -> list[float]:
-    return sorted(r["ttft_ms"] for one in finished_passes(result, arm) for r in one["requests"])
+    return sorted(r["ttft_ms"] for one in finished_passes(result["passes"], arm) for r in one["requests"])
 
 
 def share_over_time(result: TraceResult, key: str) -> tuple[list[float], list[float]]:
     """The cached arm's hit share in each span of the window, the mean of its finished passes."""
-    series = [one["stats"].get("hit_share_over_time") or [] for one in finished_passes(result, "cached")]
+    series = [one["stats"].get("hit_share_over_time") or [] for one in finished_passes(result["passes"], "cached")]
     series = [s for s in series if s]
     if not series:
         return [], []

@@ -160,6 +160,19 @@ def summarize_passes(passes: Sequence[Mapping[str, Any]]) -> dict[str, Any]:
     return summary
 
 
+def finished_passes(passes: Sequence[Mapping[str, Any]], arm: str) -> list[Mapping[str, Any]]:
+    """The arm of every pass that ran it and finished every request (none failed, unfinished or
+    unsent): the passes its figures and charts are taken over. A pass with failed or unfinished
+    requests would give its fastest requests alone."""
+    return [run[arm] for run in passes if arm in run and not run[arm]["stats"]["failed"]]
+
+
+def complete_pairs(passes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
+    """The passes whose cached and cold arms both finished every request: the pairs cache_buys
+    sets side by side."""
+    return [run for run in passes if all(arm in run and not run[arm]["stats"]["failed"] for arm in ("cached", "cold"))]
+
+
 def cache_buys(cached_passes: Iterable[Mapping[str, Any]], cold_passes: Iterable[Mapping[str, Any]]) -> dict[str, dict[str, Any]]:
     """What the cache buys on this traffic: for each TTFT figure, the saving 1 - cached / cold
     in % and the difference cold - cached in ms, pass by pass (the k-th cached pass against the

@@ -30,7 +30,8 @@ from .raw_stream import request_bytes
 from .result_schema import TraceResult, build_request_audit, build_trace_result
 from .results import trace_results_path, write_result
 from .trace_cli import window_of
-from .trace_figures import arm_stats, cache_buys, ledger_problems, summarize_passes
+from .trace_figures import (arm_stats, cache_buys, complete_pairs, finished_passes, ledger_problems,
+                            summarize_passes)
 from .traces import (IdealLedger, PrefixCacheSimulator, PromptMaker, TraceRequest, TraceWindow, check_block_sizes,
                      ordinary_token_ids, prefix_keys, unique_tokens)
 from .settings import TraceSettings
@@ -318,20 +319,13 @@ def run_trace(engine: LoadServer, tokenizer: Any, trace: TraceSettings, seed: in
     return result
 
 
-def complete_pairs(passes: Sequence[Mapping[str, Any]]) -> list[Mapping[str, Any]]:
-    """The passes whose cached and cold arms both ran with no failed or unfinished request: the
-    pairs cache_buys sets side by side. (The per-arm figures take each arm's finished passes on
-    their own.)"""
-    return [run for run in passes if all(arm in run and not run[arm]["stats"]["failed"] for arm in ("cached", "cold"))]
-
-
 def trace_result(trace: TraceSettings, seed: int, model: str, env: dict[str, Any], window: TraceWindow, plan: TracePlan,
                  passes: list[dict[str, Any]], failure: str | None, unaudited: str | None, gpu_tokens: int,
                  tier_tokens: int, rows: Sequence[tuple[int, int]], input_cap: int | None) -> TraceResult:
     """The result dict of a replay."""
     arms = {}
     for arm in ("cached", "cold"):
-        done = [run[arm]["stats"] for run in passes if arm in run and not run[arm]["stats"]["failed"]]
+        done = [one["stats"] for one in finished_passes(passes, arm)]
         if done:
             arms[arm] = summarize_passes(done)
     pairs = complete_pairs(passes)

@@ -172,7 +172,7 @@ def test_savings_take_only_passes_whose_arms_both_finished_every_request():
         return {"stats": {"failed": failed}}
     passes = [{"cached": arm(0), "cold": arm(0)}, {"cached": arm(3), "cold": arm(0)},
               {"cached": arm(0), "cold": arm(1)}, {"cached": arm(0)}, {"cold": arm(0), "cached": arm(0)}]
-    assert trace_replay.complete_pairs(passes) == [passes[0], passes[4]]
+    assert trace_figures.complete_pairs(passes) == [passes[0], passes[4]]
 
 
 def test_the_charts_draw_the_passes_the_figures_take():
